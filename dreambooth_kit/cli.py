@@ -1,0 +1,197 @@
+"""``dreambooth-kit`` subcommands: parse arguments, call the public API, print results.
+
+No logic of its own beyond turning known errors into one clear message and a non-zero exit code.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+DEMO_PHOTOS = REPO_ROOT / "data" / "demo_subject"
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    from .config import ConfigError
+    from .data import DataError
+    from .models import ModelLoadError
+    from .preflight import PreflightError
+    from .prior import ClassImageError
+
+    return (
+        ConfigError,
+        DataError,
+        PreflightError,
+        ModelLoadError,
+        ClassImageError,
+        FileExistsError,
+        ImportError,
+    )
+
+
+def _cmd_train(args) -> int:
+    from .config import load_config
+    from .train import train
+
+    result = train(load_config(args.config, args.overrides))
+    print(f"LoRA: {result.lora_path}")
+    return 0
+
+
+def _cmd_check_data(args) -> int:
+    from .config import load_config
+    from .models import resolve_model
+    from .preflight import load_tokenizer_only, preflight
+    from .train import _prediction_type
+
+    cfg = load_config(args.config, args.overrides)
+    source = resolve_model(cfg.model.pretrained, allow_pickle=cfg.model.allow_pickle)
+    report = preflight(cfg, load_tokenizer_only(source), _prediction_type(cfg, source))
+    print(f"{len(report.instance.images)} usable images, {len(report.warnings)} warnings, 0 errors")
+    return 0
+
+
+def _cmd_generate(args) -> int:
+    from .inference import generate, load_pipeline, save_png
+
+    pipe = load_pipeline(
+        args.base,
+        lora=args.lora,
+        dtype=args.dtype,
+        lora_scale=args.lora_scale,
+        allow_pickle=args.allow_pickle,
+    )
+    results = generate(
+        pipe,
+        args.prompt,
+        negative_prompt=args.negative_prompt,
+        seed=args.seed,
+        num_images=args.num_images,
+        steps=args.steps,
+        guidance_scale=args.guidance_scale,
+        height=args.height,
+        width=args.width,
+    )
+    for img, params in results:
+        print(save_png(img, params, Path(args.out) / f"{params.seed}.png"))
+    return 0
+
+
+def _cmd_build_tiny(args) -> int:
+    from .tiny import build_tiny_sd2
+
+    print(build_tiny_sd2(args.path, seed=args.seed, overwrite=args.overwrite))
+    return 0
+
+
+def _cmd_demo(args) -> int:
+    """Offline end to end: tiny model -> checks -> class images -> LoRA with prior -> seeded images."""
+    from .config import TINY_MODEL, load_config
+    from .inference import generate, load_pipeline, save_png
+    from .train import train
+
+    t0 = time.perf_counter()
+    out = Path(args.out)
+    cfg = load_config(
+        "tiny.yaml",
+        {
+            "data.instance_dir": str(args.photos),
+            "prior.class_dir": str(out / "class_images"),
+            "train.output_dir": str(out),
+            "train.max_steps": args.steps,
+            "train.overwrite": True,  # the demo's own run folder: rerunning replaces its LoRA
+        },
+    )
+    result = train(cfg)
+    pipe = load_pipeline(TINY_MODEL, lora=result.lora_dir)
+    paths = [
+        save_png(img, params, out / "samples" / f"{params.seed}.png")
+        for img, params in generate(
+            pipe, cfg.data.instance_prompt, seed=cfg.train.seed, num_images=4, steps=4, height=64, width=64
+        )
+    ]
+    print("\n== dreambooth-kit demo: done ==")
+    print(f"model        : {TINY_MODEL} (random weights, SD 2.1 shapes, v-prediction)")
+    print(f"photos       : {Path(args.photos).resolve()}")
+    print(f"class images : {cfg.prior.class_dir} ({result.class_images_generated} generated this run)")
+    print(f"training     : {result.steps} steps, loss {result.losses[0]:.4f} -> {result.losses[-1]:.4f}")
+    print(f"LoRA         : {result.lora_path}")
+    print(f"images       : {', '.join(str(p) for p in paths)}")
+    print(f"total time   : {time.perf_counter() - t0:.1f} s")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
+    p = argparse.ArgumentParser(prog="dreambooth-kit", description="DreamBooth LoRA for Stable Diffusion 2.1")
+    p.add_argument("--version", action="version", version=f"dreambooth_kit {__version__}")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("train", help="train a LoRA from a config")
+    t.add_argument(
+        "--config", required=True, help="YAML path or packaged name (tiny.yaml, sd21_base_lora.yaml)"
+    )
+    t.add_argument(
+        "overrides", nargs="*", help="dotted overrides: train.max_steps=400 data.instance_dir=photos"
+    )
+    t.set_defaults(func=_cmd_train)
+
+    c = sub.add_parser("check-data", help="run the preflight checks only (no model weights loaded)")
+    c.add_argument("--config", required=True)
+    c.add_argument("overrides", nargs="*")
+    c.set_defaults(func=_cmd_check_data)
+
+    g = sub.add_parser("generate", help="seeded images from a base model (+ LoRA)")
+    g.add_argument("--base", required=True, help="hub id, diffusers folder or builtin:tiny-sd2")
+    g.add_argument("--lora", default=None, help="run_dir/lora or a .safetensors file")
+    g.add_argument("--lora-scale", type=float, default=1.0)
+    g.add_argument("--prompt", required=True)
+    g.add_argument("--negative-prompt", default="")
+    g.add_argument("--seed", type=int, default=1557)
+    g.add_argument("--num-images", type=int, default=4)
+    g.add_argument("--steps", type=int, default=30)
+    g.add_argument("--guidance-scale", type=float, default=7.5)
+    g.add_argument("--height", type=int, default=None)
+    g.add_argument("--width", type=int, default=None)
+    g.add_argument("--dtype", default="auto", help="auto (fp16 on CUDA, fp32 on CPU), fp32, fp16, bf16")
+    g.add_argument("--allow-pickle", action="store_true", help="allow .ckpt/.bin files (they can run code)")
+    g.add_argument("--out", default="outputs")
+    g.set_defaults(func=_cmd_generate)
+
+    d = sub.add_parser("demo", help="offline end-to-end run on the built-in tiny model")
+    d.add_argument("--photos", default=str(DEMO_PHOTOS))
+    d.add_argument("--out", default="runs/demo")
+    d.add_argument("--steps", type=int, default=30)
+    d.set_defaults(func=_cmd_demo)
+
+    b = sub.add_parser("build-tiny", help="write the tiny SD2-shaped model to a folder")
+    b.add_argument("path")
+    b.add_argument("--seed", type=int, default=0)
+    b.add_argument("--overwrite", action="store_true")
+    b.set_defaults(func=_cmd_build_tiny)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(levelname)s %(message)s",
+        stream=sys.stderr,
+    )
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        return args.func(args)
+    except _user_errors() as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except FileNotFoundError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2

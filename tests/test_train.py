@@ -1,0 +1,277 @@
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from conftest import REPO, tiny_cfg
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+from dreambooth_kit.train import diffusion_loss, diffusion_target, snr_weights, train
+
+
+def _scheduler(prediction_type: str):
+    from diffusers import DDPMScheduler
+
+    from dreambooth_kit.tiny import SD21_SCHEDULER
+
+    return DDPMScheduler(**SD21_SCHEDULER, prediction_type=prediction_type)
+
+
+# ------------------------------------------------------------------ diffusion_loss units
+
+
+def test_v_prediction_target_is_velocity():
+    s = _scheduler("v_prediction")
+    g = torch.Generator().manual_seed(0)
+    latents, noise = torch.randn(3, 4, 8, 8, generator=g), torch.randn(3, 4, 8, 8, generator=g)
+    t = torch.tensor([1, 500, 999])
+    target = diffusion_target(s, latents, noise, t)
+    assert torch.equal(target, s.get_velocity(latents, noise, t))
+    assert not torch.allclose(target, noise)  # it is not the epsilon target in disguise
+
+
+def test_epsilon_target_is_noise():
+    s = _scheduler("epsilon")
+    latents, noise = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8)
+    assert torch.equal(diffusion_target(s, latents, noise, torch.tensor([3, 700])), noise)
+
+
+def test_unknown_prediction_type_refused():
+    s = _scheduler("sample")
+    with pytest.raises(ValueError, match="prediction_type 'sample'"):
+        diffusion_target(s, torch.zeros(1, 4, 8, 8), torch.zeros(1, 4, 8, 8), torch.tensor([1]))
+
+
+def test_prior_term_is_class_half_only_and_weighted():
+    target = torch.zeros(4, 4, 2, 2)
+    pred = torch.zeros(4, 4, 2, 2)
+    pred[:2] = 1.0  # instance rows: MSE 1
+    pred[2:] = 2.0  # class rows: MSE 4
+    loss, parts = diffusion_loss(pred, target, num_instance=2, prior_loss_weight=0.5)
+    assert parts["loss_instance"] == pytest.approx(1.0)
+    assert parts["loss_prior"] == pytest.approx(4.0)
+    assert loss.item() == pytest.approx(1.0 + 0.5 * 4.0)
+    # Only class rows change the prior part.
+    pred2 = pred.clone()
+    pred2[0] = 3.0
+    _, parts2 = diffusion_loss(pred2, target, num_instance=2, prior_loss_weight=0.5)
+    assert parts2["loss_prior"] == pytest.approx(4.0) and parts2["loss_instance"] != parts["loss_instance"]
+
+
+def test_no_prior_rows_means_instance_loss_only():
+    loss, parts = diffusion_loss(
+        torch.ones(2, 4, 2, 2), torch.zeros(2, 4, 2, 2), num_instance=2, prior_loss_weight=9
+    )
+    assert loss.item() == pytest.approx(1.0) and "loss_prior" not in parts
+
+
+def test_min_snr_weights_v_prediction_divides_by_snr_plus_one():
+    from diffusers.training_utils import compute_snr
+
+    s = _scheduler("v_prediction")
+    t = torch.tensor([10, 500, 990])
+    snr = compute_snr(s, t)
+    w_v = snr_weights(s, t, 5.0, "v_prediction")
+    w_eps = snr_weights(s, t, 5.0, "epsilon")
+    assert torch.allclose(w_v, torch.minimum(snr, torch.full_like(snr, 5.0)) / (snr + 1))
+    assert torch.allclose(w_eps, torch.minimum(snr, torch.full_like(snr, 5.0)) / snr)
+    assert (w_v < 1).all()  # at t=990 the epsilon weight is 1, the v weight is SNR/(SNR+1)
+
+
+# ------------------------------------------------------------------ end to end on the tiny model
+
+
+def test_training_writes_lora_with_metadata_and_config(trained_run):
+    r = trained_run["result"]
+    assert r.steps == 3 and len(r.losses) == 3 and all(np.isfinite(r.losses))
+    assert r.lora_path.exists() and (r.lora_dir / "config.yaml").exists()
+    assert (r.output_dir / "config.yaml").exists()
+    with safe_open(r.lora_path, "pt") as f:
+        meta = f.metadata()
+        keys = list(f.keys())
+    assert keys and all(k.startswith("unet.") for k in keys)
+    lora_meta = json.loads(meta["lora_adapter_metadata"])
+    assert lora_meta["unet.r"] == 4 and lora_meta["unet.lora_alpha"] == 8
+
+
+def test_training_changes_lora_weights(trained_run):
+    sd = load_file(trained_run["result"].lora_path)
+    ups = [v for k, v in sd.items() if "lora_B" in k or "lora.up" in k]
+    assert ups and any(v.abs().max() > 0 for v in ups)  # B starts at zero; training moved it
+
+
+def test_base_weights_bit_identical_after_training(trained_run):
+    assert trained_run["unet_file"].read_bytes() == trained_run["unet_bytes_before"]
+
+
+def test_lora_loads_in_plain_diffusers_and_changes_output(trained_run, tiny_model):
+    from diffusers import StableDiffusionPipeline
+
+    def run(pipe):
+        g = torch.Generator().manual_seed(0)
+        return pipe(
+            "a photo of zwx toy", num_inference_steps=2, height=64, width=64, generator=g, output_type="np"
+        ).images
+
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_model, safety_checker=None)
+    pipe.set_progress_bar_config(disable=True)
+    base = run(pipe)
+    pipe.load_lora_weights(trained_run["result"].lora_dir)
+    with_lora = run(pipe)
+    assert np.abs(base - with_lora).max() > 1e-4
+    pipe.unload_lora_weights()
+    assert np.allclose(run(pipe), base, atol=1e-6)  # unloading restores the base
+
+
+def test_alpha_not_rank_lora_reloads_at_the_right_scale(tmp_path, tiny_model):
+    """r=4, alpha=8 (scale 2): the saved file reloads to the in-memory outputs, and the metadata
+    is what makes that true."""
+    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+
+    from dreambooth_kit.adapters import add_lora, lora_metadata, lora_state_dicts
+    from dreambooth_kit.config import AdapterConfig
+
+    cfg = AdapterConfig(rank=4, alpha=8, init_lora_weights=False)  # random B: the LoRA is not a no-op
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel.from_pretrained(tiny_model, subfolder="unet")
+    add_lora(unet, None, cfg)
+    x, t, c = torch.randn(1, 4, 8, 8), torch.tensor([10]), torch.randn(1, 77, 32)
+    with torch.no_grad():
+        expected = unet(x, t, c).sample
+    sd, _ = lora_state_dicts(unet, None)
+
+    def reloaded(metadata):
+        out = tmp_path / ("with" if metadata else "without")
+        StableDiffusionPipeline.save_lora_weights(
+            out, unet_lora_layers=sd, unet_lora_adapter_metadata=metadata
+        )
+        pipe = StableDiffusionPipeline.from_pretrained(tiny_model, safety_checker=None)
+        pipe.load_lora_weights(out)
+        with torch.no_grad():
+            return pipe.unet(x, t, c).sample
+
+    assert torch.allclose(reloaded(lora_metadata(cfg)), expected, atol=1e-5)
+    assert not torch.allclose(reloaded(None), expected, atol=1e-3)  # alpha lost -> wrong scale
+
+
+def test_preflight_fails_before_any_model_loads(tmp_path, tiny_model, photos, monkeypatch):
+    import dreambooth_kit.models as models
+    from dreambooth_kit.preflight import PreflightError
+
+    (photos / "notimage.jpg").write_text("this is not a jpeg")
+    monkeypatch.setattr(
+        models, "load_components", lambda *a, **k: pytest.fail("model loaded before preflight")
+    )
+    with pytest.raises(PreflightError, match="notimage.jpg"):
+        train(tiny_cfg(tmp_path, tiny_model, photos))
+    assert not (tmp_path / "class_images").exists() or not any((tmp_path / "class_images").iterdir())
+
+
+def test_existing_lora_is_not_overwritten(tmp_path, tiny_model, photos):
+    run = tmp_path / "run" / "lora"
+    run.mkdir(parents=True)
+    (run / "pytorch_lora_weights.safetensors").write_bytes(b"user's earlier LoRA")
+    with pytest.raises(FileExistsError, match="train.overwrite"):
+        train(tiny_cfg(tmp_path, tiny_model, photos))
+    assert (run / "pytorch_lora_weights.safetensors").read_bytes() == b"user's earlier LoRA"
+
+
+def test_same_seed_same_lora(tmp_path, tiny_model, photos):
+    """Two runs with the same config produce bit-identical LoRA tensors (CPU)."""
+    a = train(
+        tiny_cfg(
+            tmp_path / "a",
+            tiny_model,
+            photos,
+            **{"train.max_steps": 2, "prior.with_prior_preservation": False},
+        )
+    )
+    b = train(
+        tiny_cfg(
+            tmp_path / "b",
+            tiny_model,
+            photos,
+            **{"train.max_steps": 2, "prior.with_prior_preservation": False},
+        )
+    )
+    sa, sb = load_file(a.lora_path), load_file(b.lora_path)
+    assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+    assert a.losses == b.losses
+
+
+def test_text_encoder_lora_and_min_snr_and_accumulation(tmp_path, tiny_model, photos):
+    r = train(
+        tiny_cfg(
+            tmp_path,
+            tiny_model,
+            photos,
+            **{
+                "adapter.train_text_encoder": True,
+                "train.snr_gamma": 5.0,
+                "train.gradient_accumulation_steps": 2,
+                "train.gradient_checkpointing": True,
+                "train.noise_offset": 0.05,
+                "train.lr_scheduler": "cosine",
+                "train.lr_warmup_steps": 1,
+                "train.max_steps": 2,
+            },
+        )
+    )
+    sd = load_file(r.lora_path)
+    assert any(k.startswith("text_encoder.") for k in sd) and any(k.startswith("unet.") for k in sd)
+    assert r.steps == 2
+
+
+def test_bf16_mixed_precision_keeps_lora_params_fp32(tmp_path, tiny_model, photos):
+    r = train(
+        tiny_cfg(tmp_path, tiny_model, photos, **{"train.mixed_precision": "bf16", "train.max_steps": 1})
+    )
+    sd = load_file(r.lora_path)
+    assert all(v.dtype == torch.float32 for v in sd.values())
+
+
+def test_set_attention_picks_sdpa_and_explains_missing_xformers(tiny_model, monkeypatch):
+    from diffusers import UNet2DConditionModel
+    from diffusers.models.attention_processor import AttnProcessor2_0
+
+    from dreambooth_kit.train import set_attention
+
+    unet = UNet2DConditionModel.from_pretrained(tiny_model, subfolder="unet")
+    assert set_attention(unet, "sdpa") == "sdpa"
+    assert all(isinstance(p, AttnProcessor2_0) for p in unet.attn_processors.values())
+    monkeypatch.setitem(sys.modules, "xformers", None)  # import fails as if not installed
+    with pytest.raises(ImportError, match=r"dreambooth_kit\[xformers\]"):
+        set_attention(unet, "xformers")
+
+
+def test_8bit_adam_without_bitsandbytes_is_explained(tmp_path, tiny_model, photos, monkeypatch):
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)
+    with pytest.raises(ImportError, match=r"dreambooth_kit\[bnb\]"):
+        train(
+            tiny_cfg(
+                tmp_path,
+                tiny_model,
+                photos,
+                **{"train.use_8bit_adam": True, "prior.with_prior_preservation": False},
+            )
+        )
+
+
+@pytest.mark.slow
+def test_accelerate_launch_runs_two_steps(tmp_path, tiny_model, photos):
+    out = tmp_path / "run"
+    cmd = [
+        sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(REPO / "accelerate_config.yaml"),
+        "-m", "dreambooth_kit.train", "--config", "tiny.yaml",
+        f"model.pretrained={tiny_model}", f"data.instance_dir={photos}", f"prior.class_dir={tmp_path / 'cls'}",
+        "prior.num_class_images=2", "prior.sample_steps=1", f"train.output_dir={out}", "train.max_steps=2",
+    ]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (out / "lora" / "pytorch_lora_weights.safetensors").exists()
+    assert "step 2/2" in proc.stderr
