@@ -57,7 +57,9 @@ def _bytes_to_unicode() -> dict[int, str]:
 def _apply_bpe(pieces: list[str], ranks: dict[tuple[str, str], int]) -> list[str]:
     # CLIP's rule: repeatedly merge the adjacent pair with the lowest merge rank.
     while len(pieces) > 1:
-        pairs = [(ranks.get((a, b), 1 << 30), i) for i, (a, b) in enumerate(zip(pieces, pieces[1:]))]
+        pairs = [
+            (ranks.get((a, b), 1 << 30), i) for i, (a, b) in enumerate(zip(pieces, pieces[1:], strict=False))
+        ]
         rank, i = min(pairs)
         if rank == 1 << 30:
             break
