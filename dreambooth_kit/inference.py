@@ -143,7 +143,8 @@ def generate(
     bit-identical to a single-image call on CPU (batched matmuls may round differently).
     """
     size = pipe.unet.config.sample_size * pipe.vae_scale_factor
-    height, width = height or size, width or size
+    height = size if height is None else height
+    width = size if width is None else width
     if seeds is None:
         seeds = [seed + i for i in range(num_images)]
     else:

