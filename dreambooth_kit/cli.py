@@ -46,12 +46,12 @@ def _cmd_train(args) -> int:
 def _cmd_check_data(args) -> int:
     from .config import load_config
     from .models import resolve_model
-    from .preflight import load_tokenizer_only, preflight
+    from .preflight import preflight
     from .train import _prediction_type
 
     cfg = load_config(args.config, args.overrides)
     source = resolve_model(cfg.model.pretrained, allow_pickle=cfg.model.allow_pickle)
-    report = preflight(cfg, load_tokenizer_only(source), _prediction_type(cfg, source))
+    report = preflight(cfg, prediction_type=_prediction_type(cfg, source), source=source)
     print(f"{len(report.instance.images)} usable images, {len(report.warnings)} warnings, 0 errors")
     return 0
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -167,6 +168,11 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
                 errors.append(str(e))
         raise ValueError(errors[0] if errors else f"{where}: cannot be null")
     if origin is Literal:
+        if isinstance(value, bool):
+            # YAML 1.1 reads `no`/`off`/`yes`/`on` as booleans: `mixed_precision: no` (the value the
+            # diffusers scripts use) arrives as False. Map it back to the word the choices contain.
+            words = ("true", "yes", "on") if value else ("false", "no", "off")
+            value = next((w for w in words if w in args), value)
         if value in args:
             return value
         close = difflib.get_close_matches(str(value), [str(a) for a in args], n=1)
@@ -340,7 +346,7 @@ def validate(cfg: DreamBoothConfig, *, check_paths: bool = False) -> list[str]:
     if not d.instance_prompt.strip():
         p.append("data.instance_prompt: required, e.g. 'a photo of zwx dog'")
     if d.identifier is not None and d.identifier and d.instance_prompt:
-        if d.identifier.lower() not in d.instance_prompt.lower().replace(",", " ").split():
+        if d.identifier.lower() not in re.findall(r"[\w'-]+", d.instance_prompt.lower()):
             p.append(
                 f"data.instance_prompt: identifier '{d.identifier}' not found in instance prompt "
                 f"{d.instance_prompt!r}; put it in, e.g. 'a photo of {d.identifier} dog'"

@@ -116,11 +116,19 @@ def check_settings(cfg: DreamBoothConfig, prediction_type: str | None, source: P
     return issues
 
 
-def preflight(cfg: DreamBoothConfig, tokenizer=None, prediction_type: str | None = None) -> PreflightReport:
-    """Check photos, prompts and settings; raise :class:`PreflightError` listing every error."""
+def preflight(
+    cfg: DreamBoothConfig, tokenizer=None, prediction_type: str | None = None, *, source: str | None = None
+) -> PreflightReport:
+    """Check photos, prompts and settings; raise :class:`PreflightError` listing every error.
+
+    The photos are checked first: a missing folder fails before anything is fetched. With
+    ``source`` (a resolved model) and no ``tokenizer``, the tokenizer is loaded after that check.
+    """
     folder = Path(cfg.data.instance_dir)
     report = check_images(folder, resolution=cfg.data.resolution, min_size=cfg.data.min_size)
     issues = list(report.issues)
+    if tokenizer is None and source is not None:
+        tokenizer = load_tokenizer_only(source)
     if tokenizer is not None:
         issues += check_prompts(tokenizer, cfg, folder)
     issues += check_settings(cfg, prediction_type, folder)
@@ -140,4 +148,11 @@ def load_tokenizer_only(source: str):
     """The tokenizer alone (a few KB; no weights) so prompts are checked before any model loads."""
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(source, subfolder="tokenizer")
+    from .models import ModelLoadError, _explain_hub_error
+
+    try:
+        return AutoTokenizer.from_pretrained(source, subfolder="tokenizer")
+    except (OSError, ValueError) as e:
+        if Path(source).exists():
+            raise ModelLoadError(f"{source}: could not load the tokenizer: {e}") from e
+        raise _explain_hub_error(source, e) from e

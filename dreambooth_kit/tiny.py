@@ -144,16 +144,77 @@ def tiny_component_configs(vocab_size: int) -> dict[str, dict]:
     return {"unet": unet, "vae": vae, "text_encoder": text}
 
 
-def _fingerprint(seed: int, prediction_type: str) -> str:
+def sd21_component_configs(vocab_size: int, *, native: int = 512) -> dict[str, dict]:
+    """The real SD 2.1 shapes (2-1-base at 512, 2-1 at 768): for benchmarks with random weights."""
+    unet = {
+        "sample_size": native // 8,
+        "in_channels": 4,
+        "out_channels": 4,
+        "block_out_channels": [320, 640, 1280, 1280],
+        "layers_per_block": 2,
+        "down_block_types": ["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"],
+        "up_block_types": ["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3,
+        "cross_attention_dim": 1024,
+        "attention_head_dim": [5, 10, 20, 20],
+        "use_linear_projection": True,
+        "upcast_attention": native >= 768,  # only the 768-v model sets it
+        "norm_num_groups": 32,
+    }
+    vae = {
+        "in_channels": 3,
+        "out_channels": 3,
+        "latent_channels": 4,
+        "block_out_channels": [128, 256, 512, 512],
+        "down_block_types": ["DownEncoderBlock2D"] * 4,
+        "up_block_types": ["UpDecoderBlock2D"] * 4,
+        "layers_per_block": 2,
+        "norm_num_groups": 32,
+        "sample_size": native,
+        "scaling_factor": 0.18215,
+    }
+    text = {
+        "vocab_size": max(vocab_size, 49408),
+        "hidden_size": 1024,
+        "intermediate_size": 4096,
+        "num_hidden_layers": 23,  # OpenCLIP ViT-H's 24 minus the last: the penultimate layer
+        "num_attention_heads": 16,
+        "max_position_embeddings": 77,
+        "hidden_act": "gelu",
+        "projection_dim": 512,
+        "bos_token_id": vocab_size - 2,
+        "eos_token_id": vocab_size - 1,
+        "pad_token_id": 0,
+    }
+    return {"unet": unet, "vae": vae, "text_encoder": text}
+
+
+SHAPES = {"tiny": tiny_component_configs, "sd21-base": sd21_component_configs}
+
+
+def _fingerprint(seed: int, prediction_type: str, shape: str) -> str:
+    # Bump "version" whenever the shapes change, so a stale cached build is not reused.
     return json.dumps(
-        {"builder": "build_tiny_sd2", "version": 1, "seed": seed, "prediction": prediction_type}
+        {
+            "builder": "build_tiny_sd2",
+            "version": 2,
+            "seed": seed,
+            "prediction": prediction_type,
+            "shape": shape,
+        }
     )
 
 
 def build_tiny_sd2(
-    path: str | Path, *, seed: int = 0, prediction_type: str = "v_prediction", overwrite: bool = False
+    path: str | Path,
+    *,
+    seed: int = 0,
+    prediction_type: str = "v_prediction",
+    overwrite: bool = False,
+    shape: str = "tiny",
 ) -> Path:
     """Write a complete diffusers-format SD2-shaped pipeline with random weights to ``path``.
+
+    ``shape="sd21-base"`` writes SD 2.1-base's real sizes instead (~5.2 GB in fp32; benchmarks).
 
     Deterministic: the same ``seed`` gives bit-identical weights. Reuses an existing build with the
     same fingerprint (the demo calls this every run). Written to a temp folder and renamed, so an
@@ -165,14 +226,18 @@ def build_tiny_sd2(
     path = Path(path)
     stamp = path / "dreambooth_kit_tiny.json"
     if path.exists() and not overwrite:
-        if stamp.exists() and stamp.read_text() == _fingerprint(seed, prediction_type):
+        if stamp.exists() and stamp.read_text() == _fingerprint(seed, prediction_type, shape):
             return path
-        raise FileExistsError(
-            f"{path} exists and is not this tiny model; pass overwrite=True or another path"
-        )
+        if not stamp.exists():  # someone else's folder: never replaced without being asked
+            raise FileExistsError(
+                f"{path} exists and is not a tiny model build; pass overwrite=True or another path"
+            )
+        # else: our own build with other settings or an older layout -> rebuilt below
 
     tokenizer = build_tiny_tokenizer()
-    cfgs = tiny_component_configs(len(tokenizer))
+    if shape not in SHAPES:
+        raise ValueError(f"shape {shape!r}: use one of {', '.join(SHAPES)}")
+    cfgs = SHAPES[shape](len(tokenizer))
     gen_state = torch.random.get_rng_state()
     try:
         torch.manual_seed(seed)
@@ -194,7 +259,7 @@ def build_tiny_sd2(
     )
     tmp = path.with_name(f".tmp-{path.name}-{os.getpid()}")
     pipe.save_pretrained(tmp, safe_serialization=True)
-    (tmp / "dreambooth_kit_tiny.json").write_text(_fingerprint(seed, prediction_type))
+    (tmp / "dreambooth_kit_tiny.json").write_text(_fingerprint(seed, prediction_type, shape))
     if path.exists():
         import shutil
 

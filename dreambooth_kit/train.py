@@ -29,6 +29,7 @@ class TrainResult:
     lora_dir: Path
     steps: int
     losses: list[float] = field(default_factory=list)
+    step_seconds: list[float] = field(default_factory=list)  # wall time of each optimizer step
     seconds: float = 0.0
     class_images_generated: int = 0
 
@@ -98,12 +99,12 @@ def train(cfg: DreamBoothConfig) -> TrainResult:
     from accelerate.utils import set_seed
 
     from .models import load_components, resolve_model
-    from .preflight import load_tokenizer_only, preflight
+    from .preflight import preflight
 
     t0 = time.perf_counter()
     out = _prepare_output_dir(cfg)
     source = resolve_model(cfg.model.pretrained, allow_pickle=cfg.model.allow_pickle)
-    report = preflight(cfg, load_tokenizer_only(source), _prediction_type(cfg, source))
+    report = preflight(cfg, prediction_type=_prediction_type(cfg, source), source=source)
     accelerator = _make_accelerator(cfg, out)
     set_seed(cfg.train.seed)
     if accelerator.is_main_process:
@@ -119,7 +120,9 @@ def train(cfg: DreamBoothConfig) -> TrainResult:
         accelerator, cfg, unet, text_encoder, optimizer, dataloader, lr_scheduler
     )
 
-    losses = _loop(cfg, accelerator, comps, unet, text_encoder, params, optimizer, dataloader, lr_scheduler)
+    losses, step_seconds = _loop(
+        cfg, accelerator, comps, unet, text_encoder, params, optimizer, dataloader, lr_scheduler
+    )
 
     lora_dir = _save_lora(cfg, accelerator, unet, text_encoder, out)
     accelerator.end_training()
@@ -127,7 +130,13 @@ def train(cfg: DreamBoothConfig) -> TrainResult:
     if accelerator.is_main_process:
         log.info("trained %d steps in %.1f s; LoRA: %s", len(losses), seconds, lora_dir / LORA_WEIGHTS)
     return TrainResult(
-        out, lora_dir, len(losses), losses, seconds, class_images.generated if class_images else 0
+        output_dir=out,
+        lora_dir=lora_dir,
+        steps=len(losses),
+        losses=losses,
+        step_seconds=step_seconds,
+        seconds=seconds,
+        class_images_generated=class_images.generated if class_images else 0,
     )
 
 
@@ -371,7 +380,7 @@ class _PromptEncoder:
 
 def _loop(
     cfg, accelerator, comps, unet, text_encoder, params, optimizer, dataloader, lr_scheduler
-) -> list[float]:
+) -> tuple[list[float], list[float]]:
     from tqdm.auto import tqdm
 
     t = cfg.train
@@ -382,12 +391,13 @@ def _loop(
     )
     vae_dtype = next(vae.parameters()).dtype
     losses: list[float] = []
+    step_seconds: list[float] = []
     step = 0
+    t_step = time.perf_counter()
     bar = tqdm(total=t.max_steps, disable=not accelerator.is_main_process, desc="train")
     unet.train()
     while step < t.max_steps:
         for batch in dataloader:
-            t_step = time.perf_counter()
             with accelerator.accumulate(unet):
                 with torch.no_grad():
                     pixels = batch["pixel_values"].to(accelerator.device, dtype=vae_dtype)
@@ -427,18 +437,18 @@ def _loop(
             step += 1
             loss_value = accelerator.gather(loss.detach()).mean().item()
             losses.append(loss_value)
+            step_seconds.append(time.perf_counter() - t_step)  # includes data loading, as a user sees it
+            t_step = time.perf_counter()
             lr = lr_scheduler.get_last_lr()[0]
             bar.update(1)
             bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}")
-            accelerator.log(
-                {"loss": loss_value, "lr": lr, "step_time": time.perf_counter() - t_step, **parts}, step=step
-            )
+            accelerator.log({"loss": loss_value, "lr": lr, "step_time": step_seconds[-1], **parts}, step=step)
             if step % t.log_every == 0 or step == t.max_steps:
                 log.info("step %d/%d loss %.4f lr %.2e", step, t.max_steps, loss_value, lr)
             if step >= t.max_steps:
                 break
     bar.close()
-    return losses
+    return losses, step_seconds
 
 
 def _save_lora(cfg: DreamBoothConfig, accelerator, unet, text_encoder, out: Path) -> Path:

