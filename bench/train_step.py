@@ -5,7 +5,12 @@ Cases:
   tiny      the tiny SD2-shaped model at 64 px, LoRA r=4, prior on (batch 1 + 1 class), 5 timed steps
   sd21-512  SD 2.1-base shapes with random weights at 512 px, same recipe, 2 timed steps (~1 min each)
 
-Usage: python bench/train_step.py [--cases tiny,sd21-512] [--steps N]
+  base-*    a same-machine baseline for each case: the per-step work of diffusers'
+            train_dreambooth_lora.py (VAE-encode both images and run the text encoder every step,
+            then UNet forward/backward and AdamW), written out plainly here, with the same modules.
+            Published reference numbers come from another host; this column is comparable.
+
+Usage: python bench/train_step.py [--cases tiny,base-tiny,sd21-512,base-sd21-512] [--steps N]
 Reference (diffusers' train_dreambooth_lora.py on this machine kind, same recipe): tiny 0.10 s/step,
 0.69 GB; SD 2.1 512 px 23.75 s/step, 11.96 GB.
 """
@@ -32,6 +37,48 @@ CASES = {
 }
 
 
+def _baseline_steps(model: Path, res: int, steps: int) -> list[float]:
+    """The reference script's per-step work, without our caching: for a same-machine comparison."""
+    import time
+
+    import torch
+    import torch.nn.functional as F
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import AutoTokenizer, CLIPTextModel
+
+    from dreambooth_kit.adapters import add_lora
+    from dreambooth_kit.config import AdapterConfig
+
+    torch.manual_seed(0)
+    tok = AutoTokenizer.from_pretrained(model, subfolder="tokenizer")
+    te = CLIPTextModel.from_pretrained(model, subfolder="text_encoder").requires_grad_(False)
+    vae = AutoencoderKL.from_pretrained(model, subfolder="vae").requires_grad_(False)
+    unet = UNet2DConditionModel.from_pretrained(model, subfolder="unet").requires_grad_(False)
+    sched = DDPMScheduler.from_pretrained(model, subfolder="scheduler")
+    params = add_lora(unet, None, AdapterConfig(rank=4, alpha=4))
+    opt = torch.optim.AdamW(params, lr=1e-4)
+    pixels = torch.randn(2, 3, res, res).clamp(-1, 1)  # 1 instance + 1 class image
+    ids = tok(
+        ["a photo of zwx toy", "a photo of a toy"], padding="max_length", max_length=77, return_tensors="pt"
+    )
+    times = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            latents = vae.encode(pixels).latent_dist.sample() * vae.config.scaling_factor
+            cond = te(ids.input_ids)[0]
+        noise = torch.randn_like(latents)
+        t = torch.randint(0, 1000, (2,))
+        pred = unet(sched.add_noise(latents, noise, t), t, cond).sample
+        inst, prior = F.mse_loss(pred, noise, reduction="none").mean(dim=[1, 2, 3])
+        (inst + prior).backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        opt.zero_grad()
+        times.append(time.perf_counter() - t0)
+    return times
+
+
 def run_case(name: str, timed: int | None, workdir: Path) -> dict:
     """Runs inside the child process."""
     import torch
@@ -41,10 +88,19 @@ def run_case(name: str, timed: int | None, workdir: Path) -> dict:
     from dreambooth_kit.tiny import build_tiny_sd2
     from dreambooth_kit.train import train
 
-    shape, res, warmup, n = CASES[name]
+    baseline = name.startswith("base-")
+    shape, res, warmup, n = CASES[name.removeprefix("base-")]
     n = timed or n
     torch.set_num_threads(os.cpu_count() or 2)
     model = build_tiny_sd2(workdir / f"model-{shape}", shape=shape, prediction_type="epsilon")
+    if baseline:
+        timed_steps = _baseline_steps(model, res, warmup + n)[warmup:]
+        return {
+            "case": name,
+            "steps": len(timed_steps),
+            "s_per_step": statistics.median(timed_steps),
+            "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2,
+        }
     # Prior on, with class images already there: the benchmark times training, not sampling.
     cls = workdir / "class"
     cls.mkdir(exist_ok=True)
@@ -74,13 +130,12 @@ def run_case(name: str, timed: int | None, workdir: Path) -> dict:
         "steps": len(timed_steps),
         "s_per_step": statistics.median(timed_steps),
         "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2,
-        "threads": torch.get_num_threads(),
     }
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--cases", default="tiny,sd21-512")
+    ap.add_argument("--cases", default="tiny,base-tiny,sd21-512,base-sd21-512")
     ap.add_argument("--steps", type=int, default=None, help="timed steps per case (default per case)")
     ap.add_argument("--workdir", default=None, help="keep built models here (default: a temp dir)")
     ap.add_argument("--one", help=argparse.SUPPRESS)
@@ -107,7 +162,7 @@ def main() -> None:
             shutil.rmtree(workdir, ignore_errors=True)
     print(f"\n{'case':<10} {'steps':>5} {'s/step':>8} {'ref s/step':>10} {'peak RSS GB':>11} {'ref GB':>7}")
     for r in rows:
-        ref_s, ref_gb = REFERENCE[r["case"]]
+        ref_s, ref_gb = REFERENCE[r["case"].removeprefix("base-")]
         print(
             f"{r['case']:<10} {r['steps']:>5} {r['s_per_step']:>8.3f} {ref_s:>10.2f} "
             f"{r['peak_rss_gb']:>11.2f} {ref_gb:>7.2f}"

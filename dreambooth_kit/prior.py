@@ -93,8 +93,9 @@ def ensure_class_images(
     folder = Path(p.class_dir)
     want = _num_class_images(cfg, n_instance)
     folder.mkdir(parents=True, exist_ok=True)
-    for stale in folder.glob(".tmp-*"):  # leftovers of a killed run: never a valid image
-        stale.unlink()
+    if is_main_process:
+        for stale in folder.glob(".tmp-*"):  # leftovers of a killed run: never a valid image
+            stale.unlink()
 
     source = resolve_model(cfg.model.pretrained, allow_pickle=cfg.model.allow_pickle)
     recipe = _recipe(cfg, source)
@@ -103,7 +104,7 @@ def ensure_class_images(
         changed = [k for k in _RECIPE_KEYS_THAT_MATTER if manifest.get(k) != recipe[k]]
         if changed:
             detail = ", ".join(f"{k}: {manifest.get(k)!r} -> {recipe[k]!r}" for k in changed)
-            if not p.regenerate:
+            if not p.regenerate or not is_main_process:
                 raise ClassImageError(
                     f"{folder}: class images were made with a different recipe ({detail}). Mixing them "
                     "would train the prior on two classes. Set prior.regenerate=true to regenerate "

@@ -7,6 +7,7 @@ as ``dreambooth-kit train`` and as ``accelerate launch -m dreambooth_kit.train -
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
 import shutil
 import time
@@ -211,14 +212,12 @@ def _class_images(cfg: DreamBoothConfig, n_instance: int, accelerator):
         return None
     from .prior import ensure_class_images
 
-    result = ensure_class_images(
-        cfg, n_instance, device=str(accelerator.device), is_main_process=accelerator.is_main_process
-    )
+    result = None
+    if accelerator.is_main_process:  # rank 0 generates; the others must not touch the folder meanwhile
+        result = ensure_class_images(cfg, n_instance, device=str(accelerator.device))
     accelerator.wait_for_everyone()
-    if not accelerator.is_main_process:  # rank 0 generated them; everyone reads the same files
-        from .prior import ensure_class_images as again
-
-        result = again(cfg, n_instance, device=str(accelerator.device), is_main_process=False)
+    if result is None:  # every other rank reads the finished set
+        result = ensure_class_images(cfg, n_instance, device=str(accelerator.device), is_main_process=False)
     return result
 
 
@@ -290,7 +289,7 @@ def _dataloader(cfg: DreamBoothConfig, instance_images, class_images):
         ds,
         batch_size=cfg.train.batch_size,
         shuffle=True,
-        collate_fn=lambda ex: collate(ex, with_prior),
+        collate_fn=functools.partial(collate, with_prior=with_prior),  # picklable for num_workers > 0
         num_workers=cfg.data.num_workers,
     )
 
@@ -390,6 +389,7 @@ def _loop(
         comps.tokenizer, text_encoder or comps.text_encoder, text_encoder is not None, accelerator.device
     )
     vae_dtype = next(vae.parameters()).dtype
+    unet_dtype = next(p.dtype for p in unet.parameters() if not p.requires_grad)  # the frozen base's
     losses: list[float] = []
     step_seconds: list[float] = []
     step = 0
@@ -413,7 +413,6 @@ def _loop(
                 ).long()
                 noisy = scheduler.add_noise(latents, noise, timesteps)
                 cond = encode(batch["prompts"])
-                unet_dtype = next(p.dtype for p in unet.parameters() if not p.requires_grad)
                 pred = unet(noisy.to(unet_dtype), timesteps, cond.to(unet_dtype), return_dict=False)[0]
                 target = diffusion_target(scheduler, latents, noise, timesteps)
                 weights = (
