@@ -95,10 +95,21 @@ def load_pipeline(
         lora_path = Path(lora)
         if not lora_path.exists():
             raise FileNotFoundError(f"LoRA not found: {lora_path.resolve()}")
-        if lora_path.is_file():
-            pipe.load_lora_weights(str(lora_path.parent), weight_name=lora_path.name, adapter_name="subject")
-        else:
-            pipe.load_lora_weights(str(lora_path), adapter_name="subject")
+        from diffusers.utils import logging as dlogging
+
+        level = dlogging.get_verbosity()
+        # A UNet-only LoRA makes diffusers warn "No LoRA keys associated to CLIPTextModel": expected
+        # for ours (the text encoder is trained only on request), so keep it out of the user's log.
+        dlogging.set_verbosity_error()
+        try:
+            if lora_path.is_file():
+                pipe.load_lora_weights(
+                    str(lora_path.parent), weight_name=lora_path.name, adapter_name="subject"
+                )
+            else:
+                pipe.load_lora_weights(str(lora_path), adapter_name="subject")
+        finally:
+            dlogging.set_verbosity(level)
         pipe.set_adapters(["subject"], adapter_weights=[lora_scale])
     pipe.set_progress_bar_config(disable=True)
     pipe._dbk_model = source  # recorded in PNG metadata
