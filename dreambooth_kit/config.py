@@ -62,6 +62,11 @@ class DataConfig:
     # Over 77 CLIP tokens is an error unless this is set (then the dropped tail is printed).
     allow_truncation: bool = False
     num_workers: int = 0
+    # Encode each image through the frozen VAE once and reuse its latent distribution (a fresh
+    # sample is still drawn every step). Turned off, with a notice, when random crops change pixels.
+    cache_latents: bool = True
+    # Use `name.txt` beside `name.jpg` as that image's prompt (kohya-style captions).
+    use_captions: bool = False
 
 
 @dataclass
@@ -83,8 +88,22 @@ class PriorConfig:
 
 
 @dataclass
+class ConceptConfig:
+    """One subject of a multi-subject run; empty class fields fall back to the prior section's."""
+
+    instance_dir: str = ""
+    instance_prompt: str = ""
+    identifier: str | None = None
+    class_prompt: str = ""
+    class_dir: str = ""
+    num_class_images: int | None = None
+
+
+@dataclass
 class AdapterConfig:
-    type: Literal["lora"] = "lora"
+    # lora: a small adapter file; full: the seed-000 workflow, fine-tunes the UNet (and optionally
+    # the text encoder) and saves a complete pipeline.
+    type: Literal["lora", "full"] = "lora"
     rank: int = 4
     alpha: float | None = None  # None = rank (scale 1.0)
     dropout: float = 0.0
@@ -132,6 +151,32 @@ class TrainConfig:
     noise_offset: float = 0.0
     report_to: Literal["none", "tensorboard", "wandb"] = "none"
     log_every: int = 10
+    # "latest" = the newest complete checkpoint in output_dir/checkpoints (a notice if none);
+    # or a checkpoint folder path, used as given.
+    resume: str | None = None
+    # Resume even if rank, base model, resolution or precision differ from the checkpoint's run.
+    resume_force: bool = False
+    # Consecutive non-finite losses/gradients (each step skipped) before training stops.
+    max_nonfinite_steps: int = 5
+    # Full mode: dtype of the saved pipeline (fp16 halves the 5 GB of SD 2.1).
+    save_precision: Literal["fp32", "fp16"] = "fp32"
+
+
+@dataclass
+class CheckpointConfig:
+    every_steps: int | None = None  # None = no periodic checkpoints (a signal still writes one)
+    keep_last: int | None = 3  # None = keep all
+
+
+@dataclass
+class ValidationConfig:
+    every_steps: int | None = None  # None = no validation during training
+    prompts: list[str] = field(default_factory=list)  # [] = the instance prompt
+    negative_prompt: str = ""
+    num_images: int = 2  # per prompt
+    seed: int = 1557
+    steps: int = 25
+    guidance_scale: float = 7.5
 
 
 @dataclass
@@ -142,6 +187,11 @@ class DreamBoothConfig:
     prior: PriorConfig = field(default_factory=PriorConfig)
     adapter: AdapterConfig = field(default_factory=AdapterConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    validation: ValidationConfig = field(default_factory=ValidationConfig)
+    # Several subjects in one run; when set, data.instance_dir/instance_prompt/identifier and
+    # prior.class_prompt/class_dir are taken from each concept instead.
+    concepts: list[ConceptConfig] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -249,6 +299,13 @@ def _build(cls: type, data: Any, where: str, problems: list[str]) -> Any:
         if dataclasses.is_dataclass(tp):
             kwargs[key] = _build(tp, value, dotted, problems)
             continue
+        args = typing.get_args(tp)
+        if typing.get_origin(tp) is list and args and dataclasses.is_dataclass(args[0]):
+            if not isinstance(value, list):
+                problems.append(f"{dotted}: expected a list of mappings")
+                continue
+            kwargs[key] = [_build(args[0], v, f"{dotted}[{i}]", problems) for i, v in enumerate(value)]
+            continue
         try:
             kwargs[key] = _coerce(value, tp, dotted)
         except ValueError as e:
@@ -333,6 +390,30 @@ def load_config(
     return cfg
 
 
+def concepts_of(cfg: DreamBoothConfig) -> list[ConceptConfig]:
+    """The subjects of a run: ``concepts`` if given, else one made of the data/prior sections.
+    Empty class fields of a concept fall back to the prior section's."""
+    return [c for _, c in _concept_fields(cfg)]
+
+
+def _concept_fields(cfg: DreamBoothConfig) -> list[tuple[str, ConceptConfig]]:
+    d, pr = cfg.data, cfg.prior
+    if not cfg.concepts:
+        single = ConceptConfig(
+            d.instance_dir, d.instance_prompt, d.identifier, pr.class_prompt, pr.class_dir, None
+        )
+        return [("", single)]
+    out = []
+    for i, c in enumerate(cfg.concepts):
+        filled = dataclasses.replace(
+            c,
+            class_prompt=c.class_prompt or pr.class_prompt,
+            class_dir=c.class_dir or (f"{pr.class_dir}/concept-{i}" if pr.class_dir else ""),
+        )
+        out.append((f"concepts[{i}]", filled))
+    return out
+
+
 def validate(cfg: DreamBoothConfig, *, check_paths: bool = False) -> list[str]:
     """Cross-field checks. Returns every problem (empty list = valid)."""
     p: list[str] = []
@@ -343,32 +424,36 @@ def validate(cfg: DreamBoothConfig, *, check_paths: bool = False) -> list[str]:
         p.append(f"data.resolution: {d.resolution} must be a positive multiple of 8 (the VAE downsamples 8x)")
     if d.min_size < 1:
         p.append("data.min_size: must be >= 1")
-    if not d.instance_prompt.strip():
-        p.append("data.instance_prompt: required, e.g. 'a photo of zwx dog'")
-    if d.identifier is not None and d.identifier and d.instance_prompt:
-        if d.identifier.lower() not in re.findall(r"[\w'-]+", d.instance_prompt.lower()):
-            p.append(
-                f"data.instance_prompt: identifier '{d.identifier}' not found in instance prompt "
-                f"{d.instance_prompt!r}; put it in, e.g. 'a photo of {d.identifier} dog'"
-            )
-    if not d.instance_dir:
-        p.append("data.instance_dir: required: the folder with your 5-20 subject photos")
-    elif check_paths and not Path(d.instance_dir).is_dir():
-        p.append(f"data.instance_dir: folder not found: {Path(d.instance_dir).resolve()}")
+    for where, c in _concept_fields(cfg):
+        inst_key = f"{where}.instance_prompt" if where else "data.instance_prompt"
+        dir_key = f"{where}.instance_dir" if where else "data.instance_dir"
+        cls_key = f"{where}.class_prompt" if where else "prior.class_prompt"
+        cdir_key = f"{where}.class_dir" if where else "prior.class_dir"
+        if not c.instance_prompt.strip():
+            p.append(f"{inst_key}: required, e.g. 'a photo of zwx dog'")
+        if c.identifier and c.instance_prompt:
+            if c.identifier.lower() not in re.findall(r"[\w'-]+", c.instance_prompt.lower()):
+                p.append(
+                    f"{inst_key}: identifier '{c.identifier}' not found in instance prompt "
+                    f"{c.instance_prompt!r}; put it in, e.g. 'a photo of {c.identifier} dog'"
+                )
+        if not c.instance_dir:
+            p.append(f"{dir_key}: required: the folder with your 5-20 subject photos")
+        elif check_paths and not Path(c.instance_dir).is_dir():
+            p.append(f"{dir_key}: folder not found: {Path(c.instance_dir).resolve()}")
+        if pr.with_prior_preservation:
+            if not c.class_prompt.strip():
+                p.append(f"{cls_key}: required with prior.with_prior_preservation, e.g. 'a photo of a dog'")
+            if not c.class_dir:
+                p.append(
+                    f"{cdir_key}: required with prior.with_prior_preservation (generated images go there)"
+                )
+            if c.class_prompt.strip() and c.class_prompt.strip() == c.instance_prompt.strip():
+                p.append(
+                    f"{cls_key}: equals {inst_key}; the class prompt must describe the "
+                    "generic class without the identifier (e.g. 'a photo of a dog')"
+                )
     if pr.with_prior_preservation:
-        if not pr.class_prompt.strip():
-            p.append(
-                "prior.class_prompt: required with prior.with_prior_preservation, e.g. 'a photo of a dog'"
-            )
-        if not pr.class_dir:
-            p.append(
-                "prior.class_dir: required with prior.with_prior_preservation (generated images go there)"
-            )
-        if pr.class_prompt.strip() and pr.class_prompt.strip() == d.instance_prompt.strip():
-            p.append(
-                "prior.class_prompt: equals data.instance_prompt; the class prompt must describe the "
-                "generic class without the identifier (e.g. 'a photo of a dog')"
-            )
         if pr.num_class_images < 1:
             p.append("prior.num_class_images: must be >= 1 with prior preservation")
         if pr.class_images_per_instance is not None and pr.class_images_per_instance < 1:
@@ -407,6 +492,22 @@ def validate(cfg: DreamBoothConfig, *, check_paths: bool = False) -> list[str]:
         p.append("train.log_every: must be >= 1")
     if not t.output_dir:
         p.append("train.output_dir: required")
+    if t.max_nonfinite_steps < 1:
+        p.append("train.max_nonfinite_steps: must be >= 1")
+    ck, v = cfg.checkpoint, cfg.validation
+    if ck.every_steps is not None and ck.every_steps < 1:
+        p.append("checkpoint.every_steps: must be >= 1 (or null for none)")
+    if ck.keep_last is not None and ck.keep_last < 1:
+        p.append("checkpoint.keep_last: must be >= 1 (or null to keep all)")
+    if v.every_steps is not None and v.every_steps < 1:
+        p.append("validation.every_steps: must be >= 1 (or null for none)")
+    if v.num_images < 1 or v.steps < 1:
+        p.append("validation.num_images and validation.steps: must be >= 1")
+    if cfg.concepts and (d.instance_dir or d.identifier):
+        p.append(
+            "concepts: given together with data.instance_dir/data.identifier; put every subject in "
+            "concepts (data.instance_prompt is ignored then) or remove the concepts list"
+        )
     return p
 
 

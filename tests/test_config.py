@@ -119,7 +119,7 @@ def test_unknown_key_without_close_match_has_no_suggestion():
 def test_unknown_section():
     (problem,) = _problems("tiny.yaml", ["trian.max_steps=3"])
     assert problem == (
-        "trian: unknown key; did you mean 'train'? (valid: version, model, data, prior, adapter, train)"
+        "trian: unknown key; did you mean 'train'? (valid: version, model, data, prior, adapter, train, checkpoint, validation, concepts)"
     )
 
 
@@ -356,7 +356,17 @@ def test_save_load_round_trip(tmp_path):
     assert dataclasses.asdict(back) == dataclasses.asdict(cfg)
     # Every section and field is written, so the file alone reproduces the run.
     raw = yaml.safe_load(path.read_text())
-    assert set(raw) == {"version", "model", "data", "prior", "adapter", "train"}
+    assert set(raw) == {
+        "version",
+        "model",
+        "data",
+        "prior",
+        "adapter",
+        "train",
+        "checkpoint",
+        "validation",
+        "concepts",
+    }
     assert raw["train"]["learning_rate"] == 3e-5
 
 
