@@ -17,6 +17,7 @@ DEMO_PHOTOS = REPO_ROOT / "data" / "demo_subject"
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
+    from .checkpoints import CheckpointError
     from .config import ConfigError
     from .data import DataError
     from .models import ModelLoadError
@@ -29,18 +30,47 @@ def _user_errors() -> tuple[type[BaseException], ...]:
         PreflightError,
         ModelLoadError,
         ClassImageError,
+        CheckpointError,
         FileExistsError,
+        FileNotFoundError,
         ImportError,
     )
 
 
-def _cmd_train(args) -> int:
+def user_errors_to_exit_code(fn, *args) -> int:
+    """Known user-facing errors -> one clear line on stderr and exit code 2 (no traceback)."""
+    try:
+        return fn(*args)
+    except _user_errors() as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+def run_train(config: str, overrides: list[str]) -> int:
+    """Train and map the two ways training stops early to exit codes: a signal -> 128 + signum
+    (143 SIGTERM, 130 SIGINT) after a checkpoint; non-finite losses -> 1."""
     from .config import load_config
+    from .guards import NonFiniteLossError, TrainingInterrupted
     from .train import train
 
-    result = train(load_config(args.config, args.overrides))
-    print(f"LoRA: {result.lora_path}")
+    cfg = load_config(config, overrides)
+    try:
+        result = train(cfg)
+    except TrainingInterrupted as e:
+        print(str(e), file=sys.stderr)
+        return e.exit_code
+    except NonFiniteLossError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    if cfg.adapter.type == "full":
+        print(f"pipeline: {result.pipeline_dir}")
+    else:
+        print(f"LoRA: {result.lora_path}")
     return 0
+
+
+def _cmd_train(args) -> int:
+    return run_train(args.config, args.overrides)
 
 
 def _cmd_check_data(args) -> int:
@@ -52,7 +82,8 @@ def _cmd_check_data(args) -> int:
     cfg = load_config(args.config, args.overrides)
     source = resolve_model(cfg.model.pretrained, allow_pickle=cfg.model.allow_pickle)
     report = preflight(cfg, prediction_type=_prediction_type(cfg, source), source=source)
-    print(f"{len(report.instance.images)} usable images, {len(report.warnings)} warnings, 0 errors")
+    n = sum(len(r.images) for r in report.reports)
+    print(f"{n} usable images, {len(report.warnings)} warnings, 0 errors")
     return 0
 
 
@@ -187,11 +218,4 @@ def main(argv: list[str] | None = None) -> int:
         stream=sys.stderr,
     )
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    try:
-        return args.func(args)
-    except _user_errors() as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except FileNotFoundError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    return user_errors_to_exit_code(args.func, args)

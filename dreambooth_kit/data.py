@@ -368,8 +368,56 @@ def preprocess(
     return torch.from_numpy(arr).permute(2, 0, 1).contiguous().float().div_(127.5).sub_(1.0)
 
 
+@dataclass
+class Example:
+    """One training row: an instance image with its prompt, and (prior preservation) a class image."""
+
+    instance: Path
+    instance_prompt: str
+    class_image: Path | None = None
+    class_prompt: str | None = None
+
+
+def read_caption(image: Path) -> str | None:
+    """``name.txt`` beside ``name.jpg`` (kohya-style), stripped; None if absent or empty."""
+    txt = Path(image).with_suffix(".txt")
+    if not txt.is_file():
+        return None
+    return txt.read_text(encoding="utf-8", errors="replace").strip() or None
+
+
+def pair_examples(
+    instance_images: list[Path],
+    instance_prompt: str,
+    class_images: list[Path] | None = None,
+    class_prompt: str | None = None,
+    *,
+    use_captions: bool = False,
+) -> list[Example]:
+    """One subject's rows. As diffusers' example: the count is max(instances, class images), so one
+    epoch covers every class image and instance images repeat (5 photos vs 200 class images)."""
+    if not instance_images:
+        raise DataError("no instance images given; run check_images(folder) and pass report.images")
+    if class_images is not None and not class_images:
+        raise DataError("class_images is empty; generate class images first or pass None")
+    if class_images and not class_prompt:
+        raise DataError("class_images given without a class_prompt")
+    n = max(len(instance_images), len(class_images or []))
+    rows = []
+    for i in range(n):
+        inst = Path(instance_images[i % len(instance_images)])
+        prompt = (read_caption(inst) if use_captions else None) or instance_prompt
+        cls = Path(class_images[i % len(class_images)]) if class_images else None
+        rows.append(Example(inst, prompt, cls, class_prompt if cls else None))
+    return rows
+
+
 class DreamBoothDataset(torch.utils.data.Dataset):
-    """Instance images (and optional class images for prior preservation), decoded lazily per item."""
+    """Rows of instance (+ class) images, decoded lazily per item.
+
+    With ``latents=True`` items carry ``(path, flip)`` keys instead of pixels, for a latent cache;
+    the flip is drawn from the same RNG either way, so cached and uncached runs see the same data.
+    """
 
     def __init__(
         self,
@@ -382,53 +430,100 @@ class DreamBoothDataset(torch.utils.data.Dataset):
         center_crop: bool = True,
         random_flip: bool = False,
     ) -> None:
-        if not instance_images:
-            raise DataError("no instance images given; run check_images(folder) and pass report.images")
-        if class_images is not None and not class_images:
-            raise DataError("class_images is empty; generate class images first or pass None")
-        if class_images and not class_prompt:
-            raise DataError("class_images given without a class_prompt")
-        self.instance_images = [Path(p) for p in instance_images]
-        self.instance_prompt = instance_prompt
-        self.class_images = [Path(p) for p in class_images] if class_images else []
-        self.class_prompt = class_prompt
+        examples = pair_examples(instance_images, instance_prompt, class_images, class_prompt)
+        self._init(examples, size, center_crop=center_crop, random_flip=random_flip, latents=False)
+
+    @classmethod
+    def from_examples(
+        cls,
+        examples: list[Example],
+        size: int,
+        *,
+        center_crop: bool = True,
+        random_flip: bool = False,
+        latents: bool = False,
+    ) -> DreamBoothDataset:
+        if not examples:
+            raise DataError("no training rows; every concept needs at least one usable image")
+        if len({e.class_image is None for e in examples}) > 1:
+            raise DataError("either every concept has class images (prior preservation) or none has")
+        self = cls.__new__(cls)
+        self._init(examples, size, center_crop=center_crop, random_flip=random_flip, latents=latents)
+        return self
+
+    def _init(self, examples, size, *, center_crop, random_flip, latents) -> None:
+        if latents and not center_crop:
+            raise DataError("latent caching needs center crops: a random crop changes pixels every epoch")
+        self.examples = examples
         self.size = size
         self.center_crop = center_crop
         self.random_flip = random_flip
-        # As diffusers' example: one epoch covers every class image, instance images repeat (5 vs 200).
-        self._length = max(len(self.instance_images), len(self.class_images))
+        self.latents = latents
+        self.instance_images = [e.instance for e in examples]
+        self.class_images = [e.class_image for e in examples if e.class_image is not None]
 
     def __len__(self) -> int:
-        return self._length
+        return len(self.examples)
 
-    def _pixels(self, path: Path) -> torch.Tensor:
+    def _item(self, path: Path):
         # torch's global RNG (not random/numpy): accelerate's set_seed seeds it, and DataLoader workers
         # derive their seeds from it, so crops and flips repeat run to run.
         offset = None if self.center_crop else (float(torch.rand(())), float(torch.rand(())))
         flip = self.random_flip and bool(torch.rand(()) < 0.5)
+        if self.latents:
+            return (str(path), flip)
         return preprocess(load_image(path), self.size, flip=flip, crop_offset=offset)
 
     def __getitem__(self, index: int) -> dict:
-        if not 0 <= index < self._length:
+        if not 0 <= index < len(self.examples):
             raise IndexError(index)
-        example: dict = {
-            "instance_pixels": self._pixels(self.instance_images[index % len(self.instance_images)]),
-            "instance_prompt": self.instance_prompt,
-        }
-        if self.class_images:
-            example["class_pixels"] = self._pixels(self.class_images[index % len(self.class_images)])
-            example["class_prompt"] = self.class_prompt
+        e = self.examples[index]
+        kind = "key" if self.latents else "pixels"
+        example: dict = {f"instance_{kind}": self._item(e.instance), "instance_prompt": e.instance_prompt}
+        if e.class_image is not None:
+            example[f"class_{kind}"] = self._item(e.class_image)
+            example["class_prompt"] = e.class_prompt
         return example
 
 
+class EpochSampler(torch.utils.data.Sampler):
+    """A shuffled order per epoch from (seed, epoch) alone, startable mid-epoch.
+
+    A resumed run must see exactly the batches an uninterrupted run would. torch's RandomSampler
+    draws its permutation from the global RNG when an epoch starts, which a resume cannot replay;
+    here the order is a pure function of (seed, epoch), and ``set_position`` skips the rows already
+    trained on without decoding them.
+    """
+
+    def __init__(self, n: int, seed: int) -> None:
+        self.n, self.seed, self.epoch, self.start = n, seed, 0, 0
+
+    def set_position(self, epoch: int, start: int) -> None:
+        self.epoch, self.start = epoch, min(start, self.n)
+
+    def __iter__(self):
+        g = torch.Generator().manual_seed(self.seed + self.epoch)
+        return iter(torch.randperm(self.n, generator=g)[self.start :].tolist())
+
+    def __len__(self) -> int:
+        return self.n - self.start
+
+
 def collate(examples: list[dict], with_prior: bool) -> dict:
-    """Instance rows first, then class rows, so the loss can split the batch at `num_instance`."""
-    pixels = [e["instance_pixels"] for e in examples]
+    """Instance rows first, then class rows, so the loss can split the batch at `num_instance`.
+
+    Pixel items give ``pixel_values``; latent-cache items give ``keys`` ((path, flip) pairs)."""
+    kind = "key" if "instance_key" in examples[0] else "pixels"
+    items = [e[f"instance_{kind}"] for e in examples]
     prompts = [e["instance_prompt"] for e in examples]
     if with_prior:
-        if any("class_pixels" not in e for e in examples):
+        if any(f"class_{kind}" not in e for e in examples):
             raise DataError("with_prior=True but the dataset has no class images")
-        pixels += [e["class_pixels"] for e in examples]
+        items += [e[f"class_{kind}"] for e in examples]
         prompts += [e["class_prompt"] for e in examples]
-    pixel_values = torch.stack(pixels).to(memory_format=torch.contiguous_format).float()
-    return {"pixel_values": pixel_values, "prompts": prompts, "num_instance": len(examples)}
+    batch: dict = {"prompts": prompts, "num_instance": len(examples)}
+    if kind == "key":
+        batch["keys"] = items
+    else:
+        batch["pixel_values"] = torch.stack(items).to(memory_format=torch.contiguous_format).float()
+    return batch

@@ -10,7 +10,7 @@ import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .config import DreamBoothConfig
+from .config import ConceptConfig, DreamBoothConfig, concepts_of
 from .data import ImageIssue, ImageReport, check_images
 
 log = logging.getLogger("dreambooth_kit")
@@ -32,8 +32,12 @@ class PreflightError(ValueError):
 
 @dataclass
 class PreflightReport:
-    instance: ImageReport
+    reports: list[ImageReport]  # one per concept (subject), in config order
     issues: list[ImageIssue] = field(default_factory=list)
+
+    @property
+    def instance(self) -> ImageReport:  # the single-subject case
+        return self.reports[0]
 
     @property
     def errors(self) -> list[ImageIssue]:
@@ -44,13 +48,16 @@ class PreflightReport:
         return [i for i in self.issues if i.severity == "warning"]
 
 
-def check_prompts(tokenizer, cfg: DreamBoothConfig, source: Path) -> list[ImageIssue]:
-    """Token-length, identifier and class-prompt checks (adversarial cases 15–18)."""
+def check_prompts(
+    tokenizer, cfg: DreamBoothConfig, source: Path, concept: ConceptConfig | None = None
+) -> list[ImageIssue]:
+    """Token-length, identifier and class-prompt checks (adversarial cases 15–18) for one subject."""
     issues: list[ImageIssue] = []
     d, p = cfg.data, cfg.prior
-    prompts = [("data.instance_prompt", d.instance_prompt)]
+    c = concept or concepts_of(cfg)[0]
+    prompts = [("data.instance_prompt", c.instance_prompt)]
     if p.with_prior_preservation:
-        prompts.append(("prior.class_prompt", p.class_prompt))
+        prompts.append(("prior.class_prompt", c.class_prompt))
     for name, prompt in prompts:
         ids = tokenizer(prompt, truncation=False, add_special_tokens=True).input_ids
         if len(ids) > MAX_TOKENS:
@@ -66,7 +73,7 @@ def check_prompts(tokenizer, cfg: DreamBoothConfig, source: Path) -> list[ImageI
                 )
             else:
                 issues.append(ImageIssue(source, "error", msg + ", or set data.allow_truncation=true"))
-    ident = d.identifier
+    ident = c.identifier
     if ident:
         pieces = tokenizer.tokenize(ident)
         ids = tokenizer.convert_tokens_to_ids(pieces)
@@ -88,12 +95,12 @@ def check_prompts(tokenizer, cfg: DreamBoothConfig, source: Path) -> list[ImageI
                     "meaning in every prompt. Use a rare token such as 'sks'",
                 )
             )
-        if p.with_prior_preservation and ident.lower() in p.class_prompt.lower().split():
+        if p.with_prior_preservation and ident.lower() in c.class_prompt.lower().split():
             issues.append(
                 ImageIssue(
                     source,
                     "warning",
-                    f"prior.class_prompt {p.class_prompt!r} contains the identifier {ident!r}; the class "
+                    f"prior.class_prompt {c.class_prompt!r} contains the identifier {ident!r}; the class "
                     "prompt should describe the generic class, e.g. 'a photo of a dog'",
                 )
             )
@@ -124,15 +131,20 @@ def preflight(
     The photos are checked first: a missing folder fails before anything is fetched. With
     ``source`` (a resolved model) and no ``tokenizer``, the tokenizer is loaded after that check.
     """
-    folder = Path(cfg.data.instance_dir)
-    report = check_images(folder, resolution=cfg.data.resolution, min_size=cfg.data.min_size)
-    issues = list(report.issues)
+    concepts = concepts_of(cfg)
+    reports = [
+        check_images(Path(c.instance_dir), resolution=cfg.data.resolution, min_size=cfg.data.min_size)
+        for c in concepts
+    ]
+    folder = Path(concepts[0].instance_dir)
+    issues = [i for r in reports for i in r.issues]
     if tokenizer is None and source is not None:
         tokenizer = load_tokenizer_only(source)
     if tokenizer is not None:
-        issues += check_prompts(tokenizer, cfg, folder)
+        for c in concepts:
+            issues += check_prompts(tokenizer, cfg, Path(c.instance_dir), c)
     issues += check_settings(cfg, prediction_type, folder)
-    result = PreflightReport(instance=report, issues=issues)
+    result = PreflightReport(reports=reports, issues=issues)
     for i in issues:
         (log.info if i.severity == "info" else log.warning if i.severity == "warning" else log.error)("%s", i)
     if result.errors:

@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from .config import DreamBoothConfig
+from .config import ConceptConfig, DreamBoothConfig, concepts_of
 from .config import num_class_images as _num_class_images
 
 log = logging.getLogger("dreambooth_kit")
@@ -36,12 +36,12 @@ class ClassImages:
     reused: int
 
 
-def _recipe(cfg: DreamBoothConfig, model_source: str) -> dict[str, Any]:
+def _recipe(cfg: DreamBoothConfig, model_source: str, prompt: str) -> dict[str, Any]:
     p = cfg.prior
     return {
         "base_model": cfg.model.pretrained,
         "model_source": model_source,
-        "prompt": p.class_prompt,
+        "prompt": prompt,
         "negative_prompt": p.negative_prompt,
         "steps": p.sample_steps,
         "guidance_scale": p.guidance_scale,
@@ -77,6 +77,7 @@ def ensure_class_images(
     device: str | None = None,
     dtype: str | torch.dtype | None = "auto",
     is_main_process: bool = True,
+    concept: ConceptConfig | None = None,
 ) -> ClassImages:
     """Make sure ``prior.class_dir`` holds the class images the config asks for.
 
@@ -90,15 +91,16 @@ def ensure_class_images(
     from .models import resolve_model
 
     p = cfg.prior
-    folder = Path(p.class_dir)
-    want = _num_class_images(cfg, n_instance)
+    c = concept or concepts_of(cfg)[0]
+    folder = Path(c.class_dir)
+    want = c.num_class_images or _num_class_images(cfg, n_instance)
     folder.mkdir(parents=True, exist_ok=True)
     if is_main_process:
         for stale in folder.glob(".tmp-*"):  # leftovers of a killed run: never a valid image
             stale.unlink()
 
     source = resolve_model(cfg.model.pretrained, allow_pickle=cfg.model.allow_pickle)
-    recipe = _recipe(cfg, source)
+    recipe = _recipe(cfg, source, c.class_prompt)
     manifest = read_manifest(folder)
     if manifest is not None:
         changed = [k for k in _RECIPE_KEYS_THAT_MATTER if manifest.get(k) != recipe[k]]
@@ -149,7 +151,7 @@ def ensure_class_images(
                 idx = missing[start : start + bs]
                 results = generate(
                     pipe,
-                    p.class_prompt,
+                    c.class_prompt,
                     negative_prompt=p.negative_prompt,
                     seeds=[base_seed + j for j in idx],
                     num_images=len(idx),

@@ -13,11 +13,13 @@ import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-from .config import DreamBoothConfig, load_config, save_config
+from .caching import posterior_sample
+from .config import DreamBoothConfig, save_config
 
 log = logging.getLogger("dreambooth_kit")
 
@@ -33,6 +35,12 @@ class TrainResult:
     step_seconds: list[float] = field(default_factory=list)  # wall time of each optimizer step
     seconds: float = 0.0
     class_images_generated: int = 0
+    skipped_steps: list[int] = field(default_factory=list)  # non-finite steps that were skipped
+    vae_encodes: int | None = None  # VAE encoder calls when latents were cached, else None
+
+    @property
+    def pipeline_dir(self) -> Path:  # full fine-tune output (adapter.type=full)
+        return self.lora_dir
 
     @property
     def lora_path(self) -> Path:
@@ -97,8 +105,16 @@ def diffusion_loss(
 
 
 def train(cfg: DreamBoothConfig) -> TrainResult:
+    """Train a DreamBooth LoRA (or full fine-tune) as configured. See the README for the outputs.
+
+    Raises :class:`~dreambooth_kit.guards.TrainingInterrupted` after SIGTERM/SIGINT (a checkpoint
+    is written first) and :class:`~dreambooth_kit.guards.NonFiniteLossError` after
+    ``train.max_nonfinite_steps`` non-finite steps in a row (nothing is written from those weights).
+    """
     from accelerate.utils import set_seed
 
+    from .checkpoints import clean_tmp
+    from .guards import StopSignals
     from .models import load_components, resolve_model
     from .preflight import preflight
 
@@ -110,34 +126,39 @@ def train(cfg: DreamBoothConfig) -> TrainResult:
     set_seed(cfg.train.seed)
     if accelerator.is_main_process:
         save_config(cfg, out / "config.yaml")
+        clean_tmp(out)
+    resume_from = _resume_point(cfg, out)
 
-    class_images = _class_images(cfg, len(report.instance.images), accelerator)
+    class_sets = _class_images(cfg, report, accelerator)
     comps = load_components(cfg.model)
     unet, text_encoder, params = _setup_models(cfg, comps, accelerator)
-    dataloader = _dataloader(cfg, report.instance.images, class_images)
+    dataloader, sampler, latent_cache = _data(cfg, report, class_sets, comps, accelerator)
     optimizer = _optimizer(cfg, params, accelerator.num_processes)
     lr_scheduler = _lr_scheduler(cfg, optimizer, accelerator.num_processes)
     unet, text_encoder, optimizer, dataloader, lr_scheduler = _prepare(
         accelerator, cfg, unet, text_encoder, optimizer, dataloader, lr_scheduler
     )
+    position = _restore(cfg, accelerator, unet, text_encoder, resume_from)
 
-    losses, step_seconds = _loop(
-        cfg, accelerator, comps, unet, text_encoder, params, optimizer, dataloader, lr_scheduler
-    )
+    run = _Ctx(cfg, accelerator, comps, unet, text_encoder, params, optimizer, lr_scheduler, out)
+    with StopSignals() as signals:
+        _loop(run, dataloader, sampler, latent_cache, position, signals)
 
-    lora_dir = _save_lora(cfg, accelerator, unet, text_encoder, out)
+    final_dir = _save_final(cfg, accelerator, comps, unet, text_encoder, out, source)
     accelerator.end_training()
     seconds = time.perf_counter() - t0
     if accelerator.is_main_process:
-        log.info("trained %d steps in %.1f s; LoRA: %s", len(losses), seconds, lora_dir / LORA_WEIGHTS)
+        log.info("trained to step %d in %.1f s; output: %s", run.step, seconds, final_dir)
     return TrainResult(
         output_dir=out,
-        lora_dir=lora_dir,
-        steps=len(losses),
-        losses=losses,
-        step_seconds=step_seconds,
+        lora_dir=final_dir,
+        steps=run.step,
+        losses=run.losses,
+        step_seconds=run.step_seconds,
         seconds=seconds,
-        class_images_generated=class_images.generated if class_images else 0,
+        class_images_generated=sum(c.generated for c in class_sets) if class_sets else 0,
+        skipped_steps=run.guard.steps,
+        vae_encodes=latent_cache.encodes if latent_cache else None,
     )
 
 
@@ -146,13 +167,40 @@ def train(cfg: DreamBoothConfig) -> TrainResult:
 
 def _prepare_output_dir(cfg: DreamBoothConfig) -> Path:
     out = Path(cfg.train.output_dir)
-    if (out / "lora" / LORA_WEIGHTS).exists() and not cfg.train.overwrite:
+    final = out / ("pipeline" if cfg.adapter.type == "full" else "lora")
+    # Resuming continues this run, so its final output may be replaced; a fresh run never does that
+    # silently.
+    if final.exists() and any(final.iterdir()) and not (cfg.train.overwrite or cfg.train.resume):
         raise FileExistsError(
-            f"{(out / 'lora').resolve()} already holds a trained LoRA. Choose another train.output_dir, "
-            "or set train.overwrite=true to replace it."
+            f"{final.resolve()} already holds a trained {'model' if cfg.adapter.type == 'full' else 'LoRA'}. "
+            "Choose another train.output_dir, or set train.overwrite=true to replace it."
         )
     out.mkdir(parents=True, exist_ok=True)
     return out
+
+
+def _resume_point(cfg: DreamBoothConfig, out: Path) -> Path | None:
+    from .checkpoints import check_compatible, resolve_resume
+
+    path = resolve_resume(out, cfg.train.resume)
+    if path is not None:
+        check_compatible(path, cfg.to_dict(), force=cfg.train.resume_force)
+    return path
+
+
+def _restore(cfg, accelerator, unet, text_encoder, path: Path | None) -> dict:
+    """Register how checkpoints hold the trained weights, then load one if resuming.
+    Returns the data position: {"step", "epoch", "batch_in_epoch"}."""
+    from .checkpoints import load_checkpoint, register_lora_hooks
+
+    if cfg.adapter.type == "lora":  # checkpoints hold the LoRA only, never the frozen base
+        models = {"unet": unet} | ({"text_encoder": text_encoder} if text_encoder is not None else {})
+        register_lora_hooks(accelerator, models)
+    if path is None:
+        return {"step": 0, "epoch": 0, "batch_in_epoch": 0}
+    state = load_checkpoint(accelerator, path)
+    log.info("resumed from %s at step %d", path, state["step"])
+    return state
 
 
 def _prediction_type(cfg: DreamBoothConfig, source: str) -> str | None:
@@ -207,18 +255,24 @@ def _flat(d: dict, prefix: str = "") -> dict:
     return flat
 
 
-def _class_images(cfg: DreamBoothConfig, n_instance: int, accelerator):
+def _class_images(cfg: DreamBoothConfig, report, accelerator):
+    """Class images for every concept. Rank 0 generates; the others wait, then read the same files."""
     if not cfg.prior.with_prior_preservation:
         return None
+    from .config import concepts_of
     from .prior import ensure_class_images
 
-    result = None
-    if accelerator.is_main_process:  # rank 0 generates; the others must not touch the folder meanwhile
-        result = ensure_class_images(cfg, n_instance, device=str(accelerator.device))
+    def each(main: bool):
+        return [
+            ensure_class_images(
+                cfg, len(r.images), device=str(accelerator.device), is_main_process=main, concept=c
+            )
+            for c, r in zip(concepts_of(cfg), report.reports, strict=True)
+        ]
+
+    result = each(True) if accelerator.is_main_process else None
     accelerator.wait_for_everyone()
-    if result is None:  # every other rank reads the finished set
-        result = ensure_class_images(cfg, n_instance, device=str(accelerator.device), is_main_process=False)
-    return result
+    return result if result is not None else each(False)
 
 
 def _setup_models(cfg: DreamBoothConfig, comps, accelerator):
@@ -229,14 +283,21 @@ def _setup_models(cfg: DreamBoothConfig, comps, accelerator):
     from .models import frozen_dtype
 
     dtype = frozen_dtype(accelerator.device, cfg.train.mixed_precision)
+    full, train_te = cfg.adapter.type == "full", cfg.adapter.train_text_encoder
     # The SD 2.x VAE overflows in fp16 (NaN latents at 512+ px): it stays fp32 under fp16.
     _move(comps.vae, accelerator.device, torch.float32 if dtype == torch.float16 else dtype)
-    _move(comps.text_encoder, accelerator.device, dtype)
-    _move(comps.unet, accelerator.device, dtype)
+    # Fully trained models keep fp32 master weights; autocast computes in half precision.
+    _move(comps.text_encoder, accelerator.device, torch.float32 if full and train_te else dtype)
+    _move(comps.unet, accelerator.device, torch.float32 if full else dtype)
     set_attention(comps.unet, cfg.train.attention)
-    params = add_lora(comps.unet, comps.text_encoder, cfg.adapter)
-    models = [comps.unet] + ([comps.text_encoder] if cfg.adapter.train_text_encoder else [])
-    if dtype != torch.float32:
+    models = [comps.unet] + ([comps.text_encoder] if train_te else [])
+    if full:
+        for m in models:
+            m.requires_grad_(True)
+        params = [p for m in models for p in m.parameters()]
+    else:
+        params = add_lora(comps.unet, comps.text_encoder, cfg.adapter)
+    if dtype != torch.float32 and not full:
         # Under fp16 AMP the optimizer must see fp32 params, or GradScaler refuses
         # ("Attempting to unscale FP16 gradients"); LoRA adds ~0.1% params, so this costs little.
         cast_training_params(models, dtype=torch.float32)
@@ -272,26 +333,50 @@ def set_attention(unet, kind: str) -> str:
     return "sdpa"
 
 
-def _dataloader(cfg: DreamBoothConfig, instance_images, class_images):
-    from .data import DreamBoothDataset, collate
+def _data(cfg: DreamBoothConfig, report, class_sets, comps, accelerator):
+    """Rows from every concept (captions if asked), a resumable sampler, and the latent cache."""
+    from .caching import LatentCache, latent_cache_decision
+    from .config import concepts_of
+    from .data import DreamBoothDataset, EpochSampler, collate, pair_examples
 
-    with_prior = class_images is not None
-    ds = DreamBoothDataset(
-        instance_images,
-        cfg.data.instance_prompt,
+    examples = []
+    for i, (c, r) in enumerate(zip(concepts_of(cfg), report.reports, strict=True)):
+        cls = class_sets[i] if class_sets else None
+        examples += pair_examples(
+            r.images,
+            c.instance_prompt,
+            cls.images if cls else None,
+            c.class_prompt if cls else None,
+            use_captions=cfg.data.use_captions,
+        )
+    use_cache, why = latent_cache_decision(cfg)
+    (log.info if use_cache or not cfg.data.cache_latents else log.warning)(
+        "latent cache %s: %s", "on" if use_cache else "off", why
+    )
+    ds = DreamBoothDataset.from_examples(
+        examples,
         cfg.data.resolution,
-        class_images=class_images.images if with_prior else None,
-        class_prompt=cfg.prior.class_prompt if with_prior else None,
         center_crop=cfg.data.center_crop,
         random_flip=cfg.data.random_flip,
+        latents=use_cache,
     )
-    return torch.utils.data.DataLoader(
+    sampler = EpochSampler(len(ds), cfg.train.seed)
+    dataloader = torch.utils.data.DataLoader(
         ds,
         batch_size=cfg.train.batch_size,
-        shuffle=True,
-        collate_fn=functools.partial(collate, with_prior=with_prior),  # picklable for num_workers > 0
+        sampler=sampler,
+        collate_fn=functools.partial(collate, with_prior=class_sets is not None),  # picklable
         num_workers=cfg.data.num_workers,
+        # Its own generator: creating a DataLoader iterator would otherwise draw from the global
+        # RNG, and a resumed run creates one mid-epoch where an uninterrupted run does not.
+        generator=torch.Generator().manual_seed(cfg.train.seed),
     )
+    cache = None
+    if use_cache:
+        cache = LatentCache(
+            comps.vae, cfg.data.resolution, accelerator.device, next(comps.vae.parameters()).dtype
+        )
+    return dataloader, sampler, cache
 
 
 def _optimizer(cfg: DreamBoothConfig, params, num_processes: int):
@@ -343,111 +428,238 @@ def _prepare(accelerator, cfg, unet, text_encoder, optimizer, dataloader, lr_sch
     return unet, text_encoder, optimizer, dataloader, lr_scheduler
 
 
-class _PromptEncoder:
-    """Tokenize + encode prompts; caches embeddings while the text encoder is frozen (each prompt
-    is encoded once instead of every step: ~0.75 s/step saved at SD 2.1 size)."""
+@dataclass
+class _Ctx:
+    """Everything the loop reads and updates (data only; the steps are functions below)."""
 
-    def __init__(self, tokenizer, text_encoder, trained: bool, device):
-        self.tokenizer, self.text_encoder, self.trained, self.device = (
-            tokenizer,
-            text_encoder,
-            trained,
-            device,
-        )
-        self.cache: dict[str, torch.Tensor] = {}
-
-    def __call__(self, prompts: list[str]) -> torch.Tensor:
-        if self.trained:
-            return self._encode(prompts)
-        for p in set(prompts) - self.cache.keys():
-            with torch.no_grad():
-                self.cache[p] = self._encode([p])[0]
-        return torch.stack([self.cache[p] for p in prompts])
-
-    def _encode(self, prompts: list[str]) -> torch.Tensor:
-        ids = self.tokenizer(
-            prompts,
-            padding="max_length",
-            max_length=self.tokenizer.model_max_length,
-            truncation=True,
-            return_tensors="pt",
-        ).input_ids.to(self.device)
-        # SD 2.x conditions on the last hidden state: the diffusers text encoder already is the
-        # penultimate OpenCLIP layer (23 of 24), so no extra clip-skip here.
-        return self.text_encoder(ids)[0]
+    cfg: DreamBoothConfig
+    accelerator: Any
+    comps: Any
+    unet: Any
+    text_encoder: Any
+    params: list
+    optimizer: Any
+    lr_scheduler: Any
+    out: Path
+    step: int = 0
+    losses: list[float] = field(default_factory=list)
+    step_seconds: list[float] = field(default_factory=list)
+    guard: Any = None
+    bad_cycle: bool = False  # a non-finite loss inside the current accumulation cycle
+    last_step_ok: bool = True
+    last_checkpoint: Path | None = None
 
 
-def _loop(
-    cfg, accelerator, comps, unet, text_encoder, params, optimizer, dataloader, lr_scheduler
-) -> tuple[list[float], list[float]]:
+def _loop(ctx: _Ctx, dataloader, sampler, latent_cache, position: dict, signals) -> None:
     from tqdm.auto import tqdm
 
-    t = cfg.train
-    scheduler, vae = comps.noise_scheduler, comps.vae
-    prediction_type = scheduler.config.prediction_type
-    encode = _PromptEncoder(
-        comps.tokenizer, text_encoder or comps.text_encoder, text_encoder is not None, accelerator.device
+    from .caching import PromptEncoder
+    from .guards import NonFiniteGuard, TrainingInterrupted
+
+    cfg, acc, t = ctx.cfg, ctx.accelerator, ctx.cfg.train
+    ctx.guard = NonFiniteGuard(t.max_nonfinite_steps)
+    ctx.step, epoch, in_epoch = position["step"], position["epoch"], position["batch_in_epoch"]
+    encode = PromptEncoder(
+        ctx.comps.tokenizer,
+        ctx.text_encoder or ctx.comps.text_encoder,
+        ctx.text_encoder is not None,
+        acc.device,
     )
-    vae_dtype = next(vae.parameters()).dtype
-    unet_dtype = next(p.dtype for p in unet.parameters() if not p.requires_grad)  # the frozen base's
-    losses: list[float] = []
-    step_seconds: list[float] = []
-    step = 0
+    bar = tqdm(total=t.max_steps, initial=ctx.step, disable=not acc.is_main_process, desc="train")
+    ctx.unet.train()
     t_step = time.perf_counter()
-    bar = tqdm(total=t.max_steps, disable=not accelerator.is_main_process, desc="train")
-    unet.train()
-    while step < t.max_steps:
+    while ctx.step < t.max_steps:
+        # Global batches consumed this epoch -> sample index to start from (exact resume).
+        sampler.set_position(epoch, in_epoch * t.batch_size * acc.num_processes)
         for batch in dataloader:
-            with accelerator.accumulate(unet):
-                with torch.no_grad():
-                    pixels = batch["pixel_values"].to(accelerator.device, dtype=vae_dtype)
-                    latents = vae.encode(pixels).latent_dist.sample() * vae.config.scaling_factor
-                latents = latents.float()
-                noise = torch.randn_like(latents)
-                if t.noise_offset:
-                    noise = noise + t.noise_offset * torch.randn(
-                        latents.shape[0], latents.shape[1], 1, 1, device=latents.device
-                    )
-                timesteps = torch.randint(
-                    0, scheduler.config.num_train_timesteps, (latents.shape[0],), device=latents.device
-                ).long()
-                noisy = scheduler.add_noise(latents, noise, timesteps)
-                cond = encode(batch["prompts"])
-                pred = unet(noisy.to(unet_dtype), timesteps, cond.to(unet_dtype), return_dict=False)[0]
-                target = diffusion_target(scheduler, latents, noise, timesteps)
-                weights = (
-                    snr_weights(scheduler, timesteps, t.snr_gamma, prediction_type) if t.snr_gamma else None
-                )
-                loss, parts = diffusion_loss(
-                    pred,
-                    target,
-                    num_instance=batch["num_instance"],
-                    prior_loss_weight=cfg.prior.prior_loss_weight,
-                    weights=weights,
-                )
-                accelerator.backward(loss)
-                if accelerator.sync_gradients:
-                    accelerator.clip_grad_norm_(params, t.max_grad_norm)
-                optimizer.step()
-                lr_scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-            if not accelerator.sync_gradients:
+            in_epoch += 1
+            loss_value, parts, finite = _step(ctx, batch, encode, latent_cache)
+            if not acc.sync_gradients:
                 continue
-            step += 1
-            loss_value = accelerator.gather(loss.detach()).mean().item()
-            losses.append(loss_value)
-            step_seconds.append(time.perf_counter() - t_step)  # includes data loading, as a user sees it
-            t_step = time.perf_counter()
-            lr = lr_scheduler.get_last_lr()[0]
+            ctx.step += 1
+            ctx.guard.record(ctx.step, ctx.last_step_ok, "loss" if not finite else "gradient")
+            ctx.losses.append(loss_value)
+            ctx.step_seconds.append(time.perf_counter() - t_step)  # includes data loading
+            lr = ctx.lr_scheduler.get_last_lr()[0]
             bar.update(1)
             bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}")
-            accelerator.log({"loss": loss_value, "lr": lr, "step_time": step_seconds[-1], **parts}, step=step)
-            if step % t.log_every == 0 or step == t.max_steps:
-                log.info("step %d/%d loss %.4f lr %.2e", step, t.max_steps, loss_value, lr)
-            if step >= t.max_steps:
+            if finite:
+                acc.log(
+                    {"loss": loss_value, "lr": lr, "step_time": ctx.step_seconds[-1], **parts}, step=ctx.step
+                )
+            if ctx.step % t.log_every == 0 or ctx.step == t.max_steps:
+                log.info("step %d/%d loss %.4f lr %.2e", ctx.step, t.max_steps, loss_value, lr)
+            if _due(cfg.validation.every_steps, ctx.step):
+                _validate(ctx)
+            stop = signals.signum is not None
+            if ctx.last_step_ok and (stop or _due(cfg.checkpoint.every_steps, ctx.step)):
+                _checkpoint(ctx, epoch, in_epoch)
+            if stop:
+                bar.close()
+                hint = f"dreambooth-kit train --config {ctx.out / 'config.yaml'} train.resume=latest"
+                err = TrainingInterrupted(ctx.step, signals.signum, ctx.last_checkpoint, hint)
+                log.warning("%s", err)
+                raise err
+            t_step = time.perf_counter()
+            if ctx.step >= t.max_steps:
                 break
+        else:
+            epoch, in_epoch = epoch + 1, 0
     bar.close()
-    return losses, step_seconds
+
+
+def _due(every: int | None, step: int) -> bool:
+    return every is not None and step % every == 0
+
+
+def _step(ctx: _Ctx, batch, encode, latent_cache) -> tuple[float, dict, bool]:
+    """One micro-batch under accelerate's gradient accumulation; an optimizer step on sync.
+    A non-finite loss or gradient skips the optimizer step (``ctx.last_step_ok = False``)."""
+    acc, t, cfg = ctx.accelerator, ctx.cfg.train, ctx.cfg
+    scheduler, vae = ctx.comps.noise_scheduler, ctx.comps.vae
+    models = [ctx.unet] + ([ctx.text_encoder] if ctx.text_encoder is not None else [])
+    with acc.accumulate(*models):
+        if latent_cache is not None:
+            latents = latent_cache.sample(batch["keys"])
+        else:
+            with torch.no_grad():
+                pixels = batch["pixel_values"].to(acc.device, dtype=next(vae.parameters()).dtype)
+                dist = vae.encode(pixels).latent_dist
+                latents = posterior_sample(dist.mean, dist.logvar) * vae.config.scaling_factor
+        # contiguous: the VAE's conv output can be channels-last, and randn_like follows the
+        # input's memory layout, so the same random stream would land on other elements.
+        latents = latents.float().contiguous()
+        noise = torch.randn_like(latents)
+        if t.noise_offset:
+            noise = noise + t.noise_offset * torch.randn(
+                latents.shape[0], latents.shape[1], 1, 1, device=latents.device
+            )
+        timesteps = torch.randint(
+            0, scheduler.config.num_train_timesteps, (latents.shape[0],), device=latents.device
+        ).long()
+        noisy = scheduler.add_noise(latents, noise, timesteps)
+        cond = encode(batch["prompts"])
+        unet_dtype = (
+            next(p.dtype for p in ctx.unet.parameters() if not p.requires_grad)
+            if (cfg.adapter.type == "lora")
+            else torch.float32
+        )
+        pred = ctx.unet(noisy.to(unet_dtype), timesteps, cond.to(unet_dtype), return_dict=False)[0]
+        target = diffusion_target(scheduler, latents, noise, timesteps)
+        prediction_type = scheduler.config.prediction_type
+        weights = snr_weights(scheduler, timesteps, t.snr_gamma, prediction_type) if t.snr_gamma else None
+        loss, parts = diffusion_loss(
+            pred,
+            target,
+            num_instance=batch["num_instance"],
+            prior_loss_weight=cfg.prior.prior_loss_weight,
+            weights=weights,
+        )
+        # Every rank must agree, or DDP's gradient all-reduce would wait forever for a rank that
+        # skipped backward.
+        finite = bool(acc.gather(torch.isfinite(loss.detach()).reshape(1)).all())
+        if finite:
+            acc.backward(loss)
+        else:
+            ctx.bad_cycle = True
+        if acc.sync_gradients:
+            ok = not ctx.bad_cycle
+            if ok:
+                norm = acc.clip_grad_norm_(ctx.params, t.max_grad_norm)
+                if acc.scaler is None and norm is not None and not torch.isfinite(norm):
+                    ok = False  # (an fp16 GradScaler skips such a step itself and lowers its scale)
+            if ok:
+                ctx.optimizer.step()
+                if acc.optimizer_step_was_skipped:
+                    ok = False  # fp16 overflow: GradScaler skipped it; the LR does not advance
+                else:
+                    ctx.lr_scheduler.step()
+            ctx.last_step_ok, ctx.bad_cycle = ok, False
+        ctx.optimizer.zero_grad(set_to_none=True)
+    value = acc.gather(loss.detach().reshape(1)).mean().item() if finite else float("nan")
+    return value, parts, finite
+
+
+def _validate(ctx: _Ctx) -> None:
+    from diffusers import DPMSolverMultistepScheduler
+
+    from .validation import run_validation
+
+    acc = ctx.accelerator
+    if acc.is_main_process:
+        run_validation(
+            ctx.cfg,
+            unet=ctx.unet,
+            text_encoder=ctx.text_encoder or ctx.comps.text_encoder,
+            vae=ctx.comps.vae,
+            tokenizer=ctx.comps.tokenizer,
+            # DPM-Solver++ (2M): good samples in ~25 steps, for epsilon and v-prediction alike.
+            scheduler=DPMSolverMultistepScheduler.from_config(ctx.comps.noise_scheduler.config),
+            step=ctx.step,
+            output_dir=ctx.out,
+            accelerator=acc,
+        )
+    acc.wait_for_everyone()
+
+
+def _checkpoint(ctx: _Ctx, epoch: int, in_epoch: int) -> None:
+    from .checkpoints import save_checkpoint
+
+    ctx.last_checkpoint = save_checkpoint(
+        ctx.accelerator,
+        ctx.out,
+        ctx.step,
+        extra_state={"epoch": epoch, "batch_in_epoch": in_epoch},
+        run_config=ctx.cfg.to_dict(),
+        keep_last=ctx.cfg.checkpoint.keep_last,
+    )
+
+
+def _save_final(cfg, accelerator, comps, unet, text_encoder, out: Path, source: str) -> Path:
+    if cfg.adapter.type == "full":
+        return _save_pipeline(cfg, accelerator, comps, unet, text_encoder, out, source)
+    return _save_lora(cfg, accelerator, unet, text_encoder, out)
+
+
+def _refuse_non_finite(tensors: dict[str, torch.Tensor], what: str) -> None:
+    bad = [k for k, v in tensors.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        raise FloatingPointError(
+            f"refusing to write a {what} with non-finite weights ({len(bad)} tensors, e.g. {bad[0]}); "
+            "lower train.learning_rate or use train.mixed_precision=bf16"
+        )
+
+
+def _save_pipeline(cfg, accelerator, comps, unet, text_encoder, out: Path, source: str) -> Path:
+    """Full fine-tune: a complete diffusers pipeline (safetensors) that
+    ``StableDiffusionPipeline.from_pretrained`` loads, written to a temp folder and renamed."""
+    from diffusers import StableDiffusionPipeline
+
+    final = out / "pipeline"
+    accelerator.wait_for_everyone()
+    if not accelerator.is_main_process:
+        return final
+    unet = accelerator.unwrap_model(unet)
+    te = accelerator.unwrap_model(text_encoder) if text_encoder is not None else None
+    _refuse_non_finite(unet.state_dict(), "model")
+    # Frozen parts are reloaded from the base in fp32, so the saved dtype is exactly save_precision.
+    extra = {"text_encoder": te} if te is not None else {}
+    pipe = StableDiffusionPipeline.from_pretrained(
+        source, unet=unet, safety_checker=None, requires_safety_checker=False, **extra
+    )
+    pipe.scheduler = type(pipe.scheduler).from_config(comps.noise_scheduler.config)
+    dtype = torch.float16 if cfg.train.save_precision == "fp16" else torch.float32
+    tmp = out / ".tmp-pipeline"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    pipe.to(dtype=dtype)
+    pipe.save_pretrained(tmp, safe_serialization=True)
+    save_config(cfg, tmp / "dreambooth_kit_config.yaml")
+    if final.exists():  # only with train.overwrite or train.resume (checked before training)
+        shutil.rmtree(final)
+    tmp.rename(final)
+    unet.to(dtype=torch.float32)
+    return final
 
 
 def _save_lora(cfg: DreamBoothConfig, accelerator, unet, text_encoder, out: Path) -> Path:
@@ -464,12 +676,7 @@ def _save_lora(cfg: DreamBoothConfig, accelerator, unet, text_encoder, out: Path
     unet_sd, te_sd = lora_state_dicts(
         accelerator.unwrap_model(unet), accelerator.unwrap_model(text_encoder) if text_encoder else None
     )
-    bad = [k for k, v in {**unet_sd, **(te_sd or {})}.items() if not torch.isfinite(v).all()]
-    if bad:
-        raise FloatingPointError(
-            f"refusing to write a LoRA with non-finite weights ({len(bad)} tensors, e.g. {bad[0]}); "
-            "lower train.learning_rate or use train.mixed_precision=bf16"
-        )
+    _refuse_non_finite({**unet_sd, **(te_sd or {})}, "LoRA")
     tmp = out / ".tmp-lora"
     if tmp.exists():
         shutil.rmtree(tmp)
@@ -482,7 +689,7 @@ def _save_lora(cfg: DreamBoothConfig, accelerator, unet, text_encoder, out: Path
         safe_serialization=True,
     )
     save_config(cfg, tmp / "config.yaml")
-    if lora_dir.exists():  # only reachable with train.overwrite=true (checked before training)
+    if lora_dir.exists():  # only with train.overwrite or train.resume (checked before training)
         shutil.rmtree(lora_dir)
     tmp.rename(lora_dir)
     return lora_dir
@@ -500,9 +707,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.max_steps=400")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
-    result = train(load_config(args.config, args.overrides))
-    print(f"LoRA: {result.lora_path}")
-    return 0
+    from .cli import run_train, user_errors_to_exit_code
+    from .guards import die_with_parent
+
+    die_with_parent()  # `accelerate launch` does not forward SIGTERM; see guards.die_with_parent
+    return user_errors_to_exit_code(run_train, args.config, args.overrides)
 
 
 if __name__ == "__main__":

@@ -496,3 +496,28 @@ def test_demo_subject_is_clean():
     assert report.issues == []
     assert all(p.stat().st_size < 10_000 for p in report.images)
     assert all(load_image(p).size == (128, 128) for p in report.images)
+
+
+def test_pair_examples_uses_captions_beside_images(tmp_path):
+    from dreambooth_kit.data import pair_examples
+
+    a, b = tmp_path / "a.png", tmp_path / "b.png"
+    for p in (a, b):
+        Image.new("RGB", (40, 40)).save(p)
+    (tmp_path / "a.txt").write_text("  a photo of sks toy on the moon \n")
+    rows = pair_examples([a, b], "a photo of sks toy", use_captions=True)
+    assert [r.instance_prompt for r in rows] == ["a photo of sks toy on the moon", "a photo of sks toy"]
+    assert [r.instance_prompt for r in pair_examples([a], "p")] == ["p"]  # captions off by default
+
+
+def test_epoch_sampler_is_a_pure_function_of_seed_epoch_and_position():
+    from dreambooth_kit.data import EpochSampler
+
+    s = EpochSampler(7, seed=3)
+    e0 = list(s)
+    s.set_position(1, 0)
+    e1 = list(s)
+    assert sorted(e0) == list(range(7)) and e0 != e1
+    s.set_position(0, 4)
+    assert list(s) == e0[4:] and len(s) == 3
+    assert list(EpochSampler(7, seed=3)) == e0

@@ -275,3 +275,140 @@ def test_accelerate_launch_runs_two_steps(tmp_path, tiny_model, photos):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert (out / "lora" / "pytorch_lora_weights.safetensors").exists()
     assert "step 2/2" in proc.stderr
+
+
+# ------------------------------------------------------------------ issue 3: modes and features
+
+
+def test_full_finetune_saves_a_pipeline_plain_diffusers_loads(tmp_path, tiny_model, photos):
+    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+
+    base_bytes = (tiny_model / "unet" / "diffusion_pytorch_model.safetensors").read_bytes()
+    r = train(
+        tiny_cfg(
+            tmp_path,
+            tiny_model,
+            photos,
+            **{
+                "adapter.type": "full",
+                "train.max_steps": 2,
+                "train.learning_rate": 1e-3,
+                "train.save_precision": "fp16",
+            },
+        )
+    )
+    pipe_dir = r.pipeline_dir
+    assert pipe_dir == tmp_path / "run" / "pipeline" and (pipe_dir / "model_index.json").exists()
+    assert not list(pipe_dir.rglob("*.bin"))  # safetensors only
+    saved = load_file(pipe_dir / "unet" / "diffusion_pytorch_model.safetensors")
+    assert all(v.dtype == torch.float16 for v in saved.values())  # train.save_precision=fp16
+    pipe = StableDiffusionPipeline.from_pretrained(pipe_dir, dtype=torch.float32)  # fp16 runs on CUDA
+    base = UNet2DConditionModel.from_pretrained(tiny_model, subfolder="unet")
+    trained, orig = pipe.unet.state_dict(), base.state_dict()
+    assert trained.keys() == orig.keys()
+    assert any(not torch.allclose(trained[k].float(), orig[k], atol=1e-3) for k in orig)
+    assert (tiny_model / "unet" / "diffusion_pytorch_model.safetensors").read_bytes() == base_bytes
+    images = pipe("a photo of zwx toy", num_inference_steps=1, height=64, width=64, output_type="np").images
+    assert images.shape == (1, 64, 64, 3)
+
+
+def test_validation_writes_samples_without_changing_training(tmp_path, tiny_model, photos):
+    common = {"train.max_steps": 4, "prior.with_prior_preservation": False}
+    plain = train(tiny_cfg(tmp_path / "a", tiny_model, photos, **common))
+    validated = train(
+        tiny_cfg(
+            tmp_path / "b",
+            tiny_model,
+            photos,
+            **common,
+            **{"validation.every_steps": 2, "validation.num_images": 2, "validation.steps": 2},
+        )
+    )
+    for step in ("step-000002", "step-000004"):
+        d = validated.output_dir / "samples" / step
+        assert (d / "grid.png").exists() and len(list(d.glob("p0-*.png"))) == 2
+    a, b = load_file(plain.lora_path), load_file(validated.lora_path)
+    assert all(torch.equal(a[k], b[k]) for k in a)  # validation left the trajectory untouched
+
+
+def test_periodic_checkpoints_keep_last_two(tmp_path, tiny_model, photos):
+    r = train(
+        tiny_cfg(
+            tmp_path,
+            tiny_model,
+            photos,
+            **{"train.max_steps": 8, "checkpoint.every_steps": 2, "checkpoint.keep_last": 2},
+        )
+    )
+    names = sorted(p.name for p in (r.output_dir / "checkpoints").iterdir())
+    assert names == ["step-000006", "step-000008"]
+    big = max(f.stat().st_size for f in (r.output_dir / "checkpoints" / "step-000008").iterdir())
+    base = (tiny_model / "unet" / "diffusion_pytorch_model.safetensors").stat().st_size
+    assert big < base / 4  # the LoRA and optimizer state only, never the frozen base
+
+
+def test_resume_with_another_rank_is_refused_naming_the_field(tmp_path, tiny_model, photos):
+    from dreambooth_kit.checkpoints import CheckpointError
+
+    train(tiny_cfg(tmp_path, tiny_model, photos, **{"train.max_steps": 2, "checkpoint.every_steps": 2}))
+    cfg = tiny_cfg(
+        tmp_path, tiny_model, photos, **{"train.max_steps": 4, "train.resume": "latest", "adapter.rank": 8}
+    )
+    with pytest.raises(CheckpointError, match="adapter.rank"):
+        train(cfg)
+    ok = train(tiny_cfg(tmp_path, tiny_model, photos, **{"train.max_steps": 4, "train.resume": "latest"}))
+    assert ok.steps == 4 and len(ok.losses) == 2  # continued from step 2
+
+
+def test_two_concepts_and_captions(tmp_path, tiny_model, photos):
+    import shutil
+
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.mkdir()
+    b.mkdir()
+    imgs = sorted(photos.glob("*.jpg"))
+    for p in imgs[:3]:
+        shutil.copy(p, a / p.name)
+    for p in imgs[3:]:
+        shutil.copy(p, b / p.name)
+    (a / imgs[0].with_suffix(".txt").name).write_text("a photo of zwx toy on a beach")
+    cfg = tiny_cfg(
+        tmp_path,
+        tiny_model,
+        photos,
+        **{
+            "data.instance_dir": "",
+            "data.identifier": None,
+            "data.use_captions": True,
+            "concepts": [
+                {"instance_dir": str(a), "instance_prompt": "a photo of zwx toy", "identifier": "zwx"},
+                {
+                    "instance_dir": str(b),
+                    "instance_prompt": "a photo of sks robot",
+                    "class_prompt": "a photo of a robot",
+                },
+            ],
+            "train.max_steps": 3,
+        },
+    )
+    r = train(cfg)
+    cls = tmp_path / "class_images"
+    m0 = json.loads((cls / "concept-0" / "manifest.json").read_text())
+    m1 = json.loads((cls / "concept-1" / "manifest.json").read_text())
+    assert m0["prompt"] == "a photo of a toy" and m1["prompt"] == "a photo of a robot"
+    assert r.steps == 3 and r.lora_path.exists()
+
+
+def test_tensorboard_logs_loss_and_lr(tmp_path, tiny_model, photos):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    r = train(
+        tiny_cfg(tmp_path, tiny_model, photos, **{"train.report_to": "tensorboard", "train.max_steps": 3})
+    )
+    events = list((r.output_dir / "logs").rglob("events.out.tfevents.*"))
+    assert events
+    acc = EventAccumulator(str(events[0].parent))
+    acc.Reload()
+    tags = acc.Tags()["scalars"]
+    assert {"loss", "lr", "loss_instance", "loss_prior", "step_time"} <= set(tags)
+    assert [e.step for e in acc.Scalars("loss")] == [1, 2, 3]

@@ -1,0 +1,562 @@
+"""Training checkpoints: atomic saves, pruning after success, safe resume (design.md §4.8-4.9).
+
+A checkpoint is ``<output_dir>/checkpoints/step-000250/``::
+
+    unet_lora.safetensors          LoRA tensors only (register_lora_hooks); never the frozen base
+    text_encoder_lora.safetensors  when the text encoder is trained
+    model.safetensors              accelerate's own model file: full fine-tune runs only
+    optimizer.bin, scheduler.bin   accelerate's save_state
+    random_states_<rank>.pkl       accelerate's save_state, one per process
+    state.json                     {"step": 250, **extra_state} (e.g. the data position)
+    run.json                       the run's resolved config, for check_compatible()
+    COMPLETE.json                  written last: step + every file's size
+
+``accelerator.save_state`` writes files one by one into the folder it is given, so a run killed
+mid-save leaves a half-written folder. Here it writes into ``checkpoints/.tmp-step-000250-<random>``,
+which is renamed to ``step-000250`` only after every file is written and synced, and old checkpoints
+are pruned only after that. A folder without a readable ``COMPLETE.json`` is never resumed from.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import json
+import logging
+import os
+import re
+import secrets
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+
+log = logging.getLogger("dreambooth_kit")
+
+CHECKPOINTS = "checkpoints"
+COMPLETE = "COMPLETE.json"
+STATE = "state.json"
+RUN = "run.json"
+LORA_SUFFIX = "_lora.safetensors"
+FORMAT_VERSION = 1
+
+_STEP_DIR = re.compile(r"^step-(\d+)$")
+_LOW_SPACE = 1 << 20  # bytes free under which a failed write is taken for a full disk
+
+# run.json fields that must match to resume: a different base model, resolution, precision or LoRA
+# shape either cannot load (shape mismatch) or silently trains something else.
+COMPATIBILITY_FIELDS = (
+    "model.pretrained",
+    "data.resolution",
+    "train.mixed_precision",
+    "adapter.type",
+    "adapter.rank",
+    "adapter.alpha",
+    "adapter.target_modules",
+    "adapter.train_text_encoder",
+)
+_LORA_ONLY_FIELDS = ("adapter.rank", "adapter.alpha", "adapter.target_modules")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint could not be written, found or restored; the message says what to do."""
+
+
+def step_name(step: int) -> str:
+    return f"step-{step:06d}"
+
+
+# ------------------------------------------------------------------ LoRA-only model state
+
+
+def register_lora_hooks(accelerator, models: dict[str, torch.nn.Module]) -> None:
+    """Make ``accelerator.save_state``/``load_state`` store only the LoRA tensors of ``models``.
+
+    ``models`` maps a name to a peft-adapted model (``{"unet": unet, "text_encoder": te}``), prepared
+    or not: models are matched to the accelerator's prepared ones after unwrapping, when a save or
+    load runs, so this may be called before or after ``accelerator.prepare``. Each becomes
+    ``<name>_lora.safetensors`` (peft's ``get_peft_model_state_dict``) and is taken out of
+    accelerate's list, so the frozen base (3.4 GB at SD 2.1) is never written. Other prepared models
+    are still saved by accelerate itself. Calling this again replaces the earlier registration.
+    """
+    for handle in getattr(accelerator, "_dreambooth_kit_lora_hooks", ()):
+        handle.remove()
+
+    def matches(prepared: list) -> list[tuple[int, str, torch.nn.Module]]:
+        wanted = {id(accelerator.unwrap_model(m)): name for name, m in models.items()}
+        found = []
+        for i, m in enumerate(prepared):
+            inner = accelerator.unwrap_model(m)
+            if id(inner) in wanted:
+                found.append((i, wanted.pop(id(inner)), inner))
+        if wanted:
+            raise CheckpointError(
+                f"register_lora_hooks: {sorted(wanted.values())} not prepared by this accelerator; "
+                "pass the models given to accelerator.prepare()"
+            )
+        return found
+
+    def save_hook(prepared: list, weights: list, output_dir: str) -> None:
+        from peft.utils import get_peft_model_state_dict
+        from safetensors.torch import save_file
+
+        found = matches(prepared)
+        if accelerator.is_main_process:
+            for _, name, model in found:
+                state = get_peft_model_state_dict(model)
+                state = {k: v.detach().cpu().contiguous() for k, v in state.items()}
+                save_file(state, os.path.join(output_dir, name + LORA_SUFFIX), metadata={"format": "pt"})
+        # `prepared` is accelerator._models itself: only the weights list may be shortened.
+        for i, _, _ in reversed(found):
+            weights.pop(i)
+
+    def load_hook(prepared: list, input_dir: str) -> None:
+        from peft.utils import set_peft_model_state_dict
+        from safetensors.torch import load_file
+
+        found = matches(prepared)
+        for _, name, model in found:
+            path = Path(input_dir).resolve() / (name + LORA_SUFFIX)
+            try:
+                state = load_file(path)
+            except Exception as e:
+                raise CheckpointError(
+                    f"{path} cannot be read ({type(e).__name__}); {_earlier_hint(path.parent)}"
+                ) from e
+            try:
+                result = set_peft_model_state_dict(model, state)
+            except RuntimeError as e:  # shape mismatch: another rank or other target modules
+                detail = next((ln.strip() for ln in str(e).splitlines() if "size mismatch" in ln), _short(e))
+                raise CheckpointError(
+                    f"{path} does not fit the model's LoRA ({detail}); it was saved with another "
+                    "adapter.rank or adapter.target_modules"
+                ) from e
+            missing = [k for k in result.missing_keys if "lora_" in k]
+            if result.unexpected_keys or missing:
+                raise CheckpointError(
+                    f"{path} does not fit the model's LoRA: {len(result.unexpected_keys)} unknown "
+                    f"and {len(missing)} missing tensors (e.g. {(result.unexpected_keys or missing)[0]})"
+                )
+        # This list is a copy made by load_state: popping keeps accelerate's model files aligned.
+        for i, _, _ in reversed(found):
+            prepared.pop(i)
+
+    accelerator._dreambooth_kit_lora_hooks = (
+        accelerator.register_save_state_pre_hook(save_hook),
+        accelerator.register_load_state_pre_hook(load_hook),
+    )
+
+
+# ------------------------------------------------------------------ saving
+
+
+def save_checkpoint(
+    accelerator,
+    output_dir: str | os.PathLike,
+    step: int,
+    *,
+    extra_state: dict,
+    run_config: dict,
+    keep_last: int | None,
+) -> Path:
+    """Write ``output_dir/checkpoints/step-NNNNNN`` atomically; then keep the newest ``keep_last``.
+
+    Every process must call it (each writes its own RNG file; the main process writes the rest).
+    On any failure the temporary folder is removed, nothing is pruned and earlier checkpoints are
+    untouched; a full disk raises ``CheckpointError("no space left while saving step-…; step-… intact")``.
+    """
+    from accelerate.utils import gather_object
+
+    if "step" in extra_state:
+        raise ValueError("extra_state must not contain 'step' (it is the step argument)")
+    if keep_last is not None and keep_last < 1:
+        raise ValueError(f"keep_last must be >= 1 or None, got {keep_last}")
+    state_text = json.dumps({"step": step, **extra_state}, indent=2)  # TypeError now, not mid-save
+    run_text = json.dumps(run_config, indent=2, default=str)
+
+    name = step_name(step)
+    root = Path(output_dir) / CHECKPOINTS
+    final = root / name
+    main = accelerator.is_main_process
+    # Every process must write into the same folder: the main process's random name is shared.
+    tmp = root / gather_object([f".tmp-{name}-{secrets.token_hex(4)}"])[0]
+    try:
+        error: Exception | None = None
+        try:
+            accelerator.save_state(str(tmp))
+        except Exception as e:
+            error = e
+        # A failure on any process fails the save on all of them (and this also waits until
+        # every process has written its RNG file, before the main process marks the folder complete).
+        failure = _first_failure(gather_object([_describe(error, tmp)]))
+        if failure is None and main:
+            try:
+                (tmp / STATE).write_text(state_text)
+                (tmp / RUN).write_text(run_text)
+                files = {p.relative_to(tmp).as_posix(): p.stat().st_size for p in _files(tmp)}
+                (tmp / COMPLETE).write_text(
+                    json.dumps({"format": FORMAT_VERSION, "step": step, "files": files}, indent=2)
+                )
+                _fsync_tree(tmp)
+                _publish(tmp, final)
+            except Exception as e:
+                error = e
+        failure = _first_failure(gather_object([_describe(error, tmp)]))
+    except BaseException:
+        if main:  # KeyboardInterrupt and friends: still leave no temporary folder behind
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if failure is not None:
+        if main:
+            shutil.rmtree(tmp, ignore_errors=True)
+        complete = _scan(root, logging.DEBUG)  # incl. an earlier save of this same step, if any
+        intact = f"{complete[-1][1].name} intact" if complete else "no earlier checkpoint"
+        no_space, text = failure
+        if no_space:
+            raise CheckpointError(f"no space left while saving {name}; {intact}") from error
+        raise CheckpointError(f"saving {name} failed ({text}); {intact}") from error
+    if main:
+        log.info("checkpoint saved: %s", final)
+        _prune(root, keep_last, keep=final)
+    return final
+
+
+def _describe(error: BaseException | None, folder: Path) -> tuple[bool, str] | None:
+    """(is it a full disk, text): a picklable summary to share between processes."""
+    if error is None:
+        return None
+    return _is_no_space(error, folder), f"{type(error).__name__}: {_short(error)}"
+
+
+def _first_failure(summaries: list) -> tuple[bool, str] | None:
+    failures = [s for s in summaries if s is not None]
+    return failures[0] if failures else None
+
+
+def _is_no_space(error: BaseException, folder: Path) -> bool:
+    # Only Python's own writes raise OSError(ENOSPC). On a full disk safetensors raises
+    # SafetensorError("... No space left on device (os error 28)") and torch.save a RuntimeError
+    # ("unexpected pos 576 vs 534"), so also look at the text and at the space left right now
+    # (before the temporary folder is removed).
+    seen = set()
+    e: BaseException | None = error
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, OSError) and e.errno == errno.ENOSPC:
+            return True
+        if "No space left on device" in str(e) or "os error 28" in str(e):
+            return True
+        e = e.__cause__ or e.__context__
+    try:
+        return shutil.disk_usage(folder if folder.exists() else folder.parent).free < _LOW_SPACE
+    except OSError:
+        return False
+
+
+def _short(error: BaseException, limit: int = 300) -> str:
+    text = str(error).strip().splitlines()[0] if str(error).strip() else ""
+    return text if len(text) <= limit else text[:limit] + "…"
+
+
+def _files(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.rglob("*") if p.is_file())
+
+
+def _fsync_tree(folder: Path) -> None:
+    # A rename is only durable once the data it points to is: flush every file, then the folders.
+    for path in _files(folder):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    for d in sorted({p.parent for p in _files(folder)} | {folder}, key=lambda p: -len(p.parts)):
+        _fsync_dir(d)
+
+
+def _fsync_dir(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:  # Windows cannot open a directory; its renames are not fsync-able anyway
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _publish(tmp: Path, final: Path) -> None:
+    """Rename the finished temporary folder to its final name, replacing an existing one atomically."""
+    if not final.exists():
+        os.rename(tmp, final)
+    elif _exchange(tmp, final):  # now `tmp` holds the replaced checkpoint
+        shutil.rmtree(tmp, ignore_errors=True)
+    else:
+        # os.replace cannot replace a non-empty folder. Without an atomic exchange, move the old one
+        # aside first: a kill between the two renames loses this step, never an earlier one.
+        aside = final.with_name(f".tmp-replaced-{final.name}-{secrets.token_hex(4)}")
+        os.rename(final, aside)
+        try:
+            os.rename(tmp, final)
+        except OSError:
+            os.rename(aside, final)  # put the earlier save back
+            raise
+        shutil.rmtree(aside, ignore_errors=True)
+    _fsync_dir(final.parent)
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Atomically swap two folders (Linux renameat2 RENAME_EXCHANGE; Python has no wrapper for it).
+    False where unsupported (other systems, old kernels, some filesystems)."""
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.ENOSYS, errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP):
+        return False
+    raise OSError(err, os.strerror(err), str(a), None, str(b))
+
+
+def _prune(root: Path, keep_last: int | None, *, keep: Path) -> None:
+    if keep_last is None:
+        return
+    complete = _scan(root, logging.DEBUG)
+    kept = {p for _, p in complete[-keep_last:]} | {keep}
+    for _, path in complete:
+        if path in kept:
+            continue
+        # Renamed away first (atomic): a kill during the slow delete then leaves a `.tmp-*` folder
+        # for clean_tmp, never a `step-*` folder that still looks complete but lost files.
+        aside = path.with_name(f".tmp-pruned-{path.name}-{secrets.token_hex(4)}")
+        try:
+            os.rename(path, aside)
+            shutil.rmtree(aside)
+            log.info("removed old checkpoint %s (checkpoint.keep_last=%d)", path.name, keep_last)
+        except OSError as e:  # the new checkpoint is safe; a failed cleanup must not fail training
+            log.warning("could not remove old checkpoint %s: %s", path, e)
+
+
+# ------------------------------------------------------------------ finding checkpoints
+
+
+def _read_complete(folder: Path) -> dict | None:
+    try:
+        data = json.loads((folder / COMPLETE).read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) and isinstance(data.get("files"), dict) else None
+
+
+def _scan(root: Path, level: int) -> list[tuple[int, Path]]:
+    if not root.is_dir():
+        return []
+    found = []
+    for entry in sorted(root.iterdir()):
+        match = _STEP_DIR.match(entry.name)
+        if entry.name.startswith(".tmp-"):
+            log.log(level, "ignoring %s: left by an interrupted save (clean_tmp removes it)", entry)
+        elif not match or not entry.is_dir():
+            log.log(level, "ignoring %s: not a checkpoint folder of this toolkit", entry)
+        elif _read_complete(entry) is None:
+            log.log(level, "ignoring %s: incomplete (no readable %s)", entry, COMPLETE)
+        else:
+            found.append((int(match.group(1)), entry))
+    return sorted(found)
+
+
+def list_checkpoints(output_dir: str | os.PathLike) -> list[tuple[int, Path]]:
+    """Complete checkpoints in ``output_dir/checkpoints`` as ``(step, path)``, oldest first.
+    Anything else there (``.tmp-*``, ``checkpoint-best``, folders without ``COMPLETE.json``) is
+    skipped with an INFO notice."""
+    return _scan(Path(output_dir) / CHECKPOINTS, logging.INFO)
+
+
+def clean_tmp(output_dir: str | os.PathLike) -> list[Path]:
+    """Remove ``checkpoints/.tmp-*`` left by a killed run. Call on the main process only, before
+    training starts (never while a save may be running)."""
+    root = Path(output_dir) / CHECKPOINTS
+    removed = []
+    for entry in sorted(root.glob(".tmp-*")) if root.is_dir() else []:
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry)
+        else:
+            entry.unlink()
+        log.info("removed %s, left by an interrupted checkpoint save", entry)
+        removed.append(entry)
+    return removed
+
+
+def _earlier_hint(folder: Path) -> str:
+    step = _STEP_DIR.match(folder.name)
+    earlier = [p for s, p in _scan(folder.parent, logging.DEBUG) if step and s < int(step.group(1))]
+    if earlier:
+        return f"the checkpoint is damaged: resume from an earlier one, e.g. train.resume={earlier[-1].resolve()}"
+    return "the checkpoint is damaged: resume from an earlier one or start fresh"
+
+
+def resolve_resume(output_dir: str | os.PathLike, resume: str | None) -> Path | None:
+    """``None`` → None; ``"latest"`` → the newest complete checkpoint (None + a notice if there is
+    none); anything else is a checkpoint folder path, used exactly as given (relative to the working
+    directory, never joined onto output_dir), which must exist and be complete."""
+    if resume is None:
+        return None
+    if resume == "latest":
+        found = list_checkpoints(output_dir)
+        if not found:
+            log.info("no checkpoint in %s; starting fresh", (Path(output_dir) / CHECKPOINTS).resolve())
+            return None
+        return found[-1][1].resolve()
+    path = Path(resume).expanduser().resolve()
+    if not path.is_dir():
+        hint = ""
+        guess = Path(output_dir) / CHECKPOINTS / Path(resume).name
+        if _read_complete(guess) is not None:
+            hint = f"; did you mean {guess.resolve()}?"
+        raise CheckpointError(f"train.resume: checkpoint folder not found: {path}{hint}")
+    if _read_complete(path) is None:
+        complete = [str(p.resolve()) for _, p in _scan(path.parent, logging.DEBUG)]
+        others = f"; complete ones beside it: {', '.join(complete)}" if complete else ""
+        raise CheckpointError(
+            f"{path} is not a complete checkpoint (no readable {COMPLETE}: its save was interrupted, "
+            f"or it is not a checkpoint folder){others}"
+        )
+    return path
+
+
+# ------------------------------------------------------------------ loading
+
+
+def load_checkpoint(accelerator, path: str | os.PathLike) -> dict:
+    """Restore models (LoRA via register_lora_hooks), optimizer, scheduler and RNG from ``path``
+    with ``accelerator.load_state``; return the ``state.json`` dict (``step`` + extra_state)."""
+    from accelerate.utils import RNG_STATE_NAME
+
+    path = Path(path).resolve()
+    complete = _read_complete(path)
+    if complete is None:
+        raise CheckpointError(f"{path} is not a complete checkpoint (no readable {COMPLETE})")
+    # COMPLETE.json's sizes catch truncated or missing files before any state is touched.
+    for rel, size in sorted(complete["files"].items()):
+        file = path / rel
+        if rel.startswith(RNG_STATE_NAME):  # other processes' RNG files; ours is checked below
+            continue
+        if not file.is_file():
+            raise CheckpointError(f"{file} is missing; {_earlier_hint(path)}")
+        if file.stat().st_size != size:
+            raise CheckpointError(
+                f"{file} is {file.stat().st_size} bytes, {size} when saved; {_earlier_hint(path)}"
+            )
+    rng_file = path / f"{RNG_STATE_NAME}_{accelerator.process_index}.pkl"
+    rng_size = complete["files"].get(rng_file.name)
+    if not rng_file.is_file() or (rng_size is not None and rng_file.stat().st_size != rng_size):
+        # accelerate only logs "Could not load random states" at INFO, and goes on: the resumed run
+        # then differs from an uninterrupted one, which a user must be told.
+        log.warning(
+            "%s is %s: random number generators are not restored, so training continues but not "
+            "bit-identically to an uninterrupted run",
+            rng_file,
+            "damaged" if rng_file.is_file() else "missing",
+        )
+    try:
+        state = json.loads((path / STATE).read_text())
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{path / STATE} cannot be read ({e}); {_earlier_hint(path)}") from e
+    try:
+        accelerator.load_state(str(path))
+    except CheckpointError:
+        raise
+    except Exception as e:
+        file = _file_being_read(e, path)
+        if file is not None:
+            # Not the raw error text: torch's "Weights only load failed … re-run with
+            # weights_only=False" is misleading advice for a damaged file.
+            raise CheckpointError(f"{file} cannot be read ({type(e).__name__}); {_earlier_hint(path)}") from e
+        raise CheckpointError(
+            f"{path} could not be restored ({type(e).__name__}: {_short(e)}); was it saved by a "
+            "different setup (optimizer, number of trained models)?"
+        ) from e
+    return state
+
+
+def _file_being_read(error: BaseException, folder: Path) -> Path | None:
+    """The checkpoint file whose reading raised ``error``, from the traceback: accelerate's loaders
+    do not name the file. Frames of load_state/load_accelerator_state are skipped (they hold every
+    file name); the first deeper frame with a path into the folder is the reader, e.g. ``load(f)``.
+    None if the error came from restoring (e.g. a shape mismatch) rather than reading a file."""
+    tb = error.__traceback__
+    while tb is not None:
+        frame = tb.tb_frame
+        if frame.f_code.co_name not in ("load_state", "load_accelerator_state", "load_checkpoint"):
+            for value in list(frame.f_locals.values()):
+                if isinstance(value, (str, os.PathLike)):
+                    try:
+                        candidate = Path(value).resolve()
+                    except (OSError, ValueError, TypeError):
+                        continue
+                    if candidate.parent == folder and candidate.is_file():
+                        return candidate
+        tb = tb.tb_next
+    return None
+
+
+# ------------------------------------------------------------------ compatibility
+
+
+def _get(tree: dict, dotted: str) -> Any:
+    node: Any = tree
+    for part in dotted.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return None
+        node = node[part]
+    return node
+
+
+def _normalized(tree: dict, dotted: str) -> Any:
+    value = _get(tree, dotted)
+    if dotted == "adapter.alpha" and value is None:
+        return _get(tree, "adapter.rank")  # alpha null means alpha = rank
+    if dotted == "adapter.target_modules" and isinstance(value, list):
+        return sorted(value)  # peft matches them as a set
+    if dotted == "model.pretrained" and isinstance(value, str) and Path(value).exists():
+        return str(Path(value).resolve())
+    return value
+
+
+def _fmt(value: Any) -> str:
+    return "null" if value is None else json.dumps(value) if isinstance(value, (str, list)) else str(value)
+
+
+def check_compatible(path: str | os.PathLike, run_config: dict, *, force: bool) -> None:
+    """Refuse to resume a checkpoint whose run differs in base model, resolution, precision or
+    adapter shape; with ``force`` log a warning instead."""
+    path = Path(path).resolve()
+    try:
+        saved = json.loads((path / RUN).read_text())
+    except (OSError, ValueError) as e:
+        problems = [f"{RUN} of the checkpoint cannot be read ({e})"]
+    else:
+        both_full = _get(saved, "adapter.type") == _get(run_config, "adapter.type") == "full"
+        problems = [
+            f"{key}: {_fmt(_normalized(saved, key))} in the checkpoint, {_fmt(_normalized(run_config, key))} now"
+            for key in COMPATIBILITY_FIELDS
+            if not (both_full and key in _LORA_ONLY_FIELDS)
+            and _normalized(saved, key) != _normalized(run_config, key)
+        ]
+    if not problems:
+        return
+    listing = "\n".join(f"  - {p}" for p in problems)
+    if force:
+        log.warning("resuming from %s although its run differs (train.resume_force=true):\n%s", path, listing)
+        return
+    raise CheckpointError(
+        f"checkpoint {path} was saved by a different setup:\n{listing}\n"
+        "set train.resume_force=true to resume anyway"
+    )

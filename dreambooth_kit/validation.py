@@ -1,0 +1,144 @@
+"""Sample images from the model being trained, every ``validation.every_steps`` steps.
+
+Validation must leave training exactly as it found it: the same RNG streams, the same module modes
+and the same dtypes (design.md §4.3: never cast the training UNet). Images follow the inference rule
+of design.md §6 (one CPU generator per image, seed + i), so step-to-step grids are comparable.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import random
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from .config import DreamBoothConfig, concepts_of
+from .inference import generate, save_png
+
+
+@contextlib.contextmanager
+def _preserved_state(*models: torch.nn.Module | None) -> Iterator[None]:
+    """Restore every RNG and each submodule's train/eval flag afterwards, so a run with validation
+    follows the same training trajectory as one without (dropout, timesteps, noise, shuffling)."""
+    modes = [(m, m.training) for model in models if model is not None for m in model.modules()]
+    cpu, py, np_state = torch.get_rng_state(), random.getstate(), np.random.get_state()
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+    try:
+        yield
+    finally:
+        torch.set_rng_state(cpu)
+        random.setstate(py)
+        np.random.set_state(np_state)
+        if cuda is not None:
+            torch.cuda.set_rng_state_all(cuda)
+        for m, training in modes:
+            m.training = training
+
+
+@contextlib.contextmanager
+def _mixed_precision(unet: torch.nn.Module, vae: torch.nn.Module) -> Iterator[None]:
+    """Autocast when the frozen base is half precision (LoRA params stay fp32; casting them would
+    corrupt the optimizer's view). The VAE decodes outside autocast in its own dtype: it is kept
+    fp32 under fp16 training because the SD2 VAE overflows in fp16."""
+    half = next((p.dtype for p in unet.parameters() if p.dtype in (torch.float16, torch.bfloat16)), None)
+    if half is None:
+        yield
+        return
+    decode = vae.decode
+
+    def decode_in_vae_dtype(z: torch.Tensor, *args, **kwargs):
+        with torch.autocast(z.device.type, enabled=False):
+            return decode(z.to(vae.dtype), *args, **kwargs)
+
+    vae.decode = decode_in_vae_dtype  # instance attribute: shadows the method until deleted
+    try:
+        with torch.autocast(next(unet.parameters()).device.type, dtype=half):
+            yield
+    finally:
+        del vae.decode
+
+
+def validation_prompts(cfg: DreamBoothConfig) -> list[str]:
+    """``validation.prompts``, else each subject's instance prompt."""
+    return list(cfg.validation.prompts) or [c.instance_prompt for c in concepts_of(cfg)]
+
+
+def run_validation(
+    cfg: DreamBoothConfig,
+    *,
+    unet,
+    text_encoder,
+    vae,
+    tokenizer,
+    scheduler,
+    step: int,
+    output_dir: Path,
+    accelerator,
+) -> list[Path]:
+    """Write ``samples/step-NNNNNN/p{j}-{seed}.png`` and ``grid.png`` (rows = prompts, columns =
+    seeds), log them to tensorboard/wandb, and return the paths (grid last). Main process only."""
+    if not accelerator.is_main_process:
+        return []
+    from diffusers import StableDiffusionPipeline
+
+    v = cfg.validation
+    unet, text_encoder = accelerator.unwrap_model(unet), accelerator.unwrap_model(text_encoder)
+    pipe = StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        # A private copy: set_timesteps mutates the scheduler, and the caller's must stay as it is.
+        scheduler=type(scheduler).from_config(scheduler.config),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    pipe._dbk_model, pipe._dbk_lora = cfg.model.pretrained, f"step-{step:06d}"  # PNG metadata
+    res = cfg.data.resolution
+    rows: list[list[Image.Image]] = []
+    paths: list[Path] = []
+    folder = Path(output_dir) / "samples" / f"step-{step:06d}"
+    with _preserved_state(unet, text_encoder, vae), _mixed_precision(unet, vae):
+        for m in (unet, text_encoder, vae):
+            m.eval()
+        for j, prompt in enumerate(validation_prompts(cfg)):
+            out = generate(
+                pipe, prompt, negative_prompt=v.negative_prompt, seed=v.seed, num_images=v.num_images,
+                steps=v.steps, guidance_scale=v.guidance_scale, height=res, width=res,
+            )  # fmt: skip
+            rows.append([img for img, _ in out])
+            paths += [save_png(img, p, folder / f"p{j}-{p.seed}.png") for img, p in out]
+    grid = Image.new("RGB", (res * v.num_images, res * len(rows)))
+    for j, row in enumerate(rows):
+        for i, img in enumerate(row):
+            grid.paste(img, (i * res, j * res))
+    grid.save(folder / "grid.png")
+    _log(accelerator, rows, validation_prompts(cfg), v.seed, step)
+    return [*paths, folder / "grid.png"]
+
+
+def _log(accelerator, rows: list[list[Image.Image]], prompts: list[str], seed: int, step: int) -> None:
+    for tracker in accelerator.trackers:
+        if tracker.name == "tensorboard":
+            for j, row in enumerate(rows):
+                batch = np.stack([np.asarray(img) for img in row])
+                tracker.writer.add_images(f"validation/p{j}", batch, step, dataformats="NHWC")
+            tracker.writer.flush()  # visible in tensorboard now, not at the next scalar log
+        elif tracker.name == "wandb":
+            try:
+                import wandb
+            except ImportError:  # a stand-in tracker named "wandb": the PNG files are the record
+                continue
+            images = {
+                f"validation/p{j}": [
+                    wandb.Image(img, caption=f"{prompts[j]} | seed {seed + i}") for i, img in enumerate(row)
+                ]
+                for j, row in enumerate(rows)
+            }
+            tracker.log(images, step=step)
