@@ -10,7 +10,9 @@ Cases:
             then UNet forward/backward and AdamW), written out plainly here, with the same modules.
             Published reference numbers come from another host; this column is comparable.
 
-Usage: python bench/train_step.py [--cases tiny,base-tiny,sd21-512,base-sd21-512] [--steps N]
+  *-nocache the same with data.cache_latents=false (VAE encode every step)
+
+Usage: python bench/train_step.py [--cases tiny,sd21-512-nocache,...] [--steps N]
 Reference (diffusers' train_dreambooth_lora.py on this machine kind, same recipe): tiny 0.10 s/step,
 0.69 GB; SD 2.1 512 px 23.75 s/step, 11.96 GB.
 """
@@ -30,10 +32,13 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 REFERENCE = {"tiny": (0.10, 0.69), "sd21-512": (23.75, 11.96)}
+REFERENCE |= {"tiny-nocache": REFERENCE["tiny"], "sd21-512-nocache": REFERENCE["sd21-512"]}
 CASES = {
-    # name: (model shape, resolution, warm-up steps, timed steps)
-    "tiny": ("tiny", 64, 2, 10),
-    "sd21-512": ("sd21-base", 512, 1, 2),
+    # name: (model shape, resolution, warm-up steps, timed steps, cache latents)
+    "tiny": ("tiny", 64, 2, 10, True),
+    "tiny-nocache": ("tiny", 64, 2, 10, False),
+    "sd21-512": ("sd21-base", 512, 1, 2, True),
+    "sd21-512-nocache": ("sd21-base", 512, 1, 2, False),
 }
 
 
@@ -89,7 +94,7 @@ def run_case(name: str, timed: int | None, workdir: Path) -> dict:
     from dreambooth_kit.train import train
 
     baseline = name.startswith("base-")
-    shape, res, warmup, n = CASES[name.removeprefix("base-")]
+    shape, res, warmup, n, cache = CASES[name.removeprefix("base-")]
     n = timed or n
     torch.set_num_threads(os.cpu_count() or 2)
     model = build_tiny_sd2(workdir / f"model-{shape}", shape=shape, prediction_type="epsilon")
@@ -102,19 +107,23 @@ def run_case(name: str, timed: int | None, workdir: Path) -> dict:
             "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2,
         }
     # Prior on, with class images already there: the benchmark times training, not sampling.
-    cls = workdir / "class"
+    # One photo + one class image (the reference's batch 1 + 1): after the warm-up step every
+    # image has been seen, so timed steps show the steady state of the latent cache.
+    cls, photos = workdir / "class", workdir / "photos"
     cls.mkdir(exist_ok=True)
-    for i in range(2):
-        Image.effect_noise((res, res), 40 + i).convert("RGB").save(cls / f"c{i}.png")
+    photos.mkdir(exist_ok=True)
+    Image.effect_noise((res, res), 40).convert("RGB").save(cls / "c0.png")
+    shutil.copy(REPO / "data" / "demo_subject" / "01.jpg", photos / "01.jpg")
     cfg = load_config(
         "tiny.yaml",
         {
             "model.pretrained": str(model),
             "model.native_resolution": res,
-            "data.instance_dir": str(REPO / "data" / "demo_subject"),
+            "data.instance_dir": str(photos),
+            "data.cache_latents": cache,
             "data.resolution": res,
             "prior.class_dir": str(cls),
-            "prior.num_class_images": 2,
+            "prior.num_class_images": 1,
             "adapter.rank": 4,
             "adapter.alpha": 4,
             "train.output_dir": str(workdir / f"run-{name}"),
@@ -135,7 +144,7 @@ def run_case(name: str, timed: int | None, workdir: Path) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--cases", default="tiny,base-tiny,sd21-512,base-sd21-512")
+    ap.add_argument("--cases", default="tiny,tiny-nocache,base-tiny,sd21-512,sd21-512-nocache,base-sd21-512")
     ap.add_argument("--steps", type=int, default=None, help="timed steps per case (default per case)")
     ap.add_argument("--workdir", default=None, help="keep built models here (default: a temp dir)")
     ap.add_argument("--one", help=argparse.SUPPRESS)
@@ -160,11 +169,11 @@ def main() -> None:
     finally:
         if not args.workdir:
             shutil.rmtree(workdir, ignore_errors=True)
-    print(f"\n{'case':<10} {'steps':>5} {'s/step':>8} {'ref s/step':>10} {'peak RSS GB':>11} {'ref GB':>7}")
+    print(f"\n{'case':<17} {'steps':>5} {'s/step':>8} {'ref s/step':>10} {'peak RSS GB':>11} {'ref GB':>7}")
     for r in rows:
         ref_s, ref_gb = REFERENCE[r["case"].removeprefix("base-")]
         print(
-            f"{r['case']:<10} {r['steps']:>5} {r['s_per_step']:>8.3f} {ref_s:>10.2f} "
+            f"{r['case']:<17} {r['steps']:>5} {r['s_per_step']:>8.3f} {ref_s:>10.2f} "
             f"{r['peak_rss_gb']:>11.2f} {ref_gb:>7.2f}"
         )
 

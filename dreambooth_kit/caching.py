@@ -38,6 +38,7 @@ class LatentCache:
 
     def __init__(self, vae, size: int, device, dtype: torch.dtype):
         self.vae, self.size, self.device, self.dtype = vae, size, device, dtype
+        self.scaling_factor = vae.config.scaling_factor  # kept: the VAE may be released later
         self.store: dict[tuple[str, bool], tuple[torch.Tensor, torch.Tensor]] = {}
         self.encodes = 0  # VAE encoder calls (tests count them)
 
@@ -51,15 +52,19 @@ class LatentCache:
         self.encodes += 1
         return dist.mean[0].float(), dist.logvar[0].float()
 
-    def sample(self, keys: list[tuple[str, bool]]) -> torch.Tensor:
-        """A fresh posterior sample per key, scaled like the uncached path."""
+    def fill(self, keys: list[tuple[str, bool]]) -> None:
+        """Encode every key not cached yet (so the VAE can be released afterwards)."""
         for k in keys:
             k = (str(k[0]), bool(k[1]))
             if k not in self.store:
                 self.store[k] = self._encode(k)
+
+    def sample(self, keys: list[tuple[str, bool]]) -> torch.Tensor:
+        """A fresh posterior sample per key, scaled like the uncached path."""
+        self.fill(keys)
         mean = torch.stack([self.store[(str(k[0]), bool(k[1]))][0] for k in keys])
         logvar = torch.stack([self.store[(str(k[0]), bool(k[1]))][1] for k in keys])
-        return posterior_sample(mean, logvar) * self.vae.config.scaling_factor
+        return posterior_sample(mean, logvar) * self.scaling_factor
 
 
 def posterior_sample(mean: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:

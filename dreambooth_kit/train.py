@@ -465,6 +465,7 @@ def _loop(ctx: _Ctx, dataloader, sampler, latent_cache, position: dict, signals)
         ctx.text_encoder is not None,
         acc.device,
     )
+    _release_frozen(ctx, dataloader.dataset, encode, latent_cache)
     bar = tqdm(total=t.max_steps, initial=ctx.step, disable=not acc.is_main_process, desc="train")
     ctx.unet.train()
     t_step = time.perf_counter()
@@ -506,6 +507,33 @@ def _loop(ctx: _Ctx, dataloader, sampler, latent_cache, position: dict, signals)
         else:
             epoch, in_epoch = epoch + 1, 0
     bar.close()
+
+
+def _release_frozen(ctx: _Ctx, dataset, encode, latent_cache) -> None:
+    """Without validation nothing needs the frozen text encoder or VAE once every prompt and image
+    is cached: encode them all now and drop both models (SD 2.1: 1.4 GB + 0.3 GB in fp32, about
+    15% of a LoRA run's peak memory on CPU; on a GPU, that much VRAM)."""
+    import gc
+
+    if ctx.cfg.validation.every_steps is not None:
+        return
+    dropped = []
+    if not encode.trained:
+        prompts = [e.instance_prompt for e in dataset.examples] + [
+            e.class_prompt for e in dataset.examples if e.class_prompt
+        ]
+        encode(prompts)
+        encode.text_encoder = ctx.comps.text_encoder = None
+        dropped.append("text encoder")
+    if latent_cache is not None:
+        flips = (False, True) if ctx.cfg.data.random_flip else (False,)
+        paths = dict.fromkeys([e.instance for e in dataset.examples] + dataset.class_images)
+        latent_cache.fill([(str(p), f) for p in paths for f in flips])
+        latent_cache.vae = ctx.comps.vae = None
+        dropped.append("VAE")
+    if dropped:
+        gc.collect()
+        log.info("cached every prompt/latent; released the frozen %s", " and ".join(dropped))
 
 
 def _due(every: int | None, step: int) -> bool:

@@ -58,3 +58,18 @@ def test_cached_loss_sequence_equals_uncached(tmp_path, tiny_model, photos):
     b = train(tiny_cfg(tmp_path / "b", tiny_model, photos, **common, **{"data.cache_latents": False}))
     assert a.vae_encodes is not None and b.vae_encodes is None
     assert a.losses == pytest.approx(b.losses, rel=1e-4, abs=1e-6)
+
+
+def test_frozen_models_released_only_without_validation(tmp_path, tiny_model, photos, caplog):
+    import logging
+
+    from dreambooth_kit.train import train
+
+    with caplog.at_level(logging.INFO, logger="dreambooth_kit"):
+        r = train(tiny_cfg(tmp_path / "a", tiny_model, photos, **{"train.max_steps": 2}))
+    assert "released the frozen text encoder and VAE" in caplog.text
+    assert r.vae_encodes == 5 + 4  # every photo and class image, encoded up front, once
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="dreambooth_kit"):
+        train(tiny_cfg(tmp_path / "b", tiny_model, photos, **{"train.max_steps": 2, "validation.every_steps": 2, "validation.steps": 1, "validation.num_images": 1}))  # fmt: skip
+    assert "released the frozen" not in caplog.text

@@ -35,7 +35,7 @@ def _problems(path, overrides) -> list[str]:
 
 
 def test_packaged_configs_are_listed():
-    assert packaged_configs() == ["sd21_768_lora.yaml", "sd21_base_lora.yaml", "tiny.yaml"]
+    assert packaged_configs() == ["sd21_768_lora.yaml", "sd21_base_lora.yaml", "sd21_full.yaml", "tiny.yaml"]
 
 
 @pytest.mark.parametrize("name", packaged_configs())
@@ -49,7 +49,7 @@ def test_every_packaged_config_loads(name):
     assert cfg.prior.class_prompt and "zwx" not in cfg.prior.class_prompt.split()
     # learning_rate is written `1e-4` / `1e-3` in every file: PyYAML leaves it a string, we coerce it.
     assert type(cfg.train.learning_rate) is float
-    assert type(cfg.adapter.alpha) is float
+    assert cfg.adapter.alpha is None if cfg.adapter.type == "full" else type(cfg.adapter.alpha) is float
 
 
 def test_768_config_trains_at_its_native_size():
@@ -381,7 +381,7 @@ def test_config_file_not_found_names_absolute_path(tmp_path, monkeypatch):
     (problem,) = _problems("configs/missing.yaml", [])
     assert problem == (
         f"config file not found: {tmp_path.resolve() / 'configs' / 'missing.yaml'} "
-        "(packaged configs: sd21_768_lora.yaml, sd21_base_lora.yaml, tiny.yaml)"
+        "(packaged configs: sd21_768_lora.yaml, sd21_base_lora.yaml, sd21_full.yaml, tiny.yaml)"
     )
 
 

@@ -32,3 +32,26 @@ def test_fp16_generation_on_cuda_is_finite_and_seeded(tiny_model):
     a = generate(pipe, "a photo of zwx toy", seed=3, steps=2)[0][0]
     b = generate(pipe, "a photo of zwx toy", seed=3, steps=2)[0][0]
     assert a.tobytes() == b.tobytes()
+
+
+def test_isolated_inf_gradient_is_skipped_under_fp16(tmp_path, tiny_model, photos, monkeypatch):
+    """Case 32: an inf gradient under fp16 AMP: GradScaler skips the step, it is counted, the LR
+    does not advance, training continues."""
+    import importlib
+
+    from dreambooth_kit.train import train
+
+    train_mod = importlib.import_module("dreambooth_kit.train")
+    real = train_mod.diffusion_loss
+    calls = {"n": 0}
+
+    def spike(*a, **k):
+        calls["n"] += 1
+        loss, parts = real(*a, **k)
+        return (loss * 1e38 if calls["n"] == 2 else loss), parts  # overflows in fp16 backward
+
+    monkeypatch.setattr(train_mod, "diffusion_loss", spike)
+    r = train(
+        tiny_cfg(tmp_path, tiny_model, photos, **{"train.mixed_precision": "fp16", "train.max_steps": 4})
+    )
+    assert r.skipped_steps == [2] and r.steps == 4
