@@ -72,3 +72,21 @@ def trained_run(tmp_path_factory, tiny_model):
     cfg = tiny_cfg(tmp, tiny_model, photos, **{"train.learning_rate": 1e-2})
     result = train(cfg)
     return {"result": result, "cfg": cfg, "unet_bytes_before": before, "unet_file": unet_file}
+
+
+def patch_diffusion_loss(monkeypatch, transform) -> None:
+    """Wrap train.diffusion_loss: ``transform(n, loss)`` gets the 1-based call number and the loss
+    and returns the loss to use (NaN injection, fp16 overflow spikes)."""
+    import importlib
+
+    # `dreambooth_kit.train` the attribute is the train() function (public API); this is the module:
+    train_mod = importlib.import_module("dreambooth_kit.train")
+    real = train_mod.diffusion_loss
+    calls = {"n": 0}
+
+    def wrapped(*a, **k):
+        calls["n"] += 1
+        loss, parts = real(*a, **k)
+        return transform(calls["n"], loss), parts
+
+    monkeypatch.setattr(train_mod, "diffusion_loss", wrapped)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import tiny_cfg
+from conftest import patch_diffusion_loss, tiny_cfg
 from safetensors.torch import load_file
 
 pytestmark = [
@@ -37,20 +37,10 @@ def test_fp16_generation_on_cuda_is_finite_and_seeded(tiny_model):
 def test_isolated_inf_gradient_is_skipped_under_fp16(tmp_path, tiny_model, photos, monkeypatch):
     """Case 32: an inf gradient under fp16 AMP: GradScaler skips the step, it is counted, the LR
     does not advance, training continues."""
-    import importlib
-
     from dreambooth_kit.train import train
 
-    train_mod = importlib.import_module("dreambooth_kit.train")
-    real = train_mod.diffusion_loss
-    calls = {"n": 0}
-
-    def spike(*a, **k):
-        calls["n"] += 1
-        loss, parts = real(*a, **k)
-        return (loss * 1e38 if calls["n"] == 2 else loss), parts  # overflows in fp16 backward
-
-    monkeypatch.setattr(train_mod, "diffusion_loss", spike)
+    # x1e38 at call 2: finite in fp32, overflows to inf in the fp16 backward
+    patch_diffusion_loss(monkeypatch, lambda n, loss: loss * 1e38 if n == 2 else loss)
     r = train(
         tiny_cfg(tmp_path, tiny_model, photos, **{"train.mixed_precision": "fp16", "train.max_steps": 4})
     )

@@ -5,7 +5,7 @@ import signal
 
 import pytest
 import torch
-from conftest import tiny_cfg
+from conftest import patch_diffusion_loss, tiny_cfg
 from safetensors.torch import load_file
 
 from dreambooth_kit.guards import NonFiniteGuard, NonFiniteLossError, StopSignals
@@ -40,21 +40,11 @@ def test_second_ctrl_c_is_a_keyboard_interrupt():
 
 
 def _nan_from(step_from: int, monkeypatch, *, only: set[int] | None = None):
-    import importlib
+    def nan(n, loss):
+        bad = n in only if only is not None else n >= step_from
+        return loss * float("nan") if bad else loss
 
-    # `dreambooth_kit.train` the attribute is the train() function (public API); the module is:
-    train_mod = importlib.import_module("dreambooth_kit.train")
-
-    real = train_mod.diffusion_loss
-    calls = {"n": 0}
-
-    def fake(*a, **k):
-        calls["n"] += 1
-        loss, parts = real(*a, **k)
-        bad = calls["n"] in only if only is not None else calls["n"] >= step_from
-        return (loss * float("nan"), parts) if bad else (loss, parts)
-
-    monkeypatch.setattr(train_mod, "diffusion_loss", fake)
+    patch_diffusion_loss(monkeypatch, nan)
 
 
 def test_k_nan_steps_stop_training_keep_last_good_checkpoint_and_write_no_lora(
