@@ -34,6 +34,8 @@ def _user_errors() -> tuple[type[BaseException], ...]:
         FileExistsError,
         FileNotFoundError,
         ImportError,
+        FloatingPointError,  # non-finite images: the message says what to change
+        ValueError,  # bad arguments (sizes, seeds, LoRA for another model), named in the message
     )
 
 
@@ -88,13 +90,22 @@ def _cmd_check_data(args) -> int:
 
 
 def _cmd_generate(args) -> int:
-    from .inference import generate, load_pipeline, save_png
+    from .inference import generate, load_pipeline, regenerate_from_png, save_images
 
+    if args.from_png:
+        result = regenerate_from_png(args.from_png, base=args.base, lora=args.lora[0] if args.lora else None)
+        for p in save_images([result], args.out):
+            print(p)
+        return 0
+    if not args.base or args.prompt is None:
+        raise SystemExit("error: --base and --prompt are required (or --from-png IMAGE)")
     pipe = load_pipeline(
         args.base,
-        lora=args.lora,
+        lora=args.lora or None,
+        lora_scale=args.lora_scale if len(args.lora_scale) > 1 else args.lora_scale[0],
         dtype=args.dtype,
-        lora_scale=args.lora_scale,
+        scheduler=args.scheduler,
+        fuse=args.fuse,
         allow_pickle=args.allow_pickle,
     )
     results = generate(
@@ -102,14 +113,17 @@ def _cmd_generate(args) -> int:
         args.prompt,
         negative_prompt=args.negative_prompt,
         seed=args.seed,
-        num_images=args.num_images,
+        num_images=args.n,
         steps=args.steps,
         guidance_scale=args.guidance_scale,
         height=args.height,
         width=args.width,
+        init_image=args.init_image,
+        mask_image=args.mask_image,
+        strength=args.strength,
     )
-    for img, params in results:
-        print(save_png(img, params, Path(args.out) / f"{params.seed}.png"))
+    for p in save_images(results, args.out, grid=args.grid):
+        print(p)
     return 0
 
 
@@ -179,20 +193,31 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("overrides", nargs="*")
     c.set_defaults(func=_cmd_check_data)
 
-    g = sub.add_parser("generate", help="seeded images from a base model (+ LoRA)")
-    g.add_argument("--base", required=True, help="hub id, diffusers folder or builtin:tiny-sd2")
-    g.add_argument("--lora", default=None, help="run_dir/lora or a .safetensors file")
-    g.add_argument("--lora-scale", type=float, default=1.0)
-    g.add_argument("--prompt", required=True)
+    g = sub.add_parser("generate", help="seeded images from a base model (+ LoRAs)")
+    g.add_argument("--base", help="hub id, diffusers folder or builtin:tiny-sd2")
+    g.add_argument(
+        "--lora", action="append", default=[], help="run_dir/lora or a .safetensors file (repeatable)"
+    )
+    g.add_argument("--lora-scale", type=float, nargs="+", default=[1.0])
+    g.add_argument("--prompt")
     g.add_argument("--negative-prompt", default="")
-    g.add_argument("--seed", type=int, default=1557)
-    g.add_argument("--num-images", type=int, default=4)
+    g.add_argument("--seed", type=int, default=1557, help="image i uses seed + i")
+    g.add_argument("--n", "--num-images", dest="n", type=int, default=4)
     g.add_argument("--steps", type=int, default=30)
     g.add_argument("--guidance-scale", type=float, default=7.5)
     g.add_argument("--height", type=int, default=None)
     g.add_argument("--width", type=int, default=None)
+    g.add_argument(
+        "--scheduler", default=None, help="dpmpp_2m, ddim, euler_a, euler, ddpm, pndm (default: the model's)"
+    )
+    g.add_argument("--init-image", default=None, help="img2img / inpainting source image")
+    g.add_argument("--mask-image", default=None, help="inpainting mask (white = repaint)")
+    g.add_argument("--strength", type=float, default=0.75, help="img2img: how much to change (0..1)")
+    g.add_argument("--fuse", action="store_true", help="fuse the LoRA into the weights (base speed)")
+    g.add_argument("--grid", action="store_true", help="also write grid.png")
     g.add_argument("--dtype", default="auto", help="auto (fp16 on CUDA, fp32 on CPU), fp32, fp16, bf16")
     g.add_argument("--allow-pickle", action="store_true", help="allow .ckpt/.bin files (they can run code)")
+    g.add_argument("--from-png", default=None, help="re-create an image from the settings stored in it")
     g.add_argument("--out", default="outputs")
     g.set_defaults(func=_cmd_generate)
 

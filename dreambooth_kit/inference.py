@@ -1,51 +1,68 @@
-"""Seeded, reproducible generation with a base model and (optionally) a trained LoRA.
+"""Seeded, reproducible, fp16-safe generation with a base model and trained LoRAs.
 
-Reproducibility rule (design.md §6): one CPU ``torch.Generator`` per image, seeded ``seed + i``, so
-image i is the same whatever the batch size or device. On CPU everything runs in fp32 and the same
-seed gives bit-identical PNG bytes.
+Reproducibility rule (design.md §6): one CPU ``torch.Generator`` per image, seeded ``seeds[i]``
+(``seed + i`` by default), so image i is the same whatever the batch size or device. On CPU
+everything runs in fp32 and the same seed gives bit-identical PNG bytes.
+
+fp16 safety: SD 2.x in fp16 can overflow to NaN (black images). We run the sampler to latents, check
+them, decode ourselves and, if the decode is non-finite or all black under half precision, decode
+again with the VAE in fp32 (and say so); persistent NaN raises instead of writing a black PNG.
 """
 
 from __future__ import annotations
 
-import json
-from dataclasses import asdict, dataclass, field
+import logging
+import secrets
 from pathlib import Path
-from typing import Any
+from typing import NamedTuple
 
+import numpy as np
 import torch
-from PIL import Image, PngImagePlugin
+from PIL import Image
 
 from . import __version__
 from .models import resolve_model
+from .pngmeta import GenerationParams, file_hash, make_grid, read_metadata, save_images, save_png
+
+__all__ = [
+    "GenerationParams",
+    "Generated",
+    "SCHEDULERS",
+    "generate",
+    "load_pipeline",
+    "make_grid",
+    "read_metadata",
+    "save_images",
+    "save_png",
+]
+
+log = logging.getLogger("dreambooth_kit")
+
+# our name -> (diffusers class, extra config, A1111's sampler name)
+SCHEDULERS: dict[str, tuple[str, dict, str]] = {
+    "dpmpp_2m": (
+        "DPMSolverMultistepScheduler",
+        {"algorithm_type": "dpmsolver++", "solver_order": 2},
+        "DPM++ 2M",
+    ),
+    "ddim": ("DDIMScheduler", {}, "DDIM"),
+    "euler_a": ("EulerAncestralDiscreteScheduler", {}, "Euler a"),
+    "euler": ("EulerDiscreteScheduler", {}, "Euler"),
+    "ddpm": ("DDPMScheduler", {}, "DDPM"),
+    "pndm": ("PNDMScheduler", {"skip_prk_steps": True}, "PLMS"),
+}
 
 
-@dataclass
-class GenerationParams:
-    prompt: str
-    negative_prompt: str
-    seed: int
-    steps: int
-    guidance_scale: float
-    width: int
-    height: int
-    sampler: str
-    model: str
-    lora: str | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
+class Generated(NamedTuple):
+    image: Image.Image
+    params: GenerationParams
 
-    def infotext(self) -> str:
-        """A1111's ``parameters`` text, so the PNG's settings show in A1111's PNG Info tab."""
-        lines = [self.prompt]
-        if self.negative_prompt:
-            lines.append(f"Negative prompt: {self.negative_prompt}")
-        tail = (
-            f"Steps: {self.steps}, Sampler: {self.sampler}, CFG scale: {self.guidance_scale}, "
-            f"Seed: {self.seed}, Size: {self.width}x{self.height}, Model: {Path(self.model).name}"
-        )
-        if self.lora:
-            tail += f", Lora: {Path(self.lora).name}"
-        lines.append(tail + f", Version: dreambooth_kit {__version__}")
-        return "\n".join(lines)
+
+class LoraMismatchError(ValueError):
+    pass
+
+
+# ------------------------------------------------------------------ decisions (unit-tested on CPU)
 
 
 def pick_dtype(device: str | torch.device, dtype: str | torch.dtype | None = "auto") -> torch.dtype:
@@ -65,23 +82,54 @@ def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def needs_fp32_retry(image: torch.Tensor, vae_dtype: torch.dtype) -> str | None:
+    """Why a decoded batch (values in [-1, 1]) must be decoded again in fp32, or None.
+
+    Non-finite values come from fp16 overflow in the VAE; an all-black image (every value at -1)
+    is the other face of the same overflow after clamping. In fp32 neither is an fp16 artefact,
+    so nothing is retried there."""
+    if vae_dtype == torch.float32:
+        return None
+    if not torch.isfinite(image).all():
+        return "non-finite values"
+    if (image.flatten(1).amax(dim=1) <= -0.99).any():
+        return "an all-black image"
+    return None
+
+
+# ------------------------------------------------------------------ loading
+
+
 def load_pipeline(
     base: str,
-    lora: str | Path | None = None,
+    lora: str | Path | list[str | Path] | None = None,
     *,
-    device: str | None = None,
+    lora_scale: float | list[float] = 1.0,
     dtype: str | torch.dtype | None = "auto",
-    lora_scale: float = 1.0,
+    device: str | None = "auto",
+    scheduler: str | None = None,
+    attention: str = "sdpa",
+    fuse: bool = False,
+    offload: str | None = None,
     allow_pickle: bool = False,
 ):
-    """A ``StableDiffusionPipeline`` for ``base`` (hub id, diffusers folder or ``builtin:tiny-sd2``),
-    with the LoRA at ``lora`` (a folder holding ``pytorch_lora_weights.safetensors``, or the file)."""
+    """A ``StableDiffusionPipeline`` for ``base`` (hub id, diffusers folder or ``builtin:tiny-sd2``)
+    with the given LoRAs (folders holding ``pytorch_lora_weights.safetensors``, or files).
+
+    ``scheduler``: one of :data:`SCHEDULERS` (None keeps the model's). ``fuse=True`` merges the
+    LoRAs into the weights (base speed; unfuse with ``pipe.unfuse_lora()``). ``offload``: "model"
+    or "sequential" CPU offload (CUDA only)."""
     from diffusers import StableDiffusionPipeline
 
     from .models import ModelLoadError, _explain_hub_error
+    from .train import set_attention
 
-    device = device or default_device()
+    device = default_device() if device in (None, "auto") else device
     torch_dtype = pick_dtype(device, dtype)
+    if offload not in (None, "model", "sequential"):
+        raise ValueError(f"offload={offload!r}: use None, 'model' or 'sequential'")
+    if offload and torch.device(device).type != "cuda":
+        raise ValueError(f"offload={offload!r} moves weights between CPU and a CUDA GPU; device is {device}")
     source = resolve_model(base, allow_pickle=allow_pickle)
     try:
         pipe = StableDiffusionPipeline.from_pretrained(
@@ -91,33 +139,114 @@ def load_pipeline(
         if Path(source).exists():
             raise ModelLoadError(f"{source}: could not load the model folder: {e}") from e
         raise _explain_hub_error(source, e) from e
-    if lora is not None:
-        lora_path = Path(lora)
-        if not lora_path.exists():
-            raise FileNotFoundError(f"LoRA not found: {lora_path.resolve()}")
-        from diffusers.utils import logging as dlogging
-
-        level = dlogging.get_verbosity()
-        # A UNet-only LoRA makes diffusers warn "No LoRA keys associated to CLIPTextModel": expected
-        # for ours (the text encoder is trained only on request), so keep it out of the user's log.
-        dlogging.set_verbosity_error()
-        try:
-            if lora_path.is_file():
-                pipe.load_lora_weights(
-                    str(lora_path.parent), weight_name=lora_path.name, adapter_name="subject"
-                )
-            else:
-                pipe.load_lora_weights(str(lora_path), adapter_name="subject")
-        finally:
-            dlogging.set_verbosity(level)
-        pipe.set_adapters(["subject"], adapter_weights=[lora_scale])
     pipe.set_progress_bar_config(disable=True)
-    pipe._dbk_model = source  # recorded in PNG metadata
-    pipe._dbk_lora = str(lora) if lora is not None else None
-    return pipe.to(device)
+    set_attention(pipe.unet, attention)
+    if scheduler is not None:
+        set_scheduler(pipe, scheduler)
+    loras = [] if lora is None else [lora] if isinstance(lora, (str, Path)) else list(lora)
+    scales = lora_scale if isinstance(lora_scale, list) else [lora_scale] * len(loras)
+    if len(scales) != len(loras):
+        raise ValueError(f"lora_scale has {len(scales)} values for {len(loras)} LoRAs")
+    names = [load_lora(pipe, path, f"lora{i}") for i, path in enumerate(loras)]
+    if names:
+        pipe.set_adapters(names, adapter_weights=scales)
+        if fuse:
+            pipe.fuse_lora(adapter_names=names)
+    pipe._dbk = {
+        "model": base,
+        "model_hash": _model_hash(source),
+        "loras": [str(_lora_file(p)) for p in loras],
+        "lora_scale": scales,
+        "scheduler": scheduler,
+    }
+    if offload == "model":
+        pipe.enable_model_cpu_offload()
+        return pipe
+    if offload == "sequential":
+        pipe.enable_sequential_cpu_offload()
+        return pipe
+    pipe = pipe.to(device)
+    if torch.device(device).type == "cuda":  # channels-last convs are faster on tensor cores
+        pipe.unet.to(memory_format=torch.channels_last)
+    return pipe
 
 
-def _check_args(height: int, width: int, steps: int, num_images: int, seeds: list[int] | None) -> None:
+def set_scheduler(pipe, name: str) -> None:
+    """Swap the sampler, keeping the model's betas and prediction type."""
+    import diffusers
+
+    if name not in SCHEDULERS:
+        raise ValueError(f"scheduler {name!r}: use one of {', '.join(SCHEDULERS)}")
+    cls_name, extra, _ = SCHEDULERS[name]
+    pipe.scheduler = getattr(diffusers, cls_name).from_config(pipe.scheduler.config, **extra)
+
+
+def _model_hash(source: str) -> str | None:
+    unet = Path(source) / "unet" / "diffusion_pytorch_model.safetensors"
+    return file_hash(unet) if unet.exists() else None
+
+
+def _lora_file(path: str | Path) -> Path:
+    p = Path(path)
+    return p / "pytorch_lora_weights.safetensors" if p.is_dir() else p
+
+
+def check_lora_fits(unet, state_dict: dict[str, torch.Tensor], path: Path) -> None:
+    """Refuse a LoRA made for another architecture before it touches the pipeline.
+
+    SD 1.x LoRAs carry cross-attention inputs of width 768, SD 2.x has 1024: loading one into the
+    other fails deep inside peft with a bare size mismatch, after half the layers were changed."""
+    width = unet.config.cross_attention_dim
+    for key, t in state_dict.items():
+        if (
+            "attn2" in key
+            and (".to_k." in key or ".to_v." in key)
+            and ("lora_A" in key or "lora.down" in key)
+        ):
+            if t.shape[-1] != width:
+                raise LoraMismatchError(
+                    f"{path}: this LoRA was trained for a model with cross-attention width {t.shape[-1]} "
+                    f"({'SD 1.x' if t.shape[-1] == 768 else 'another model'}), but this pipeline's UNet has "
+                    f"width {width} ({'SD 2.x' if width == 1024 else 'this model'}). Use a LoRA trained "
+                    "on the same base model."
+                )
+
+
+def load_lora(pipe, path: str | Path, name: str) -> str:
+    """Load one LoRA as adapter ``name``; on any failure the pipeline is left as it was."""
+    from safetensors.torch import load_file
+
+    file = _lora_file(path)
+    if not file.exists():
+        raise FileNotFoundError(f"LoRA not found: {file.resolve()}")
+    if file.suffix != ".safetensors":
+        raise ValueError(f"{file}: only .safetensors LoRAs are loaded (pickle files can run code)")
+    try:
+        state_dict = load_file(str(file))
+    except Exception as e:  # truncated or not a safetensors file
+        raise ValueError(f"{file}: not a readable .safetensors file ({e})") from e
+    check_lora_fits(pipe.unet, state_dict, file)
+    from diffusers.utils import logging as dlogging
+
+    level = dlogging.get_verbosity()
+    # A UNet-only LoRA makes diffusers warn "No LoRA keys associated to CLIPTextModel": expected
+    # for ours (the text encoder is trained only on request), so keep it out of the user's log.
+    dlogging.set_verbosity_error()
+    try:
+        pipe.load_lora_weights(str(file.parent), weight_name=file.name, adapter_name=name)
+    except Exception as e:
+        if name in pipe.get_list_adapters().get("unet", []):
+            pipe.delete_adapters(name)
+        raise LoraMismatchError(f"{file}: could not be loaded into this pipeline ({e})") from e
+    finally:
+        dlogging.set_verbosity(level)
+    return name
+
+
+# ------------------------------------------------------------------ generation
+
+
+def _check_args(height: int, width: int, steps: int, num_images: int, seeds: list[int], strength) -> None:
     problems = []
     for name, v in (("height", height), ("width", width)):
         if v <= 0 or v % 8:
@@ -126,86 +255,213 @@ def _check_args(height: int, width: int, steps: int, num_images: int, seeds: lis
         problems.append(f"steps={steps} must be >= 1")
     if num_images < 1:
         problems.append(f"num_images={num_images} must be >= 1")
-    if seeds is not None and len(seeds) != num_images:
+    if len(seeds) != num_images:
         problems.append(
             f"seeds has {len(seeds)} entries but num_images={num_images}; give one seed per image"
         )
+    if strength is not None and not 0 <= strength <= 1:
+        problems.append(f"strength={strength} must be in [0, 1]")
     if problems:
         raise ValueError("; ".join(problems))
+
+
+def _seeds(seed: int | list[int] | None, seeds: list[int] | None, num_images: int) -> list[int]:
+    if seeds is not None:
+        return list(seeds)
+    if isinstance(seed, list):
+        return list(seed)
+    if seed is None:  # a random seed, still recorded in the PNG so the image can be made again
+        seed = secrets.randbelow(2**31)
+    return [seed + i for i in range(num_images)]
+
+
+def _as_image(img: Image.Image | str | Path, size: tuple[int, int], mode: str) -> Image.Image:
+    from .data import load_image
+
+    im = load_image(img) if isinstance(img, (str, Path)) else img
+    im = im.convert(mode)
+    return im if im.size == size else im.resize(size, Image.Resampling.LANCZOS)
 
 
 def generate(
     pipe,
     prompt: str,
     *,
-    negative_prompt: str = "",
-    seed: int = 1557,
+    negative_prompt: str | None = None,
+    seed: int | list[int] | None = 1557,
     seeds: list[int] | None = None,
-    num_images: int = 1,
+    num_images: int | None = None,
     steps: int = 30,
     guidance_scale: float = 7.5,
     height: int | None = None,
     width: int | None = None,
+    init_image: Image.Image | str | Path | None = None,
+    strength: float = 0.75,
+    mask_image: Image.Image | str | Path | None = None,
     batch_size: int = 1,
-) -> list[tuple[Image.Image, GenerationParams]]:
-    """Generate ``num_images`` images; image i uses seed ``seeds[i]`` or ``seed + i``.
+) -> list[Generated]:
+    """Generate images; image i uses seed ``seeds[i]`` (a list ``seed``, or ``seed + i``).
 
-    ``batch_size`` images go through the UNet together. The default 1 makes every image
-    bit-identical to a single-image call on CPU (batched matmuls may round differently).
-    """
+    txt2img by default; ``init_image`` (+ ``strength``) for img2img; ``init_image`` + ``mask_image``
+    (white = repaint) for inpainting, all with the same loaded components. ``batch_size`` images go
+    through the UNet together: the default 1 makes every image bit-identical to a single-image call
+    on CPU (batched matmuls may round differently). Returns ``Generated(image, params)`` tuples."""
     size = pipe.unet.config.sample_size * pipe.vae_scale_factor
+    if init_image is not None and (height is None or width is None):
+        w0, h0 = (Image.open(init_image) if isinstance(init_image, (str, Path)) else init_image).size
+        width, height = width or (w0 // 8 * 8), height or (h0 // 8 * 8)
     height = size if height is None else height
     width = size if width is None else width
-    if seeds is None:
-        seeds = [seed + i for i in range(num_images)]
-    else:
-        num_images = num_images if num_images != 1 else len(seeds)
-    _check_args(height, width, steps, num_images, seeds)
-    sampler = type(pipe.scheduler).__name__.removesuffix("Scheduler")
-    out: list[tuple[Image.Image, GenerationParams]] = []
+    seed_list = _seeds(
+        seed, seeds, num_images or (len(seeds) if seeds else len(seed) if isinstance(seed, list) else 1)
+    )
+    num_images = num_images or len(seed_list)
+    mode = "txt2img" if init_image is None else "img2img" if mask_image is None else "inpaint"
+    _check_args(height, width, steps, num_images, seed_list, strength if mode != "txt2img" else None)
+    if mode == "img2img" and int(steps * strength) < 1:
+        # No denoising step is left (diffusers refuses to run zero steps): the result is the
+        # VAE's reconstruction of the input, which is what strength -> 0 converges to.
+        return _reconstruct(
+            pipe,
+            prompt,
+            negative_prompt,
+            init_image,
+            (width, height),
+            seed_list,
+            steps,
+            guidance_scale,
+            strength,
+        )
+    runner, extra = _mode_pipeline(pipe, mode, init_image, mask_image, (width, height), strength)
+    out: list[Generated] = []
     for start in range(0, num_images, max(1, batch_size)):
-        chunk = seeds[start : start + batch_size]
+        chunk = seed_list[start : start + batch_size]
         generators = [torch.Generator("cpu").manual_seed(s) for s in chunk]
-        images = pipe(
+        latents = runner(
             prompt=[prompt] * len(chunk),
             negative_prompt=[negative_prompt] * len(chunk) if negative_prompt else None,
             num_inference_steps=steps,
             guidance_scale=guidance_scale,
-            height=height,
-            width=width,
             generator=generators,
-            output_type="np",
+            output_type="latent",
+            **({"height": height, "width": width} if mode == "txt2img" else extra),
         ).images
-        for s, arr in zip(chunk, images, strict=True):
-            if not torch.isfinite(torch.from_numpy(arr)).all():
-                raise FloatingPointError(
-                    f"seed {s}: the decoded image has non-finite values (fp16 overflow?)"
-                )
-            img = Image.fromarray((arr * 255).round().clip(0, 255).astype("uint8"))
-            params = GenerationParams(
-                prompt=prompt,
-                negative_prompt=negative_prompt,
-                seed=s,
-                steps=steps,
-                guidance_scale=guidance_scale,
-                width=width,
-                height=height,
-                sampler=sampler,
-                model=getattr(pipe, "_dbk_model", "unknown"),
-                lora=getattr(pipe, "_dbk_lora", None),
+        arrays = decode_latents(pipe, latents, chunk)
+        for s, arr in zip(chunk, arrays, strict=True):
+            params = _params(
+                pipe, prompt, negative_prompt, s, steps, guidance_scale, (width, height), mode, strength
             )
-            out.append((img, params))
+            out.append(Generated(Image.fromarray(arr), params))
     return out
 
 
-def save_png(img: Image.Image, params: GenerationParams, path: str | Path) -> Path:
-    """Write a PNG with A1111's ``parameters`` text and an exact JSON copy of our parameters."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    info = PngImagePlugin.PngInfo()
-    info.add_text("parameters", params.infotext())
-    info.add_text("dreambooth_kit", json.dumps(asdict(params), sort_keys=True))
-    tmp = path.with_name(f".tmp-{path.name}")
-    img.save(tmp, format="PNG", pnginfo=info)
-    tmp.replace(path)
-    return path
+def _params(
+    pipe, prompt, negative_prompt, seed, steps, guidance_scale, size, mode, strength
+) -> GenerationParams:
+    meta = getattr(pipe, "_dbk", {})
+    sched = meta.get("scheduler")
+    loras = meta.get("loras") or []
+    return GenerationParams(
+        prompt=prompt,
+        negative_prompt=negative_prompt or "",
+        seed=seed,
+        steps=steps,
+        guidance_scale=guidance_scale,
+        width=size[0],
+        height=size[1],
+        sampler=SCHEDULERS[sched][2] if sched else type(pipe.scheduler).__name__.removesuffix("Scheduler"),
+        model=meta.get("model", "unknown"),
+        lora=loras[0] if len(loras) == 1 else (",".join(loras) or None),
+        lora_scale=(meta.get("lora_scale") or [1.0])[0],
+        scheduler=sched,
+        model_hash=meta.get("model_hash"),
+        lora_hash=file_hash(loras[0]) if len(loras) == 1 else None,
+        mode=mode,
+        strength=strength if mode != "txt2img" else None,
+        version=__version__,
+    )
+
+
+def _reconstruct(pipe, prompt, negative_prompt, init_image, size, seeds, steps, guidance_scale, strength):
+    from diffusers.image_processor import VaeImageProcessor
+
+    pixels = (
+        VaeImageProcessor().preprocess(_as_image(init_image, size, "RGB")).to(pipe.device, pipe.vae.dtype)
+    )
+    with torch.no_grad():
+        latents = pipe.vae.encode(pixels).latent_dist.mean * pipe.vae.config.scaling_factor
+    (arr,) = decode_latents(pipe, latents, seeds[:1])
+    return [
+        Generated(
+            Image.fromarray(arr),
+            _params(pipe, prompt, negative_prompt, s, steps, guidance_scale, size, "img2img", strength),
+        )
+        for s in seeds
+    ]
+
+
+def _mode_pipeline(pipe, mode, init_image, mask_image, size, strength):
+    """The pipeline class for the mode, sharing the loaded components (no second copy in memory)."""
+    if mode == "txt2img":
+        return pipe, {}
+    from diffusers import StableDiffusionImg2ImgPipeline, StableDiffusionInpaintPipeline
+
+    cls = StableDiffusionImg2ImgPipeline if mode == "img2img" else StableDiffusionInpaintPipeline
+    runner = cls(**pipe.components)
+    runner.set_progress_bar_config(disable=True)
+    extra = {"image": _as_image(init_image, size, "RGB"), "strength": strength}
+    if mode == "inpaint":
+        extra |= {"mask_image": _as_image(mask_image, size, "L"), "height": size[1], "width": size[0]}
+    return runner, extra
+
+
+def decode_latents(pipe, latents: torch.Tensor, seeds: list[int]) -> list[np.ndarray]:
+    """Latents -> uint8 HxWx3 arrays, with the fp16 checks described in the module docstring."""
+    if not torch.isfinite(latents).all():
+        raise FloatingPointError(
+            f"seeds {seeds}: the sampler produced non-finite latents (fp16 overflow in the UNet). "
+            "Retry with dtype='fp32' or dtype='bf16'."
+        )
+    vae = pipe.vae
+    scaled = latents / vae.config.scaling_factor
+    with torch.no_grad():
+        image = vae.decode(scaled.to(vae.dtype), return_dict=False)[0]
+        why = needs_fp32_retry(image, vae.dtype)
+        if why:
+            log.warning("seeds %s: the %s VAE decode gave %s; decoding again in fp32", seeds, vae.dtype, why)
+            original = vae.dtype
+            vae.to(torch.float32)
+            try:
+                image = vae.decode(scaled.float(), return_dict=False)[0]
+            finally:
+                vae.to(original)
+    if not torch.isfinite(image).all():
+        raise FloatingPointError(f"seeds {seeds}: the decoded image has non-finite values even in fp32")
+    arr = pipe.image_processor.postprocess(image.float(), output_type="np")
+    return [(a * 255).round().clip(0, 255).astype("uint8") for a in arr]
+
+
+def regenerate_from_png(png: str | Path, *, base: str | None = None, lora: str | None = None) -> Generated:
+    """Re-create an image from the settings our JSON chunk recorded in it."""
+    meta = read_metadata(png)["params"]
+    if meta is None:
+        raise ValueError(
+            f"{png}: has no dreambooth_kit metadata (only images we generated can be re-created)"
+        )
+    if meta.mode != "txt2img":
+        raise ValueError(
+            f"{png}: was made with {meta.mode}; only txt2img images can be re-created from the PNG"
+        )
+    pipe = load_pipeline(
+        base or meta.model, lora=lora or meta.lora, lora_scale=meta.lora_scale, scheduler=meta.scheduler
+    )
+    return generate(
+        pipe,
+        meta.prompt,
+        negative_prompt=meta.negative_prompt,
+        seeds=[meta.seed],
+        steps=meta.steps,
+        guidance_scale=meta.guidance_scale,
+        height=meta.height,
+        width=meta.width,
+    )[0]

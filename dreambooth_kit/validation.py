@@ -99,7 +99,7 @@ def run_validation(
         requires_safety_checker=False,
     )
     pipe.set_progress_bar_config(disable=True)
-    pipe._dbk_model, pipe._dbk_lora = cfg.model.pretrained, f"step-{step:06d}"  # PNG metadata
+    pipe._dbk = {"model": cfg.model.pretrained, "loras": []}  # PNG metadata; the LoRA is in training
     res = cfg.data.resolution
     rows: list[list[Image.Image]] = []
     paths: list[Path] = []

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -107,9 +108,228 @@ def test_lora_changes_generation_and_scale_zero_is_base(trained_run, tiny_model)
     ((o, _),) = generate(off, PROMPT, seed=5, steps=2)
     assert not np.array_equal(np.asarray(b), np.asarray(w))
     assert np.abs(np.asarray(b, dtype=int) - np.asarray(o, dtype=int)).max() <= 1
-    assert pw.lora and "Lora: lora" in pw.infotext()
+    assert pw.lora and 'Lora hashes: "run: ' in pw.infotext()
 
 
 def test_missing_lora_path_is_named(tiny_model, tmp_path):
     with pytest.raises(FileNotFoundError, match="LoRA not found: .*nope"):
         load_pipeline(str(tiny_model), lora=tmp_path / "nope")
+
+
+# ------------------------------------------------------------------ issue 4
+
+
+def _arr(img) -> np.ndarray:
+    return np.asarray(img, dtype=np.int16)
+
+
+def test_from_png_recreates_the_image_exactly(trained_run, tiny_model, tmp_path, capsys):
+    from dreambooth_kit.cli import main
+
+    lora = str(trained_run["result"].lora_dir)
+    args = ["generate", "--base", str(tiny_model), "--lora", lora, "--prompt", PROMPT, "--steps", "2"]
+    assert main([*args, "--n", "2", "--seed", "11", "--scheduler", "ddim", "--out", str(tmp_path / "a")]) == 0
+    original = tmp_path / "a" / "12.png"
+    assert main(["generate", "--from-png", str(original), "--out", str(tmp_path / "b")]) == 0
+    again = tmp_path / "b" / "12.png"
+    with Image.open(original) as a, Image.open(again) as b:
+        assert a.tobytes() == b.tobytes()
+        assert "Sampler: DDIM" in a.text["parameters"]
+
+
+@pytest.mark.parametrize("name", ["dpmpp_2m", "ddim", "euler_a", "euler", "ddpm", "pndm"])
+def test_every_scheduler_runs_and_is_named(tiny_model, name):
+    from dreambooth_kit.inference import SCHEDULERS
+
+    pipe = load_pipeline(str(tiny_model), scheduler=name)
+    assert pipe.scheduler.config.prediction_type == "v_prediction"  # the model's, kept
+    ((img, p),) = generate(pipe, PROMPT, seed=1, steps=2)
+    assert p.sampler == SCHEDULERS[name][2] and p.scheduler == name
+    assert np.isfinite(_arr(img)).all()
+
+
+def test_unknown_scheduler_and_cpu_offload_are_refused(tiny_model):
+    with pytest.raises(ValueError, match="scheduler 'k_lms'"):
+        load_pipeline(str(tiny_model), scheduler="k_lms")
+    with pytest.raises(ValueError, match="offload='model'.*device is cpu"):
+        load_pipeline(str(tiny_model), offload="model", device="cpu")
+
+
+def test_fused_equals_unfused_and_unload_restores_base(trained_run, tiny_model):
+    lora = trained_run["result"].lora_dir
+    base = generate(load_pipeline(str(tiny_model)), PROMPT, seed=3, steps=2)[0].image
+    unfused = generate(load_pipeline(str(tiny_model), lora=lora), PROMPT, seed=3, steps=2)[0].image
+    fused_pipe = load_pipeline(str(tiny_model), lora=lora, fuse=True)
+    fused = generate(fused_pipe, PROMPT, seed=3, steps=2)[0].image
+    assert np.abs(_arr(fused) - _arr(unfused)).max() <= 2
+    assert np.abs(_arr(unfused) - _arr(base)).max() > 2
+    fused_pipe.unfuse_lora()
+    fused_pipe.unload_lora_weights()
+    restored = generate(fused_pipe, PROMPT, seed=3, steps=2)[0].image
+    assert np.abs(_arr(restored) - _arr(base)).max() <= 1
+
+
+def test_two_loras_with_scales(trained_run, tiny_model):
+    lora = trained_run["result"].lora_dir
+    both = load_pipeline(str(tiny_model), lora=[lora, lora], lora_scale=[0.5, 0.5])
+    one = load_pipeline(str(tiny_model), lora=lora, lora_scale=1.0)
+    a = generate(both, PROMPT, seed=2, steps=2)[0].image
+    b = generate(one, PROMPT, seed=2, steps=2)[0].image
+    assert np.abs(_arr(a) - _arr(b)).max() <= 2  # 0.5 + 0.5 of the same LoRA = 1.0 of it
+    with pytest.raises(ValueError, match="lora_scale has 1 values for 2 LoRAs"):
+        load_pipeline(str(tiny_model), lora=[lora, lora], lora_scale=[1.0])
+
+
+def _sd15_shaped_lora(tmp_path, tiny_model):
+    """A LoRA for a UNet whose cross-attention width (16) differs from the tiny SD2's (32),
+    as an SD 1.5 LoRA (768) differs from SD 2.1 (1024)."""
+    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+
+    from dreambooth_kit.adapters import add_lora, lora_state_dicts
+    from dreambooth_kit.config import AdapterConfig
+
+    cfg = dict(UNet2DConditionModel.load_config(tiny_model, subfolder="unet"))
+    cfg["cross_attention_dim"] = 16
+    other = UNet2DConditionModel.from_config(cfg)
+    add_lora(other, None, AdapterConfig(init_lora_weights=False))
+    sd, _ = lora_state_dicts(other, None)
+    StableDiffusionPipeline.save_lora_weights(tmp_path / "sd15", unet_lora_layers=sd)
+    return tmp_path / "sd15"
+
+
+def test_lora_for_another_width_is_refused_and_pipeline_still_works(tiny_model, tmp_path):
+    from dreambooth_kit.inference import LoraMismatchError, load_lora
+
+    bad = _sd15_shaped_lora(tmp_path, tiny_model)
+    with pytest.raises(LoraMismatchError, match="cross-attention width 16.*has width 32"):
+        load_pipeline(str(tiny_model), lora=bad)
+    pipe = load_pipeline(str(tiny_model))
+    base = generate(pipe, PROMPT, seed=4, steps=2)[0].image
+    with pytest.raises(LoraMismatchError):
+        load_lora(pipe, bad, "x")
+    assert pipe.get_list_adapters() == {} or not any(pipe.get_list_adapters().values())
+    assert np.array_equal(_arr(generate(pipe, PROMPT, seed=4, steps=2)[0].image), _arr(base))
+
+
+def test_truncated_or_pickle_lora_is_refused(tiny_model, tmp_path, trained_run):
+    data = trained_run["result"].lora_path.read_bytes()
+    (tmp_path / "cut.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match="cut.safetensors: not a readable .safetensors"):
+        load_pipeline(str(tiny_model), lora=tmp_path / "cut.safetensors")
+    (tmp_path / "old.bin").write_bytes(b"\x80\x04pickle")
+    with pytest.raises(ValueError, match="only .safetensors LoRAs"):
+        load_pipeline(str(tiny_model), lora=tmp_path / "old.bin")
+
+
+def test_img2img_strength_zero_is_the_vae_reconstruction_and_strength_orders(pipe, tmp_path):
+    src = Image.open(sorted((Path(__file__).parents[1] / "data" / "demo_subject").glob("*.jpg"))[0]).convert(
+        "RGB"
+    )
+    src = src.resize((64, 64))
+    zero = generate(pipe, PROMPT, init_image=src, strength=0.0, seed=1, steps=4)[0]
+    assert zero.params.mode == "img2img" and zero.params.strength == 0.0
+    low = generate(pipe, PROMPT, init_image=src, strength=0.25, seed=1, steps=8)[0].image
+    high = generate(pipe, PROMPT, init_image=src, strength=1.0, seed=1, steps=8)[0].image
+    d_low = np.abs(_arr(low) - _arr(zero.image)).mean()
+    d_high = np.abs(_arr(high) - _arr(zero.image)).mean()
+    assert d_low < d_high  # less strength stays closer to the input's reconstruction
+    assert (
+        "Denoising strength: 0.25"
+        in generate(pipe, PROMPT, init_image=src, strength=0.25, seed=1, steps=8)[0].params.infotext()
+    )
+
+
+def test_inpainting_keeps_unmasked_latents(pipe, monkeypatch):
+    """Unmasked latents end exactly as the encoded input (diffusers blends them back every step);
+    the masked half is repainted. Checked in latent space: the tiny model's random-weight decoder
+    mixes all 8x8 latent positions, so pixel-space closeness would only measure the random VAE."""
+    import torch
+
+    from dreambooth_kit import inference
+
+    src = Image.open(sorted((Path(__file__).parents[1] / "data" / "demo_subject").glob("*.jpg"))[1]).convert(
+        "RGB"
+    )
+    src = src.resize((64, 64))
+    mask = Image.new("L", (64, 64), 0)
+    mask.paste(255, (32, 0, 64, 64))  # repaint the right half = latent columns 4..7
+    seen = {}
+    real = inference.decode_latents
+
+    def capture(p, z, seeds):
+        seen["z"] = z.clone()
+        return real(p, z, seeds)
+
+    monkeypatch.setattr(inference, "decode_latents", capture)
+    out = generate(pipe, PROMPT, init_image=src, mask_image=mask, strength=1.0, seed=1, steps=4)[0]
+    assert out.params.mode == "inpaint"
+    with torch.no_grad():
+        dist = pipe.vae.encode(pipe.image_processor.preprocess(src)).latent_dist
+    z, sf = seen["z"], pipe.vae.config.scaling_factor
+    # The input's latents, sampled with the image's seed, as the pipeline does:
+    expected = dist.sample(torch.Generator().manual_seed(1)) * sf
+    kept = (z[..., :4] - expected[..., :4]).abs().max().item()
+    repainted = (z[..., 4:] - expected[..., 4:]).abs().mean().item()
+    assert kept < 1e-4 and repainted > 0.1, (kept, repainted)
+
+
+def test_random_seed_is_recorded_so_the_image_can_be_made_again(pipe):
+    a = generate(pipe, PROMPT, seed=None, steps=2)[0]
+    again = generate(pipe, PROMPT, seed=a.params.seed, steps=2)[0]
+    assert np.array_equal(_arr(a.image), _arr(again.image))
+
+
+def test_half_precision_nan_decode_is_retried_in_fp32(tiny_model, monkeypatch, caplog):
+    """The fp16 path's decision logic on CPU: a bf16 VAE stands in for fp16 (both half precision)."""
+    import logging
+
+    import torch
+
+    pipe = load_pipeline(str(tiny_model), dtype="bf16")
+    real = pipe.vae.decode
+    calls = {"n": 0}
+
+    def flaky(z, *a, **k):
+        calls["n"] += 1
+        out = real(z, *a, **k)
+        if calls["n"] == 1:  # the half-precision decode overflows ...
+            out[0].fill_(float("nan"))
+        return out
+
+    monkeypatch.setattr(pipe.vae, "decode", flaky)
+    with caplog.at_level(logging.WARNING, logger="dreambooth_kit"):
+        ((img, _),) = generate(pipe, PROMPT, seed=1, steps=1)
+    assert calls["n"] == 2 and "decoding again in fp32" in caplog.text  # ... and is retried in fp32
+    assert np.isfinite(_arr(img)).all() and pipe.vae.dtype == torch.bfloat16  # VAE dtype restored
+
+    monkeypatch.setattr(pipe.vae, "decode", lambda z, *a, **k: (real(z, *a, **k)[0] * float("nan"),))
+    with pytest.raises(FloatingPointError, match="non-finite values even in fp32"):
+        generate(pipe, PROMPT, seed=1, steps=1)
+
+
+def test_needs_fp32_retry_decisions():
+    import torch
+
+    from dreambooth_kit.inference import needs_fp32_retry
+
+    ok = torch.zeros(1, 3, 8, 8)
+    black = torch.full((1, 3, 8, 8), -1.0)
+    nan = ok.clone()
+    nan[0, 0, 0, 0] = float("nan")
+    assert needs_fp32_retry(ok, torch.float16) is None
+    assert needs_fp32_retry(nan, torch.float16) == "non-finite values"
+    assert needs_fp32_retry(black, torch.float16) == "an all-black image"
+    assert needs_fp32_retry(nan, torch.float32) is None  # fp32 is the retry; nothing to retry into
+
+
+def test_non_finite_latents_are_an_error(pipe, monkeypatch):
+    real_call = type(pipe).__call__
+
+    def nan_latents(self, *a, **k):
+        out = real_call(self, *a, **k)
+        out.images.fill_(float("nan"))
+        return out
+
+    monkeypatch.setattr(type(pipe), "__call__", nan_latents)
+    with pytest.raises(FloatingPointError, match="non-finite latents"):
+        generate(pipe, PROMPT, seed=1, steps=1)
