@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -64,3 +65,67 @@ def lora_state_dicts(
 def lora_metadata(cfg: AdapterConfig, *, text_encoder: bool = False) -> dict[str, Any]:
     """The LoraConfig as a dict: without it an alpha != rank LoRA reloads at the wrong scale."""
     return lora_config(cfg, text_encoder=text_encoder).to_dict()
+
+
+# ------------------------------------------------------------------ loading LoRAs into a pipeline
+
+
+class LoraMismatchError(ValueError):
+    """A LoRA that does not fit the pipeline's model (e.g. an SD 1.x LoRA on SD 2.x)."""
+
+
+def lora_file(path: str | Path) -> Path:
+    p = Path(path)
+    return p / "pytorch_lora_weights.safetensors" if p.is_dir() else p
+
+
+def check_lora_fits(unet, state_dict: dict[str, torch.Tensor], path: Path) -> None:
+    """Refuse a LoRA made for another architecture before it touches the pipeline.
+
+    SD 1.x LoRAs carry cross-attention inputs of width 768, SD 2.x has 1024: loading one into the
+    other fails deep inside peft with a bare size mismatch, after half the layers were changed."""
+    width = unet.config.cross_attention_dim
+    for key, t in state_dict.items():
+        if (
+            "attn2" in key
+            and (".to_k." in key or ".to_v." in key)
+            and ("lora_A" in key or "lora.down" in key)
+        ):
+            if t.shape[-1] != width:
+                raise LoraMismatchError(
+                    f"{path}: this LoRA was trained for a model with cross-attention width {t.shape[-1]} "
+                    f"({'SD 1.x' if t.shape[-1] == 768 else 'another model'}), but this pipeline's UNet has "
+                    f"width {width} ({'SD 2.x' if width == 1024 else 'this model'}). Use a LoRA trained "
+                    "on the same base model."
+                )
+
+
+def load_lora(pipe, path: str | Path, name: str) -> str:
+    """Load one LoRA as adapter ``name``; on any failure the pipeline is left as it was."""
+    from safetensors.torch import load_file
+
+    file = lora_file(path)
+    if not file.exists():
+        raise FileNotFoundError(f"LoRA not found: {file.resolve()}")
+    if file.suffix != ".safetensors":
+        raise ValueError(f"{file}: only .safetensors LoRAs are loaded (pickle files can run code)")
+    try:
+        state_dict = load_file(str(file))
+    except Exception as e:  # truncated or not a safetensors file
+        raise ValueError(f"{file}: not a readable .safetensors file ({e})") from e
+    check_lora_fits(pipe.unet, state_dict, file)
+    from diffusers.utils import logging as dlogging
+
+    level = dlogging.get_verbosity()
+    # A UNet-only LoRA makes diffusers warn "No LoRA keys associated to CLIPTextModel": expected
+    # for ours (the text encoder is trained only on request), so keep it out of the user's log.
+    dlogging.set_verbosity_error()
+    try:
+        pipe.load_lora_weights(str(file.parent), weight_name=file.name, adapter_name=name)
+    except Exception as e:
+        if name in pipe.get_list_adapters().get("unet", []):
+            pipe.delete_adapters(name)
+        raise LoraMismatchError(f"{file}: could not be loaded into this pipeline ({e})") from e
+    finally:
+        dlogging.set_verbosity(level)
+    return name

@@ -21,12 +21,15 @@ import torch
 from PIL import Image
 
 from . import __version__
+from .adapters import LoraMismatchError, load_lora, lora_file
 from .models import resolve_model
 from .pngmeta import GenerationParams, file_hash, make_grid, read_metadata, save_images, save_png
 
 __all__ = [
     "GenerationParams",
     "Generated",
+    "LoraMismatchError",
+    "load_lora",
     "SCHEDULERS",
     "generate",
     "load_pipeline",
@@ -56,10 +59,6 @@ SCHEDULERS: dict[str, tuple[str, dict, str]] = {
 class Generated(NamedTuple):
     image: Image.Image
     params: GenerationParams
-
-
-class LoraMismatchError(ValueError):
-    pass
 
 
 # ------------------------------------------------------------------ decisions (unit-tested on CPU)
@@ -111,6 +110,7 @@ def load_pipeline(
     attention: str = "sdpa",
     fuse: bool = False,
     offload: str | None = None,
+    compile: bool = False,
     allow_pickle: bool = False,
 ):
     """A ``StableDiffusionPipeline`` for ``base`` (hub id, diffusers folder or ``builtin:tiny-sd2``)
@@ -118,7 +118,8 @@ def load_pipeline(
 
     ``scheduler``: one of :data:`SCHEDULERS` (None keeps the model's). ``fuse=True`` merges the
     LoRAs into the weights (base speed; unfuse with ``pipe.unfuse_lora()``). ``offload``: "model"
-    or "sequential" CPU offload (CUDA only)."""
+    or "sequential" CPU offload, ``compile=True``: ``torch.compile`` the UNet (both CUDA only).
+    On CUDA the UNet also runs channels-last."""
     from diffusers import StableDiffusionPipeline
 
     from .models import ModelLoadError, _explain_hub_error
@@ -130,6 +131,10 @@ def load_pipeline(
         raise ValueError(f"offload={offload!r}: use None, 'model' or 'sequential'")
     if offload and torch.device(device).type != "cuda":
         raise ValueError(f"offload={offload!r} moves weights between CPU and a CUDA GPU; device is {device}")
+    if compile and torch.device(device).type != "cuda":
+        # On CPU, compiling the SD UNet takes minutes and gains little; on CUDA it pays back in a
+        # few images (CUDA graphs via mode="reduce-overhead").
+        raise ValueError(f"compile=True is for CUDA; device is {device}")
     source = resolve_model(base, allow_pickle=allow_pickle)
     try:
         pipe = StableDiffusionPipeline.from_pretrained(
@@ -155,7 +160,7 @@ def load_pipeline(
     pipe._dbk = {
         "model": base,
         "model_hash": _model_hash(source),
-        "loras": [str(_lora_file(p)) for p in loras],
+        "loras": [str(lora_file(p)) for p in loras],
         "lora_scale": scales,
         "scheduler": scheduler,
     }
@@ -168,6 +173,8 @@ def load_pipeline(
     pipe = pipe.to(device)
     if torch.device(device).type == "cuda":  # channels-last convs are faster on tensor cores
         pipe.unet.to(memory_format=torch.channels_last)
+        if compile:
+            pipe.unet = torch.compile(pipe.unet, mode="reduce-overhead")
     return pipe
 
 
@@ -184,63 +191,6 @@ def set_scheduler(pipe, name: str) -> None:
 def _model_hash(source: str) -> str | None:
     unet = Path(source) / "unet" / "diffusion_pytorch_model.safetensors"
     return file_hash(unet) if unet.exists() else None
-
-
-def _lora_file(path: str | Path) -> Path:
-    p = Path(path)
-    return p / "pytorch_lora_weights.safetensors" if p.is_dir() else p
-
-
-def check_lora_fits(unet, state_dict: dict[str, torch.Tensor], path: Path) -> None:
-    """Refuse a LoRA made for another architecture before it touches the pipeline.
-
-    SD 1.x LoRAs carry cross-attention inputs of width 768, SD 2.x has 1024: loading one into the
-    other fails deep inside peft with a bare size mismatch, after half the layers were changed."""
-    width = unet.config.cross_attention_dim
-    for key, t in state_dict.items():
-        if (
-            "attn2" in key
-            and (".to_k." in key or ".to_v." in key)
-            and ("lora_A" in key or "lora.down" in key)
-        ):
-            if t.shape[-1] != width:
-                raise LoraMismatchError(
-                    f"{path}: this LoRA was trained for a model with cross-attention width {t.shape[-1]} "
-                    f"({'SD 1.x' if t.shape[-1] == 768 else 'another model'}), but this pipeline's UNet has "
-                    f"width {width} ({'SD 2.x' if width == 1024 else 'this model'}). Use a LoRA trained "
-                    "on the same base model."
-                )
-
-
-def load_lora(pipe, path: str | Path, name: str) -> str:
-    """Load one LoRA as adapter ``name``; on any failure the pipeline is left as it was."""
-    from safetensors.torch import load_file
-
-    file = _lora_file(path)
-    if not file.exists():
-        raise FileNotFoundError(f"LoRA not found: {file.resolve()}")
-    if file.suffix != ".safetensors":
-        raise ValueError(f"{file}: only .safetensors LoRAs are loaded (pickle files can run code)")
-    try:
-        state_dict = load_file(str(file))
-    except Exception as e:  # truncated or not a safetensors file
-        raise ValueError(f"{file}: not a readable .safetensors file ({e})") from e
-    check_lora_fits(pipe.unet, state_dict, file)
-    from diffusers.utils import logging as dlogging
-
-    level = dlogging.get_verbosity()
-    # A UNet-only LoRA makes diffusers warn "No LoRA keys associated to CLIPTextModel": expected
-    # for ours (the text encoder is trained only on request), so keep it out of the user's log.
-    dlogging.set_verbosity_error()
-    try:
-        pipe.load_lora_weights(str(file.parent), weight_name=file.name, adapter_name=name)
-    except Exception as e:
-        if name in pipe.get_list_adapters().get("unet", []):
-            pipe.delete_adapters(name)
-        raise LoraMismatchError(f"{file}: could not be loaded into this pipeline ({e})") from e
-    finally:
-        dlogging.set_verbosity(level)
-    return name
 
 
 # ------------------------------------------------------------------ generation

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import re
 from dataclasses import asdict, dataclass, field, fields
 from functools import lru_cache
@@ -81,16 +82,37 @@ def lora_name(path: str | Path) -> str:
 
 def file_hash(path: str | Path) -> str:
     """A1111's "new" model hash: the first 10 hex digits of the file's sha256."""
-    return _hash(str(Path(path).resolve()), Path(path).stat().st_mtime_ns)
+    st = Path(path).stat()
+    return _hash(str(Path(path).resolve()), st.st_size, st.st_mtime_ns)
 
 
 @lru_cache(maxsize=32)
-def _hash(path: str, _mtime: int) -> str:  # cached: SD 2.1's UNet file is 3.5 GB (~10 s to hash)
+def _hash(path: str, size: int, mtime: int) -> str:
+    # SD 2.1's UNet file is 3.5 GB (~10 s to hash on 2 cores): remembered on disk by (path, size,
+    # mtime), as A1111 does, so each model is hashed once per machine, not once per process.
+    from .tiny import cache_root
+
+    index = cache_root() / "hashes.json"
+    key = f"{path}|{size}|{mtime}"
+    try:
+        known = json.loads(index.read_text())
+    except (OSError, ValueError):
+        known = {}
+    if key in known:
+        return known[key]
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
-    return h.hexdigest()[:10]
+    known[key] = h.hexdigest()[:10]
+    try:
+        index.parent.mkdir(parents=True, exist_ok=True)
+        tmp = index.with_name(f".tmp-hashes-{os.getpid()}.json")
+        tmp.write_text(json.dumps(known))
+        tmp.replace(index)
+    except OSError:  # a read-only cache only costs the hash again next time
+        pass
+    return known[key]
 
 
 def parse_infotext(text: str) -> dict[str, Any]:

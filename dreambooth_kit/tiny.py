@@ -268,8 +268,13 @@ def build_tiny_sd2(
     return path
 
 
-def default_tiny_path() -> Path:
+def cache_root() -> Path:
+    """$DREAMBOOTH_KIT_CACHE, else $XDG_CACHE_HOME/dreambooth_kit (~/.cache/dreambooth_kit)."""
     root = os.environ.get("DREAMBOOTH_KIT_CACHE") or os.path.join(
         os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "dreambooth_kit"
     )
-    return Path(root) / "tiny-sd2"
+    return Path(root)
+
+
+def default_tiny_path() -> Path:
+    return cache_root() / "tiny-sd2"

@@ -333,3 +333,15 @@ def test_non_finite_latents_are_an_error(pipe, monkeypatch):
     monkeypatch.setattr(type(pipe), "__call__", nan_latents)
     with pytest.raises(FloatingPointError, match="non-finite latents"):
         generate(pipe, PROMPT, seed=1, steps=1)
+
+
+def test_cuda_only_speed_options_are_refused_on_cpu(tiny_model):
+    with pytest.raises(ValueError, match="compile=True is for CUDA"):
+        load_pipeline(str(tiny_model), compile=True, device="cpu")
+
+
+def test_uncached_hub_model_offline_is_explained():
+    from dreambooth_kit.models import ModelLoadError
+
+    with pytest.raises(ModelLoadError, match="HF_HUB_OFFLINE=1.*hf download nobody-here/no-model"):
+        load_pipeline("nobody-here/no-model")

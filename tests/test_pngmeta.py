@@ -72,3 +72,22 @@ def test_lora_name_and_grid():
     tiles = [Image.new("RGB", (4, 4), c) for c in ("red", "green", "blue")]
     g = make_grid(tiles)
     assert g.size == (8, 8) and g.getpixel((5, 1)) == (0, 128, 0) and g.getpixel((1, 5)) == (0, 0, 255)
+
+
+def test_file_hash_is_sha256_prefix_and_remembered_on_disk(tmp_path):
+    import hashlib
+    import json
+
+    from dreambooth_kit.pngmeta import _hash, file_hash
+    from dreambooth_kit.tiny import cache_root
+
+    f = tmp_path / "w.safetensors"
+    f.write_bytes(b"weights" * 1000)
+    assert file_hash(f) == hashlib.sha256(f.read_bytes()).hexdigest()[:10]
+    index = json.loads((cache_root() / "hashes.json").read_text())
+    assert any(k.startswith(str(f.resolve()) + "|") for k in index)
+    _hash.cache_clear()
+    key = next(k for k in index if k.startswith(str(f.resolve()) + "|"))
+    index[key] = "from-disk!"
+    (cache_root() / "hashes.json").write_text(json.dumps(index))
+    assert file_hash(f) == "from-disk!"  # the disk index answered; the file was not read again
