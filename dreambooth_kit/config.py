@@ -180,6 +180,14 @@ class ValidationConfig:
 
 
 @dataclass
+class ExportConfig:
+    # Written into run/export/ when training ends; also `dreambooth-kit export --run ... --format ...`.
+    # kohya: one .safetensors for A1111/ComfyUI/kohya; merged-diffusers: the base with the LoRA fused in.
+    formats: list[Literal["kohya", "merged-diffusers"]] = field(default_factory=list)
+    fp16: bool = False
+
+
+@dataclass
 class DreamBoothConfig:
     version: int = CONFIG_VERSION
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -189,6 +197,7 @@ class DreamBoothConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     validation: ValidationConfig = field(default_factory=ValidationConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
     # Several subjects in one run; when set, data.instance_dir/instance_prompt/identifier and
     # prior.class_prompt/class_dir are taken from each concept instead.
     concepts: list[ConceptConfig] = field(default_factory=list)
@@ -503,6 +512,8 @@ def validate(cfg: DreamBoothConfig, *, check_paths: bool = False) -> list[str]:
         p.append("validation.every_steps: must be >= 1 (or null for none)")
     if v.num_images < 1 or v.steps < 1:
         p.append("validation.num_images and validation.steps: must be >= 1")
+    if cfg.export.formats and a.type == "full":
+        p.append("export.formats: exports are for LoRA runs; a full fine-tune already writes run/pipeline")
     if cfg.concepts and (d.instance_dir or d.identifier):
         p.append(
             "concepts: given together with data.instance_dir/data.identifier; put every subject in "

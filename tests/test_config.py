@@ -119,7 +119,7 @@ def test_unknown_key_without_close_match_has_no_suggestion():
 def test_unknown_section():
     (problem,) = _problems("tiny.yaml", ["trian.max_steps=3"])
     assert problem == (
-        "trian: unknown key; did you mean 'train'? (valid: version, model, data, prior, adapter, train, checkpoint, validation, concepts)"
+        "trian: unknown key; did you mean 'train'? (valid: version, model, data, prior, adapter, train, checkpoint, validation, export, concepts)"
     )
 
 
@@ -365,6 +365,7 @@ def test_save_load_round_trip(tmp_path):
         "train",
         "checkpoint",
         "validation",
+        "export",
         "concepts",
     }
     assert raw["train"]["learning_rate"] == 3e-5
