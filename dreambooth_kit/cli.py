@@ -127,6 +127,26 @@ def _cmd_generate(args) -> int:
     return 0
 
 
+def _cmd_export(args) -> int:
+    from .export import run_exports
+
+    for path in run_exports(Path(args.run), args.format, fp16=args.fp16, out_dir=args.out):
+        print(path)
+    return 0
+
+
+def _cmd_push(args) -> int:
+    from .hub import push_to_hub
+
+    files = push_to_hub(
+        Path(args.run), args.repo, private=args.private, token=args.token, dry_run=args.dry_run
+    )
+    print(("would upload" if args.dry_run else "uploaded") + f" {len(files)} files to {args.repo}:")
+    for f in files:
+        print(f"  {f}")
+    return 0
+
+
 def _cmd_build_tiny(args) -> int:
     from .tiny import build_tiny_sd2
 
@@ -220,6 +240,27 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--from-png", default=None, help="re-create an image from the settings stored in it")
     g.add_argument("--out", default="outputs")
     g.set_defaults(func=_cmd_generate)
+
+    x = sub.add_parser("export", help="write a finished LoRA run in other formats")
+    x.add_argument("--run", required=True, help="the run folder (holds config.yaml and lora/)")
+    x.add_argument(
+        "--format",
+        action="append",
+        required=True,
+        choices=["kohya", "merged-diffusers"],
+        help="kohya: one file for A1111/ComfyUI/kohya; merged-diffusers: base + LoRA fused (repeatable)",
+    )
+    x.add_argument("--fp16", action="store_true", help="write half-precision weights (half the size)")
+    x.add_argument("--out", default=None, help="default: <run>/export")
+    x.set_defaults(func=_cmd_export)
+
+    h = sub.add_parser("push", help="upload a run's final files (never checkpoints) to the Hugging Face Hub")
+    h.add_argument("--run", required=True)
+    h.add_argument("--repo", required=True, help="user/name")
+    h.add_argument("--private", action="store_true")
+    h.add_argument("--token", default=None, help="default: HF_TOKEN or `hf auth login`")
+    h.add_argument("--dry-run", action="store_true", help="list what would be uploaded")
+    h.set_defaults(func=_cmd_push)
 
     d = sub.add_parser("demo", help="offline end-to-end run on the built-in tiny model")
     d.add_argument("--photos", default=str(DEMO_PHOTOS))

@@ -145,6 +145,10 @@ def train(cfg: DreamBoothConfig) -> TrainResult:
         _loop(run, dataloader, sampler, latent_cache, position, signals)
 
     final_dir = _save_final(cfg, accelerator, comps, unet, text_encoder, out, source)
+    if cfg.export.formats and accelerator.is_main_process:
+        from .export import run_exports
+
+        run_exports(out, cfg.export.formats, fp16=cfg.export.fp16)
     accelerator.end_training()
     seconds = time.perf_counter() - t0
     if accelerator.is_main_process:

@@ -1,0 +1,330 @@
+"""Export our diffusers-format LoRA as a kohya / A1111 / ComfyUI ``.safetensors`` (design.md §5).
+
+The key mapping goes through diffusers' own converters (``convert_unet_state_dict_to_peft``,
+``convert_state_dict_to_peft``, ``convert_state_dict_to_kohya``); only what they get wrong for
+SD 2.x is fixed here by hand, each fix commented where it is made:
+
+- ``convert_state_dict_to_kohya`` writes ``alpha = rank`` (``torch.tensor(len(down))``), which loads
+  at scale 1 instead of the trained ``alpha / rank`` (adversarial case 37: r=4 alpha=8 must give 8);
+- it names the text encoder ``lora_te1_`` (SDXL's first encoder); SD 1.x/2.x files use ``lora_te_``;
+- our text-encoder keys (transformers 5) have no ``text_model.`` level, while every SD 1.x/2.x
+  kohya file (and A1111/ComfyUI's key maps) spell ``lora_te_text_model_encoder_layers_…``.
+
+The mapping is pure functions over state dicts; ``export_kohya`` does the file I/O.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import tempfile
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+KOHYA_KEY = re.compile(r"^lora_(unet|te)_[a-z0-9_]+\.(lora_down\.weight|lora_up\.weight|alpha)$")
+
+ARCH_EPS = "stable-diffusion-v2-512/lora"
+ARCH_V = "stable-diffusion-v2-768-v/lora"
+
+
+# ------------------------------------------------------------------ pure state-dict mapping
+
+
+def _split(state_dict: dict[str, Tensor]) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+    unet, te = {}, {}
+    for k, v in state_dict.items():
+        if k.startswith("unet."):
+            unet[k] = v
+        elif k.startswith("text_encoder."):
+            te[k] = v
+        elif k.startswith("text_encoder_2."):
+            raise ValueError(f"{k}: a second text encoder is SDXL; this exporter writes SD 1.x/2.x LoRAs")
+        else:
+            # save_lora_weights always prefixes unet./text_encoder.; an unprefixed key means the
+            # input is not our diffusers-format LoRA (maybe it already is a kohya file).
+            raise ValueError(
+                f"{k}: not a diffusers-format LoRA key (expected 'unet.' or 'text_encoder.' prefix)"
+            )
+    return unet, te
+
+
+def _to_peft(state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Our saved keys (``…to_k.lora.down.weight`` for the UNet, ``…q_proj.lora_linear_layer.down.weight``
+    for the text encoder) -> peft's ``lora_A``/``lora_B``, which is all convert_state_dict_to_kohya reads."""
+    from diffusers.utils import convert_state_dict_to_peft, convert_unet_state_dict_to_peft
+
+    unet, te = _split(state_dict)
+    out: dict[str, Tensor] = {}
+    if unet:
+        # convert_state_dict_to_peft does not know the UNet's ".lora.down" spelling (its auto-detect
+        # raises "Could not automatically infer state dict type"); the UNet converter does.
+        out.update(convert_unet_state_dict_to_peft(unet))
+    if te:
+        out.update(convert_state_dict_to_peft(te))
+    # Keys already in peft form pass through both converters unchanged.
+    return out
+
+
+def to_kohya(state_dict: dict[str, Tensor], *, alpha: float, rank: int) -> dict[str, Tensor]:
+    """Our diffusers-format LoRA state dict -> kohya keys with ``.alpha`` = the trained ``alpha``.
+
+    ``lora_unet_<module_path_with_underscores>.lora_down.weight`` / ``.lora_up.weight`` / ``.alpha``,
+    text encoder as ``lora_te_text_model_<…>``. Loaders scale each module by ``alpha / dim`` with
+    ``dim`` = the lora_down rows, so every module must have rank ``rank`` (our runs never use
+    peft's rank_pattern); a mismatch is refused rather than written at a wrong scale.
+    """
+    from diffusers.utils import convert_state_dict_to_kohya
+
+    peft_sd = _to_peft(state_dict)
+    unknown = [k for k in peft_sd if not re.search(r"\.lora_[AB]\.weight$", k)]
+    if unknown:
+        # DoRA magnitudes, biases…: kohya's LoRA format has no place for them.
+        raise ValueError(f"cannot export to kohya format: unsupported LoRA keys, e.g. {unknown[0]}")
+    kohya = convert_state_dict_to_kohya(peft_sd)
+
+    out: dict[str, Tensor] = {}
+    for key, value in kohya.items():
+        name, _, suffix = key.partition(".")
+        # Fix 1: diffusers names the (only) SD 1.x/2.x text encoder "lora_te1_" (SDXL's first one);
+        # A1111/ComfyUI/kohya read SD2 text-encoder LoRAs as "lora_te_". diffusers loads both.
+        if name.startswith("lora_te1_"):
+            name = "lora_te_" + name[len("lora_te1_") :]
+        # Fix 2: CLIPTextModel's peft keys lose the "text_model." level under transformers 5, but
+        # the kohya/A1111/ComfyUI spelling is lora_te_text_model_encoder_layers_N_…; put it back.
+        if name.startswith("lora_te_") and not name.startswith("lora_te_text_model_"):
+            name = "lora_te_text_model_" + name[len("lora_te_") :]
+        if suffix == "alpha":
+            # Fix 3: convert_state_dict_to_kohya writes alpha = rank (an int64 tensor), i.e. scale 1:
+            # an r=4 alpha=8 LoRA would load at half strength. Write the trained alpha (float).
+            value = torch.tensor(float(alpha), dtype=torch.float32)
+        elif suffix == "lora_down.weight" and value.shape[0] != rank:
+            raise ValueError(
+                f"{key}: LoRA rank {value.shape[0]} differs from the run's rank {rank}; "
+                "per-module ranks (rank_pattern) cannot be exported with one alpha"
+            )
+        new_key = f"{name}.{suffix}"
+        if not KOHYA_KEY.match(new_key):
+            raise ValueError(f"{new_key}: not a valid kohya LoRA key (from {key})")
+        out[new_key] = value.contiguous()
+    return out
+
+
+def kohya_metadata(
+    run_config: dict, *, rank: int, alpha: float, prediction_type: str, resolution: int
+) -> dict[str, str]:
+    """kohya ``ss_*`` keys plus ModelSpec 1.0 (what A1111/ComfyUI/civitai read). All values are strings
+    (safetensors metadata is str -> str)."""
+    cfg = run_config or {}
+    data = cfg.get("data") or {}
+    model = cfg.get("model") or {}
+    train = cfg.get("train") or {}
+    trigger = _trigger_phrase(cfg)
+    v = prediction_type == "v_prediction"
+    title = cfg.get("name") or (
+        Path(train["output_dir"]).name if train.get("output_dir") else "dreambooth-lora"
+    )
+    meta = {
+        "ss_network_module": "networks.lora",
+        "ss_network_dim": str(int(rank)),
+        "ss_network_alpha": str(float(alpha)),
+        "ss_v2": "True",
+        "ss_base_model_version": "sd_v2",
+        # kohya writes ss_v_parameterization for v-prediction models; A1111 uses it for SD2-768.
+        "ss_v_parameterization": str(v),
+        "ss_resolution": f"({resolution}, {resolution})",
+        "ss_sd_model_name": str(model.get("pretrained") or ""),
+        "ss_training_comment": "dreambooth_kit DreamBooth LoRA",
+        "modelspec.sai_model_spec": "1.0.0",
+        "modelspec.architecture": ARCH_V if v else ARCH_EPS,
+        "modelspec.implementation": "diffusers",
+        "modelspec.prediction_type": str(prediction_type),
+        "modelspec.resolution": f"{resolution}x{resolution}",
+        "modelspec.title": str(title),
+        "modelspec.date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+    if trigger:
+        meta["modelspec.trigger_phrase"] = trigger
+    if data.get("instance_prompt"):
+        meta["ss_instance_prompt"] = str(data["instance_prompt"])
+    return meta
+
+
+def _trigger_phrase(cfg: dict) -> str:
+    """The identifier(s) if given, else the instance prompt(s); multi-subject runs join them."""
+    concepts = cfg.get("concepts") or []
+    sources = concepts if concepts else [cfg.get("data") or {}]
+    phrases = []
+    for c in sources:
+        p = c.get("identifier") or c.get("instance_prompt") or ""
+        if p and p not in phrases:
+            phrases.append(str(p))
+    return ", ".join(phrases)
+
+
+# ------------------------------------------------------------------ file I/O
+
+
+def _read_lora(path: Path) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        sd = {k: f.get_tensor(k) for k in f.keys()}
+        raw = (f.metadata() or {}).get("lora_adapter_metadata")
+    return sd, (json.loads(raw) if raw else {})
+
+
+def _rank_alpha(meta: dict[str, Any], prefix: str, run_config: dict) -> tuple[int, float] | None:
+    """rank/alpha of one component from the file's adapter metadata, else from the run config."""
+    if f"{prefix}.r" in meta:
+        r = int(meta[f"{prefix}.r"])
+        a = meta.get(f"{prefix}.lora_alpha")
+        return r, float(a if a is not None else r)
+    adapter = run_config.get("adapter") or {}
+    if "rank" in adapter:
+        r = int(adapter["rank"])
+        a = adapter.get("alpha")
+        return r, float(a if a is not None else r)
+    return None
+
+
+def _prediction_type(run_config: dict) -> str:
+    """The run's prediction type: explicit in the config, else the base model's scheduler config
+    (SD 2.1 is v_prediction, 2.1-base epsilon), else guessed from the native resolution."""
+    model = run_config.get("model") or {}
+    if model.get("prediction_type"):
+        return str(model["prediction_type"])
+    pretrained = model.get("pretrained")
+    if pretrained:
+        sched = Path(str(pretrained)) / "scheduler" / "scheduler_config.json"
+        try:
+            return str(json.loads(sched.read_text())["prediction_type"])
+        except (OSError, ValueError, KeyError):
+            pass
+    return "v_prediction" if int(model.get("native_resolution") or 512) >= 768 else "epsilon"
+
+
+def export_kohya(
+    lora_path: Path, out_path: Path, *, fp16: bool = False, run_config: dict | None = None
+) -> Path:
+    """Write our LoRA (file or its folder) as a kohya/A1111/ComfyUI ``.safetensors`` at ``out_path``.
+
+    rank/alpha come from the file's ``lora_adapter_metadata``; ``run_config`` (for the ModelSpec
+    metadata) defaults to the ``config.yaml`` saved beside the LoRA. Written to a temp file in the
+    target folder and renamed, so ``out_path`` is never half-written.
+    """
+    import yaml
+    from safetensors.torch import save_file
+
+    from .adapters import lora_file
+
+    src = lora_file(lora_path)
+    if not src.exists():
+        raise FileNotFoundError(f"LoRA not found: {src.resolve()}")
+    out_path = Path(out_path)
+    if out_path.suffix != ".safetensors":
+        raise ValueError(f"{out_path}: the kohya export must be a .safetensors file")
+    if out_path.resolve() == src.resolve():
+        raise ValueError(f"{out_path}: refusing to overwrite the source LoRA with its export")
+    if run_config is None:
+        cfg_file = src.parent / "config.yaml"
+        run_config = yaml.safe_load(cfg_file.read_text()) if cfg_file.exists() else {}
+    run_config = run_config or {}
+
+    sd, meta = _read_lora(src)
+    unet_sd, te_sd = _split(sd)
+    out: dict[str, Tensor] = {}
+    ranks: dict[str, tuple[int, float]] = {}
+    # UNet and text encoder carry their own LoraConfig in the metadata; map each with its own alpha.
+    for prefix, part in (("unet", unet_sd), ("text_encoder", te_sd)):
+        if not part:
+            continue
+        ra = _rank_alpha(meta, prefix, run_config)
+        if ra is None:
+            # No metadata and no config: diffusers itself would load this at alpha = rank, so that
+            # is the faithful export (the rank read from the weights).
+            r = int(next(v for k, v in part.items() if "down" in k).shape[0])
+            ra = (r, float(r))
+        ranks[prefix] = ra
+        out.update(to_kohya(part, alpha=ra[1], rank=ra[0]))
+    if not out:
+        raise ValueError(f"{src}: contains no LoRA weights")
+    if fp16:
+        out = {k: v.to(torch.float16) for k, v in out.items()}
+
+    rank, alpha = ranks.get("unet") or next(iter(ranks.values()))
+    resolution = int((run_config.get("data") or {}).get("resolution") or 512)
+    metadata = kohya_metadata(
+        run_config,
+        rank=rank,
+        alpha=alpha,
+        prediction_type=_prediction_type(run_config),
+        resolution=resolution,
+    )
+    metadata["format"] = "pt"
+
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{out_path.name}.", suffix=".tmp", dir=out_path.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        save_file(out, str(tmp), metadata=metadata)
+        os.replace(tmp, out_path)  # atomic on POSIX: readers see the old file or the whole new one
+    finally:
+        tmp.unlink(missing_ok=True)
+    return out_path
+
+
+# ------------------------------------------------------------------ merged model and the run-level entry
+
+
+def export_merged_diffusers(run_dir: Path, out_dir: Path, *, fp16: bool = False) -> Path:
+    """The base model with the run's LoRA fused into its weights, as a diffusers folder that
+    ``StableDiffusionPipeline.from_pretrained`` loads with no LoRA support at all. Uses diffusers'
+    own fuse -> unload -> save path; written to a temp folder and renamed."""
+    import shutil
+
+    import torch
+
+    from .config import load_config
+    from .inference import load_pipeline
+
+    run_dir, out_dir = Path(run_dir), Path(out_dir)
+    cfg = load_config(run_dir / "config.yaml")
+    pipe = load_pipeline(cfg.model.pretrained, lora=run_dir / "lora", fuse=True, device="cpu", dtype="fp32")
+    pipe.unload_lora_weights()  # the fused weights stay; the LoRA layers go
+    if fp16:
+        pipe.to(dtype=torch.float16)
+    tmp = out_dir.with_name(f".tmp-{out_dir.name}")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    pipe.save_pretrained(tmp, safe_serialization=True)
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    tmp.rename(out_dir)
+    return out_dir
+
+
+def run_exports(
+    run_dir: Path, formats: list[str], *, fp16: bool = False, out_dir: str | Path | None = None
+) -> list[Path]:
+    """Write the asked formats of a finished LoRA run into ``<run>/export`` (or ``out_dir``)."""
+    run_dir = Path(run_dir)
+    lora = run_dir / "lora" / "pytorch_lora_weights.safetensors"
+    if not lora.exists():
+        raise FileNotFoundError(f"{lora.resolve()}: no finished LoRA in this run (exports need one)")
+    out = Path(out_dir) if out_dir else run_dir / "export"
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
+    for fmt in dict.fromkeys(formats):
+        if fmt == "kohya":
+            written.append(export_kohya(lora, out / f"{run_dir.resolve().name}_kohya.safetensors", fp16=fp16))
+        elif fmt == "merged-diffusers":
+            written.append(export_merged_diffusers(run_dir, out / "merged-diffusers", fp16=fp16))
+        else:
+            raise ValueError(f"export format {fmt!r}: use kohya or merged-diffusers")
+    return written

@@ -1,0 +1,271 @@
+"""Kohya / A1111 / ComfyUI LoRA export (design.md §5, adversarial cases 37-38)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from conftest import tiny_cfg
+from safetensors import safe_open
+
+from dreambooth_kit.export import KOHYA_KEY, export_kohya, kohya_metadata, to_kohya
+
+
+def _read(path):
+    with safe_open(str(path), framework="pt") as f:
+        return {k: f.get_tensor(k) for k in f.keys()}, f.metadata()
+
+
+@pytest.fixture(scope="module")
+def kohya_file(trained_run, tmp_path_factory):
+    out = tmp_path_factory.mktemp("export") / "subject.safetensors"
+    return export_kohya(trained_run["result"].lora_path, out)
+
+
+def test_keys_alpha_and_shapes(kohya_file, trained_run):
+    sd, _ = _read(kohya_file)
+    src, _ = _read(trained_run["result"].lora_path)
+    bad = [k for k in sd if not KOHYA_KEY.match(k)]
+    assert not bad, bad[:5]
+    alphas = {k: v for k, v in sd.items() if k.endswith(".alpha")}
+    downs = {k: v for k, v in sd.items() if k.endswith(".lora_down.weight")}
+    ups = {k: v for k, v in sd.items() if k.endswith(".lora_up.weight")}
+    # One module per pair of source tensors, each with down, up and alpha.
+    assert len(downs) == len(ups) == len(alphas) == len(src) // 2
+    # Trained r=4, alpha=8: diffusers' converter would write 4 here (scale 1 instead of 2).
+    assert all(float(a) == 8.0 for a in alphas.values())
+    for k, d in downs.items():
+        u = ups[k.replace("lora_down", "lora_up")]
+        assert d.shape[0] == 4 and u.shape[1] == 4 and d.ndim == u.ndim == 2
+    assert "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_k.lora_down.weight" in sd
+    assert any("_attn2_to_out_0." in k for k in sd)
+    # Values are carried over untouched.
+    name = "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_k"
+    assert torch.equal(
+        sd[f"lora_unet_{name.replace('.', '_')}.lora_up.weight"], src[f"unet.{name}.lora.up.weight"]
+    )
+
+
+def test_metadata(kohya_file):
+    _, meta = _read(kohya_file)
+    assert float(meta["ss_network_alpha"]) == 8.0
+    assert meta["ss_network_dim"] == "4"
+    assert meta["ss_network_module"] == "networks.lora"
+    assert meta["ss_v2"] == "True" and meta["ss_base_model_version"] == "sd_v2"
+    # The tiny model's scheduler is v_prediction (like SD 2.1 768).
+    assert meta["modelspec.prediction_type"] == "v_prediction"
+    assert meta["modelspec.architecture"] == "stable-diffusion-v2-768-v/lora"
+    assert meta["modelspec.sai_model_spec"] == "1.0.0"
+    assert meta["modelspec.trigger_phrase"] == "zwx"
+    assert meta["modelspec.resolution"] == "64x64"
+    assert meta["modelspec.title"] == "run"
+    assert all(isinstance(v, str) for v in meta.values())
+
+
+def test_metadata_epsilon_arch():
+    cfg = {"data": {"instance_prompt": "a photo of sks dog"}, "train": {"output_dir": "/x/my-dog"}}
+    meta = kohya_metadata(cfg, rank=8, alpha=16, prediction_type="epsilon", resolution=512)
+    assert meta["modelspec.architecture"] == "stable-diffusion-v2-512/lora"
+    assert meta["modelspec.trigger_phrase"] == "a photo of sks dog"
+    assert meta["modelspec.title"] == "my-dog"
+    assert meta["ss_network_alpha"] == "16.0" and meta["ss_network_dim"] == "8"
+
+
+def test_pure_mapping_fixes_diffusers_converter():
+    sd = {
+        "unet.mid_block.attentions.0.transformer_blocks.0.attn2.to_out.0.lora.down.weight": torch.ones(2, 8),
+        "unet.mid_block.attentions.0.transformer_blocks.0.attn2.to_out.0.lora.up.weight": torch.ones(8, 2),
+        "text_encoder.encoder.layers.1.self_attn.q_proj.lora_linear_layer.down.weight": torch.ones(2, 8),
+        "text_encoder.encoder.layers.1.self_attn.q_proj.lora_linear_layer.up.weight": torch.ones(8, 2),
+    }
+    out = to_kohya(sd, alpha=3.0, rank=2)
+    assert set(out) == {
+        "lora_unet_mid_block_attentions_0_transformer_blocks_0_attn2_to_out_0.lora_down.weight",
+        "lora_unet_mid_block_attentions_0_transformer_blocks_0_attn2_to_out_0.lora_up.weight",
+        "lora_unet_mid_block_attentions_0_transformer_blocks_0_attn2_to_out_0.alpha",
+        "lora_te_text_model_encoder_layers_1_self_attn_q_proj.lora_down.weight",
+        "lora_te_text_model_encoder_layers_1_self_attn_q_proj.lora_up.weight",
+        "lora_te_text_model_encoder_layers_1_self_attn_q_proj.alpha",
+    }
+    assert all(out[k].item() == 3.0 and out[k].dtype == torch.float32 for k in out if k.endswith(".alpha"))
+    with pytest.raises(ValueError, match="rank"):
+        to_kohya(sd, alpha=3.0, rank=4)
+    with pytest.raises(ValueError, match="prefix"):
+        to_kohya({"lora_unet_x.lora_down.weight": torch.ones(2, 8)}, alpha=1.0, rank=2)
+
+
+def _render(pipe, prompt="a photo of zwx toy"):
+    g = torch.Generator("cpu").manual_seed(1557)
+    img = pipe(prompt, num_inference_steps=2, height=64, width=64, generator=g, output_type="np").images[0]
+    return (img * 255).round().astype(np.uint8).astype(np.int16)
+
+
+def _pipe(tiny_model):
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(
+        str(tiny_model), safety_checker=None, requires_safety_checker=False
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _same_images_as_diffusers_format(tiny_model, lora_path, kohya_path):
+    base = _render(_pipe(tiny_model))
+    ours = _pipe(tiny_model)
+    ours.load_lora_weights(str(lora_path.parent), weight_name=lora_path.name)
+    ours_img = _render(ours)
+    theirs = _pipe(tiny_model)
+    theirs.load_lora_weights(str(kohya_path.parent), weight_name=kohya_path.name)
+    theirs_img = _render(theirs)
+    # The LoRA is applied at all (a no-op LoRA would make the comparison meaningless) ...
+    assert np.abs(ours_img - base).max() > 4
+    # ... and the kohya file loads to the same image: same keys, same alpha/rank scale.
+    assert np.abs(ours_img - theirs_img).max() <= 2
+
+
+def test_roundtrip_same_image(tiny_model, trained_run, kohya_file):
+    _same_images_as_diffusers_format(tiny_model, trained_run["result"].lora_path, kohya_file)
+
+
+def test_alpha_equal_rank_would_differ(tiny_model, trained_run, tmp_path):
+    """The test above can fail: the file diffusers' converter would write (alpha = rank) renders differently."""
+    from safetensors.torch import save_file
+
+    sd, meta = _read(export_kohya(trained_run["result"].lora_path, tmp_path / "k.safetensors"))
+    wrong = {k: (torch.tensor(4.0) if k.endswith(".alpha") else v) for k, v in sd.items()}
+    save_file(wrong, str(tmp_path / "wrong.safetensors"), metadata=meta)
+    with pytest.raises(AssertionError):
+        _same_images_as_diffusers_format(
+            tiny_model, trained_run["result"].lora_path, tmp_path / "wrong.safetensors"
+        )
+
+
+def test_text_encoder_lora(tmp_path, tiny_model, photos):
+    from dreambooth_kit.train import train
+
+    cfg = tiny_cfg(
+        tmp_path,
+        tiny_model,
+        photos,
+        **{
+            "adapter.train_text_encoder": True,
+            "train.max_steps": 1,
+            "train.learning_rate": 1e-2,
+            "prior.with_prior_preservation": False,
+        },
+    )
+    lora = train(cfg).lora_path
+    out = export_kohya(lora, tmp_path / "te.safetensors", fp16=True)
+    sd, _ = _read(out)
+    assert any(k.startswith("lora_te_text_model_encoder_layers_") for k in sd)
+    assert not any(k.startswith("lora_te1_") for k in sd)
+    assert any(k.startswith("lora_unet_") for k in sd)
+    assert all(KOHYA_KEY.match(k) for k in sd)
+    assert {v.dtype for v in sd.values()} == {torch.float16}
+    assert all(float(v) == 8.0 for k, v in sd.items() if k.endswith(".alpha"))
+    # diffusers reads the text-encoder part of the kohya file back (fp32 export for an exact
+    # comparison): the prompt embedding moves away from the base one exactly as with our file.
+    k32 = export_kohya(lora, tmp_path / "te32.safetensors")
+    base = _embed(_pipe(tiny_model))
+    ours, theirs = _pipe(tiny_model), _pipe(tiny_model)
+    ours.load_lora_weights(str(lora.parent), weight_name=lora.name)
+    theirs.load_lora_weights(str(k32.parent), weight_name=k32.name)
+    assert (_embed(ours) - base).abs().max() > 1e-3
+    assert torch.allclose(_embed(ours), _embed(theirs), atol=1e-5)
+    _same_images_as_diffusers_format(tiny_model, lora, k32)
+
+
+def _embed(pipe, prompt="a photo of zwx toy"):
+    tok = pipe.tokenizer
+    ids = tok(prompt, padding="max_length", max_length=tok.model_max_length, return_tensors="pt").input_ids
+    with torch.no_grad():
+        return pipe.text_encoder(ids)[0]
+
+
+def test_atomic_and_missing_input(trained_run, tmp_path):
+    out = tmp_path / "deep" / "x.safetensors"
+    export_kohya(trained_run["result"].lora_path.parent, out)  # the lora folder works too
+    assert [p.name for p in out.parent.iterdir()] == ["x.safetensors"]
+    before = out.read_bytes()
+    missing = tmp_path / "nope" / "pytorch_lora_weights.safetensors"
+    with pytest.raises(FileNotFoundError, match="nope"):
+        export_kohya(missing, out)
+    # A failing export (bad input) leaves the previous output untouched and no temp file.
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(b"not a safetensors file")
+    with pytest.raises(Exception):  # noqa: B017 - safetensors' own error type
+        export_kohya(bad, out)
+    assert out.read_bytes() == before
+    assert not list(tmp_path.rglob("*.tmp"))
+
+
+def test_fp16_and_explicit_config(trained_run, tmp_path):
+    cfg = json.loads(json.dumps(trained_run["cfg"].to_dict()))
+    cfg["model"]["prediction_type"] = "epsilon"
+    out = export_kohya(trained_run["result"].lora_path, tmp_path / "h.safetensors", fp16=True, run_config=cfg)
+    sd, meta = _read(out)
+    assert {v.dtype for v in sd.values()} == {torch.float16}
+    assert meta["modelspec.architecture"] == "stable-diffusion-v2-512/lora"
+
+
+# ------------------------------------------------------------------ merged model, run-level exports, CLI
+
+
+def test_merged_diffusers_equals_the_unfused_lora(trained_run, tiny_model, tmp_path):
+    import shutil
+
+    import numpy as np
+    import torch
+    from diffusers import StableDiffusionPipeline
+
+    from dreambooth_kit.export import export_merged_diffusers
+
+    run = tmp_path / "run"
+    shutil.copytree(trained_run["result"].output_dir, run, ignore=shutil.ignore_patterns("class_images"))
+    out = export_merged_diffusers(run, tmp_path / "merged")
+    assert (out / "model_index.json").exists() and not list(out.rglob("*.bin"))
+
+    def image(pipe):
+        pipe.set_progress_bar_config(disable=True)
+        g = torch.Generator().manual_seed(0)
+        return pipe(
+            "a photo of zwx toy", num_inference_steps=2, height=64, width=64, generator=g, output_type="np"
+        ).images
+
+    merged = image(
+        StableDiffusionPipeline.from_pretrained(out, safety_checker=None)
+    )  # no LoRA support needed
+    with_lora = StableDiffusionPipeline.from_pretrained(tiny_model, safety_checker=None)
+    with_lora.load_lora_weights(run / "lora")
+    assert np.abs(merged - image(with_lora)).max() < 2 / 255
+    base = image(StableDiffusionPipeline.from_pretrained(tiny_model, safety_checker=None))
+    assert np.abs(merged - base).max() > 4 / 255
+
+
+def test_cli_export_and_config_exports_at_end_of_training(tmp_path, tiny_model, photos, capsys):
+    from dreambooth_kit.cli import main
+    from dreambooth_kit.train import train
+
+    r = train(tiny_cfg(tmp_path, tiny_model, photos, **{"train.max_steps": 1, "export.formats": ["kohya"]}))
+    assert (r.output_dir / "export" / "run_kohya.safetensors").exists()  # written by training
+    assert (
+        main(
+            [
+                "export",
+                "--run",
+                str(r.output_dir),
+                "--format",
+                "kohya",
+                "--fp16",
+                "--out",
+                str(tmp_path / "x"),
+            ]
+        )
+        == 0
+    )
+    assert str(tmp_path / "x" / "run_kohya.safetensors") in capsys.readouterr().out
+    assert main(["export", "--run", str(tmp_path / "nope"), "--format", "kohya"]) == 2
+    assert "no finished LoRA in this run" in capsys.readouterr().err
