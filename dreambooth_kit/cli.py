@@ -20,6 +20,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from .checkpoints import CheckpointError
     from .config import ConfigError
     from .data import DataError
+    from .hub import HubError
     from .models import ModelLoadError
     from .preflight import PreflightError
     from .prior import ClassImageError
@@ -31,6 +32,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
         ModelLoadError,
         ClassImageError,
         CheckpointError,
+        HubError,
         FileExistsError,
         FileNotFoundError,
         ImportError,
