@@ -100,6 +100,46 @@ def check_lora_fits(unet, state_dict: dict[str, torch.Tensor], path: Path) -> No
                 )
 
 
+MIN_KEY_COVERAGE = 0.9  # below this share of matching keys a LoRA is for another model
+
+
+def check_lora_keys(pipe, state_dict: dict[str, torch.Tensor], path: Path) -> None:
+    """Refuse files that are not LoRAs, and diffusers-format LoRAs whose layers this model lacks.
+
+    diffusers loads whatever keys match and silently drops the rest, so a LoRA for another
+    architecture can load "successfully" with a fraction of its layers (adversarial case 35)."""
+    lora_like = [k for k in state_dict if "lora" in k.lower() or k.endswith(".alpha")]
+    if not lora_like:
+        raise LoraMismatchError(
+            f"{path}: not a LoRA file (no lora_A/lora_B, lora_down/lora_up keys; e.g. {next(iter(state_dict), '?')}); "
+            "is it a full model checkpoint? Pass it as the base model instead"
+        )
+    ours = [k for k in lora_like if k.startswith(("unet.", "text_encoder."))]
+    if not ours:  # kohya/A1111 keys: diffusers converts them itself
+        return
+    missing = []
+    for k in ours:
+        prefix, rest = k.split(".", 1)
+        module_path = rest.split(".lora")[0]
+        model = pipe.unet if prefix == "unet" else pipe.text_encoder
+        candidates = (module_path, module_path.removeprefix("text_model."), f"text_model.{module_path}")
+        if not any(_has_module(model, c) for c in candidates):
+            missing.append(module_path)
+    if missing and 1 - len(missing) / len(ours) < MIN_KEY_COVERAGE:
+        raise LoraMismatchError(
+            f"{path}: {len(missing)} of {len(ours)} LoRA tensors target layers this model does not have "
+            f"(e.g. {missing[0]}); it was trained for another model"
+        )
+
+
+def _has_module(model, path: str) -> bool:
+    try:
+        model.get_submodule(path)
+        return True
+    except AttributeError:
+        return False
+
+
 def load_lora(pipe, path: str | Path, name: str) -> str:
     """Load one LoRA as adapter ``name``; on any failure the pipeline is left as it was."""
     from safetensors.torch import load_file
@@ -113,6 +153,11 @@ def load_lora(pipe, path: str | Path, name: str) -> str:
         state_dict = load_file(str(file))
     except Exception as e:  # truncated or not a safetensors file
         raise ValueError(f"{file}: not a readable .safetensors file ({e})") from e
+    if name in {a for names in pipe.get_list_adapters().values() for a in names}:
+        raise ValueError(
+            f"adapter name {name!r} is already loaded; pick another or pipe.delete_adapters({name!r})"
+        )
+    check_lora_keys(pipe, state_dict, file)
     check_lora_fits(pipe.unet, state_dict, file)
     from diffusers.utils import logging as dlogging
 

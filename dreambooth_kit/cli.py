@@ -79,12 +79,12 @@ def _cmd_train(args) -> int:
 
 def _cmd_check_data(args) -> int:
     from .config import load_config
-    from .models import resolve_model
+    from .models import resolve_model_cfg
     from .preflight import preflight
     from .train import _prediction_type
 
     cfg = load_config(args.config, args.overrides)
-    source = resolve_model(cfg.model.pretrained, allow_pickle=cfg.model.allow_pickle)
+    source = resolve_model_cfg(cfg.model)
     report = preflight(cfg, prediction_type=_prediction_type(cfg, source), source=source)
     n = sum(len(r.images) for r in report.reports)
     print(f"{n} usable images, {len(report.warnings)} warnings, 0 errors")
@@ -109,6 +109,7 @@ def _cmd_generate(args) -> int:
         scheduler=args.scheduler,
         fuse=args.fuse,
         allow_pickle=args.allow_pickle,
+        single_file_config=args.single_file_config,
     )
     results = generate(
         pipe,
@@ -239,6 +240,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--grid", action="store_true", help="also write grid.png")
     g.add_argument("--dtype", default="auto", help="auto (fp16 on CUDA, fp32 on CPU), fp32, fp16, bf16")
     g.add_argument("--allow-pickle", action="store_true", help="allow .ckpt/.bin files (they can run code)")
+    g.add_argument(
+        "--single-file-config",
+        default=None,
+        help="for a single-file --base: a diffusers folder with its configs",
+    )
     g.add_argument("--from-png", default=None, help="re-create an image from the settings stored in it")
     g.add_argument("--out", default="outputs")
     g.set_defaults(func=_cmd_generate)
@@ -249,8 +255,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--format",
         action="append",
         required=True,
-        choices=["kohya", "merged-diffusers"],
-        help="kohya: one file for A1111/ComfyUI/kohya; merged-diffusers: base + LoRA fused (repeatable)",
+        choices=["kohya", "merged-diffusers", "single-file"],
+        help="kohya: one LoRA file for A1111/ComfyUI/kohya; merged-diffusers: base + LoRA fused; "
+        "single-file: the merged model as one A1111-style .safetensors + .yaml (repeatable)",
     )
     x.add_argument("--fp16", action="store_true", help="write half-precision weights (half the size)")
     x.add_argument("--out", default=None, help="default: <run>/export")

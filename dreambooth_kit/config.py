@@ -44,6 +44,9 @@ class ModelConfig:
     prediction_type: Literal["epsilon", "v_prediction"] | None = None
     # .ckpt/.bin files are pickles that can run code on load: opt-in only.
     allow_pickle: bool = False
+    # For a single-file checkpoint: a local diffusers folder to take configs and tokenizer from
+    # (None = the bundled SD 2.1 configs + the tokenizer from the local Hugging Face cache).
+    single_file_config: str | None = None
     # The resolution the model was trained at (512 for 2-1-base, 768 for 2-1); used for preflight.
     native_resolution: int = 512
 
@@ -183,7 +186,8 @@ class ValidationConfig:
 class ExportConfig:
     # Written into run/export/ when training ends; also `dreambooth-kit export --run ... --format ...`.
     # kohya: one .safetensors for A1111/ComfyUI/kohya; merged-diffusers: the base with the LoRA fused in.
-    formats: list[Literal["kohya", "merged-diffusers"]] = field(default_factory=list)
+    # single-file: the merged model as one original-layout .safetensors (+ its v2-inference yaml).
+    formats: list[Literal["kohya", "merged-diffusers", "single-file"]] = field(default_factory=list)
     fp16: bool = False
 
 

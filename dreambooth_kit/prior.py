@@ -88,7 +88,7 @@ def ensure_class_images(
     """
     from .data import find_images
     from .inference import generate, load_pipeline, save_png
-    from .models import resolve_model
+    from .models import resolve_model_cfg
 
     p = cfg.prior
     c = concept or concepts_of(cfg)[0]
@@ -99,7 +99,7 @@ def ensure_class_images(
         for stale in folder.glob(".tmp-*"):  # leftovers of a killed run: never a valid image
             stale.unlink()
 
-    source = resolve_model(cfg.model.pretrained, allow_pickle=cfg.model.allow_pickle)
+    source = resolve_model_cfg(cfg.model)
     recipe = _recipe(cfg, source, c.class_prompt)
     manifest = read_manifest(folder)
     if manifest is not None:
@@ -142,9 +142,7 @@ def ensure_class_images(
         log.info(
             "class images: generating %d (have %d, want %d) in %s", len(missing), len(existing), want, folder
         )
-        pipe = load_pipeline(
-            cfg.model.pretrained, device=device, dtype=dtype, allow_pickle=cfg.model.allow_pickle
-        )
+        pipe = load_pipeline(source, device=device, dtype=dtype)  # already resolved (single files too)
         try:
             bs = p.sample_batch_size
             for start in range(0, len(missing), bs):

