@@ -133,7 +133,7 @@ def train(cfg: DreamBoothConfig) -> TrainResult:
     comps = load_components(cfg.model)
     unet, text_encoder, params = _setup_models(cfg, comps, accelerator)
     dataloader, sampler, latent_cache = _data(cfg, report, class_sets, comps, accelerator)
-    optimizer = _optimizer(cfg, params, accelerator.num_processes)
+    optimizer = _optimizer(cfg, params, accelerator.num_processes, text_encoder)
     lr_scheduler = _lr_scheduler(cfg, optimizer, accelerator.num_processes)
     unet, text_encoder, optimizer, dataloader, lr_scheduler = _prepare(
         accelerator, cfg, unet, text_encoder, optimizer, dataloader, lr_scheduler
@@ -383,11 +383,19 @@ def _data(cfg: DreamBoothConfig, report, class_sets, comps, accelerator):
     return dataloader, sampler, cache
 
 
-def _optimizer(cfg: DreamBoothConfig, params, num_processes: int):
+def _optimizer(cfg: DreamBoothConfig, params, num_processes: int, text_encoder=None):
     t = cfg.train
     lr = t.learning_rate
-    if t.scale_lr:
-        lr *= t.gradient_accumulation_steps * t.batch_size * num_processes
+    scale = t.gradient_accumulation_steps * t.batch_size * num_processes if t.scale_lr else 1
+    lr *= scale
+    groups = params
+    if text_encoder is not None and t.text_encoder_learning_rate is not None:
+        # The text encoder usually wants a smaller LR than the UNet (it overfits the identifier fast).
+        te_ids = {id(p) for p in text_encoder.parameters() if p.requires_grad}
+        groups = [
+            {"params": [p for p in params if id(p) not in te_ids]},
+            {"params": [p for p in params if id(p) in te_ids], "lr": t.text_encoder_learning_rate * scale},
+        ]
     if t.use_8bit_adam:
         try:
             import bitsandbytes as bnb
@@ -400,7 +408,7 @@ def _optimizer(cfg: DreamBoothConfig, params, num_processes: int):
     else:
         cls = torch.optim.AdamW
     return cls(
-        params,
+        groups,
         lr=lr,
         betas=(t.adam_beta1, t.adam_beta2),
         weight_decay=t.adam_weight_decay,

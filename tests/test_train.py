@@ -412,3 +412,15 @@ def test_tensorboard_logs_loss_and_lr(tmp_path, tiny_model, photos):
     tags = acc.Tags()["scalars"]
     assert {"loss", "lr", "loss_instance", "loss_prior", "step_time"} <= set(tags)
     assert [e.step for e in acc.Scalars("loss")] == [1, 2, 3]
+
+
+def test_text_encoder_gets_its_own_learning_rate():
+    from dreambooth_kit.config import load_config
+    from dreambooth_kit.train import _optimizer
+
+    unet_p, te = torch.nn.Parameter(torch.zeros(2)), torch.nn.Linear(2, 2)
+    cfg = load_config("tiny.yaml", {"train.learning_rate": 1e-4, "train.text_encoder_learning_rate": 5e-6})
+    opt = _optimizer(cfg, [unet_p, *te.parameters()], 1, te)
+    assert [g["lr"] for g in opt.param_groups] == [1e-4, 5e-6]
+    assert opt.param_groups[0]["params"] == [unet_p] and len(opt.param_groups[1]["params"]) == 2
+    assert len(_optimizer(cfg, [unet_p], 1, None).param_groups) == 1
