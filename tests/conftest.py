@@ -75,13 +75,11 @@ def trained_run(tmp_path_factory, tiny_model):
 
 
 def patch_diffusion_loss(monkeypatch, transform) -> None:
-    """Wrap train.diffusion_loss: ``transform(n, loss)`` gets the 1-based call number and the loss
+    """Wrap loop.diffusion_loss: ``transform(n, loss)`` gets the 1-based call number and the loss
     and returns the loss to use (NaN injection, fp16 overflow spikes)."""
-    import importlib
+    import dreambooth_kit.loop as loop_mod  # where the training step looks diffusion_loss up
 
-    # `dreambooth_kit.train` the attribute is the train() function (public API); this is the module:
-    train_mod = importlib.import_module("dreambooth_kit.train")
-    real = train_mod.diffusion_loss
+    real = loop_mod.diffusion_loss
     calls = {"n": 0}
 
     def wrapped(*a, **k):
@@ -89,4 +87,4 @@ def patch_diffusion_loss(monkeypatch, transform) -> None:
         loss, parts = real(*a, **k)
         return transform(calls["n"], loss), parts
 
-    monkeypatch.setattr(train_mod, "diffusion_loss", wrapped)
+    monkeypatch.setattr(loop_mod, "diffusion_loss", wrapped)
