@@ -160,7 +160,7 @@ def _cmd_build_tiny(args) -> int:
 def _cmd_demo(args) -> int:
     """Offline end to end: tiny model -> checks -> class images -> LoRA with prior -> seeded images."""
     from .config import TINY_MODEL, load_config
-    from .inference import generate, load_pipeline, save_png
+    from .inference import generate, load_pipeline, save_images
     from .train import train
 
     t0 = time.perf_counter()
@@ -177,12 +177,10 @@ def _cmd_demo(args) -> int:
     )
     result = train(cfg)
     pipe = load_pipeline(TINY_MODEL, lora=result.lora_dir)
-    paths = [
-        save_png(img, params, out / "samples" / f"{params.seed}.png")
-        for img, params in generate(
-            pipe, cfg.data.instance_prompt, seed=cfg.train.seed, num_images=4, steps=4, height=64, width=64
-        )
-    ]
+    results = generate(
+        pipe, cfg.data.instance_prompt, seed=cfg.train.seed, num_images=4, steps=4, height=64, width=64
+    )
+    paths = save_images(results, out / "samples")
     print("\n== dreambooth-kit demo: done ==")
     print(f"model        : {TINY_MODEL} (random weights, SD 2.1 shapes, v-prediction)")
     print(f"photos       : {Path(args.photos).resolve()}")

@@ -123,8 +123,7 @@ def load_pipeline(
     On CUDA the UNet also runs channels-last."""
     from diffusers import StableDiffusionPipeline
 
-    from .models import ModelLoadError, _explain_hub_error
-    from .train import set_attention
+    from .models import load_error, set_attention
 
     device = default_device() if device in (None, "auto") else device
     torch_dtype = pick_dtype(device, dtype)
@@ -146,9 +145,7 @@ def load_pipeline(
             source, dtype=torch_dtype, safety_checker=None, requires_safety_checker=False
         )
     except (OSError, ValueError) as e:
-        if Path(source).exists():
-            raise ModelLoadError(f"{source}: could not load the model folder: {e}") from e
-        raise _explain_hub_error(source, e) from e
+        raise load_error(source, e) from e
     pipe.set_progress_bar_config(disable=True)
     set_attention(pipe.unet, attention)
     if scheduler is not None:

@@ -143,6 +143,32 @@ def resolve_model_cfg(cfg: ModelConfig) -> str:
     )
 
 
+def load_error(source: str, err: Exception, what: str = "the model folder") -> ModelLoadError:
+    """One message for every failed load: a local folder names itself and the cause; a hub id
+    explains offline mode or the moved SD 2.1 repos (never a bare HFValidationError)."""
+    if Path(source).exists():
+        return ModelLoadError(f"{source}: could not load {what}: {err}")
+    return _explain_hub_error(source, err)
+
+
+def set_attention(unet, kind: str) -> str:
+    """SDPA (PyTorch's fused attention; no fp16 overflow) by default, xformers on request."""
+    if kind == "xformers":
+        try:
+            import xformers  # noqa: F401
+        except ImportError:
+            raise ImportError(
+                "attention=xformers needs xformers: pip install 'dreambooth_kit[xformers]', "
+                "or use attention=sdpa (as fast on PyTorch >= 2.0)"
+            ) from None
+        unet.enable_xformers_memory_efficient_attention()
+        return "xformers"
+    from diffusers.models.attention_processor import AttnProcessor2_0
+
+    unet.set_attn_processor(AttnProcessor2_0())
+    return "sdpa"
+
+
 def _explain_hub_error(model_id: str, err: Exception) -> ModelLoadError:
     offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes")
     if offline:
@@ -177,9 +203,7 @@ def load_components(cfg: ModelConfig, *, dtype: torch.dtype = torch.float32) -> 
         scheduler_kw = {"prediction_type": cfg.prediction_type} if cfg.prediction_type else {}
         noise_scheduler = DDPMScheduler.from_pretrained(source, subfolder="scheduler", **scheduler_kw, **kw)
     except (OSError, ValueError) as e:
-        if Path(source).exists():
-            raise ModelLoadError(f"{source}: could not load the model folder: {e}") from e
-        raise _explain_hub_error(source, e) from e
+        raise load_error(source, e) from e
     for m in (text_encoder, vae, unet):
         m.requires_grad_(False)
     return SDComponents(tokenizer, text_encoder, vae, unet, noise_scheduler, source)

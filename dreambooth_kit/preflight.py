@@ -161,11 +161,9 @@ def load_tokenizer_only(source: str):
     """The tokenizer alone (a few KB; no weights) so prompts are checked before any model loads."""
     from transformers import AutoTokenizer
 
-    from .models import ModelLoadError, _explain_hub_error
+    from .models import load_error
 
     try:
         return AutoTokenizer.from_pretrained(source, subfolder="tokenizer")
     except (OSError, ValueError) as e:
-        if Path(source).exists():
-            raise ModelLoadError(f"{source}: could not load the tokenizer: {e}") from e
-        raise _explain_hub_error(source, e) from e
+        raise load_error(source, e, "the tokenizer") from e

@@ -231,7 +231,7 @@ def _setup_models(cfg: DreamBoothConfig, comps, accelerator):
     from diffusers.training_utils import cast_training_params
 
     from .adapters import add_lora
-    from .models import frozen_dtype
+    from .models import frozen_dtype, set_attention
 
     dtype = frozen_dtype(accelerator.device, cfg.train.mixed_precision)
     full, train_te = cfg.adapter.type == "full", cfg.adapter.train_text_encoder
@@ -240,7 +240,7 @@ def _setup_models(cfg: DreamBoothConfig, comps, accelerator):
     # Fully trained models keep fp32 master weights; autocast computes in half precision.
     _move(comps.text_encoder, accelerator.device, torch.float32 if full and train_te else dtype)
     _move(comps.unet, accelerator.device, torch.float32 if full else dtype)
-    set_attention(comps.unet, cfg.train.attention)
+    set_attention(comps.unet, cfg.train.attention)  # from models: generation uses it too
     models = [comps.unet] + ([comps.text_encoder] if train_te else [])
     if full:
         for m in models:
@@ -264,24 +264,6 @@ def _move(model: torch.nn.Module, device, dtype: torch.dtype) -> None:
     model.to(device)
     if next(model.parameters()).dtype != dtype:  # a no-op cast still warns in diffusers 0.42
         model.to(dtype=dtype)
-
-
-def set_attention(unet, kind: str) -> str:
-    """SDPA (PyTorch's fused attention; no fp16 overflow) by default, xformers on request."""
-    if kind == "xformers":
-        try:
-            import xformers  # noqa: F401
-        except ImportError:
-            raise ImportError(
-                "train.attention=xformers needs xformers: pip install 'dreambooth_kit[xformers]', "
-                "or use train.attention=sdpa (as fast on PyTorch >= 2.0)"
-            ) from None
-        unet.enable_xformers_memory_efficient_attention()
-        return "xformers"
-    from diffusers.models.attention_processor import AttnProcessor2_0
-
-    unet.set_attn_processor(AttnProcessor2_0())
-    return "sdpa"
 
 
 def _data(cfg: DreamBoothConfig, report, class_sets, comps, accelerator):

@@ -18,6 +18,7 @@ from PIL import Image
 
 from .config import DreamBoothConfig, concepts_of
 from .inference import generate, save_png
+from .pngmeta import make_grid
 
 
 @contextlib.contextmanager
@@ -114,11 +115,7 @@ def run_validation(
             )  # fmt: skip
             rows.append([img for img, _ in out])
             paths += [save_png(img, p, folder / f"p{j}-{p.seed}.png") for img, p in out]
-    grid = Image.new("RGB", (res * v.num_images, res * len(rows)))
-    for j, row in enumerate(rows):
-        for i, img in enumerate(row):
-            grid.paste(img, (i * res, j * res))
-    grid.save(folder / "grid.png")
+    make_grid([img for row in rows for img in row], cols=v.num_images).save(folder / "grid.png")
     _log(accelerator, rows, validation_prompts(cfg), v.seed, step)
     return [*paths, folder / "grid.png"]
 

@@ -239,7 +239,7 @@ def test_set_attention_picks_sdpa_and_explains_missing_xformers(tiny_model, monk
     from diffusers import UNet2DConditionModel
     from diffusers.models.attention_processor import AttnProcessor2_0
 
-    from dreambooth_kit.train import set_attention
+    from dreambooth_kit.models import set_attention
 
     unet = UNet2DConditionModel.from_pretrained(tiny_model, subfolder="unet")
     assert set_attention(unet, "sdpa") == "sdpa"
