@@ -1,5 +1,5 @@
 # Two commands a fresh machine needs: `make demo` (offline end-to-end run) and `make test`.
-# Each creates .venv if missing and installs what it needs itself.
+# Each creates .venv if missing and installs what it needs itself, at the versions in constraints.txt.
 PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
@@ -7,25 +7,33 @@ PY     := $(VENV)/bin/python
 # CUDA build. torch==2.13.0 is the CPU wheel on our machines' local disk. Machines with a GPU
 # (nvidia-smi works) keep whatever torch pip resolves for them.
 TORCH_CPU ?= torch==2.13.0
+# The lock: every other dependency at the version CI tested. An unpinned resolve broke text-encoder
+# training the day transformers 5.24 came out (it needs a peft that did not exist yet).
+LOCK   := constraints.txt
 STAMP  := $(VENV)/.installed
+LATEST := .venv-latest
 
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: demo test test-fast lint format bench clean
+.PHONY: demo test test-fast test-latest lock lint format bench clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
 
-$(STAMP): $(PY) pyproject.toml
-	@if ! $(PY) -c "import torch" 2>/dev/null; then \
+define install_torch
+	@if ! $(1) -c "import torch" 2>/dev/null; then \
 	  if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi >/dev/null 2>&1; then \
-	    $(PY) -m pip install -q torch; \
+	    $(1) -m pip install -q torch; \
 	  else \
-	    $(PY) -m pip install -q "$(TORCH_CPU)"; \
+	    $(1) -m pip install -q "$(TORCH_CPU)"; \
 	  fi; \
 	fi
-	$(PY) -m pip install -q -e ".[dev]"
+endef
+
+$(STAMP): $(PY) pyproject.toml $(LOCK)
+	$(call install_torch,$(PY))
+	$(PY) -m pip install -q -c $(LOCK) -e ".[dev]"
 	@touch $(STAMP)
 
 demo: $(STAMP)
@@ -37,6 +45,22 @@ test: $(STAMP)
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not slow and not gpu and not network"
 
+# Drift, seen instead of suffered: a fresh venv with the newest releases pyproject allows (no lock),
+# the test suite on it, and the differences from the lock. If it passes, `make lock` adopts them.
+test-latest:
+	rm -rf $(LATEST)
+	$(PYTHON) -m venv $(LATEST)
+	$(call install_torch,$(LATEST)/bin/python)
+	$(LATEST)/bin/python -m pip install -q -e ".[dev]"
+	$(LATEST)/bin/python -m pip freeze --exclude-editable | grep -v -i -E '^(torch|nvidia|triton)' > $(LATEST)/freeze.txt
+	@echo "== changes against $(LOCK) (< lock, > newest) =="
+	@grep -v '^#' $(LOCK) | diff - $(LATEST)/freeze.txt || true
+	$(LATEST)/bin/python -m pytest -q
+
+lock: $(LATEST)/freeze.txt
+	@{ grep '^#' $(LOCK); cat $(LATEST)/freeze.txt; } > $(LOCK).new && mv $(LOCK).new $(LOCK)
+	@echo "$(LOCK) now holds the versions make test-latest tested"
+
 lint: $(STAMP)
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .
 
@@ -47,4 +71,4 @@ bench: $(STAMP)
 	$(PY) bench/train_step.py
 
 clean:
-	rm -rf runs .pytest_cache
+	rm -rf runs .pytest_cache $(LATEST)

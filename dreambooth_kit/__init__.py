@@ -8,6 +8,9 @@ __version__ = "0.1.0"
 from .config import DreamBoothConfig, load_config, save_config  # noqa: E402
 from .inference import generate, load_pipeline, save_png  # noqa: E402
 from .train import train  # noqa: E402
+from .versions import warn_at_import  # noqa: E402
+
+warn_at_import()  # one line, now, if transformers and peft cannot train a text-encoder LoRA together
 
 __all__ = [
     "DreamBoothConfig",
