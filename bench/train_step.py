@@ -113,7 +113,7 @@ def run_case(name: str, timed: int | None, workdir: Path) -> dict:
     cls.mkdir(exist_ok=True)
     photos.mkdir(exist_ok=True)
     Image.effect_noise((res, res), 40).convert("RGB").save(cls / "c0.png")
-    shutil.copy(REPO / "data" / "demo_subject" / "01.jpg", photos / "01.jpg")
+    shutil.copy(REPO / "dreambooth_kit" / "demo_subject" / "01.jpg", photos / "01.jpg")
     cfg = load_config(
         "tiny.yaml",
         {

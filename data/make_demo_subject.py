@@ -1,4 +1,4 @@
-"""Write data/demo_subject/01.jpg .. 05.jpg: five 128x128 photos of one synthetic toy robot.
+"""Write dreambooth_kit/demo_subject/01.jpg .. 05.jpg: five 128x128 photos of one synthetic toy robot.
 
 The demo and tests need a subject that is the same object in every photo (fixed colours and proportions)
 seen in different places, poses and sizes, like a user's 3-5 phone photos, yet tiny (a few KB each) and
@@ -82,6 +82,10 @@ def main(out_dir: Path) -> list[Path]:
 
 
 if __name__ == "__main__":
-    target = Path(sys.argv[1]) if len(sys.argv) > 1 else Path(__file__).resolve().parent / "demo_subject"
+    target = (
+        Path(sys.argv[1])
+        if len(sys.argv) > 1
+        else Path(__file__).resolve().parents[1] / "dreambooth_kit" / "demo_subject"
+    )
     for p in main(target):
         print(f"{p} ({p.stat().st_size} bytes)")

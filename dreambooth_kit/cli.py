@@ -9,11 +9,7 @@ import argparse
 import logging
 import os
 import sys
-import time
 from pathlib import Path
-
-REPO_ROOT = Path(__file__).resolve().parents[1]
-DEMO_PHOTOS = REPO_ROOT / "data" / "demo_subject"
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
@@ -159,36 +155,10 @@ def _cmd_build_tiny(args) -> int:
 
 def _cmd_demo(args) -> int:
     """Offline end to end: tiny model -> checks -> class images -> LoRA with prior -> seeded images."""
-    from .config import TINY_MODEL, load_config
-    from .inference import generate, load_pipeline, save_images
-    from .train import train
+    from .demo import run_demo
 
-    t0 = time.perf_counter()
-    out = Path(args.out)
-    cfg = load_config(
-        "tiny.yaml",
-        {
-            "data.instance_dir": str(args.photos),
-            "prior.class_dir": str(out / "class_images"),
-            "train.output_dir": str(out),
-            "train.max_steps": args.steps,
-            "train.overwrite": True,  # the demo's own run folder: rerunning replaces its LoRA
-        },
-    )
-    result = train(cfg)
-    pipe = load_pipeline(TINY_MODEL, lora=result.lora_dir)
-    results = generate(
-        pipe, cfg.data.instance_prompt, seed=cfg.train.seed, num_images=4, steps=4, height=64, width=64
-    )
-    paths = save_images(results, out / "samples")
-    print("\n== dreambooth-kit demo: done ==")
-    print(f"model        : {TINY_MODEL} (random weights, SD 2.1 shapes, v-prediction)")
-    print(f"photos       : {Path(args.photos).resolve()}")
-    print(f"class images : {cfg.prior.class_dir} ({result.class_images_generated} generated this run)")
-    print(f"training     : {result.steps} steps, loss {result.losses[0]:.4f} -> {result.losses[-1]:.4f}")
-    print(f"LoRA         : {result.lora_path}")
-    print(f"images       : {', '.join(str(p) for p in paths)}")
-    print(f"total time   : {time.perf_counter() - t0:.1f} s")
+    for line in run_demo(args.photos, args.out, args.steps):
+        print(line)
     return 0
 
 
@@ -270,7 +240,7 @@ def build_parser() -> argparse.ArgumentParser:
     h.set_defaults(func=_cmd_push)
 
     d = sub.add_parser("demo", help="offline end-to-end run on the built-in tiny model")
-    d.add_argument("--photos", default=str(DEMO_PHOTOS))
+    d.add_argument("--photos", default=None, help="default: the five demo photos in the package")
     d.add_argument("--out", default="runs/demo")
     d.add_argument("--steps", type=int, default=30)
     d.set_defaults(func=_cmd_demo)

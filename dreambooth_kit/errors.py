@@ -16,3 +16,8 @@ class UserError(Exception):
 class InvalidInput(UserError, ValueError):
     """A bad argument or value (a size, a seed, a file that is not what it should be). Also a
     ValueError, so ``except ValueError`` in callers written before this class keeps working."""
+
+
+class MissingExtra(UserError, ImportError):
+    """An optional dependency a setting needs is not installed; the message names the setting and
+    the ``pip install`` command. Also an ImportError, for callers that catch that."""

@@ -95,6 +95,8 @@ class LoopState:
     bad_cycle: bool = False  # a non-finite loss inside the current accumulation cycle
     last_step_ok: bool = True
     last_checkpoint: Path | None = None
+    epoch: int = 0  # the data position, saved with each checkpoint for an exact resume
+    batch_in_epoch: int = 0
 
 
 def run(ctx: LoopState, dataloader, sampler, latent_cache, position: dict, signals) -> None:
@@ -106,6 +108,7 @@ def run(ctx: LoopState, dataloader, sampler, latent_cache, position: dict, signa
     cfg, acc, t = ctx.cfg, ctx.accelerator, ctx.cfg.train
     ctx.guard = NonFiniteGuard(t.max_nonfinite_steps)
     ctx.step, epoch, in_epoch = position["step"], position["epoch"], position["batch_in_epoch"]
+    ctx.epoch, ctx.batch_in_epoch = epoch, in_epoch
     encode = PromptEncoder(
         ctx.comps.tokenizer,
         ctx.text_encoder or ctx.comps.text_encoder,
@@ -140,8 +143,9 @@ def run(ctx: LoopState, dataloader, sampler, latent_cache, position: dict, signa
             if _due(cfg.validation.every_steps, ctx.step):
                 _validate(ctx)
             stop = signals.signum is not None
+            ctx.epoch, ctx.batch_in_epoch = epoch, in_epoch
             if ctx.last_step_ok and (stop or _due(cfg.checkpoint.every_steps, ctx.step)):
-                _checkpoint(ctx, epoch, in_epoch)
+                save_step_checkpoint(ctx)
             if stop:
                 bar.close()
                 hint = f"dreambooth-kit train --config {ctx.out / 'config.yaml'} train.resume=latest"
@@ -277,14 +281,16 @@ def _validate(ctx: LoopState) -> None:
     acc.wait_for_everyone()
 
 
-def _checkpoint(ctx: LoopState, epoch: int, in_epoch: int) -> None:
+def save_step_checkpoint(ctx: LoopState) -> Path:
+    """A checkpoint of the current step (every process must call it)."""
     from .checkpoints import save_checkpoint
 
     ctx.last_checkpoint = save_checkpoint(
         ctx.accelerator,
         ctx.out,
         ctx.step,
-        extra_state={"epoch": epoch, "batch_in_epoch": in_epoch},
+        extra_state={"epoch": ctx.epoch, "batch_in_epoch": ctx.batch_in_epoch},
         run_config=ctx.cfg.to_dict(),
         keep_last=ctx.cfg.checkpoint.keep_last,
     )
+    return ctx.last_checkpoint

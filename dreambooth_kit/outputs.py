@@ -1,23 +1,124 @@
 """The final outputs of a run: the LoRA (diffusers format + adapter metadata) or, for full
-fine-tunes, a complete pipeline. Both are written to a temp folder and renamed, never from
-non-finite weights."""
+fine-tunes, a complete pipeline.
+
+Nothing trained is lost at the end: a checkpoint of the final step is on disk before the final
+output is written (LoRA runs always, ~3x the LoRA's size; full fine-tunes when periodic checkpoints
+are on, since theirs hold the whole UNet and its optimizer state, ~10 GB at SD 2.1). The output is
+written to a temp folder and swapped in with the same atomic exchange as checkpoints, so a kill at any
+moment leaves either the old or the new output whole. A full disk, a file-size limit or a permission
+error is reported in one line with the space needed and how to finish (``train.resume=latest``).
+Non-finite weights are never written.
+"""
 
 from __future__ import annotations
 
+import errno
+import logging
+import secrets
 import shutil
 from pathlib import Path
 
 import torch
 
 from .config import DreamBoothConfig, save_config
+from .errors import UserError
+
+log = logging.getLogger("dreambooth_kit")
 
 LORA_WEIGHTS = "pytorch_lora_weights.safetensors"
 
 
-def save_final(cfg, accelerator, comps, unet, text_encoder, out: Path, source: str) -> Path:
-    if cfg.adapter.type == "full":
-        return save_pipeline(cfg, accelerator, comps, unet, text_encoder, out, source)
-    return save_lora(cfg, accelerator, unet, text_encoder, out)
+class FinalSaveError(UserError, OSError):
+    """The final LoRA/pipeline could not be written; the trained weights are in a checkpoint."""
+
+
+def save_final(run, source: str) -> Path:
+    """``run`` is the loop's state (loop.LoopState) after the last step."""
+    cfg = run.cfg
+    final = run.out / ("pipeline" if cfg.adapter.type == "full" else "lora")
+    from .checkpoints import CheckpointError
+
+    try:
+        checkpoint = _final_checkpoint(run)
+    except CheckpointError as e:  # still try the final output: a LoRA is a third of its checkpoint
+        log.warning("%s; writing the final output anyway", e)
+        checkpoint = None
+    try:
+        if cfg.adapter.type == "full":
+            return save_pipeline(cfg, run.accelerator, run.comps, run.unet, run.text_encoder, run.out, source)
+        return save_lora(cfg, run.accelerator, run.unet, run.text_encoder, run.out)
+    except OSError as e:
+        raise _final_save_error(e, final, checkpoint, run) from e
+    except Exception as e:  # safetensors' SafetensorError wraps "No space left on device (os error 28)"
+        if _reason(e, final) is None:
+            raise
+        raise _final_save_error(e, final, checkpoint, run) from e
+
+
+def _final_checkpoint(run) -> Path | None:
+    """The complete checkpoint of the final step, written now if the loop did not write one."""
+    from .checkpoints import list_checkpoints
+    from .loop import save_step_checkpoint
+
+    done = dict(list_checkpoints(run.out))
+    if run.step in done:
+        return done[run.step]
+    if run.cfg.adapter.type == "full" and run.cfg.checkpoint.every_steps is None:
+        return None
+    return save_step_checkpoint(run)
+
+
+def _reason(error: BaseException, folder: Path) -> str | None:
+    from .checkpoints import disk_full_reason
+
+    reason = disk_full_reason(error, folder)
+    if reason:
+        return reason
+    e: BaseException | None = error
+    while e is not None:
+        if isinstance(e, OSError) and e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+            return "permission denied"
+        e = e.__cause__ or e.__context__
+    return None
+
+
+def _final_save_error(error: BaseException, final: Path, checkpoint: Path | None, run) -> FinalSaveError:
+    reason = _reason(error, final) or f"{type(error).__name__}: {str(error).strip().splitlines()[0]}"
+    need = _output_bytes(run)
+    try:
+        free = f", {shutil.disk_usage(final.parent).free / 1e6:.1f} MB free"
+    except OSError:
+        free = ""
+    where = (
+        f"the trained weights are safe in {checkpoint}; fix that, then finish with: "
+        f"dreambooth-kit train --config {run.out / 'config.yaml'} train.resume=latest"
+        if checkpoint is not None
+        else _no_checkpoint_hint(run)
+    )
+    return FinalSaveError(
+        f"could not write {final} ({reason}; it needs about {need / 1e6:.1f} MB{free}); {where}"
+    )
+
+
+def _no_checkpoint_hint(run) -> str:
+    from .checkpoints import list_checkpoints
+
+    done = list_checkpoints(run.out)
+    newest = (
+        f"the newest complete checkpoint is {done[-1][1]} (step {done[-1][0]})" if done else "none was saved"
+    )
+    if run.cfg.adapter.type == "full" and run.cfg.checkpoint.every_steps is None:
+        return f"full fine-tunes checkpoint the final step only with checkpoint.every_steps; {newest}"
+    return f"the final step could not be checkpointed either; {newest}"
+
+
+def _output_bytes(run) -> int:
+    """What the final output weighs: the trainable tensors for a LoRA, every model for a pipeline."""
+    if run.cfg.adapter.type == "full":
+        half = run.cfg.train.save_precision == "fp16"
+        models = [run.comps.unet, run.comps.vae, run.comps.text_encoder]
+        return sum(p.numel() * (2 if half else 4) for m in models if m is not None for p in m.parameters())
+    return sum(p.numel() * 4 for p in run.params)
 
 
 def refuse_non_finite(tensors: dict[str, torch.Tensor], what: str) -> None:
@@ -29,9 +130,38 @@ def refuse_non_finite(tensors: dict[str, torch.Tensor], what: str) -> None:
         )
 
 
+def clean_tmp_outputs(out: Path) -> list[Path]:
+    """Remove temp folders a killed final save left in ``out`` (call under the folder lock)."""
+    removed = []
+    for pattern in (".tmp-lora*", ".tmp-pipeline*", ".tmp-replaced-lora-*", ".tmp-replaced-pipeline-*"):
+        for path in out.glob(pattern):
+            shutil.rmtree(path, ignore_errors=True)
+            log.info("removed %s, left by an interrupted final save", path)
+            removed.append(path)
+    return removed
+
+
+def _tmp_folder(out: Path, name: str) -> Path:
+    # A random suffix: a folder left by a killed save is never mistaken for this one (clean-up of
+    # `.tmp-*` happens at the next start, under the folder lock).
+    tmp = out / f".tmp-{name}-{secrets.token_hex(4)}"
+    tmp.mkdir(parents=True)
+    return tmp
+
+
+def _swap_in(tmp: Path, final: Path) -> Path:
+    """Make ``tmp`` the output ``final`` in one atomic step (an earlier output is replaced only with
+    train.overwrite or train.resume, checked before training)."""
+    from .checkpoints import _fsync_tree, _publish
+
+    _fsync_tree(tmp)
+    _publish(tmp, final)
+    return final
+
+
 def save_pipeline(cfg, accelerator, comps, unet, text_encoder, out: Path, source: str) -> Path:
     """Full fine-tune: a complete diffusers pipeline (safetensors) that
-    ``StableDiffusionPipeline.from_pretrained`` loads, written to a temp folder and renamed."""
+    ``StableDiffusionPipeline.from_pretrained`` loads."""
     from diffusers import StableDiffusionPipeline
 
     final = out / "pipeline"
@@ -48,22 +178,21 @@ def save_pipeline(cfg, accelerator, comps, unet, text_encoder, out: Path, source
     )
     pipe.scheduler = type(pipe.scheduler).from_config(comps.noise_scheduler.config)
     dtype = torch.float16 if cfg.train.save_precision == "fp16" else torch.float32
-    tmp = out / ".tmp-pipeline"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    pipe.to(dtype=dtype)
-    pipe.save_pretrained(tmp, safe_serialization=True)
-    save_config(cfg, tmp / "dreambooth_kit_config.yaml")
-    if final.exists():  # only with train.overwrite or train.resume (checked before training)
-        shutil.rmtree(final)
-    tmp.rename(final)
-    unet.to(dtype=torch.float32)
+    tmp = _tmp_folder(out, "pipeline")
+    try:
+        pipe.to(dtype=dtype)
+        pipe.save_pretrained(tmp, safe_serialization=True)
+        save_config(cfg, tmp / "dreambooth_kit_config.yaml")
+        _swap_in(tmp, final)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)  # gone after the swap; the old output after an exchange
+        unet.to(dtype=torch.float32)
     return final
 
 
 def save_lora(cfg: DreamBoothConfig, accelerator, unet, text_encoder, out: Path) -> Path:
     """Write ``lora/pytorch_lora_weights.safetensors`` (diffusers format + adapter metadata)
-    and the resolved config beside it, through a temp folder and a rename."""
+    and the resolved config beside it."""
     from diffusers import StableDiffusionPipeline
 
     from .adapters import lora_metadata, lora_state_dicts
@@ -76,19 +205,20 @@ def save_lora(cfg: DreamBoothConfig, accelerator, unet, text_encoder, out: Path)
         accelerator.unwrap_model(unet), accelerator.unwrap_model(text_encoder) if text_encoder else None
     )
     refuse_non_finite({**unet_sd, **(te_sd or {})}, "LoRA")
-    tmp = out / ".tmp-lora"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    StableDiffusionPipeline.save_lora_weights(
-        tmp,
-        unet_lora_layers=unet_sd,
-        text_encoder_lora_layers=te_sd,
-        unet_lora_adapter_metadata=lora_metadata(cfg.adapter),
-        text_encoder_lora_adapter_metadata=lora_metadata(cfg.adapter, text_encoder=True) if te_sd else None,
-        safe_serialization=True,
-    )
-    save_config(cfg, tmp / "config.yaml")
-    if lora_dir.exists():  # only with train.overwrite or train.resume (checked before training)
-        shutil.rmtree(lora_dir)
-    tmp.rename(lora_dir)
+    tmp = _tmp_folder(out, "lora")
+    try:
+        StableDiffusionPipeline.save_lora_weights(
+            tmp,
+            unet_lora_layers=unet_sd,
+            text_encoder_lora_layers=te_sd,
+            unet_lora_adapter_metadata=lora_metadata(cfg.adapter),
+            text_encoder_lora_adapter_metadata=lora_metadata(cfg.adapter, text_encoder=True)
+            if te_sd
+            else None,
+            safe_serialization=True,
+        )
+        save_config(cfg, tmp / "config.yaml")
+        _swap_in(tmp, lora_dir)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     return lora_dir

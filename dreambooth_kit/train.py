@@ -7,8 +7,11 @@ as ``dreambooth-kit train`` and as ``accelerate launch -m dreambooth_kit.train -
 from __future__ import annotations
 
 import argparse
+import contextlib
+import dataclasses
 import functools
 import logging
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,12 +19,21 @@ from pathlib import Path
 import torch
 
 from .config import DreamBoothConfig, save_config
+from .errors import MissingExtra, UserError
 
 # The loss functions live beside the step that uses them; re-exported as the public loss API.
 from .loop import diffusion_loss, diffusion_target, snr_weights  # noqa: F401
 from .outputs import LORA_WEIGHTS
 
 log = logging.getLogger("dreambooth_kit")
+
+
+class OutputDirError(UserError, OSError):
+    """``train.output_dir`` cannot hold a run (a file, or not writable)."""
+
+
+class LaunchError(UserError, RuntimeError):
+    """The processes launched are not the processes accelerate runs; the message has the command."""
 
 
 @dataclass
@@ -62,40 +74,47 @@ def train(cfg: DreamBoothConfig) -> TrainResult:
     from .loop import LoopState
     from .loop import run as run_loop
     from .models import load_components, resolve_model_cfg
-    from .outputs import save_final
+    from .outputs import clean_tmp_outputs, save_final
     from .preflight import preflight
+    from .versions import check_transformers_peft
 
     t0 = time.perf_counter()
+    accelerator = _make_accelerator(cfg, Path(cfg.train.output_dir))
+    check_launch(accelerator)  # before anything is written: a wrong launch trains twice into one folder
     out = _prepare_output_dir(cfg)
-    source = resolve_model_cfg(cfg.model)
-    report = preflight(cfg, prediction_type=_prediction_type(cfg, source), source=source)
-    accelerator = _make_accelerator(cfg, out)
-    set_seed(cfg.train.seed)
-    if accelerator.is_main_process:
-        save_config(cfg, out / "config.yaml")
-        clean_tmp(out)
-    resume_from = _resume_point(cfg, out)
+    with _lock_output_dir(cfg, out, accelerator):
+        check_transformers_peft(need_text_encoder_lora=cfg.adapter.train_text_encoder)
+        source = resolve_model_cfg(cfg.model)
+        report = preflight(cfg, prediction_type=_prediction_type(cfg, source), source=source)
+        _init_trackers(cfg, accelerator)
+        set_seed(cfg.train.seed)
+        if accelerator.is_main_process:
+            save_config(cfg, out / "config.yaml")
+            clean_tmp(out)
+            clean_tmp_outputs(out)
+        resume_from = _resume_point(cfg, out)
 
-    class_sets = _class_images(cfg, report, accelerator)
-    comps = load_components(cfg.model)
-    unet, text_encoder, params = _setup_models(cfg, comps, accelerator)
-    dataloader, sampler, latent_cache = _data(cfg, report, class_sets, comps, accelerator)
-    optimizer = _optimizer(cfg, params, accelerator.num_processes, text_encoder)
-    lr_scheduler = _lr_scheduler(cfg, optimizer, accelerator.num_processes)
-    unet, text_encoder, optimizer, dataloader, lr_scheduler = _prepare(
-        accelerator, cfg, unet, text_encoder, optimizer, dataloader, lr_scheduler
-    )
-    position = _restore(cfg, accelerator, unet, text_encoder, resume_from)
+        class_sets = _class_images(cfg, report, accelerator, out)
+        comps = load_components(cfg.model)
+        cfg = _record_prediction_type(cfg, comps, out, accelerator)
+        unet, text_encoder, params = _setup_models(cfg, comps, accelerator)
+        dataloader, sampler, latent_cache = _data(cfg, report, class_sets, comps, accelerator)
+        optimizer = _optimizer(cfg, params, accelerator.num_processes, text_encoder)
+        lr_scheduler = _lr_scheduler(cfg, optimizer, accelerator.num_processes)
+        unet, text_encoder, optimizer, dataloader, lr_scheduler = _prepare(
+            accelerator, cfg, unet, text_encoder, optimizer, dataloader, lr_scheduler
+        )
+        position = _restore(cfg, accelerator, unet, text_encoder, resume_from)
 
-    run = LoopState(cfg, accelerator, comps, unet, text_encoder, params, optimizer, lr_scheduler, out)
-    with StopSignals() as signals:
-        run_loop(run, dataloader, sampler, latent_cache, position, signals)
+        run = LoopState(cfg, accelerator, comps, unet, text_encoder, params, optimizer, lr_scheduler, out)
+        with StopSignals() as signals:
+            run_loop(run, dataloader, sampler, latent_cache, position, signals)
 
-    final_dir = save_final(cfg, accelerator, comps, unet, text_encoder, out, source)
-    if cfg.export.formats and accelerator.is_main_process:
-        from .export import run_exports
+        final_dir = save_final(run, source)
+        if cfg.export.formats and accelerator.is_main_process:
+            from .export import run_exports
 
-        run_exports(out, cfg.export.formats, fp16=cfg.export.fp16)
+            run_exports(out, cfg.export.formats, fp16=cfg.export.fp16)
     accelerator.end_training()
     seconds = time.perf_counter() - t0
     if accelerator.is_main_process:
@@ -126,7 +145,26 @@ def _prepare_output_dir(cfg: DreamBoothConfig) -> Path:
             f"{final.resolve()} already holds a trained {'model' if cfg.adapter.type == 'full' else 'LoRA'}. "
             "Choose another train.output_dir, or set train.overwrite=true to replace it."
         )
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / f".write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except (FileExistsError, NotADirectoryError):
+        blocker = next((p for p in [out, *out.parents] if p.exists() and not p.is_dir()), out)
+        raise OutputDirError(
+            f"train.output_dir: {blocker.resolve()} is a file, not a folder; choose another "
+            "train.output_dir or move the file away"
+        ) from None
+    except PermissionError:
+        raise OutputDirError(
+            f"train.output_dir: {out.resolve()} is not writable by this user; choose a folder you can "
+            "write to (e.g. under your home or /content on Colab)"
+        ) from None
+    except OSError as e:  # a read-only filesystem, a full disk before anything was written ...
+        raise OutputDirError(
+            f"train.output_dir: cannot write into {out.resolve()} ({e.strerror}); choose another folder"
+        ) from None
     return out
 
 
@@ -176,7 +214,7 @@ def _make_accelerator(cfg: DreamBoothConfig, out: Path):
         try:
             import tensorboard  # noqa: F401
         except ImportError:
-            raise ImportError(
+            raise MissingExtra(
                 "train.report_to=tensorboard needs tensorboard: pip install 'dreambooth_kit[tracking]'"
             ) from None
     # accelerate keeps its state in process-wide singletons: a second train() in the same process
@@ -184,15 +222,87 @@ def _make_accelerator(cfg: DreamBoothConfig, out: Path):
     # initialized". Clear the per-run parts; the distributed (PartialState) part stays as launched.
     AcceleratorState._reset_state(reset_partial_state=False)
     GradientState._reset_state()
-    accelerator = Accelerator(
+    return Accelerator(
         mixed_precision=t.mixed_precision,
         gradient_accumulation_steps=t.gradient_accumulation_steps,
         log_with=log_with,
         project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "logs")),
     )
-    if log_with:
+
+
+def _init_trackers(cfg: DreamBoothConfig, accelerator) -> None:
+    """After the folder lock: a refused second run must not write into the first one's logs/."""
+    if cfg.train.report_to != "none":
         accelerator.init_trackers("dreambooth_kit", config=_flat(cfg.to_dict()))
-    return accelerator
+
+
+def check_launch(accelerator, env: dict | None = None) -> None:
+    """Refuse a launch whose process count accelerate does not see.
+
+    ``torchrun --nproc_per_node 2`` on a machine without CUDA starts two processes that each set up a
+    single-process accelerator (accelerate only joins a CPU process group with ACCELERATE_USE_CPU=1):
+    two independent trainings racing on one folder. ``accelerate launch --cpu --num_processes 2``
+    starts one process without saying so. Both are caught here, before anything is written.
+    """
+    env = os.environ if env is None else env
+    try:
+        world = int(env.get("WORLD_SIZE", "1"))
+    except ValueError:
+        world = 1
+    if world > 1 and accelerator.num_processes != world:
+        raise LaunchError(
+            f"launched as {world} processes (WORLD_SIZE={world}) but accelerate runs "
+            f"{accelerator.num_processes}: each process would train on its own into one folder. "
+            f"On CPU: ACCELERATE_USE_CPU=1 torchrun --nproc_per_node {world} -m dreambooth_kit.train "
+            "--config ...; on GPUs: accelerate launch --multi_gpu --num_processes "
+            f"{world} -m dreambooth_kit.train --config ..."
+        )
+    # accelerate's simple launcher (used for --cpu) sets MASTER_ADDR/PORT only when more than one
+    # process was asked for, then starts one process without WORLD_SIZE.
+    simple_multi = "ACCELERATE_USE_CPU" in env and "MASTER_PORT" in env and "WORLD_SIZE" not in env
+    if simple_multi and accelerator.num_processes == 1:
+        raise LaunchError(
+            "`accelerate launch --cpu --num_processes N` starts ONE process (accelerate's CPU launcher "
+            "does not start more). For N processes on CPU use: ACCELERATE_USE_CPU=1 torchrun "
+            "--nproc_per_node N -m dreambooth_kit.train --config ...; for one process drop --num_processes"
+        )
+
+
+@contextlib.contextmanager
+def _lock_output_dir(cfg: DreamBoothConfig, out: Path, accelerator):
+    """The main process holds ``out``'s lock for the whole run; every process learns whether it got
+    it (so no rank waits forever at a barrier for a main process that was refused)."""
+    from accelerate.utils import gather_object
+
+    from .runlock import FolderInUse, FolderLock
+
+    lock, refusal = None, None
+    if accelerator.is_main_process:
+        try:
+            lock = FolderLock(out, "training").acquire()
+        except FolderInUse as e:
+            refusal = str(e)
+    refusals = [r for r in gather_object([refusal]) if r]
+    if refusals:
+        raise FolderInUse(refusals[0])
+    try:
+        yield
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _record_prediction_type(cfg: DreamBoothConfig, comps, out: Path, accelerator) -> DreamBoothConfig:
+    """Write the prediction type the model really has into the run's config.yaml, so exports label
+    the LoRA right (a v-prediction run marked epsilon gives noise in A1111) without resolving the
+    model again, and a resume uses the same one."""
+    kind = comps.noise_scheduler.config.prediction_type
+    if cfg.model.prediction_type == kind:
+        return cfg
+    cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, prediction_type=kind))
+    if accelerator.is_main_process:
+        save_config(cfg, out / "config.yaml")
+    return cfg
 
 
 def _flat(d: dict, prefix: str = "") -> dict:
@@ -206,7 +316,7 @@ def _flat(d: dict, prefix: str = "") -> dict:
     return flat
 
 
-def _class_images(cfg: DreamBoothConfig, report, accelerator):
+def _class_images(cfg: DreamBoothConfig, report, accelerator, out: Path):
     """Class images for every concept. Rank 0 generates; the others wait, then read the same files."""
     if not cfg.prior.with_prior_preservation:
         return None
@@ -221,8 +331,28 @@ def _class_images(cfg: DreamBoothConfig, report, accelerator):
             for c, r in zip(concepts_of(cfg), report.reports, strict=True)
         ]
 
-    result = each(True) if accelerator.is_main_process else None
-    accelerator.wait_for_everyone()
+    from accelerate.utils import gather_object
+
+    from .runlock import FolderInUse, FolderLock
+
+    result, refusal = None, None
+    if accelerator.is_main_process:
+        # A class folder shared by several runs is filled by one at a time; the others are refused
+        # (naming the holder) instead of writing the same files twice.
+        folders = sorted({Path(c.class_dir).resolve() for c in concepts_of(cfg)})
+        try:
+            with contextlib.ExitStack() as stack:
+                for folder in folders:
+                    if folder != out.resolve():  # output_dir itself is already locked by this run
+                        lock = FolderLock(folder, "class-image generation", setting="prior.class_dir")
+                        stack.enter_context(lock)
+                result = each(True)
+        except FolderInUse as e:
+            refusal = str(e)
+    # Also the barrier: the other ranks read the images only once rank 0 has finished them.
+    refusals = [r for r in gather_object([refusal]) if r]
+    if refusals:
+        raise FolderInUse(refusals[0])
     return result if result is not None else each(False)
 
 
@@ -329,7 +459,9 @@ def _optimizer(cfg: DreamBoothConfig, params, num_processes: int, text_encoder=N
         try:
             import bitsandbytes as bnb
         except ImportError:
-            raise ImportError(
+            from .errors import MissingExtra
+
+            raise MissingExtra(
                 "train.use_8bit_adam needs bitsandbytes (CUDA only): pip install 'dreambooth_kit[bnb]', "
                 "or set train.use_8bit_adam=false"
             ) from None

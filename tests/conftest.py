@@ -15,7 +15,7 @@ from pathlib import Path  # noqa: E402
 import pytest  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
-DEMO_PHOTOS = REPO / "data" / "demo_subject"
+DEMO_PHOTOS = REPO / "dreambooth_kit" / "demo_subject"
 
 
 @pytest.fixture(scope="session", autouse=True)

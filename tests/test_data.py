@@ -24,7 +24,7 @@ from dreambooth_kit.data import (
     preprocess,
 )
 
-DEMO = Path(__file__).resolve().parents[1] / "data" / "demo_subject"
+DEMO = Path(__file__).resolve().parents[1] / "dreambooth_kit" / "demo_subject"
 RED, GREEN, BLUE, YELLOW = (255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 0)
 
 

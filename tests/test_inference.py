@@ -222,7 +222,7 @@ def test_truncated_or_pickle_lora_is_refused(tiny_model, tmp_path, trained_run):
 
 
 def test_img2img_strength_zero_is_the_vae_reconstruction_and_strength_orders(pipe, tmp_path):
-    src = Image.open(sorted((Path(__file__).parents[1] / "data" / "demo_subject").glob("*.jpg"))[0]).convert(
+    src = Image.open(sorted((Path(__file__).parents[1] / "dreambooth_kit" / "demo_subject").glob("*.jpg"))[0]).convert(
         "RGB"
     )
     src = src.resize((64, 64))
@@ -247,7 +247,7 @@ def test_inpainting_keeps_unmasked_latents(pipe, monkeypatch):
 
     from dreambooth_kit import inference
 
-    src = Image.open(sorted((Path(__file__).parents[1] / "data" / "demo_subject").glob("*.jpg"))[1]).convert(
+    src = Image.open(sorted((Path(__file__).parents[1] / "dreambooth_kit" / "demo_subject").glob("*.jpg"))[1]).convert(
         "RGB"
     )
     src = src.resize((64, 64))

@@ -39,3 +39,30 @@ def test_notebook_runs_headless_in_tiny_mode(tmp_path):
     assert (out / "export" / "run_kohya.safetensors").exists()
     shown = [o for c in nb.cells for o in c.get("outputs", []) if o.get("output_type") == "display_data"]
     assert len(shown) == 2 and all("image/png" in o["data"] for o in shown)  # sample grid + your images
+
+
+def _install_cell() -> dict:
+    """The notebook's install cell, executed outside Colab (it installs nothing there)."""
+    nb = json.loads(NOTEBOOK.read_text())
+    cell = next(c for c in nb["cells"] if "_install_commands" in "".join(c["source"]))
+    namespace = {"PACKAGE_SOURCE": ""}
+    exec(compile("".join(cell["source"]), "install-cell", "exec"), namespace)
+    assert namespace["IN_COLAB"] is False
+    return namespace
+
+
+def test_notebook_installs_from_the_projects_own_source_never_an_index_name(tmp_path):
+    install = _install_cell()["_install_commands"]
+    text = NOTEBOOK.read_text()
+    assert '"dreambooth_kit[bnb,tracking]"' not in text and "pip install dreambooth_kit" not in text
+    with pytest.raises(SystemExit, match="PACKAGE_SOURCE"):
+        install("", tmp_path)  # nothing given, no wheel uploaded: say what to do
+    wheel = tmp_path / "dreambooth_kit-0.1.0-py3-none-any.whl"
+    wheel.write_bytes(b"")
+    (cmd,) = install("", tmp_path)  # an uploaded wheel is found by itself
+    assert cmd[-1] == f"dreambooth_kit[bnb,tracking] @ {wheel.as_uri()}"
+    clone, pip = install("https://example.org/me/dreambooth_kit.git", tmp_path / "other")
+    assert clone[:2] == ["git", "clone"] and clone[-2] == "https://example.org/me/dreambooth_kit.git"
+    checkout = tmp_path / "other" / "dreambooth_kit"
+    assert pip[-3:] == ["-c", str(checkout / "constraints.txt"), f"{checkout}[bnb,tracking]"]
+    assert "torch" not in " ".join(pip)  # Colab keeps its own CUDA build

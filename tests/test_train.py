@@ -424,3 +424,93 @@ def test_text_encoder_gets_its_own_learning_rate():
     assert [g["lr"] for g in opt.param_groups] == [1e-4, 5e-6]
     assert opt.param_groups[0]["params"] == [unet_p] and len(opt.param_groups[1]["params"]) == 2
     assert len(_optimizer(cfg, [unet_p], 1, None).param_groups) == 1
+
+
+# ------------------------------------------------------------------ reliability: folders, launches, records
+
+
+def test_resolved_prediction_type_is_recorded_in_the_run_config(trained_run):
+    """The tiny model is v-prediction and the config left model.prediction_type null: exports read
+    the resolved value from config.yaml instead of guessing (a v run labelled epsilon gives noise)."""
+    import yaml
+
+    assert trained_run["cfg"].model.prediction_type is None
+    result = trained_run["result"]
+    for path in (result.output_dir / "config.yaml", result.lora_dir / "config.yaml"):
+        assert yaml.safe_load(path.read_text())["model"]["prediction_type"] == "v_prediction", path
+
+
+@pytest.mark.parametrize("where", ["itself", "parent"])
+def test_output_dir_that_is_a_file_is_named(tmp_path, tiny_model, photos, where):
+    from dreambooth_kit.train import OutputDirError
+
+    blocker = tmp_path / "blocker"
+    blocker.write_text("not a folder")
+    out = blocker if where == "itself" else blocker / "run"
+    cfg = tiny_cfg(tmp_path, tiny_model, photos, **{"train.output_dir": str(out)})
+    with pytest.raises(OutputDirError, match=f"train.output_dir: {blocker} is a file, not a folder"):
+        train(cfg)
+    assert blocker.read_text() == "not a folder"
+
+
+class _Acc:
+    def __init__(self, n: int):
+        self.num_processes = n
+
+
+@pytest.mark.parametrize(
+    "env, n, expect",
+    [
+        ({"WORLD_SIZE": "2", "RANK": "0"}, 1, "ACCELERATE_USE_CPU=1 torchrun --nproc_per_node 2"),
+        ({"ACCELERATE_USE_CPU": "True", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29500"}, 1, "starts ONE process"),
+        ({"WORLD_SIZE": "2", "RANK": "1"}, 2, None),
+        ({"ACCELERATE_USE_CPU": "True"}, 1, None),  # `accelerate launch --cpu`, one process asked
+        ({}, 1, None),
+    ],
+)  # fmt: skip
+def test_launch_mismatch_is_refused_with_the_right_command(env, n, expect):
+    from dreambooth_kit.train import LaunchError, check_launch
+
+    if expect is None:
+        check_launch(_Acc(n), env)
+    else:
+        with pytest.raises(LaunchError, match=expect):
+            check_launch(_Acc(n), env)
+
+
+@pytest.mark.slow
+def test_torchrun_without_accelerate_use_cpu_is_refused_before_anything_is_written(
+    tmp_path, tiny_model, photos
+):
+    """Two processes that each think they are alone would train twice into one folder."""
+    import os
+
+    out = tmp_path / "run"
+    env = {k: v for k, v in os.environ.items() if k != "ACCELERATE_USE_CPU"}
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
+        "-m", "dreambooth_kit.train", "--config", "tiny.yaml", f"model.pretrained={tiny_model}",
+        f"data.instance_dir={photos}", f"prior.class_dir={tmp_path / 'cls'}", f"train.output_dir={out}",
+        "train.max_steps=1",
+    ]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240, cwd=tmp_path, env=env)
+    assert proc.returncode != 0
+    assert "launched as 2 processes (WORLD_SIZE=2) but accelerate runs 1" in proc.stderr, proc.stderr[-3000:]
+    assert "ACCELERATE_USE_CPU=1 torchrun --nproc_per_node 2 -m dreambooth_kit.train" in proc.stderr
+    assert not (tmp_path / "cls").exists() and not (out / "config.yaml").exists()
+
+
+@pytest.mark.slow
+def test_accelerate_launch_cpu_with_two_processes_is_refused(tmp_path, tiny_model, photos):
+    """accelerate's CPU launcher starts one process whatever --num_processes says."""
+    out = tmp_path / "run"
+    cmd = [
+        sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2",
+        "-m", "dreambooth_kit.train", "--config", "tiny.yaml", f"model.pretrained={tiny_model}",
+        f"data.instance_dir={photos}", f"prior.class_dir={tmp_path / 'cls'}", f"train.output_dir={out}",
+        "train.max_steps=1",
+    ]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240, cwd=tmp_path)
+    assert proc.returncode != 0
+    assert "starts ONE process" in proc.stderr and "ACCELERATE_USE_CPU=1 torchrun" in proc.stderr
+    assert not out.exists() and not (tmp_path / "cls").exists()
