@@ -222,11 +222,33 @@ def _make_accelerator(cfg: DreamBoothConfig, out: Path):
     # initialized". Clear the per-run parts; the distributed (PartialState) part stays as launched.
     AcceleratorState._reset_state(reset_partial_state=False)
     GradientState._reset_state()
-    return Accelerator(
+    accelerator = Accelerator(
         mixed_precision=t.mixed_precision,
         gradient_accumulation_steps=t.gradient_accumulation_steps,
         log_with=log_with,
         project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "logs")),
+    )
+    if t.mixed_precision == "fp16" and accelerator.device.type == "cpu":
+        _fp16_amp_on_cpu(accelerator)
+    return accelerator
+
+
+def _fp16_amp_on_cpu(accelerator) -> None:
+    """Run fp16 mixed precision on CPU exactly as on a GPU: fp16 autocast plus a GradScaler.
+
+    accelerate silently turns fp16 off on CPU (no autocast, no scaler) while ``mixed_precision``
+    still reads "fp16". Then the path every packaged SD config uses on a T4 (fp16 forward, fp32
+    LoRA params, loss scaling, the skipped step on an inf gradient) never runs anywhere without a GPU,
+    CI included. torch supports both on CPU (``torch.autocast("cpu", torch.float16)``,
+    ``torch.amp.GradScaler("cpu")``); these are the two attributes accelerate sets on a GPU, so every
+    later call (prepare, backward, clip_grad_norm_, optimizer_step_was_skipped) takes its GPU path.
+    Must run before ``prepare``, which hands the scaler to the optimizer wrapper.
+    """
+    accelerator.native_amp = True
+    accelerator.scaler = torch.amp.GradScaler("cpu")
+    log.warning(
+        "train.mixed_precision=fp16 on CPU: running true fp16 (as on a GPU), but CPU fp16 convolutions "
+        "are much slower than fp32; use train.mixed_precision=no or bf16 on CPU for speed"
     )
 
 

@@ -1,4 +1,5 @@
-"""Real-GPU checks (CUDA fp16 paths that cannot run on CPU). Skipped by default (`-m gpu` to run)."""
+"""Real-GPU checks: the same fp16 policy as tests/test_fp16.py, on CUDA kernels, and the automatic
+fp16 choice on CUDA. Skipped by default (`-m gpu` to run on a machine with CUDA)."""
 
 from __future__ import annotations
 
@@ -35,7 +36,7 @@ def test_fp16_generation_on_cuda_is_finite_and_seeded(tiny_model):
 
 
 def test_isolated_inf_gradient_is_skipped_under_fp16(tmp_path, tiny_model, photos, monkeypatch):
-    """Case 32: an inf gradient under fp16 AMP: GradScaler skips the step, it is counted, the LR
+    """An inf gradient under fp16 AMP: GradScaler skips the step, it is counted, the LR
     does not advance, training continues."""
     from dreambooth_kit.train import train
 
