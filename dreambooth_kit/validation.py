@@ -1,8 +1,9 @@
 """Sample images from the model being trained, every ``validation.every_steps`` steps.
 
 Validation must leave training exactly as it found it: the same RNG streams, the same module modes
-and the same dtypes (design.md §4.3: never cast the training UNet). Images follow the inference rule
-of design.md §6 (one CPU generator per image, seed + i), so step-to-step grids are comparable.
+and the same dtypes (the training UNet is never cast: under fp16 that would turn its fp32 LoRA
+params to fp16 and the GradScaler would refuse them). Images follow the inference rule (one CPU
+generator per image, seed + i), so step-to-step grids are comparable.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Model resolution and dtype decisions (design.md §4.4, §4.13; adversarial cases 36 and 43)."""
+"""Model resolution (hub id, folder, single file, pickles refused) and dtype decisions."""
 
 from __future__ import annotations
 
