@@ -1,4 +1,4 @@
-"""Training checkpoints: atomic saves, pruning after success, safe resume (design.md §4.8-4.9).
+"""Training checkpoints: atomic saves, pruning after success, safe resume.
 
 A checkpoint is ``<output_dir>/checkpoints/step-000250/``::
 
@@ -32,6 +32,8 @@ from typing import Any
 
 import torch
 
+from .errors import UserError
+
 log = logging.getLogger("dreambooth_kit")
 
 CHECKPOINTS = "checkpoints"
@@ -43,6 +45,9 @@ FORMAT_VERSION = 1
 
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 _LOW_SPACE = 1 << 20  # bytes free under which a failed write is taken for a full disk
+# What disk_full_reason() answers: the two ways a write runs out of room.
+NO_SPACE = "no space left"
+FILE_SIZE_LIMIT = "file size limit"
 
 # run.json fields that must match to resume: a different base model, resolution, precision or LoRA
 # shape either cannot load (shape mismatch) or silently trains something else.
@@ -59,7 +64,7 @@ COMPATIBILITY_FIELDS = (
 _LORA_ONLY_FIELDS = ("adapter.rank", "adapter.alpha", "adapter.target_modules")
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(UserError, RuntimeError):
     """A checkpoint could not be written, found or restored; the message says what to do."""
 
 
@@ -164,7 +169,8 @@ def save_checkpoint(
 
     Every process must call it (each writes its own RNG file; the main process writes the rest).
     On any failure the temporary folder is removed, nothing is pruned and earlier checkpoints are
-    untouched; a full disk raises ``CheckpointError("no space left while saving step-…; step-… intact")``.
+    untouched; a full disk raises ``CheckpointError("no space left while saving step-…; step-… intact …")``
+    and a file-size limit (``ulimit -f``) ``CheckpointError("file size limit reached while saving …")``.
     """
     from accelerate.utils import gather_object
 
@@ -212,9 +218,21 @@ def save_checkpoint(
             shutil.rmtree(tmp, ignore_errors=True)
         complete = _scan(root, logging.DEBUG)  # incl. an earlier save of this same step, if any
         intact = f"{complete[-1][1].name} intact" if complete else "no earlier checkpoint"
-        no_space, text = failure
-        if no_space:
-            raise CheckpointError(f"no space left while saving {name}; {intact}") from error
+        reason, text = failure
+        then = "then rerun with train.resume=latest"
+        if reason == FILE_SIZE_LIMIT:
+            limit = _file_size_limit()
+            most = f"; files may be at most {_mb(limit)} here" if limit is not None else ""
+            raise CheckpointError(
+                f"file size limit reached while saving {name}{most}; {intact} "
+                f"(raise it with `ulimit -f unlimited`, {then})"
+            ) from error
+        if reason is not None:
+            need = f"a checkpoint takes about {_mb(_size_of(complete[-1][1]))}; " if complete else ""
+            raise CheckpointError(
+                f"no space left while saving {name}; {intact} ({need}free space on the disk of "
+                f"{root.resolve()}, {then})"
+            ) from error
         raise CheckpointError(f"saving {name} failed ({text}); {intact}") from error
     if main:
         log.info("checkpoint saved: %s", final)
@@ -222,36 +240,82 @@ def save_checkpoint(
     return final
 
 
-def _describe(error: BaseException | None, folder: Path) -> tuple[bool, str] | None:
-    """(is it a full disk, text): a picklable summary to share between processes."""
+def _describe(error: BaseException | None, folder: Path) -> tuple[str | None, str] | None:
+    """(disk_full_reason, text): a picklable summary to share between processes."""
     if error is None:
         return None
-    return _is_no_space(error, folder), f"{type(error).__name__}: {_short(error)}"
+    return disk_full_reason(error, folder), f"{type(error).__name__}: {_short(error)}"
 
 
-def _first_failure(summaries: list) -> tuple[bool, str] | None:
+def _first_failure(summaries: list) -> tuple[str | None, str] | None:
     failures = [s for s in summaries if s is not None]
     return failures[0] if failures else None
 
 
-def _is_no_space(error: BaseException, folder: Path) -> bool:
-    # Only Python's own writes raise OSError(ENOSPC). On a full disk safetensors raises
-    # SafetensorError("... No space left on device (os error 28)") and torch.save a RuntimeError
-    # ("unexpected pos 576 vs 534"), so also look at the text and at the space left right now
-    # (before the temporary folder is removed).
+_ERRNO_REASONS = {errno.ENOSPC: NO_SPACE, errno.EDQUOT: NO_SPACE, errno.EFBIG: FILE_SIZE_LIMIT}
+_TEXT_REASONS = (
+    ("No space left on device", NO_SPACE),
+    ("os error 28", NO_SPACE),  # ENOSPC as Rust (safetensors) prints it
+    ("Disk quota exceeded", NO_SPACE),
+    ("File too large", FILE_SIZE_LIMIT),
+    ("os error 27", FILE_SIZE_LIMIT),  # EFBIG
+)
+
+
+def disk_full_reason(error: BaseException, folder: Path) -> str | None:
+    """Whether a failed write into ``folder`` ran out of room: :data:`NO_SPACE` (a full disk or
+    quota), :data:`FILE_SIZE_LIMIT` (``ulimit -f``, EFBIG) or None (another failure).
+
+    Call it before the partly written files are removed. Only Python's own writes raise
+    OSError(ENOSPC/EFBIG). safetensors raises SafetensorError("... File too large (os error 27)"),
+    and torch.save a RuntimeError ("[enforce fail at inline_container.cc] unexpected pos 576 vs
+    534") that names neither, so the files left in ``folder`` and the space left right now are
+    looked at too. (CPython ignores SIGXFSZ, so exceeding the limit is an error, not a kill.)
+    """
     seen = set()
     e: BaseException | None = error
     while e is not None and id(e) not in seen:
         seen.add(id(e))
-        if isinstance(e, OSError) and e.errno == errno.ENOSPC:
-            return True
-        if "No space left on device" in str(e) or "os error 28" in str(e):
-            return True
+        if isinstance(e, OSError) and e.errno in _ERRNO_REASONS:
+            return _ERRNO_REASONS[e.errno]
+        for text, reason in _TEXT_REASONS:
+            if text in str(e):
+                return reason
         e = e.__cause__ or e.__context__
+    limit = _file_size_limit()
+    # A write stopped by the limit leaves its file exactly `limit` bytes long.
+    if limit is not None and folder.is_dir() and any(p.stat().st_size >= limit for p in _files(folder)):
+        return FILE_SIZE_LIMIT
     try:
-        return shutil.disk_usage(folder if folder.exists() else folder.parent).free < _LOW_SPACE
+        if shutil.disk_usage(folder if folder.exists() else folder.parent).free < _LOW_SPACE:
+            return NO_SPACE
     except OSError:
-        return False
+        pass
+    return None
+
+
+def _is_no_space(error: BaseException, folder: Path) -> bool:
+    """True when the write ran out of room in any way :func:`disk_full_reason` knows (a full
+    disk, a quota or a file-size limit); use that function for which one."""
+    return disk_full_reason(error, folder) is not None
+
+
+def _file_size_limit() -> int | None:
+    """The largest file this process may write (``ulimit -f``, in bytes), or None for no limit."""
+    try:
+        import resource
+    except ImportError:  # Windows: no such limit
+        return None
+    soft, _hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    return None if soft == resource.RLIM_INFINITY else soft
+
+
+def _size_of(folder: Path) -> int:
+    return sum(p.stat().st_size for p in _files(folder))
+
+
+def _mb(n: int) -> str:
+    return f"{n / 1e6:.1f} MB" if n >= 100_000 else f"{n} bytes"
 
 
 def _short(error: BaseException, limit: int = 300) -> str:

@@ -1,6 +1,8 @@
 """``dreambooth-kit`` subcommands: parse arguments, call the public API, print results.
 
-No logic of its own beyond turning known errors into one clear message and a non-zero exit code.
+No logic of its own beyond turning known errors into one clear message and a non-zero exit code:
+a :class:`~dreambooth_kit.errors.UserError` (or an OS error about a path) is ``error: <message>``
+and exit code 2; anything else is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
@@ -8,42 +10,64 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import re
 import sys
 from pathlib import Path
 
+from .errors import InvalidInput, UserError
 
-def _user_errors() -> tuple[type[BaseException], ...]:
-    from .checkpoints import CheckpointError
-    from .config import ConfigError
-    from .data import DataError
-    from .hub import HubError
-    from .models import ModelLoadError
-    from .preflight import PreflightError
-    from .prior import ClassImageError
+# One level word per line, from the record: messages never carry their own ("WARNING WARNING ...").
+LOG_FORMAT = "%(levelname)s %(message)s"
 
-    return (
-        ConfigError,
-        DataError,
-        PreflightError,
-        ModelLoadError,
-        ClassImageError,
-        CheckpointError,
-        HubError,
-        FileExistsError,
-        FileNotFoundError,
-        ImportError,
-        FloatingPointError,  # non-finite images: the message says what to change
-        ValueError,  # bad arguments (sizes, seeds, LoRA for another model), named in the message
-    )
+
+# OS errors that are about a path the user gave (a file where a folder should be, a missing or
+# unreadable file): the message names the path, so one line says it all.
+_PATH_ERRORS = (FileExistsError, FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)
+
+
+def _path_error_text(e: OSError) -> str:
+    if e.filename is None or not e.strerror:
+        return str(e)  # raised by us with a full message
+    target = f" -> {e.filename2}" if e.filename2 else ""
+    return f"{e.filename}{target}: {e.strerror}"
 
 
 def user_errors_to_exit_code(fn, *args) -> int:
-    """Known user-facing errors -> one clear line on stderr and exit code 2 (no traceback)."""
+    """User-caused errors -> ``error: <message>`` on stderr and exit code 2 (no traceback).
+
+    Ctrl-C -> one line and exit code 130 (128 + SIGINT). Every other exception propagates with its
+    traceback: it is a bug to report, and hiding it would hide where it happened.
+    """
     try:
         return fn(*args)
-    except _user_errors() as e:
+    except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except _PATH_ERRORS as e:
+        print(f"error: {_path_error_text(e)}", file=sys.stderr)
+        return 2
+    except FloatingPointError as e:  # non-finite images: the message says what to change
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt as e:
+        print(str(e) or "interrupted (Ctrl-C)", file=sys.stderr)
+        return getattr(e, "exit_code", 130)
+
+
+class _DropKnownNoise(logging.Filter):
+    """transformers logs "`CLIPImageProcessor` requires torchvision (not installed); falling back
+    to ..." (and the same for Siglip) whenever diffusers imports its pipelines. We never use an
+    image processor, so on every command these were two lines of noise. Only those messages are
+    dropped; every other transformers warning still shows."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "requires torchvision (not installed); falling back" not in record.getMessage()
+
+
+def _quiet_known_warnings() -> None:
+    logger = logging.getLogger("transformers.utils.import_utils")
+    if not any(isinstance(f, _DropKnownNoise) for f in logger.filters):
+        logger.addFilter(_DropKnownNoise())
 
 
 def run_train(config: str, overrides: list[str]) -> int:
@@ -53,6 +77,7 @@ def run_train(config: str, overrides: list[str]) -> int:
     from .guards import NonFiniteLossError, TrainingInterrupted
     from .train import train
 
+    _quiet_known_warnings()  # also reached from `python -m dreambooth_kit.train`
     cfg = load_config(config, overrides)
     try:
         result = train(cfg)
@@ -73,17 +98,52 @@ def _cmd_train(args) -> int:
     return run_train(args.config, args.overrides)
 
 
+# Photos checked without --config are judged as for this config's training (512 px).
+CHECK_DATA_DEFAULT_CONFIG = "sd21_base_lora.yaml"
+_OVERRIDE = re.compile(r"^[A-Za-z_][\w.\[\]]*=")
+
+
 def _cmd_check_data(args) -> int:
     from .config import load_config
     from .models import resolve_model_cfg
-    from .preflight import preflight
+    from .preflight import load_tokenizer_only, preflight
     from .train import _prediction_type
 
-    cfg = load_config(args.config, args.overrides)
-    source = resolve_model_cfg(cfg.model)
-    report = preflight(cfg, prediction_type=_prediction_type(cfg, source), source=source)
+    folders = [a for a in args.args if not _OVERRIDE.match(a)]
+    overrides = [a for a in args.args if _OVERRIDE.match(a)]
+    if len(folders) > 1:
+        raise InvalidInput(
+            f"check-data takes one photo folder, got {len(folders)}: {', '.join(folders)} "
+            "(overrides are written key=value, e.g. data.resolution=768)"
+        )
+    if folders:  # before the overrides: an explicit data.instance_dir=... still wins
+        overrides = [f"data.instance_dir={folders[0]}", *overrides]
+    log = logging.getLogger("dreambooth_kit")
+    if args.config is None:
+        if not folders and not any(o.startswith("data.instance_dir=") for o in overrides):
+            raise InvalidInput(
+                "check-data: give the photo folder (dreambooth-kit check-data photos/) or --config"
+            )
+        # Photos only: the default config's prompts and folders are not the user's, and no model
+        # (not even its tokenizer) is needed, so this works offline before anything is downloaded.
+        cfg = load_config(CHECK_DATA_DEFAULT_CONFIG, overrides)
+        report = preflight(cfg, check_folders=False)
+        scope = f" (photos only, checked for {cfg.data.resolution} px training; add --config to check prompts too)"
+    else:
+        cfg = load_config(args.config, overrides)
+        source = resolve_model_cfg(cfg.model)
+        tokenizer = load_tokenizer_only(source, local_only=True)  # never a download
+        scope = ""
+        if tokenizer is None:
+            log.info(
+                "prompt checks skipped: the tokenizer of %s is not on this machine yet "
+                "(the first `dreambooth-kit train` downloads it)",
+                cfg.model.pretrained,
+            )
+            scope = " (prompts not checked)"
+        report = preflight(cfg, tokenizer, prediction_type=_prediction_type(cfg, source))
     n = sum(len(r.images) for r in report.reports)
-    print(f"{n} usable images, {len(report.warnings)} warnings, 0 errors")
+    print(f"{n} usable images, {len(report.warnings)} warnings, 0 errors{scope}")
     return 0
 
 
@@ -179,9 +239,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     t.set_defaults(func=_cmd_train)
 
-    c = sub.add_parser("check-data", help="run the preflight checks only (no model weights loaded)")
-    c.add_argument("--config", required=True)
-    c.add_argument("overrides", nargs="*")
+    c = sub.add_parser(
+        "check-data",
+        help="check photos (with --config also prompts, folders, settings); loads no model weights",
+    )
+    c.add_argument(
+        "--config", default=None, help="YAML path or packaged name; without it only the photos are checked"
+    )
+    c.add_argument(
+        "args",
+        nargs="*",
+        metavar="FOLDER | key=value",
+        help="the photo folder and/or dotted overrides: check-data photos/ data.resolution=768",
+    )
     c.set_defaults(func=_cmd_check_data)
 
     g = sub.add_parser("generate", help="seeded images from a base model (+ LoRAs)")
@@ -257,8 +327,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(levelname)s %(message)s",
+        format=LOG_FORMAT,
         stream=sys.stderr,
     )
+    _quiet_known_warnings()
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     return user_errors_to_exit_code(args.func, args)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import re
 import types
 import typing
@@ -19,17 +20,25 @@ from typing import Any, Literal
 
 import yaml
 
+from .errors import UserError
+
 CONFIG_VERSION = 1
 TINY_MODEL = "builtin:tiny-sd2"
+# numpy's legacy seeding (which accelerate's set_seed calls) takes 0 .. 2**32 - 1 only.
+MAX_SEED = 2**32 - 1
 
 
-class ConfigError(ValueError):
-    """Raised with *all* problems found, one per line, each naming the dotted field."""
+class ConfigError(UserError, ValueError):
+    """Raised with *all* problems found, each naming the dotted field (or the file) and the fix.
+    One problem is one line; several are listed one per line under a count."""
 
     def __init__(self, problems: list[str]):
         self.problems = list(problems)
-        noun = "problem" if len(problems) == 1 else "problems"
-        super().__init__(f"{len(problems)} config {noun}:\n" + "\n".join(f"  - {p}" for p in problems))
+        if len(problems) == 1:
+            super().__init__(problems[0])
+        else:
+            listing = "\n".join(f"  - {p}" for p in problems)
+            super().__init__(f"{len(problems)} config problems:\n{listing}")
 
 
 @dataclass
@@ -40,7 +49,7 @@ class ModelConfig:
     revision: str | None = None
     variant: str | None = None
     # None = trust the scheduler config of the model. Single-file SD2 checkpoints cannot tell
-    # epsilon from v-prediction (design.md §4.6), so the user must be able to say it.
+    # epsilon from v-prediction (the file holds no scheduler config), so the user must be able to say it.
     prediction_type: Literal["epsilon", "v_prediction"] | None = None
     # .ckpt/.bin files are pickles that can run code on load: opt-in only.
     allow_pickle: bool = False
@@ -277,14 +286,21 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
     if tp is float:
         if isinstance(value, bool):
             raise ValueError(f"{where}: expected a number, got {value!r}")
+        number = None
         if isinstance(value, (int, float)):
-            return float(value)
-        if isinstance(value, str):
+            number = float(value)
+        elif isinstance(value, str):
             try:
-                return float(value)  # "1e-4": PyYAML 1.1 leaves it a string
+                number = float(value)  # "1e-4": PyYAML 1.1 leaves it a string
             except ValueError:
                 pass
-        raise ValueError(f"{where}: expected a number, got {value!r}")
+        if number is None:
+            raise ValueError(f"{where}: expected a number, got {value!r}")
+        if not math.isfinite(number):
+            # float() accepts "nan" and "inf"; no setting means anything with them (a NaN learning
+            # rate trains NaN weights for max_steps before anything notices).
+            raise ValueError(f"{where}: {value!r} is not a finite number; give a real value")
+        return number
     if tp is str:
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
             return str(value)
@@ -327,6 +343,8 @@ def _build(cls: type, data: Any, where: str, problems: list[str]) -> Any:
 
 
 def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    """Set ``a.b.c`` in ``tree``. A mapping value is merged into the mapping already there
+    (``{"train": {"max_steps": 2}}`` changes one key, it does not reset the rest of ``train``)."""
     parts = dotted.split(".")
     node = tree
     for p in parts[:-1]:
@@ -334,7 +352,12 @@ def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
         if not isinstance(nxt, dict):
             nxt = node[p] = {}
         node = nxt
-    node[parts[-1]] = value
+    last = parts[-1]
+    if isinstance(value, dict) and isinstance(node.get(last), dict):
+        for key, sub in value.items():
+            _set_dotted(node[last], str(key), sub)
+    else:
+        node[last] = value
 
 
 def _parse_raw(raw: str) -> Any:
@@ -354,6 +377,58 @@ def packaged_configs() -> list[str]:
     )
 
 
+class _DuplicateKey(yaml.MarkedYAMLError):
+    pass
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, except that a key written twice in one mapping is an error. PyYAML
+    keeps the last one silently: a second ``train:`` section would drop every key of the first."""
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            first_line: dict[Any, int] = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *defaults` may repeat keys on purpose
+                    continue
+                key = self.construct_object(key_node, deep=True)
+                line = key_node.start_mark.line + 1
+                try:
+                    earlier = first_line.get(key)
+                except TypeError:  # an unhashable key: the base class reports it
+                    continue
+                if earlier is not None:
+                    raise _DuplicateKey(
+                        problem=f"{key!r} is written twice (line {earlier} and line {line}); "
+                        "keep one and merge their contents",
+                        problem_mark=key_node.start_mark,
+                    )
+                first_line[key] = line
+        return super().construct_mapping(node, deep=deep)
+
+
+def _read_text(p: Path, shown: str) -> str:
+    if p.is_dir():
+        inside = p / "config.yaml"
+        hint = f" (a run folder: use {inside})" if inside.is_file() else ""
+        raise ConfigError([f"{shown}: is a folder, not a config file; pass a .yaml file{hint}"])
+    try:
+        data = p.read_bytes()
+    except OSError as e:
+        raise ConfigError(
+            [f"{shown}: cannot be read ({e.strerror or e}); check the path and its permissions"]
+        ) from None
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(
+            [
+                f"{shown}: not UTF-8 text (byte 0x{data[e.start]:02x} at position {e.start}); "
+                "save it as UTF-8 (or check that it is the YAML file you meant)"
+            ]
+        ) from None
+
+
 def _read_yaml(path: str | Path) -> dict[str, Any]:
     p = Path(path)
     if not p.exists() and not p.is_absolute() and str(path) in packaged_configs():
@@ -363,9 +438,18 @@ def _read_yaml(path: str | Path) -> dict[str, Any]:
             [f"config file not found: {p.resolve()} (packaged configs: {', '.join(packaged_configs())})"]
         )
     else:
-        text = p.read_text()
+        text = _read_text(p, str(path))
     try:
-        data = yaml.safe_load(text) or {}
+        data = yaml.load(text, Loader=_StrictLoader) or {}
+    except yaml.MarkedYAMLError as e:
+        mark = e.problem_mark or e.context_mark
+        where = f"{path}, line {mark.line + 1}" if mark is not None else str(path)
+        what = "duplicate key" if isinstance(e, _DuplicateKey) else "not valid YAML"
+        context = e.context
+        if context and e.context_mark is not None and e.context_mark is not mark:
+            context = f"{context} (line {e.context_mark.line + 1})"
+        problem = " ".join(str(x) for x in (context, e.problem) if x)
+        raise ConfigError([f"{where}: {what}: {problem}"]) from None
     except yaml.YAMLError as e:
         raise ConfigError([f"{path}: not valid YAML: {e}"]) from None
     if not isinstance(data, dict):
@@ -381,8 +465,9 @@ def load_config(
 ) -> DreamBoothConfig:
     """Load a YAML (a path, or the name of a packaged config) plus overrides, strictly.
 
-    ``overrides`` are dotted ``section.key=value`` strings (the CLI form) or a ``{dotted: value}`` dict.
-    Raises :class:`ConfigError` listing every problem at once.
+    ``overrides`` are dotted ``section.key=value`` strings (the CLI form) or a dict whose keys are
+    dotted (``{"train.max_steps": 2}``) or sections (``{"train": {"max_steps": 2}}``); a mapping is
+    merged into the section, never replacing it. Raises :class:`ConfigError` listing every problem at once.
     """
     tree = _read_yaml(path) if path is not None else {}
     problems: list[str] = []
@@ -428,15 +513,13 @@ def _concept_fields(cfg: DreamBoothConfig) -> list[tuple[str, ConceptConfig]]:
 
 
 def validate(cfg: DreamBoothConfig, *, check_paths: bool = False) -> list[str]:
-    """Cross-field checks. Returns every problem (empty list = valid)."""
+    """Cross-field and range checks. Returns every problem (empty list = valid)."""
     p: list[str] = []
     d, pr, a, t = cfg.data, cfg.prior, cfg.adapter, cfg.train
     if cfg.version != CONFIG_VERSION:
         p.append(f"version: {cfg.version} is not supported (this toolkit reads version {CONFIG_VERSION})")
     if d.resolution <= 0 or d.resolution % 8:
         p.append(f"data.resolution: {d.resolution} must be a positive multiple of 8 (the VAE downsamples 8x)")
-    if d.min_size < 1:
-        p.append("data.min_size: must be >= 1")
     for where, c in _concept_fields(cfg):
         inst_key = f"{where}.instance_prompt" if where else "data.instance_prompt"
         dir_key = f"{where}.instance_dir" if where else "data.instance_dir"
@@ -466,56 +549,11 @@ def validate(cfg: DreamBoothConfig, *, check_paths: bool = False) -> list[str]:
                     f"{cls_key}: equals {inst_key}; the class prompt must describe the "
                     "generic class without the identifier (e.g. 'a photo of a dog')"
                 )
-    if pr.with_prior_preservation:
-        if pr.num_class_images < 1:
-            p.append("prior.num_class_images: must be >= 1 with prior preservation")
-        if pr.class_images_per_instance is not None and pr.class_images_per_instance < 1:
-            p.append("prior.class_images_per_instance: must be >= 1 (or null)")
-        if pr.prior_loss_weight < 0:
-            p.append("prior.prior_loss_weight: must be >= 0")
-    if pr.sample_steps < 1:
-        p.append("prior.sample_steps: must be >= 1")
-    if pr.sample_batch_size < 1:
-        p.append("prior.sample_batch_size: must be >= 1")
-    if a.rank < 1:
-        p.append(f"adapter.rank: {a.rank} must be >= 1")
-    if a.alpha is not None and a.alpha <= 0:
-        p.append("adapter.alpha: must be > 0 (or null for alpha = rank)")
-    if not 0 <= a.dropout < 1:
-        p.append("adapter.dropout: must be in [0, 1)")
+    p += _range_problems(cfg)
     if not a.target_modules:
         p.append("adapter.target_modules: at least one module name is needed")
-    if t.max_steps < 1:
-        p.append("train.max_steps: must be >= 1")
-    if t.batch_size < 1:
-        p.append("train.batch_size: must be >= 1")
-    if t.gradient_accumulation_steps < 1:
-        p.append("train.gradient_accumulation_steps: must be >= 1")
-    if t.learning_rate <= 0:
-        p.append("train.learning_rate: must be > 0")
-    if t.lr_warmup_steps < 0:
-        p.append("train.lr_warmup_steps: must be >= 0")
-    if t.snr_gamma is not None and t.snr_gamma <= 0:
-        p.append("train.snr_gamma: must be > 0 (5.0 is the paper's value) or null")
-    if t.noise_offset < 0:
-        p.append("train.noise_offset: must be >= 0")
-    if t.max_grad_norm <= 0:
-        p.append("train.max_grad_norm: must be > 0")
-    if t.log_every < 1:
-        p.append("train.log_every: must be >= 1")
     if not t.output_dir:
         p.append("train.output_dir: required")
-    if t.max_nonfinite_steps < 1:
-        p.append("train.max_nonfinite_steps: must be >= 1")
-    ck, v = cfg.checkpoint, cfg.validation
-    if ck.every_steps is not None and ck.every_steps < 1:
-        p.append("checkpoint.every_steps: must be >= 1 (or null for none)")
-    if ck.keep_last is not None and ck.keep_last < 1:
-        p.append("checkpoint.keep_last: must be >= 1 (or null to keep all)")
-    if v.every_steps is not None and v.every_steps < 1:
-        p.append("validation.every_steps: must be >= 1 (or null for none)")
-    if v.num_images < 1 or v.steps < 1:
-        p.append("validation.num_images and validation.steps: must be >= 1")
     if cfg.export.formats and a.type == "full":
         p.append("export.formats: exports are for LoRA runs; a full fine-tune already writes run/pipeline")
     if cfg.concepts and (d.instance_dir or d.identifier):
@@ -524,6 +562,84 @@ def validate(cfg: DreamBoothConfig, *, check_paths: bool = False) -> list[str]:
             "concepts (data.instance_prompt is ignored then) or remove the concepts list"
         )
     return p
+
+
+_SEED_RULE = f"in 0..{MAX_SEED} (the seed range numpy and torch generators share)"
+
+
+def _range_problems(cfg: DreamBoothConfig) -> list[str]:
+    """Every number in the schema against its range, at load time: out of range, each would fail
+    (or silently misbehave) only once training reaches the code that uses it, without naming the key.
+    Non-finite floats are already refused by the type coercion. Optional fields that are null
+    (None) are not checked."""
+    m, d, pr, a, t = cfg.model, cfg.data, cfg.prior, cfg.adapter, cfg.train
+    ck, v = cfg.checkpoint, cfg.validation
+    prior = pr.with_prior_preservation
+
+    def seed(x):
+        return 0 <= x <= MAX_SEED
+
+    def pos(x):
+        return x > 0
+
+    def at_least_1(x):
+        return x >= 1
+
+    def not_negative(x):
+        return x >= 0
+
+    def beta(x):
+        return 0 <= x < 1
+
+    # (key, value, is it fine, the rule as the message states it)
+    rows: list[tuple[str, Any, Any, str]] = [
+        ("model.native_resolution", m.native_resolution, lambda x: x > 0 and x % 8 == 0,
+         "a positive multiple of 8 (512 for 2-1-base, 768 for 2-1)"),
+        ("data.min_size", d.min_size, at_least_1, ">= 1"),
+        ("data.num_workers", d.num_workers, not_negative, ">= 0 (0 = load images in the training process)"),
+        ("prior.num_class_images", pr.num_class_images if prior else None, at_least_1,
+         ">= 1 with prior preservation"),
+        ("prior.class_images_per_instance", pr.class_images_per_instance if prior else None, at_least_1,
+         ">= 1 (or null)"),
+        ("prior.prior_loss_weight", pr.prior_loss_weight if prior else None, not_negative, ">= 0"),
+        ("prior.sample_steps", pr.sample_steps, at_least_1, ">= 1"),
+        ("prior.guidance_scale", pr.guidance_scale, not_negative, ">= 0 (7.5 is usual)"),
+        ("prior.sample_batch_size", pr.sample_batch_size, at_least_1, ">= 1"),
+        ("prior.seed", pr.seed, seed, _SEED_RULE + " or null"),
+        ("adapter.rank", a.rank, at_least_1, ">= 1"),
+        ("adapter.alpha", a.alpha, pos, "> 0 (or null for alpha = rank)"),
+        ("adapter.dropout", a.dropout, lambda x: 0 <= x < 1, "in [0, 1)"),
+        ("train.seed", t.seed, seed, _SEED_RULE),
+        ("train.max_steps", t.max_steps, at_least_1, ">= 1"),
+        ("train.batch_size", t.batch_size, at_least_1, ">= 1"),
+        ("train.gradient_accumulation_steps", t.gradient_accumulation_steps, at_least_1, ">= 1"),
+        ("train.learning_rate", t.learning_rate, pos, "> 0 (1e-4 is usual for a LoRA)"),
+        ("train.text_encoder_learning_rate", t.text_encoder_learning_rate, pos, "> 0 (or null)"),
+        ("train.lr_warmup_steps", t.lr_warmup_steps, not_negative, ">= 0"),
+        ("train.adam_beta1", t.adam_beta1, beta, "in [0, 1) (0.9 is usual)"),
+        ("train.adam_beta2", t.adam_beta2, beta, "in [0, 1) (0.999 is usual)"),
+        ("train.adam_weight_decay", t.adam_weight_decay, not_negative, ">= 0"),
+        ("train.adam_epsilon", t.adam_epsilon, pos, "> 0 (1e-8 is usual)"),
+        ("train.max_grad_norm", t.max_grad_norm, pos, "> 0"),
+        ("train.snr_gamma", t.snr_gamma, pos, "> 0 (5.0 is the paper's value) or null"),
+        ("train.noise_offset", t.noise_offset, not_negative, ">= 0"),
+        ("train.log_every", t.log_every, at_least_1, ">= 1"),
+        ("train.max_nonfinite_steps", t.max_nonfinite_steps, at_least_1, ">= 1"),
+        ("checkpoint.every_steps", ck.every_steps, at_least_1, ">= 1 (or null for none)"),
+        ("checkpoint.keep_last", ck.keep_last, at_least_1, ">= 1 (or null to keep all)"),
+        ("validation.every_steps", v.every_steps, at_least_1, ">= 1 (or null for none)"),
+        ("validation.num_images", v.num_images, at_least_1, ">= 1"),
+        ("validation.seed", v.seed, seed, _SEED_RULE),
+        ("validation.steps", v.steps, at_least_1, ">= 1"),
+        ("validation.guidance_scale", v.guidance_scale, not_negative, ">= 0 (7.5 is usual)"),
+    ]  # fmt: skip
+    for i, c in enumerate(cfg.concepts):
+        rows.append((f"concepts[{i}].num_class_images", c.num_class_images, at_least_1, ">= 1 (or null)"))
+    return [
+        f"{key}: {value} must be {rule}"
+        for key, value, ok, rule in rows
+        if value is not None and not ok(value)
+    ]
 
 
 def save_config(cfg: DreamBoothConfig, path: str | Path) -> Path:

@@ -1,12 +1,15 @@
 """Instance/class images: find them, check them all before any model loads, load them one way, batch them.
 
 Every image that reaches training goes through `load_image`, and `check_images` runs that same decoder,
-so what preflight accepts is exactly what the trainer will see (design §4 pitfalls 10 and 11).
+so what preflight accepts is exactly what the trainer will see: no image passes the check and then
+fails (or decodes differently) at training step N.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
+import os
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,19 +18,21 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from .errors import UserError
+
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 # Decoders PIL may use for our files. Without this list a renamed .tif/.gif/.avif would still be decoded
-# by one of the ~40 other plugins (adversarial case 12); MPO (iPhone JPEGs) comes through the JPEG plugin.
+# by one of the ~40 other plugins; MPO (iPhone JPEGs) comes through the JPEG plugin.
 _PIL_FORMATS = ("JPEG", "PNG", "WEBP", "BMP")
 _ACCEPTED = " ".join(IMAGE_EXTENSIONS)
 _SEVERITIES = ("error", "warning", "info")
 
-# OS/tool droppings: never images, never worth a warning (case 3).
+# OS/tool droppings: never images, never worth a warning.
 _JUNK_NAMES = {".ds_store", "thumbs.db", "desktop.ini", "ehthumbs.db"}
 # Sidecar files photo tools and captioning scripts put next to images (.aae = iPhone edit list).
 _SIDECAR_EXTENSIONS = {".txt", ".caption", ".json", ".xmp", ".aae", ".yaml", ".csv"}
-# Image formats we refuse with advice rather than decode (case 12): HEIC is the iPhone default and the
-# most common surprise; GIF is refused by policy (animated, 256 colours: case 13).
+# Image formats we refuse with advice rather than decode: HEIC is the iPhone default and the
+# most common surprise; GIF is refused by policy (animated, 256 colours).
 _RAW_EXTENSIONS = {".dng", ".cr2", ".cr3", ".nef", ".arw", ".orf", ".rw2", ".raf", ".raw"}
 _UNSUPPORTED_EXTENSIONS = {
     ".heic", ".heif", ".avif", ".tif", ".tiff", ".gif", ".jxl", ".jp2", ".j2k", ".psd", ".svg", ".ico",
@@ -36,7 +41,7 @@ _SIXTEEN_BIT_MODES = {"I;16", "I;16L", "I;16B", "I;16N", "I"}
 _ALPHA_MODES = {"RGBA", "LA", "PA", "RGBa", "La"}
 
 
-class DataError(ValueError):
+class DataError(UserError, ValueError):
     """A problem with the user's images; `issues` holds every error found, not just the first."""
 
     def __init__(self, message: str, issues: list[ImageIssue] | None = None) -> None:
@@ -54,12 +59,18 @@ class ImageIssue:
         if self.severity not in _SEVERITIES:
             raise ValueError(f"severity must be one of {_SEVERITIES}, got {self.severity!r}")
 
-    def __str__(self) -> str:
+    @property
+    def text(self) -> str:
+        """The message with the file's full path and without the severity (a log record has its own
+        level; adding ours printed "WARNING WARNING ...")."""
         # Messages start with the bare name (readable in a list); the one-liner swaps in the absolute path.
         prefix = f"{self.path.name}: "
         if self.path.name and self.message.startswith(prefix):
-            return f"{self.severity.upper()} {self.path}: {self.message[len(prefix) :]}"
-        return f"{self.severity.upper()} {self.message}"
+            return f"{self.path}: {self.message[len(prefix) :]}"
+        return self.message
+
+    def __str__(self) -> str:
+        return f"{self.severity.upper()} {self.text}"
 
 
 @dataclass
@@ -92,8 +103,15 @@ class ImageReport:
 
 
 def _resolve_folder(folder: str | Path) -> Path:
-    # Absolute so every message names the real place, whatever the working directory was (case 1).
-    root = Path(folder).expanduser().resolve()
+    # Absolute so every message names the real place, whatever the working directory was.
+    given = Path(folder).expanduser()
+    try:
+        root = given.resolve()
+    except (RuntimeError, OSError):  # a link loop: Python 3.11-3.12 raise RuntimeError, 3.13 OSError
+        raise DataError(
+            f"{given.absolute()}: a symbolic link on this path loops back on itself; point the setting "
+            "at the real folder (`ls -l` shows where each link goes)"
+        ) from None
     if not root.exists():
         raise DataError(f"image folder not found: {root}")
     if not root.is_dir():
@@ -112,9 +130,15 @@ def find_images(folder: str | Path) -> tuple[list[Path], list[Path], list[ImageI
         skipped.append(path)
         issues.append(ImageIssue(path, "info", f"{path.name}: skipped ({why})"))
 
-    # Sorted by name: directory order differs between filesystems, and class-image selection (case 20)
+    try:
+        entries = list(root.iterdir())
+    except OSError as e:
+        raise DataError(
+            f"{root}: cannot list the folder ({e.strerror or e}); check its permissions"
+        ) from None
+    # Sorted by name: directory order differs between filesystems, and class-image selection
     # must pick the same files everywhere.
-    for path in sorted(root.iterdir(), key=lambda p: p.name):
+    for path in sorted(entries, key=lambda p: p.name):
         name, ext = path.name, path.suffix.lower()
         if name.lower() in _JUNK_NAMES or name.startswith("."):
             # Dotfiles include macOS "._IMG_1.jpg" AppleDouble files: .jpg names, but no pixels.
@@ -125,7 +149,7 @@ def find_images(folder: str | Path) -> tuple[list[Path], list[Path], list[ImageI
             if path.is_file():
                 images.append(path)
             else:
-                issues.append(ImageIssue(path, "error", f"{name}: broken link or not a regular file"))
+                issues.append(ImageIssue(path, "error", f"{name}: {_not_a_file(path)}"))
         elif ext in _UNSUPPORTED_EXTENSIONS:
             issues.append(ImageIssue(path, "error", f"{name}: {_unsupported_advice(ext)}"))
         elif ext in _SIDECAR_EXTENSIONS:
@@ -133,6 +157,18 @@ def find_images(folder: str | Path) -> tuple[list[Path], list[Path], list[ImageI
         else:
             skip(path, f"not an image; accepted: {_ACCEPTED}")
     return images, skipped, issues
+
+
+def _not_a_file(path: Path) -> str:
+    """Why a name with an image extension is not a readable file (is_file() only says False)."""
+    if path.is_symlink():
+        try:
+            os.stat(path)
+        except OSError as e:
+            if e.errno == errno.ELOOP:
+                return "a symbolic link that loops back on itself; replace it with the photo or delete it"
+            return f"a broken symbolic link (to {os.readlink(path)}, which is missing); replace it with the photo"
+    return "not a regular file (a device or pipe?); replace it with the photo"
 
 
 def _unsupported_advice(ext: str) -> str:
@@ -175,7 +211,7 @@ def _to_rgb(img: Image.Image) -> tuple[Image.Image, bool]:
     """Any PIL mode -> RGB uint8; returns (image, had transparent pixels)."""
     mode = img.mode
     if mode in _SIXTEEN_BIT_MODES:
-        # convert("RGB") clips 16-bit values at 255: a 0..65535 gradient becomes ~99% white (case 9).
+        # convert("RGB") clips 16-bit values at 255: a 0..65535 gradient becomes ~99% white.
         # Rescale instead: 65535 / 257 = 255 exactly.
         arr = np.asarray(img).astype(np.float32)
         img = Image.fromarray(np.clip(np.rint(arr / 257.0), 0, 255).astype(np.uint8), mode="L")
@@ -184,7 +220,7 @@ def _to_rgb(img: Image.Image) -> tuple[Image.Image, bool]:
         rgba = img.convert("RGBA")
         if rgba.getextrema()[3][0] < 255:
             # Stripping alpha would reveal whatever RGB the editor left under it (often the original
-            # background, case 7); composite on white, the usual "no background" a viewer shows.
+            # background); composite on white, the usual "no background" a viewer shows.
             white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
             return Image.alpha_composite(white, rgba).convert("RGB"), True
         return rgba.convert("RGB"), False  # alpha channel present but fully opaque: nothing to composite
@@ -214,7 +250,7 @@ def _decode(path: Path, max_pixels: int | None = None) -> tuple[Image.Image, _No
         raise DataError(f"cannot open: {e}") from e
     with img:
         width, height = img.size
-        # Check the header size before decoding: a 20000x20000 PNG would allocate 1.2 GB (case 11).
+        # Check the header size before decoding: a 20000x20000 PNG would allocate 1.2 GB.
         if max_pixels is not None and width * height > max_pixels:
             raise DataError(
                 f"{width}x{height} = {width * height / 1e6:.1f} MP is over the limit of "
@@ -225,8 +261,8 @@ def _decode(path: Path, max_pixels: int | None = None) -> tuple[Image.Image, _No
         frames = 1 if img.format == "MPO" else getattr(img, "n_frames", 1)
         notes = _Notes(width, height, img.mode, frames=frames)
         try:
-            # load(), not verify(): verify() only walks the chunk structure and passes a truncated JPEG
-            # (case 5), which would then crash at training step N. PIL raises many types on bad data.
+            # load(), not verify(): verify() only walks the chunk structure and passes a truncated JPEG,
+            # which would then crash at training step N. PIL raises many types on bad data.
             img.load()
         except Exception as e:
             raise DataError(
@@ -234,7 +270,7 @@ def _decode(path: Path, max_pixels: int | None = None) -> tuple[Image.Image, _No
                 "copy or download?); copy or export it again"
             ) from e
         try:
-            # Phones store portrait shots landscape plus an orientation tag (6 or 8, case 6).
+            # Phones store portrait shots landscape plus an orientation tag (6 or 8).
             oriented = ImageOps.exif_transpose(img)
         except Exception as e:  # broken EXIF should not cost the user a good photo
             oriented, notes.exif_error = img.copy(), str(e)

@@ -14,11 +14,12 @@ from typing import Any
 import torch
 
 from .config import TINY_MODEL, ModelConfig
+from .errors import MissingExtra, UserError
 
 PICKLE_SUFFIXES = (".ckpt", ".bin", ".pt", ".pth", ".pkl")
 
 
-class ModelLoadError(RuntimeError):
+class ModelLoadError(UserError, RuntimeError):
     pass
 
 
@@ -157,7 +158,7 @@ def set_attention(unet, kind: str) -> str:
         try:
             import xformers  # noqa: F401
         except ImportError:
-            raise ImportError(
+            raise MissingExtra(
                 "attention=xformers needs xformers: pip install 'dreambooth_kit[xformers]', "
                 "or use attention=sdpa (as fast on PyTorch >= 2.0)"
             ) from None

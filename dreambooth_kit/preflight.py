@@ -1,17 +1,20 @@
 """Everything that can be checked before a model is loaded, reported at once.
 
 Runs the image checks (data.py), the prompt checks against the model's own tokenizer (a few KB,
-loaded without the weights) and the setting checks that have burned SD 2.1 users (design.md §4).
+loaded without the weights) and the setting checks that have burned SD 2.1 users.
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from .config import ConceptConfig, DreamBoothConfig, concepts_of
-from .data import ImageIssue, ImageReport, check_images
+from .data import DataError, ImageIssue, ImageReport, check_images
+from .errors import UserError
 
 log = logging.getLogger("dreambooth_kit")
 
@@ -24,10 +27,12 @@ _COMMON = set(
 )
 
 
-class PreflightError(ValueError):
+class PreflightError(UserError, ValueError):
+    """Every error preflight found: a summary line, then one line per issue."""
+
     def __init__(self, issues: list[ImageIssue], summary: str):
         self.issues = issues
-        super().__init__(summary + "\n" + "\n".join(f"  {i}" for i in issues))
+        super().__init__("\n".join([summary, *(f"  {i}" for i in issues)]))
 
 
 @dataclass
@@ -51,7 +56,7 @@ class PreflightReport:
 def check_prompts(
     tokenizer, cfg: DreamBoothConfig, source: Path, concept: ConceptConfig | None = None
 ) -> list[ImageIssue]:
-    """Token-length, identifier and class-prompt checks (adversarial cases 15–18) for one subject."""
+    """Token-length, identifier and class-prompt checks for one subject."""
     issues: list[ImageIssue] = []
     d, p = cfg.data, cfg.prior
     c = concept or concepts_of(cfg)[0]
@@ -124,21 +129,89 @@ def check_settings(cfg: DreamBoothConfig, prediction_type: str | None, source: P
     return issues
 
 
+def _folders_to_write(cfg: DreamBoothConfig) -> list[tuple[str, str]]:
+    """(config key, folder) of every folder a run creates and writes into."""
+    folders = [("train.output_dir", cfg.train.output_dir)]
+    if cfg.prior.with_prior_preservation:
+        for i, c in enumerate(concepts_of(cfg)):
+            folders.append((f"concepts[{i}].class_dir" if cfg.concepts else "prior.class_dir", c.class_dir))
+    return [(key, folder) for key, folder in folders if folder]
+
+
+def _folder_problem(key: str, folder: str) -> str | None:
+    """Why ``folder`` cannot be created or written, or None. Creates nothing: it looks at the
+    nearest part of the path that exists, which is where ``mkdir(parents=True)`` would start."""
+    wanted = Path(folder).expanduser().absolute()
+    probe = wanted
+    while True:
+        try:
+            st = probe.stat()
+            break
+        except (FileNotFoundError, NotADirectoryError):  # not there yet, or a file is on the way
+            if probe.parent == probe:
+                return None
+            probe = probe.parent
+        except (OSError, RuntimeError) as e:  # a link loop, a parent we may not enter
+            return f"{key}: {wanted} cannot be used ({e}); choose another {key}"
+    if not stat.S_ISDIR(st.st_mode):
+        if probe == wanted:
+            return f"{key}: {wanted} is a file, not a folder; choose another {key} or move the file away"
+        return f"{key}: {wanted} cannot be created: {probe} is a file, not a folder; choose another {key}"
+    # os.access also answers False on a read-only filesystem (EROFS), even for root.
+    if not os.access(probe, os.W_OK | os.X_OK):
+        where = "" if probe == wanted else f" cannot be created: {probe}"
+        return (
+            f"{key}: {wanted}{where} is not writable (permission denied or a read-only disk); "
+            f"choose a folder you can write to, e.g. {key}=~/dreambooth-runs/x"
+        )
+    return None
+
+
+def check_output_folders(cfg: DreamBoothConfig) -> None:
+    """Raise :class:`PreflightError` (one line per folder) if ``train.output_dir`` or a class-image
+    folder is a file, sits under a file, or cannot be written. Run before anything is created or
+    loaded: otherwise the first ``mkdir`` fails with a bare FileExistsError/PermissionError."""
+    problems = [p for key, folder in _folders_to_write(cfg) if (p := _folder_problem(key, folder))]
+    if problems:
+        raise PreflightError([], "\n".join(problems))
+
+
+def _check_instance_folder(key: str, folder: str, cfg: DreamBoothConfig) -> ImageReport:
+    try:
+        return check_images(Path(folder), resolution=cfg.data.resolution, min_size=cfg.data.min_size)
+    except DataError as e:  # the folder itself (missing, a file, a link loop): name the setting too
+        raise DataError(f"{key}: {e}") from None
+
+
 def preflight(
-    cfg: DreamBoothConfig, tokenizer=None, prediction_type: str | None = None, *, source: str | None = None
+    cfg: DreamBoothConfig,
+    tokenizer=None,
+    prediction_type: str | None = None,
+    *,
+    source: str | None = None,
+    check_folders: bool = True,
 ) -> PreflightReport:
-    """Check photos, prompts and settings; raise :class:`PreflightError` listing every error.
+    """Check photos, prompts, output folders and settings; raise :class:`PreflightError` listing
+    every error.
 
     The photos are checked first: a missing folder fails before anything is fetched. With
     ``source`` (a resolved model) and no ``tokenizer``, the tokenizer is loaded after that check.
+    ``check_folders=False`` leaves out the folders a run writes (checking photos alone).
     """
     concepts = concepts_of(cfg)
-    reports = [
-        check_images(Path(c.instance_dir), resolution=cfg.data.resolution, min_size=cfg.data.min_size)
-        for c in concepts
-    ]
+    keys = (
+        [f"concepts[{i}].instance_dir" for i in range(len(concepts))]
+        if cfg.concepts
+        else ["data.instance_dir"]
+    )
+    reports = [_check_instance_folder(k, c.instance_dir, cfg) for k, c in zip(keys, concepts, strict=True)]
     folder = Path(concepts[0].instance_dir)
     issues = [i for r in reports for i in r.issues]
+    if check_folders:
+        for key, out in _folders_to_write(cfg):
+            problem = _folder_problem(key, out)
+            if problem:
+                issues.append(ImageIssue(Path(out), "error", problem))
     if tokenizer is None and source is not None:
         tokenizer = load_tokenizer_only(source)
     if tokenizer is not None:
@@ -147,7 +220,8 @@ def preflight(
     issues += check_settings(cfg, prediction_type, folder)
     result = PreflightReport(reports=reports, issues=issues)
     for i in issues:
-        (log.info if i.severity == "info" else log.warning if i.severity == "warning" else log.error)("%s", i)
+        level = {"info": logging.INFO, "warning": logging.WARNING}.get(i.severity, logging.ERROR)
+        log.log(level, "%s", i.text)  # the record carries the level: never "WARNING WARNING ..."
     if result.errors:
         n = len(result.errors)
         raise PreflightError(
@@ -157,13 +231,18 @@ def preflight(
     return result
 
 
-def load_tokenizer_only(source: str):
-    """The tokenizer alone (a few KB; no weights) so prompts are checked before any model loads."""
+def load_tokenizer_only(source: str, *, local_only: bool = False):
+    """The tokenizer alone (a few KB; no weights) so prompts are checked before any model loads.
+
+    ``local_only``: never touch the network; None if the tokenizer is not on this machine (a hub
+    model not downloaded yet), so a photo check works offline and before the first download."""
     from transformers import AutoTokenizer
 
     from .models import load_error
 
     try:
-        return AutoTokenizer.from_pretrained(source, subfolder="tokenizer")
+        return AutoTokenizer.from_pretrained(source, subfolder="tokenizer", local_files_only=local_only)
     except (OSError, ValueError) as e:
+        if local_only:
+            return None
         raise load_error(source, e, "the tokenizer") from e

@@ -18,14 +18,30 @@ import torch
 
 from .config import ConceptConfig, DreamBoothConfig, concepts_of
 from .config import num_class_images as _num_class_images
+from .errors import UserError
 
 log = logging.getLogger("dreambooth_kit")
 
 MANIFEST = "manifest.json"
 
 
-class ClassImageError(RuntimeError):
-    pass
+class ClassImageError(UserError, RuntimeError):
+    """The class-image folder or its manifest is not usable as it is; the message says what to do."""
+
+
+class ClassImagesInterrupted(KeyboardInterrupt):
+    """Ctrl-C while class images were being generated. Every finished image is kept (no partial
+    file is left) and a rerun generates only the missing ones. Still a KeyboardInterrupt, so code
+    that stops on Ctrl-C keeps doing so; the CLI prints the message and exits 130 (128 + SIGINT)."""
+
+    exit_code = 130
+
+    def __init__(self, folder: Path, written: int, have: int, want: int):
+        self.folder, self.written, self.have, self.want = folder, written, have, want
+        super().__init__(
+            f"interrupted while generating class images: {written} written this run, {have} of {want} "
+            f"now in {folder}; run the same command again to generate the other {want - have}"
+        )
 
 
 @dataclass
@@ -57,10 +73,19 @@ def read_manifest(folder: Path) -> dict[str, Any] | None:
     path = folder / MANIFEST
     if not path.exists():
         return None
+    fix = (
+        "delete it and rerun (the images are kept and the manifest is written again from the "
+        "prior.* settings), or use another prior.class_dir"
+    )
     try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ClassImageError(f"{path}: unreadable manifest ({e}); fix or delete it") from e
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:  # ValueError: bad JSON or not UTF-8
+        raise ClassImageError(f"{path}: unreadable class-image manifest ({e}); {fix}") from None
+    if not isinstance(data, dict):
+        raise ClassImageError(
+            f"{path}: not a class-image manifest (a JSON {type(data).__name__}, expected an object); {fix}"
+        )
+    return data
 
 
 def _write_manifest(folder: Path, recipe: dict[str, Any], seeds: dict[str, int]) -> None:
@@ -143,6 +168,7 @@ def ensure_class_images(
             "class images: generating %d (have %d, want %d) in %s", len(missing), len(existing), want, folder
         )
         pipe = load_pipeline(source, device=device, dtype=dtype)  # already resolved (single files too)
+        written = 0
         try:
             bs = p.sample_batch_size
             for start in range(0, len(missing), bs):
@@ -161,7 +187,14 @@ def ensure_class_images(
                 )
                 for j, (img, params) in zip(idx, results, strict=True):
                     save_png(img, params, folder / f"class-{j:05d}.png")
+                    written += 1
                 _write_manifest(folder, recipe, seeds)  # after every batch: a kill loses one batch
+        except KeyboardInterrupt:
+            # save_png writes through .tmp-<name> and a rename: a Ctrl-C mid-write leaves only that.
+            for partial in folder.glob(".tmp-*"):
+                partial.unlink(missing_ok=True)
+            _write_manifest(folder, recipe, seeds)
+            raise ClassImagesInterrupted(folder.resolve(), written, len(existing) + written, want) from None
         finally:
             del pipe
             if torch.cuda.is_available():

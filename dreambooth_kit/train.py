@@ -28,10 +28,6 @@ from .outputs import LORA_WEIGHTS
 log = logging.getLogger("dreambooth_kit")
 
 
-class OutputDirError(UserError, OSError):
-    """``train.output_dir`` cannot hold a run (a file, or not writable)."""
-
-
 class LaunchError(UserError, RuntimeError):
     """The processes launched are not the processes accelerate runs; the message has the command."""
 
@@ -136,6 +132,8 @@ def train(cfg: DreamBoothConfig) -> TrainResult:
 
 
 def _prepare_output_dir(cfg: DreamBoothConfig) -> Path:
+    from .preflight import check_output_folders
+
     out = Path(cfg.train.output_dir)
     final = out / ("pipeline" if cfg.adapter.type == "full" else "lora")
     # Resuming continues this run, so its final output may be replaced; a fresh run never does that
@@ -145,26 +143,8 @@ def _prepare_output_dir(cfg: DreamBoothConfig) -> Path:
             f"{final.resolve()} already holds a trained {'model' if cfg.adapter.type == 'full' else 'LoRA'}. "
             "Choose another train.output_dir, or set train.overwrite=true to replace it."
         )
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / f".write-test-{os.getpid()}"
-        probe.write_bytes(b"")
-        probe.unlink()
-    except (FileExistsError, NotADirectoryError):
-        blocker = next((p for p in [out, *out.parents] if p.exists() and not p.is_dir()), out)
-        raise OutputDirError(
-            f"train.output_dir: {blocker.resolve()} is a file, not a folder; choose another "
-            "train.output_dir or move the file away"
-        ) from None
-    except PermissionError:
-        raise OutputDirError(
-            f"train.output_dir: {out.resolve()} is not writable by this user; choose a folder you can "
-            "write to (e.g. under your home or /content on Colab)"
-        ) from None
-    except OSError as e:  # a read-only filesystem, a full disk before anything was written ...
-        raise OutputDirError(
-            f"train.output_dir: cannot write into {out.resolve()} ({e.strerror}); choose another folder"
-        ) from None
+    check_output_folders(cfg)  # a file in the way or no write permission: named before any mkdir
+    out.mkdir(parents=True, exist_ok=True)
     return out
 
 
@@ -481,8 +461,6 @@ def _optimizer(cfg: DreamBoothConfig, params, num_processes: int, text_encoder=N
         try:
             import bitsandbytes as bnb
         except ImportError:
-            from .errors import MissingExtra
-
             raise MissingExtra(
                 "train.use_8bit_adam needs bitsandbytes (CUDA only): pip install 'dreambooth_kit[bnb]', "
                 "or set train.use_8bit_adam=false"

@@ -1,4 +1,5 @@
-"""dreambooth_kit.data: adversarial cases 1-14 (shared/adversarial-cases.md), preprocess, dataset, collate."""
+"""dreambooth_kit.data: photos users really have (missing, junk, broken, rotated, transparent, huge, odd
+formats, duplicates), preprocess, dataset, collate."""
 
 from __future__ import annotations
 
@@ -43,7 +44,7 @@ def _by_name(issues: list[ImageIssue], name: str, severity: str) -> list[str]:
     return [i.message for i in issues if i.path.name == name and i.severity == severity]
 
 
-# --- case 1: nonexistent folder ---------------------------------------------------------------------------
+# --- nonexistent folder ---------------------------------------------------------------------------
 def test_missing_folder_names_absolute_path(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     for call in (find_images, check_images):
@@ -58,7 +59,7 @@ def test_file_instead_of_folder(tmp_path):
         check_images(path)
 
 
-# --- case 2: empty folder -----------------------------------------------------------------------------------
+# --- empty folder -----------------------------------------------------------------------------------
 def test_empty_folder_error_text(tmp_path):
     report = check_images(tmp_path)
     expected = f"0 usable images in {tmp_path.resolve()} (accepted: .jpg .jpeg .png .webp .bmp)"
@@ -70,7 +71,7 @@ def test_empty_folder_error_text(tmp_path):
     assert expected in str(exc.value)
 
 
-# --- case 3: junk is skipped and listed at INFO ------------------------------------------------------------
+# --- junk is skipped and listed at INFO ------------------------------------------------------------
 def test_junk_skipped_and_listed(tmp_path):
     for name in (".DS_Store", "Thumbs.db", "desktop.ini", "img.txt", "._a.jpg"):
         (tmp_path / name).write_bytes(b"junk")
@@ -89,7 +90,7 @@ def test_junk_skipped_and_listed(tmp_path):
     assert len(DreamBoothDataset(report.images, "a sks toy", 32)) == 3
 
 
-# --- case 4: text bytes named .jpg --------------------------------------------------------------------------
+# --- text bytes named .jpg --------------------------------------------------------------------------
 def test_text_file_named_jpg(tmp_path):
     (tmp_path / "notimage.jpg").write_text("this is not an image\n")
     report = check_images(tmp_path)
@@ -104,7 +105,7 @@ def test_text_file_named_jpg(tmp_path):
         load_image(tmp_path / "notimage.jpg")
 
 
-# --- case 5: truncated JPEG passes verify() but not a full decode ----------------------------------------
+# --- truncated JPEG passes verify() but not a full decode ----------------------------------------
 def test_truncated_jpeg(tmp_path, monkeypatch):
     buf = io.BytesIO()
     _noise(64).save(buf, "JPEG", quality=95)
@@ -121,7 +122,7 @@ def test_truncated_jpeg(tmp_path, monkeypatch):
         load_image(path)
 
 
-# --- case 6: EXIF orientation 6 and 8 -------------------------------------------------------------------
+# --- EXIF orientation 6 and 8 -------------------------------------------------------------------
 def _quadrants(width: int = 60, height: int = 40) -> np.ndarray:
     arr = np.zeros((height, width, 3), np.uint8)
     arr[: height // 2, : width // 2] = RED
@@ -157,7 +158,7 @@ def test_exif_orientation(tmp_path, orientation, k, top_left):
     assert (pixel - torch.tensor(top_left)).abs().max() < 30
 
 
-# --- case 7: RGBA with transparent background over hidden red -------------------------------------------
+# --- RGBA with transparent background over hidden red -------------------------------------------
 def test_rgba_composited_on_white(tmp_path):
     arr = np.zeros((64, 64, 4), np.uint8)
     arr[..., :3] = RED  # hidden under alpha 0
@@ -181,7 +182,7 @@ def test_opaque_rgba_no_warning(tmp_path):
     assert tuple(np.array(load_image(tmp_path / "opaque.png"))[0, 0]) == BLUE
 
 
-# --- case 8: palette+transparency, CMYK, L, 1 -> RGB uint8 ----------------------------------------------------
+# --- palette+transparency, CMYK, L, 1 -> RGB uint8 ----------------------------------------------------
 def test_modes_become_rgb(tmp_path):
     pal = Image.new("P", (48, 48), 0)
     pal.putpalette([*RED, *GREEN] + [0] * 762)
@@ -207,7 +208,7 @@ def test_modes_become_rgb(tmp_path):
     assert report.errors == []
 
 
-# --- case 9: 16-bit greyscale gradient -----------------------------------------------------------------------
+# --- 16-bit greyscale gradient -----------------------------------------------------------------------
 def test_16bit_gradient_not_saturated(tmp_path):
     gradient = np.tile(np.linspace(0, 65535, 64).astype(np.uint16), (64, 1))
     Image.fromarray(gradient).save(tmp_path / "deep.png")
@@ -221,7 +222,7 @@ def test_16bit_gradient_not_saturated(tmp_path):
     assert report.errors == [] and report.warnings == []
 
 
-# --- case 10: small images -----------------------------------------------------------------------------------
+# --- small images -----------------------------------------------------------------------------------
 def test_small_image_warning_and_floor(tmp_path):
     _solid(tmp_path, "small.png", RED, size=64)
     _solid(tmp_path, "tiny.png", GREEN, size=20)
@@ -235,7 +236,7 @@ def test_small_image_warning_and_floor(tmp_path):
     assert "upscaled 1.6x" in _by_name(uneven.issues, "small.png", "warning")[0]
 
 
-# --- case 11: pixel limit ------------------------------------------------------------------------------------
+# --- pixel limit ------------------------------------------------------------------------------------
 def _png_header_only(path: Path, width: int, height: int) -> None:
     """A PNG that claims width x height but holds one row: decoding it would allocate width*height*3."""
 
@@ -280,7 +281,7 @@ def test_pixel_limit_checked_before_decoding(tmp_path, monkeypatch):
     assert loaded == []
 
 
-# --- case 12: formats outside the allow-list -----------------------------------------------------------------
+# --- formats outside the allow-list -----------------------------------------------------------------
 def test_heic_refused_without_decoding(tmp_path, monkeypatch):
     heic = b"\x00\x00\x00\x18ftypheic\x00\x00\x00\x00mif1heic" + b"\x00" * 64
     (tmp_path / "photo.heic").write_bytes(heic)
@@ -310,7 +311,7 @@ def test_renamed_gif_not_decoded_by_other_plugins(tmp_path):
         load_image(tmp_path / "anim.png")
 
 
-# --- case 13: animation. Policy: .gif refused; animated WebP/PNG -> frame 0 + warning ------------------------
+# --- animation. Policy: .gif refused; animated WebP/PNG -> frame 0 + warning ------------------------
 def test_animated_gif_refused(tmp_path):
     frames = [Image.new("RGB", (48, 48), c) for c in (RED, BLUE)]
     frames[0].save(tmp_path / "anim.gif", save_all=True, append_images=frames[1:])
@@ -341,7 +342,7 @@ def test_mpo_jpeg_is_not_animated(tmp_path):
     assert np.abs(np.array(load_image(tmp_path / "IMG_1.jpg"))[10, 10].astype(int) - RED).max() < 5
 
 
-# --- case 14: duplicates, too few, too many ------------------------------------------------------------------
+# --- duplicates, too few, too many ------------------------------------------------------------------
 def test_duplicates_warn_naming_both(tmp_path):
     _noise(48, seed=1).save(tmp_path / "a.png")
     _noise(48, seed=1).save(tmp_path / "b.bmp")  # same pixels, other format
@@ -388,7 +389,9 @@ def test_raise_if_errors_lists_every_error(tmp_path):
         f"  ERROR {tmp_path.resolve() / n}" for n in ("x.jpg", "y.heic", "z.png")
     ]
     assert [i.path.name for i in exc.value.issues] == ["x.jpg", "y.heic", "z.png"]
-    with pytest.raises(ValueError):
+    with pytest.raises(
+        ValueError, match=r"severity must be one of \('error', 'warning', 'info'\), got 'fatal'"
+    ):
         ImageIssue(tmp_path, "fatal", "x")
 
 
@@ -521,3 +524,40 @@ def test_epoch_sampler_is_a_pure_function_of_seed_epoch_and_position():
     s.set_position(0, 4)
     assert list(s) == e0[4:] and len(s) == 3
     assert list(EpochSampler(7, seed=3)) == e0
+
+
+# --- links and unreadable folders ---------------------------------------------------------------------------
+def test_folder_that_is_a_symlink_loop_is_one_clear_error(tmp_path):
+    loop = tmp_path / "photos"
+    loop.symlink_to(loop)
+    with pytest.raises(DataError) as exc:
+        check_images(loop)
+    assert str(exc.value) == (
+        f"{loop}: a symbolic link on this path loops back on itself; point the setting at the real folder "
+        "(`ls -l` shows where each link goes)"
+    )
+
+
+def test_links_inside_the_folder_say_what_is_wrong(tmp_path):
+    for c, color in (("a", RED), ("b", GREEN), ("c", BLUE)):
+        _solid(tmp_path, f"{c}.png", color)
+    (tmp_path / "loop.jpg").symlink_to(tmp_path / "loop.jpg")
+    (tmp_path / "gone.jpg").symlink_to(tmp_path / "deleted.jpg")
+    (tmp_path / "good.png").symlink_to(tmp_path / "a.png")  # a working link is an image like any other
+    (tmp_path / "again").symlink_to(tmp_path)  # a link back to the folder: never walked into
+    report = check_images(tmp_path, resolution=64)
+    errors = {i.path.name: i.message for i in report.errors}
+    assert errors == {
+        "gone.jpg": f"gone.jpg: a broken symbolic link (to {tmp_path / 'deleted.jpg'}, which is missing); "
+        "replace it with the photo",
+        "loop.jpg": "loop.jpg: a symbolic link that loops back on itself; replace it with the photo or delete it",
+    }
+    assert [p.name for p in report.images] == ["a.png", "b.png", "c.png", "good.png"]
+    assert tmp_path / "again" in report.skipped
+
+
+def test_issue_text_has_the_full_path_and_no_severity(tmp_path):
+    issue = ImageIssue(tmp_path / "x.jpg", "warning", "x.jpg: too small")
+    assert issue.text == f"{tmp_path / 'x.jpg'}: too small"
+    assert str(issue) == f"WARNING {tmp_path / 'x.jpg'}: too small"
+    assert ImageIssue(tmp_path, "error", "0 usable images").text == "0 usable images"

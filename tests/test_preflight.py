@@ -1,5 +1,5 @@
-"""Preflight: prompt, identifier and setting checks before any model loads (adversarial cases 1, 15, 17,
-18 and 43; design.md §4.1)."""
+"""Preflight: prompt, identifier and setting checks before any model loads (long prompts,
+identifiers, class prompts, resolution, missing folders, output folders)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,14 @@ import logging
 import pytest
 from conftest import tiny_cfg
 
-from dreambooth_kit.preflight import MAX_TOKENS, PreflightError, check_prompts, preflight
+from dreambooth_kit.data import DataError
+from dreambooth_kit.preflight import (
+    MAX_TOKENS,
+    PreflightError,
+    check_output_folders,
+    check_prompts,
+    preflight,
+)
 from dreambooth_kit.tiny import build_tiny_tokenizer
 
 
@@ -39,7 +46,7 @@ KEPT = "a photo of zwx toy" + " red" * 70
 LONG = KEPT + " red blue green yellow"
 
 
-# ------------------------------------------------------------------ case 15: over 77 tokens
+# ------------------------------------------------------------------ over 77 tokens
 
 
 def test_long_prompt_is_an_error_showing_the_dropped_tail(tmp_path, photos, tok):
@@ -97,7 +104,7 @@ def test_long_class_prompt_is_checked_too(tmp_path, photos, tok):
     assert check_prompts(tok, cfg, photos) == []
 
 
-# ------------------------------------------------------------------ case 17: identifier quality
+# ------------------------------------------------------------------ identifier quality
 
 
 def test_rare_single_token_identifier_passes_quietly(tmp_path, photos, tok):
@@ -140,7 +147,7 @@ def test_common_word_check_ignores_case(tmp_path, photos, tok):
     assert any("is a common word" in m for m in _messages(check_prompts(tok, cfg, photos), "warning"))
 
 
-# ------------------------------------------------------------------ case 18: class prompt with identifier
+# ------------------------------------------------------------------ class prompt with identifier
 
 
 def test_class_prompt_containing_identifier_warns(tmp_path, photos, tok):
@@ -157,7 +164,7 @@ def test_class_prompt_containing_identifier_warns(tmp_path, photos, tok):
     assert report.errors == []
 
 
-# ------------------------------------------------------------------ §4.1: 768 v-prediction at 512
+# ------------------------------------------------------------------ 768 v-prediction at 512
 
 
 def test_768_v_model_trained_at_512_warns(tmp_path, photos, tok):
@@ -180,15 +187,15 @@ def test_no_resolution_warning_otherwise(tmp_path, photos, tok, native, resoluti
     assert not [m for m in _messages(report.issues, "warning") if "v-prediction" in m]
 
 
-# ------------------------------------------------------------------ case 1: missing instance folder
+# ------------------------------------------------------------------ missing instance folder
 
 
 def test_missing_instance_dir_names_absolute_path(tmp_path, tok, monkeypatch):
     monkeypatch.chdir(tmp_path)
     cfg = _cfg(tmp_path, "my-photos")  # relative on purpose
-    with pytest.raises(ValueError) as exc:
+    with pytest.raises(DataError) as exc:
         preflight(cfg, tok, "v_prediction")
-    assert f"image folder not found: {tmp_path.resolve() / 'my-photos'}" in str(exc.value)
+    assert str(exc.value) == f"data.instance_dir: image folder not found: {tmp_path.resolve() / 'my-photos'}"
 
 
 def test_missing_instance_dir_fails_train_before_any_model_loads(tmp_path, tiny_model, monkeypatch):
@@ -197,9 +204,12 @@ def test_missing_instance_dir_fails_train_before_any_model_loads(tmp_path, tiny_
     _no_model_load(monkeypatch)
     monkeypatch.chdir(tmp_path)
     cfg = tiny_cfg(tmp_path, tiny_model, "missing-photos")
-    with pytest.raises(ValueError) as exc:
+    with pytest.raises(DataError) as exc:
         train(cfg)
-    assert f"image folder not found: {tmp_path.resolve() / 'missing-photos'}" in str(exc.value)
+    assert (
+        str(exc.value)
+        == f"data.instance_dir: image folder not found: {tmp_path.resolve() / 'missing-photos'}"
+    )
     class_dir = tmp_path / "class_images"
     assert not class_dir.exists() or not any(class_dir.iterdir())
     assert not (tmp_path / "run" / "config.yaml").exists()
@@ -212,9 +222,12 @@ def test_missing_instance_dir_with_hub_model_fails_before_any_download(tmp_path,
     _no_model_load(monkeypatch)
     monkeypatch.chdir(tmp_path)
     cfg = tiny_cfg(tmp_path, "nobody-here/not-a-model", "missing-photos")
-    with pytest.raises(ValueError) as exc:
+    with pytest.raises(DataError) as exc:
         train(cfg)
-    assert f"image folder not found: {tmp_path.resolve() / 'missing-photos'}" in str(exc.value)
+    assert (
+        str(exc.value)
+        == f"data.instance_dir: image folder not found: {tmp_path.resolve() / 'missing-photos'}"
+    )
 
 
 @pytest.mark.timeout(60)
@@ -249,7 +262,7 @@ def test_several_bad_files_are_all_listed_in_one_error(tmp_path, photos, tok):
     assert all(i.severity == "error" for i in err.issues)
     text = str(err)
     for name in named:
-        assert str(photos.resolve() / name) in text or str(photos / name) in text, name
+        assert f"ERROR {photos.resolve() / name}: " in text, name  # each line names the file's full path
     assert "cannot identify image file" in text
     assert "format .heic is not supported" in text
     assert "truncated or corrupt" in text
@@ -262,3 +275,44 @@ def test_clean_preflight_returns_the_usable_images(tmp_path, photos, tok):
     report = preflight(_cfg(tmp_path, photos), tok, "v_prediction")
     assert report.errors == []
     assert [p.name for p in report.instance.images] == ["01.jpg", "02.jpg", "03.jpg", "04.jpg", "05.jpg"]
+
+
+# ------------------------------------------------------------------ folders a run writes
+
+
+def test_output_and_class_folders_are_checked_with_the_photos(tmp_path, photos, tok):
+    afile = tmp_path / "taken"
+    afile.write_text("x")
+    cfg = _cfg(tmp_path, photos, **{"train.output_dir": str(afile), "prior.class_dir": str(afile / "cls")})
+    with pytest.raises(PreflightError) as exc:
+        preflight(cfg, tok, "v_prediction")
+    assert [i.message for i in exc.value.issues] == [
+        f"train.output_dir: {afile} is a file, not a folder; choose another train.output_dir or move the file away",
+        f"prior.class_dir: {afile / 'cls'} cannot be created: {afile} is a file, not a folder; "
+        "choose another prior.class_dir",
+    ]
+    expected = [i.message for i in exc.value.issues]
+    with pytest.raises(PreflightError) as exc:
+        check_output_folders(cfg)  # the same, standalone, before anything is created
+    assert str(exc.value).splitlines() == expected
+    assert preflight(cfg, tok, "v_prediction", check_folders=False).errors == []
+
+
+def test_writable_and_not_yet_existing_folders_pass(tmp_path, photos):
+    cfg = _cfg(tmp_path, photos, **{"train.output_dir": str(tmp_path / "a" / "b" / "run")})
+    check_output_folders(cfg)  # nothing raised
+    assert not (tmp_path / "a").exists()  # and nothing created
+
+
+def test_issues_are_logged_with_one_level_word(tmp_path, photos, tok, caplog):
+    (photos / "bad.jpg").write_text("not a jpeg")
+    cfg = _cfg(tmp_path, photos, **{"data.identifier": "dog", "data.instance_prompt": "a photo of dog toy"})
+    with caplog.at_level(logging.INFO, logger="dreambooth_kit"), pytest.raises(PreflightError):
+        preflight(cfg, tok, "v_prediction")
+    levels = {r.levelname for r in caplog.records}
+    assert {"ERROR", "WARNING"} <= levels
+    for r in caplog.records:  # the handler prints the level; the message must not repeat it
+        assert not r.getMessage().startswith(("ERROR", "WARNING", "INFO")), r.getMessage()
+    assert any(
+        r.getMessage().startswith(f"{photos.resolve() / 'bad.jpg'}: cannot identify") for r in caplog.records
+    )

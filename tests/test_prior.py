@@ -7,7 +7,13 @@ import pytest
 from conftest import tiny_cfg
 from PIL import Image
 
-from dreambooth_kit.prior import MANIFEST, ClassImageError, ensure_class_images
+from dreambooth_kit.prior import (
+    MANIFEST,
+    ClassImageError,
+    ClassImagesInterrupted,
+    ensure_class_images,
+    read_manifest,
+)
 
 
 def _cfg(tmp_path, tiny_model, photos, **kw):
@@ -62,14 +68,20 @@ def test_interrupted_generation_leaves_no_partial_files(tmp_path, tiny_model, ph
         return real_save(img, params, path)
 
     monkeypatch.setattr(inference, "save_png", dying_save)
-    with pytest.raises(KeyboardInterrupt):
-        ensure_class_images(cfg, 5)
     folder = tmp_path / "class_images"
-    assert sorted(p.name for p in folder.glob("class-*.png")) == ["class-00000.png", "class-00001.png"]
+    with pytest.raises(ClassImagesInterrupted) as info:
+        ensure_class_images(cfg, 5)
+    assert isinstance(info.value, KeyboardInterrupt)  # code that stops on Ctrl-C still stops
+    assert (info.value.written, info.value.have, info.value.want, info.value.exit_code) == (2, 2, 4, 130)
+    assert str(info.value) == (
+        f"interrupted while generating class images: 2 written this run, 2 of 4 now in {folder.resolve()}; "
+        "run the same command again to generate the other 2"
+    )
+    assert sorted(p.name for p in folder.iterdir()) == ["class-00000.png", "class-00001.png", MANIFEST]
     monkeypatch.setattr(inference, "save_png", real_save)
     res = ensure_class_images(cfg, 5)
     assert res.generated == 2 and len(res.images) == 4
-    assert not list(folder.glob(".tmp-*"))  # the partial file was cleaned, never counted
+    assert not list(folder.glob(".tmp-*"))
     assert all(p.stat().st_size > 100 for p in res.images)
 
 
@@ -131,3 +143,26 @@ def test_changed_model_is_detected(tmp_path, tiny_model, photos):
     (tmp_path / "class_images" / MANIFEST).write_text(json.dumps(m))
     with pytest.raises(ClassImageError, match="base_model"):
         ensure_class_images(cfg, 5)
+
+
+@pytest.mark.parametrize(
+    "content, why",
+    [
+        ('["class-00000.png"]', "not a class-image manifest (a JSON list, expected an object)"),
+        ('"a string"', "not a class-image manifest (a JSON str, expected an object)"),
+        ("{not json", "unreadable class-image manifest (Expecting property name enclosed in double quotes"),
+        (b"\xff\xfe{}", "unreadable class-image manifest ('utf-8' codec can't decode byte 0xff"),
+    ],
+)
+def test_broken_manifest_is_one_clear_error(tmp_path, content, why):
+    path = tmp_path / MANIFEST
+    path.write_bytes(content if isinstance(content, bytes) else content.encode())
+    with pytest.raises(ClassImageError) as info:
+        read_manifest(tmp_path)
+    msg = str(info.value)
+    assert msg.startswith(f"{path}: {why}"), msg
+    assert msg.endswith(
+        "delete it and rerun (the images are kept and the manifest is written again from the "
+        "prior.* settings), or use another prior.class_dir"
+    )
+    assert "\n" not in msg

@@ -452,16 +452,17 @@ def test_resolved_prediction_type_is_recorded_in_the_run_config(trained_run):
 
 
 @pytest.mark.parametrize("where", ["itself", "parent"])
-def test_output_dir_that_is_a_file_is_named(tmp_path, tiny_model, photos, where):
-    from dreambooth_kit.train import OutputDirError
+def test_output_dir_that_is_a_file_is_named_before_anything_is_created(tmp_path, tiny_model, photos, where):
+    from dreambooth_kit.preflight import PreflightError
 
     blocker = tmp_path / "blocker"
     blocker.write_text("not a folder")
     out = blocker if where == "itself" else blocker / "run"
     cfg = tiny_cfg(tmp_path, tiny_model, photos, **{"train.output_dir": str(out)})
-    with pytest.raises(OutputDirError, match=f"train.output_dir: {blocker} is a file, not a folder"):
+    with pytest.raises(PreflightError, match=f"train.output_dir: {out}.* {blocker} is a file, not a folder|"
+                       f"train.output_dir: {blocker} is a file, not a folder"):  # fmt: skip
         train(cfg)
-    assert blocker.read_text() == "not a folder"
+    assert blocker.read_text() == "not a folder" and not (tmp_path / "class_images").exists()
 
 
 class _Acc:
