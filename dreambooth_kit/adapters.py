@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
+import re
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from .config import AdapterConfig
+from .errors import InvalidInput, UserError
 
 
 def lora_config(cfg: AdapterConfig, *, text_encoder: bool = False):
@@ -36,7 +39,7 @@ def add_lora(unet: torch.nn.Module, text_encoder: torch.nn.Module | None, cfg: A
     models = [unet] + ([text_encoder] if cfg.train_text_encoder else [])
     params = [p for m in models for p in m.parameters() if p.requires_grad]
     if not params:
-        raise ValueError(
+        raise InvalidInput(
             f"adapter.target_modules {cfg.target_modules} matched no layer of the UNet; "
             "SD 2.x attention layers are to_q, to_k, to_v, to_out.0"
         )
@@ -70,8 +73,13 @@ def lora_metadata(cfg: AdapterConfig, *, text_encoder: bool = False) -> dict[str
 # ------------------------------------------------------------------ loading LoRAs into a pipeline
 
 
-class LoraMismatchError(ValueError):
-    """A LoRA that does not fit the pipeline's model (e.g. an SD 1.x LoRA on SD 2.x)."""
+class LoraMismatchError(InvalidInput):
+    """A LoRA that does not fit the pipeline's model (an SD 1.x or SDXL LoRA on SD 2.x), or one with
+    tensors that diffusers would drop without a word."""
+
+
+class LoraNotFoundError(UserError, FileNotFoundError):
+    """The LoRA path does not exist."""
 
 
 def lora_file(path: str | Path) -> Path:
@@ -79,65 +87,247 @@ def lora_file(path: str | Path) -> Path:
     return p / "pytorch_lora_weights.safetensors" if p.is_dir() else p
 
 
-def check_lora_fits(unet, state_dict: dict[str, torch.Tensor], path: Path) -> None:
-    """Refuse a LoRA made for another architecture before it touches the pipeline.
-
-    SD 1.x LoRAs carry cross-attention inputs of width 768, SD 2.x has 1024: loading one into the
-    other fails deep inside peft with a bare size mismatch, after half the layers were changed."""
-    width = unet.config.cross_attention_dim
-    for key, t in state_dict.items():
-        if (
-            "attn2" in key
-            and (".to_k." in key or ".to_v." in key)
-            and ("lora_A" in key or "lora.down" in key)
-        ):
-            if t.shape[-1] != width:
-                raise LoraMismatchError(
-                    f"{path}: this LoRA was trained for a model with cross-attention width {t.shape[-1]} "
-                    f"({'SD 1.x' if t.shape[-1] == 768 else 'another model'}), but this pipeline's UNet has "
-                    f"width {width} ({'SD 2.x' if width == 1024 else 'this model'}). Use a LoRA trained "
-                    "on the same base model."
-                )
+# What the input widths of a LoRA's down-projections say about its model. SD 1.x: CLIP ViT-L, 768 for
+# both the UNet's cross-attention and the text encoder; SD 2.x: OpenCLIP ViT-H, 1024 for both; SDXL:
+# cross-attention 2048 (CLIP-L 768 + OpenCLIP bigG 1280 side by side), first text encoder 768.
+_CROSS_WIDTHS = {768: "SD 1.x", 1024: "SD 2.x", 2048: "SDXL"}
+_TEXT_WIDTHS = {768: "SD 1.x", 1024: "SD 2.x"}
+# Only SDXL LoRAs have these: its second text encoder, and the UNet's added-conditioning MLP
+# (diffusers' add_embedding, kohya/sgm's label_emb).
+_SDXL_TE2 = ("lora_te2_", "text_encoder_2.")
+_SDXL_UNET = re.compile(r"add_embedding|label_emb")
+_KOHYA = ("lora_unet_", "lora_te_", "lora_te1_")  # kohya/A1111 names for one UNet + one text encoder
+_DIFFUSERS = ("unet.", "text_encoder.")
+_DOWN = re.compile(r"(lora_down|lora_A|[._]down)\.weight$")  # kohya, peft, diffusers' old spellings
+_CROSS_KV = re.compile(r"attn2[._](processor[._])?to_[kv][._]")
+_TEXT_QKV = re.compile(r"[qkv]_proj[._]")
+_FIRST_TE = ("lora_te_", "lora_te1_", "text_encoder.")
 
 
-MIN_KEY_COVERAGE = 0.9  # below this share of matching keys a LoRA is for another model
+def _widths(shapes: dict[str, tuple[int, ...]], pattern: re.Pattern, prefixes=None) -> set[int]:
+    return {
+        int(shape[1])
+        for k, shape in shapes.items()
+        if len(shape) >= 2
+        and _DOWN.search(k)
+        and pattern.search(k)
+        and (prefixes is None or k.startswith(prefixes))
+    }
 
 
-def check_lora_keys(pipe, state_dict: dict[str, torch.Tensor], path: Path) -> None:
-    """Refuse files that are not LoRAs, and diffusers-format LoRAs whose layers this model lacks.
+def _sdxl_keys(keys) -> list[str]:
+    found = [k for k in keys if k.startswith(_SDXL_TE2) or _SDXL_UNET.search(k)]
+    return sorted(found, key=lambda k: (k.endswith(".alpha"), k))  # a weight as the example, not an alpha
 
-    diffusers loads whatever keys match and silently drops the rest, so a LoRA for another
-    architecture can load "successfully" with a fraction of its layers (adversarial case 35)."""
-    lora_like = [k for k in state_dict if "lora" in k.lower() or k.endswith(".alpha")]
-    if not lora_like:
+
+def architecture_mismatch(
+    shapes: dict[str, tuple[int, ...]], *, cross_width: int, text_width: int
+) -> str | None:
+    """Which model a LoRA (kohya or diffusers keys) was made for, when it is not this one; None if it fits.
+
+    Read from the input widths of its cross-attention k/v and text-encoder q/k/v down-projections, the
+    two places where SD 1.x, SD 2.x and SDXL differ whatever the LoRA's rank or target layers. Pure
+    (shapes only), so it is tested with the real SD widths without building a real model."""
+    cross = _widths(shapes, _CROSS_KV)
+    text = _widths(shapes, _TEXT_QKV, _FIRST_TE)
+    if cross <= {cross_width} and text <= {text_width}:
+        return None
+    sdxl = _sdxl_keys(shapes)
+    if sdxl or 2048 in cross:
+        name = "SDXL"
+    elif 768 in cross | text:
+        name = "SD 1.x"
+    elif 1024 in cross | text:
+        name = "SD 2.x"
+    else:
+        name = "another model"
+    evidence = []
+    if cross - {cross_width}:
+        evidence.append(f"cross-attention width {'/'.join(map(str, sorted(cross)))}")
+    if text - {text_width}:
+        evidence.append(f"text width {'/'.join(map(str, sorted(text)))}")
+    if sdxl:
+        evidence.append(f"{len(sdxl)} SDXL-only tensors such as {sdxl[0]}")
+    ours = (
+        _CROSS_WIDTHS.get(cross_width)
+        if _TEXT_WIDTHS.get(text_width) == _CROSS_WIDTHS.get(cross_width)
+        else None
+    )
+    return (
+        f"this LoRA was made for {name} ({', '.join(evidence)}), but this pipeline's model"
+        f"{f' ({ours})' if ours else ''} has cross-attention width {cross_width} and text width {text_width}. "
+        f"Use a LoRA trained on {ours or 'the same base model'}"
+    )
+
+
+def _find_module(model, path: str):
+    # transformers 5 flattened CLIPTextModel (no "text_model." level); kohya and older files keep it.
+    for candidate in (path, path.removeprefix("text_model."), f"text_model.{path}"):
+        try:
+            return model.get_submodule(candidate)
+        except AttributeError:
+            continue
+    return None
+
+
+def _layer_widths(module) -> tuple[int, int] | None:
+    if isinstance(module, torch.nn.Linear):
+        return module.in_features, module.out_features
+    if isinstance(module, torch.nn.Conv2d):
+        return module.in_channels, module.out_channels
+    return None
+
+
+def _to_peft(part: dict[str, torch.Tensor], *, unet: bool) -> dict[str, torch.Tensor]:
+    """diffusers' own key conversions, as ``load_lora_weights`` applies them (peft keys pass unchanged)."""
+    from diffusers.utils import convert_state_dict_to_peft, convert_unet_state_dict_to_peft
+    from diffusers.utils.state_dict_utils import StateDictType
+
+    if unet:
+        return convert_unet_state_dict_to_peft(part)
+    old = any("to_out_lora" in k for k in part)
+    return convert_state_dict_to_peft(
+        part, original_type=StateDictType.DIFFUSERS_OLD if old else StateDictType.DIFFUSERS
+    )
+
+
+def check_lora(pipe, state_dict: dict[str, torch.Tensor], path: Path) -> None:
+    """Refuse, before anything is loaded, a LoRA that would not act as trained in this pipeline.
+
+    diffusers loads what matches and drops the rest silently (only a warning, at best): an SDXL file's
+    ``text_encoder_2`` tensors, layers this UNet lacks, DoRA scales, keys it does not know. A LoRA for
+    another architecture fails deep in peft with a bare size mismatch instead. Dropped tensors are an
+    error, not a warning: a LoRA that loads with part of it missing gives images unlike the ones it
+    was made for, and a warning scrolls away in a batch job. The fix (the right file, or the extra
+    tensors removed) is the user's to make, so the message names the count and one example."""
+    if not any("lora" in k.lower() or k.endswith(".alpha") for k in state_dict):
         raise LoraMismatchError(
             f"{path}: not a LoRA file (no lora_A/lora_B, lora_down/lora_up keys; e.g. {next(iter(state_dict), '?')}); "
             "is it a full model checkpoint? Pass it as the base model instead"
         )
-    ours = [k for k in lora_like if k.startswith(("unet.", "text_encoder."))]
-    if not ours:  # kohya/A1111 keys: diffusers converts them itself
-        return
-    missing = []
-    for k in ours:
-        prefix, rest = k.split(".", 1)
-        module_path = rest.split(".lora")[0]
-        model = pipe.unet if prefix == "unet" else pipe.text_encoder
-        candidates = (module_path, module_path.removeprefix("text_model."), f"text_model.{module_path}")
-        if not any(_has_module(model, c) for c in candidates):
-            missing.append(module_path)
-    if missing and 1 - len(missing) / len(ours) < MIN_KEY_COVERAGE:
+    shapes = {k: tuple(v.shape) for k, v in state_dict.items()}
+    cross_width = pipe.unet.config.cross_attention_dim
+    text_width = pipe.text_encoder.config.hidden_size
+    if why := architecture_mismatch(shapes, cross_width=cross_width, text_width=text_width):
+        raise LoraMismatchError(f"{path}: {why}")
+
+    te2, dora, unknown, kohya, ours = [], [], [], {}, {}
+    for k, v in state_dict.items():
+        if "dora_scale" in k:  # diffusers filters these out: a DoRA file would load as a plain LoRA
+            dora.append(k)
+        elif k.startswith(_SDXL_TE2):
+            te2.append(k)
+        elif k.startswith(_KOHYA):
+            kohya[k] = v
+        elif k.startswith(_DIFFUSERS):
+            ours[k] = v
+        else:
+            unknown.append(k)
+    # diffusers converts kohya names only when every key is a kohya name; mixed with anything else,
+    # the kohya tensors are dropped with the rest.
+    if kohya and (ours or unknown or any(k.startswith("text_encoder_2.") for k in te2)):
+        unknown += list(kohya)
+        kohya = {}
+    plain = re.compile(r"\.(lora_down\.weight|lora_up\.weight|alpha)$")
+    lycoris = [k for k in kohya if not plain.search(k)]  # LoHa/LoKr/(IA)^3: diffusers cannot convert them
+    if lycoris:
         raise LoraMismatchError(
-            f"{path}: {len(missing)} of {len(ours)} LoRA tensors target layers this model does not have "
-            f"(e.g. {missing[0]}); it was trained for another model"
+            f"{path}: {len(lycoris)} of {len(state_dict)} tensors are not plain LoRA tensors (e.g. {lycoris[0]}: "
+            "LoHa/LoKr/LyCORIS?); diffusers loads only lora_down/lora_up/alpha. Use a plain LoRA file"
+        )
+    if kohya:
+        from diffusers import StableDiffusionPipeline
+
+        converted, _alphas = StableDiffusionPipeline.lora_state_dict(dict(kohya))
+        ours |= converted
+
+    missing, wrong = [], []
+    for prefix, model in (("unet.", pipe.unet), ("text_encoder.", pipe.text_encoder)):
+        part = {k[len(prefix) :]: v for k, v in ours.items() if k.startswith(prefix)}
+        for k, v in _to_peft(part, unet=prefix == "unet.").items():
+            module_path, sep, rest = k.partition(".lora_")
+            if not sep or not rest.startswith(("A.", "B.", "magnitude_vector")):
+                unknown.append(prefix + k)
+                continue
+            module = _find_module(model, module_path)
+            if module is None:
+                missing.append(prefix + module_path)
+                continue
+            widths = _layer_widths(module)
+            if widths and v.ndim >= 2:
+                got = v.shape[1] if rest.startswith("A.") else v.shape[0] if rest.startswith("B.") else None
+                want = widths[0] if rest.startswith("A.") else widths[1]
+                if got is not None and got != want:
+                    wrong.append(
+                        f"{prefix}{module_path} ({'input' if rest.startswith('A.') else 'output'} "
+                        f"width {got}, the layer has {want})"
+                    )
+
+    total = len(state_dict)
+    sdxl = _sdxl_keys(state_dict)
+    if sdxl and (missing or wrong):
+        raise LoraMismatchError(
+            f"{path}: this LoRA was made for SDXL ({len(sdxl)} SDXL-only tensors such as {sdxl[0]}; "
+            f"{len(missing) + len(wrong)} tensors for layers this model does not have), but this pipeline's "
+            "model is not SDXL. Use a LoRA trained on the same base model"
+        )
+    if wrong:
+        raise LoraMismatchError(
+            f"{path}: {len(wrong)} LoRA tensors do not fit this model's layers (e.g. {wrong[0]}); it was "
+            "made for another model. Use a LoRA trained on the same base model"
+        )
+    parts = []
+    if te2:
+        parts.append(
+            f"{len(te2)} of {total} tensors are for SDXL's second text encoder (text_encoder_2.*/lora_te2_*), "
+            "which this model does not have"
+        )
+    if dora:
+        parts.append(
+            f"{len(dora)} of {total} tensors are DoRA scales (dora_scale), which diffusers does not load"
+        )
+    if unknown:
+        parts.append(
+            f"{len(unknown)} of {total} tensors are not LoRA tensors diffusers knows (e.g. {unknown[0]})"
+        )
+    if missing:
+        parts.append(
+            f"{len(missing)} of {total} LoRA tensors target layers this model does not have (e.g. {missing[0]})"
+        )
+    if parts:
+        raise LoraMismatchError(
+            f"{path}: {'; '.join(parts)}. diffusers would drop them silently and the LoRA would not act as "
+            "trained; use the file made for this base model, or remove those tensors from it"
         )
 
 
-def _has_module(model, path: str) -> bool:
+@contextlib.contextmanager
+def _quiet_loaders():
+    """Silence what the loaders say about a LoRA that fits. diffusers warns "No LoRA keys associated to
+    CLIPTextModel" for a UNet-only LoRA (ours, unless the text encoder was trained); transformers 5 prints
+    every base weight of the text encoder as "MISSING ... newly initialized" (the LoRA file holds only
+    LoRA tensors, so each of them is "missing") plus a progress bar; peft warns "Already found a
+    peft_config" for a second LoRA. All false alarms here: what diffusers would really drop is refused
+    by check_lora before loading, never only logged."""
+    import warnings
+
+    from diffusers.utils import logging as dlogging
+    from transformers.utils import logging as tlogging
+
+    levels = dlogging.get_verbosity(), tlogging.get_verbosity()
+    bars = tlogging.is_progress_bar_enabled()
+    dlogging.set_verbosity_error()
+    tlogging.set_verbosity_error()
+    tlogging.disable_progress_bar()
     try:
-        model.get_submodule(path)
-        return True
-    except AttributeError:
-        return False
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")
+            yield
+    finally:
+        dlogging.set_verbosity(levels[0])
+        tlogging.set_verbosity(levels[1])
+        if bars:
+            tlogging.enable_progress_bar()
 
 
 def load_lora(pipe, path: str | Path, name: str) -> str:
@@ -146,31 +336,27 @@ def load_lora(pipe, path: str | Path, name: str) -> str:
 
     file = lora_file(path)
     if not file.exists():
-        raise FileNotFoundError(f"LoRA not found: {file.resolve()}")
+        raise LoraNotFoundError(f"LoRA not found: {file.resolve()}")
     if file.suffix != ".safetensors":
-        raise ValueError(f"{file}: only .safetensors LoRAs are loaded (pickle files can run code)")
+        raise InvalidInput(
+            f"{file}: only .safetensors LoRAs are loaded (pickle files can run code); convert it to .safetensors"
+        )
     try:
         state_dict = load_file(str(file))
     except Exception as e:  # truncated or not a safetensors file
-        raise ValueError(f"{file}: not a readable .safetensors file ({e})") from e
+        raise InvalidInput(
+            f"{file}: not a readable .safetensors file ({e}); download or copy it again"
+        ) from e
     if name in {a for names in pipe.get_list_adapters().values() for a in names}:
-        raise ValueError(
+        raise InvalidInput(
             f"adapter name {name!r} is already loaded; pick another or pipe.delete_adapters({name!r})"
         )
-    check_lora_keys(pipe, state_dict, file)
-    check_lora_fits(pipe.unet, state_dict, file)
-    from diffusers.utils import logging as dlogging
-
-    level = dlogging.get_verbosity()
-    # A UNet-only LoRA makes diffusers warn "No LoRA keys associated to CLIPTextModel": expected
-    # for ours (the text encoder is trained only on request), so keep it out of the user's log.
-    dlogging.set_verbosity_error()
-    try:
-        pipe.load_lora_weights(str(file.parent), weight_name=file.name, adapter_name=name)
-    except Exception as e:
-        if name in pipe.get_list_adapters().get("unet", []):
-            pipe.delete_adapters(name)
-        raise LoraMismatchError(f"{file}: could not be loaded into this pipeline ({e})") from e
-    finally:
-        dlogging.set_verbosity(level)
+    with _quiet_loaders():
+        check_lora(pipe, state_dict, file)
+        try:
+            pipe.load_lora_weights(str(file.parent), weight_name=file.name, adapter_name=name)
+        except Exception as e:
+            if name in {a for names in pipe.get_list_adapters().values() for a in names}:
+                pipe.delete_adapters(name)
+            raise LoraMismatchError(f"{file}: could not be loaded into this pipeline ({e})") from e
     return name

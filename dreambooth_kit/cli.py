@@ -151,7 +151,7 @@ def _cmd_generate(args) -> int:
     from .inference import generate, load_pipeline, regenerate_from_png, save_images
 
     if args.from_png:
-        result = regenerate_from_png(args.from_png, base=args.base, lora=args.lora[0] if args.lora else None)
+        result = regenerate_from_png(args.from_png, base=args.base, lora=args.lora or None)
         for p in save_images([result], args.out):
             print(p)
         return 0

@@ -1,21 +1,25 @@
-"""Export our diffusers-format LoRA as a kohya / A1111 / ComfyUI ``.safetensors`` (design.md §5).
+"""Export our diffusers-format LoRA as a kohya / A1111 / ComfyUI ``.safetensors``, and the merged model.
 
 The key mapping goes through diffusers' own converters (``convert_unet_state_dict_to_peft``,
 ``convert_state_dict_to_peft``, ``convert_state_dict_to_kohya``); only what they get wrong for
 SD 2.x is fixed here by hand, each fix commented where it is made:
 
 - ``convert_state_dict_to_kohya`` writes ``alpha = rank`` (``torch.tensor(len(down))``), which loads
-  at scale 1 instead of the trained ``alpha / rank`` (adversarial case 37: r=4 alpha=8 must give 8);
+  at scale 1 instead of the trained ``alpha / rank`` (an r=4, alpha=8 LoRA would load at half strength);
 - it names the text encoder ``lora_te1_`` (SDXL's first encoder); SD 1.x/2.x files use ``lora_te_``;
 - our text-encoder keys (transformers 5) have no ``text_model.`` level, while every SD 1.x/2.x
   kohya file (and A1111/ComfyUI's key maps) spell ``lora_te_text_model_encoder_layers_…``.
 
 The mapping is pure functions over state dicts; ``export_kohya`` does the file I/O.
+
+Every export labels the model with the prediction type the run trained with (:func:`run_prediction_type`):
+a v-prediction LoRA labelled epsilon loads in A1111/ComfyUI with the wrong sampler parameterization.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import tempfile
@@ -26,10 +30,22 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .errors import InvalidInput, UserError
+
+log = logging.getLogger("dreambooth_kit")
+
 KOHYA_KEY = re.compile(r"^lora_(unet|te)_[a-z0-9_]+\.(lora_down\.weight|lora_up\.weight|alpha)$")
 
 ARCH_EPS = "stable-diffusion-v2-512/lora"
 ARCH_V = "stable-diffusion-v2-768-v/lora"
+
+
+class ExportError(InvalidInput):
+    """An export that cannot be written from this input (not our LoRA format, wrong target name...)."""
+
+
+class ExportInputMissing(UserError, FileNotFoundError):
+    """The LoRA or run folder to export does not exist."""
 
 
 # ------------------------------------------------------------------ pure state-dict mapping
@@ -43,11 +59,11 @@ def _split(state_dict: dict[str, Tensor]) -> tuple[dict[str, Tensor], dict[str, 
         elif k.startswith("text_encoder."):
             te[k] = v
         elif k.startswith("text_encoder_2."):
-            raise ValueError(f"{k}: a second text encoder is SDXL; this exporter writes SD 1.x/2.x LoRAs")
+            raise ExportError(f"{k}: a second text encoder is SDXL; this exporter writes SD 1.x/2.x LoRAs")
         else:
             # save_lora_weights always prefixes unet./text_encoder.; an unprefixed key means the
             # input is not our diffusers-format LoRA (maybe it already is a kohya file).
-            raise ValueError(
+            raise ExportError(
                 f"{k}: not a diffusers-format LoRA key (expected 'unet.' or 'text_encoder.' prefix)"
             )
     return unet, te
@@ -84,7 +100,7 @@ def to_kohya(state_dict: dict[str, Tensor], *, alpha: float, rank: int) -> dict[
     unknown = [k for k in peft_sd if not re.search(r"\.lora_[AB]\.weight$", k)]
     if unknown:
         # DoRA magnitudes, biases…: kohya's LoRA format has no place for them.
-        raise ValueError(f"cannot export to kohya format: unsupported LoRA keys, e.g. {unknown[0]}")
+        raise ExportError(f"cannot export to kohya format: unsupported LoRA keys, e.g. {unknown[0]}")
     kohya = convert_state_dict_to_kohya(peft_sd)
 
     out: dict[str, Tensor] = {}
@@ -103,13 +119,13 @@ def to_kohya(state_dict: dict[str, Tensor], *, alpha: float, rank: int) -> dict[
             # an r=4 alpha=8 LoRA would load at half strength. Write the trained alpha (float).
             value = torch.tensor(float(alpha), dtype=torch.float32)
         elif suffix == "lora_down.weight" and value.shape[0] != rank:
-            raise ValueError(
+            raise ExportError(
                 f"{key}: LoRA rank {value.shape[0]} differs from the run's rank {rank}; "
                 "per-module ranks (rank_pattern) cannot be exported with one alpha"
             )
         new_key = f"{name}.{suffix}"
         if not KOHYA_KEY.match(new_key):
-            raise ValueError(f"{new_key}: not a valid kohya LoRA key (from {key})")
+            raise ExportError(f"{new_key}: not a valid kohya LoRA key (from {key})")
         out[new_key] = value.contiguous()
     return out
 
@@ -137,7 +153,8 @@ def kohya_metadata(
         # kohya writes ss_v_parameterization for v-prediction models; A1111 uses it for SD2-768.
         "ss_v_parameterization": str(v),
         "ss_resolution": f"({resolution}, {resolution})",
-        "ss_sd_model_name": str(model.get("pretrained") or ""),
+        # kohya writes the base's file name here; a full local path would leak the user's folders.
+        "ss_sd_model_name": model_file_name(str(model.get("pretrained") or "")),
         "ss_training_comment": "dreambooth_kit DreamBooth LoRA",
         "modelspec.sai_model_spec": "1.0.0",
         "modelspec.architecture": ARCH_V if v else ARCH_EPS,
@@ -152,6 +169,12 @@ def kohya_metadata(
     if data.get("instance_prompt"):
         meta["ss_instance_prompt"] = str(data["instance_prompt"])
     return meta
+
+
+def model_file_name(pretrained: str) -> str:
+    """The base model's name without its folder: ``v2-1_512-ema-pruned.safetensors`` for a file,
+    ``stable-diffusion-2-1-base`` for a hub id or a local diffusers folder (either slash)."""
+    return re.split(r"[\\/]", pretrained.rstrip("\\/"))[-1] if pretrained else ""
 
 
 def _trigger_phrase(cfg: dict) -> str:
@@ -192,20 +215,51 @@ def _rank_alpha(meta: dict[str, Any], prefix: str, run_config: dict) -> tuple[in
     return None
 
 
-def _prediction_type(run_config: dict) -> str:
-    """The run's prediction type: explicit in the config, else the base model's scheduler config
-    (SD 2.1 is v_prediction, 2.1-base epsilon), else guessed from the native resolution."""
+def run_prediction_type(run_config: dict) -> str:
+    """The prediction type the run trained with.
+
+    ``model.prediction_type`` of its config.yaml first: training records the resolved value there.
+    Runs from before that: the base model's scheduler, resolved as training resolves it (built-in
+    model, folder, single file, cached hub id; never the network); last, a guess from
+    ``model.native_resolution`` (768 = v), logged, since a wrong label breaks the export's images."""
     model = run_config.get("model") or {}
     if model.get("prediction_type"):
         return str(model["prediction_type"])
     pretrained = model.get("pretrained")
+    why = "no model.pretrained"
     if pretrained:
-        sched = Path(str(pretrained)) / "scheduler" / "scheduler_config.json"
+        from diffusers import DDPMScheduler
+
+        from .models import resolve_model
+
         try:
-            return str(json.loads(sched.read_text())["prediction_type"])
-        except (OSError, ValueError, KeyError):
-            pass
-    return "v_prediction" if int(model.get("native_resolution") or 512) >= 768 else "epsilon"
+            source = resolve_model(
+                str(pretrained),
+                allow_pickle=bool(model.get("allow_pickle")),
+                single_file_config=model.get("single_file_config"),
+            )
+            sched = DDPMScheduler.load_config(source, subfolder="scheduler", local_files_only=True)
+            return str(sched.get("prediction_type") or "epsilon")
+        except (OSError, ValueError, RuntimeError) as e:  # ModelLoadError is a RuntimeError
+            why = f"{pretrained}: {e}"
+    guess = "v_prediction" if int(model.get("native_resolution") or 512) >= 768 else "epsilon"
+    log.warning(
+        "the run's config has no model.prediction_type and the base model's could not be read (%s); "
+        "labelling the export %s from model.native_resolution",
+        why,
+        guess,
+    )
+    return guess
+
+
+def _run_config_for(lora: Path) -> dict:
+    """The config.yaml beside the LoRA (``lora/config.yaml``), else the run's (``<run>/config.yaml``)."""
+    import yaml
+
+    for cfg_file in (lora.parent / "config.yaml", lora.parent.parent / "config.yaml"):
+        if cfg_file.is_file():
+            return yaml.safe_load(cfg_file.read_text()) or {}
+    return {}
 
 
 def export_kohya(
@@ -214,28 +268,29 @@ def export_kohya(
     """Write our LoRA (file or its folder) as a kohya/A1111/ComfyUI ``.safetensors`` at ``out_path``.
 
     rank/alpha come from the file's ``lora_adapter_metadata``; ``run_config`` (for the ModelSpec
-    metadata) defaults to the ``config.yaml`` saved beside the LoRA. Written to a temp file in the
-    target folder and renamed, so ``out_path`` is never half-written.
+    metadata and the prediction type) defaults to the ``config.yaml`` saved beside the LoRA, else the
+    run's. Written to a temp file in the target folder and renamed, so ``out_path`` is never half-written.
     """
-    import yaml
     from safetensors.torch import save_file
 
     from .adapters import lora_file
 
     src = lora_file(lora_path)
     if not src.exists():
-        raise FileNotFoundError(f"LoRA not found: {src.resolve()}")
+        raise ExportInputMissing(f"LoRA not found: {src.resolve()}")
     out_path = Path(out_path)
     if out_path.suffix != ".safetensors":
-        raise ValueError(f"{out_path}: the kohya export must be a .safetensors file")
+        raise ExportError(f"{out_path}: the kohya export must be a .safetensors file")
     if out_path.resolve() == src.resolve():
-        raise ValueError(f"{out_path}: refusing to overwrite the source LoRA with its export")
-    if run_config is None:
-        cfg_file = src.parent / "config.yaml"
-        run_config = yaml.safe_load(cfg_file.read_text()) if cfg_file.exists() else {}
-    run_config = run_config or {}
+        raise ExportError(f"{out_path}: refusing to overwrite the source LoRA with its export")
+    run_config = (_run_config_for(src) if run_config is None else run_config) or {}
 
-    sd, meta = _read_lora(src)
+    try:
+        sd, meta = _read_lora(src)
+    except Exception as e:  # safetensors raises its own SafetensorError on a truncated/foreign file
+        raise ExportError(
+            f"{src}: not a readable .safetensors LoRA ({e}); train again or copy it again"
+        ) from e
     unet_sd, te_sd = _split(sd)
     out: dict[str, Tensor] = {}
     ranks: dict[str, tuple[int, float]] = {}
@@ -252,7 +307,7 @@ def export_kohya(
         ranks[prefix] = ra
         out.update(to_kohya(part, alpha=ra[1], rank=ra[0]))
     if not out:
-        raise ValueError(f"{src}: contains no LoRA weights")
+        raise ExportError(f"{src}: contains no LoRA weights")
     if fp16:
         out = {k: v.to(torch.float16) for k, v in out.items()}
 
@@ -262,7 +317,7 @@ def export_kohya(
         run_config,
         rank=rank,
         alpha=alpha,
-        prediction_type=_prediction_type(run_config),
+        prediction_type=run_prediction_type(run_config),
         resolution=resolution,
     )
     metadata["format"] = "pt"
@@ -283,7 +338,11 @@ def export_kohya(
 
 
 def _merged_pipeline(run_dir: Path, *, fp16: bool):
-    """The run's base with its LoRA fused in (diffusers' own fuse -> unload path), on CPU."""
+    """The run's base with its LoRA fused in (diffusers' own fuse -> unload path), on CPU.
+
+    The base is loaded as training loaded it (``model.allow_pickle``, ``model.single_file_config``) and
+    with the run's prediction type, so a run trained on a .ckpt or a single file exports too, and the
+    merged scheduler says what the run trained (``pipe.scheduler.config.prediction_type``)."""
     import torch
 
     from .config import load_config
@@ -296,7 +355,9 @@ def _merged_pipeline(run_dir: Path, *, fp16: bool):
         fuse=True,
         device="cpu",
         dtype="fp32",
+        allow_pickle=cfg.model.allow_pickle,
         single_file_config=cfg.model.single_file_config,
+        prediction_type=run_prediction_type(cfg.to_dict()),
     )
     pipe.unload_lora_weights()  # the fused weights stay; the LoRA layers go
     if fp16:
@@ -338,7 +399,7 @@ def run_exports(
     run_dir = Path(run_dir)
     lora = run_dir / "lora" / "pytorch_lora_weights.safetensors"
     if not lora.exists():
-        raise FileNotFoundError(f"{lora.resolve()}: no finished LoRA in this run (exports need one)")
+        raise ExportInputMissing(f"{lora.resolve()}: no finished LoRA in this run (exports need one)")
     out = Path(out_dir) if out_dir else run_dir / "export"
     out.mkdir(parents=True, exist_ok=True)
     written = []
@@ -352,5 +413,5 @@ def run_exports(
                 export_single_file(run_dir, out / f"{run_dir.resolve().name}.safetensors", fp16=fp16)
             )
         else:
-            raise ValueError(f"export format {fmt!r}: use kohya, merged-diffusers or single-file")
+            raise ExportError(f"export format {fmt!r}: use kohya, merged-diffusers or single-file")
     return written

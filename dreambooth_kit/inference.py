@@ -1,6 +1,6 @@
 """Seeded, reproducible, fp16-safe generation with a base model and trained LoRAs.
 
-Reproducibility rule (design.md §6): one CPU ``torch.Generator`` per image, seeded ``seeds[i]``
+Reproducibility rule: one CPU ``torch.Generator`` per image, seeded ``seeds[i]``
 (``seed + i`` by default), so image i is the same whatever the batch size or device. On CPU
 everything runs in fp32 and the same seed gives bit-identical PNG bytes.
 
@@ -11,6 +11,7 @@ again with the VAE in fp32 (and say so); persistent NaN raises instead of writin
 
 from __future__ import annotations
 
+import json
 import logging
 import secrets
 from pathlib import Path
@@ -22,8 +23,17 @@ from PIL import Image
 
 from . import __version__
 from .adapters import LoraMismatchError, load_lora, lora_file
+from .errors import InvalidInput
 from .models import resolve_model
-from .pngmeta import GenerationParams, file_hash, make_grid, read_metadata, save_images, save_png
+from .pngmeta import (
+    GenerationParams,
+    file_hash,
+    lora_hash,
+    make_grid,
+    read_metadata,
+    save_images,
+    save_png,
+)
 
 __all__ = [
     "GenerationParams",
@@ -73,7 +83,7 @@ def pick_dtype(device: str | torch.device, dtype: str | torch.dtype | None = "au
     table = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16, "float16": torch.float16}
     table |= {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
     if dtype not in table:
-        raise ValueError(f"dtype {dtype!r}: use one of auto, {', '.join(table)}")
+        raise InvalidInput(f"dtype {dtype!r}: use one of auto, {', '.join(table)}")
     return table[dtype]
 
 
@@ -113,10 +123,14 @@ def load_pipeline(
     compile: bool = False,
     allow_pickle: bool = False,
     single_file_config: str | Path | None = None,
+    prediction_type: str | None = None,
 ):
-    """A ``StableDiffusionPipeline`` for ``base`` (hub id, diffusers folder or ``builtin:tiny-sd2``)
-    with the given LoRAs (folders holding ``pytorch_lora_weights.safetensors``, or files).
+    """A ``StableDiffusionPipeline`` for ``base`` (hub id, diffusers folder, single file or
+    ``builtin:tiny-sd2``) with the given LoRAs (folders holding ``pytorch_lora_weights.safetensors``,
+    or files).
 
+    ``prediction_type`` ("epsilon"/"v_prediction"): overrides the model's (a single SD 2.x file needs it
+    unless its .yaml is beside it); only the scheduler's setting changes, never its betas.
     ``scheduler``: one of :data:`SCHEDULERS` (None keeps the model's). ``fuse=True`` merges the
     LoRAs into the weights (base speed; unfuse with ``pipe.unfuse_lora()``). ``offload``: "model"
     or "sequential" CPU offload, ``compile=True``: ``torch.compile`` the UNet (both CUDA only).
@@ -128,17 +142,26 @@ def load_pipeline(
     device = default_device() if device in (None, "auto") else device
     torch_dtype = pick_dtype(device, dtype)
     if offload not in (None, "model", "sequential"):
-        raise ValueError(f"offload={offload!r}: use None, 'model' or 'sequential'")
+        raise InvalidInput(f"offload={offload!r}: use None, 'model' or 'sequential'")
     if offload and torch.device(device).type != "cuda":
-        raise ValueError(f"offload={offload!r} moves weights between CPU and a CUDA GPU; device is {device}")
+        raise InvalidInput(
+            f"offload={offload!r} moves weights between CPU and a CUDA GPU; device is {device}"
+        )
     if compile and torch.device(device).type != "cuda":
         # On CPU, compiling the SD UNet takes minutes and gains little; on CUDA it pays back in a
         # few images (CUDA graphs via mode="reduce-overhead").
-        raise ValueError(f"compile=True is for CUDA; device is {device}")
+        raise InvalidInput(f"compile=True is for CUDA; device is {device}")
+    if prediction_type not in (None, "epsilon", "v_prediction"):
+        raise InvalidInput(f"prediction_type={prediction_type!r}: use 'epsilon' or 'v_prediction'")
+    loras = [] if lora is None else [lora] if isinstance(lora, (str, Path)) else list(lora)
+    scales = lora_scale if isinstance(lora_scale, list) else [lora_scale] * len(loras)
+    if len(scales) != len(loras):
+        raise InvalidInput(f"lora_scale has {len(scales)} values for {len(loras)} LoRAs; give one per LoRA")
     source = resolve_model(
         base,
         allow_pickle=allow_pickle,
         single_file_config=str(single_file_config) if single_file_config else None,
+        prediction_type=prediction_type,
     )
     try:
         pipe = StableDiffusionPipeline.from_pretrained(
@@ -148,22 +171,24 @@ def load_pipeline(
         raise load_error(source, e) from e
     pipe.set_progress_bar_config(disable=True)
     set_attention(pipe.unet, attention)
+    if prediction_type and pipe.scheduler.config.get("prediction_type") != prediction_type:
+        pipe.scheduler = type(pipe.scheduler).from_config(
+            pipe.scheduler.config, prediction_type=prediction_type
+        )
     if scheduler is not None:
         set_scheduler(pipe, scheduler)
-    loras = [] if lora is None else [lora] if isinstance(lora, (str, Path)) else list(lora)
-    scales = lora_scale if isinstance(lora_scale, list) else [lora_scale] * len(loras)
-    if len(scales) != len(loras):
-        raise ValueError(f"lora_scale has {len(scales)} values for {len(loras)} LoRAs")
     names = [load_lora(pipe, path, f"lora{i}") for i, path in enumerate(loras)]
     if names:
         pipe.set_adapters(names, adapter_weights=scales)
         if fuse:
             pipe.fuse_lora(adapter_names=names)
-    pipe._dbk = {
+    files = [lora_file(p) for p in loras]
+    pipe._dbk = {  # what every PNG records (pngmeta.GenerationParams)
         "model": base,
         "model_hash": _model_hash(source),
-        "loras": [str(lora_file(p)) for p in loras],
-        "lora_scale": scales,
+        "loras": [str(f) for f in files],
+        "lora_scales": [float(s) for s in scales],
+        "lora_hashes": [lora_hash(f) for f in files],  # hashed once here, not once per image
         "scheduler": scheduler,
     }
     if offload == "model":
@@ -185,12 +210,23 @@ def set_scheduler(pipe, name: str) -> None:
     import diffusers
 
     if name not in SCHEDULERS:
-        raise ValueError(f"scheduler {name!r}: use one of {', '.join(SCHEDULERS)}")
+        raise InvalidInput(f"scheduler {name!r}: use one of {', '.join(SCHEDULERS)}")
     cls_name, extra, _ = SCHEDULERS[name]
     pipe.scheduler = getattr(diffusers, cls_name).from_config(pipe.scheduler.config, **extra)
 
 
 def _model_hash(source: str) -> str | None:
+    """A1111's "Model hash" (sha256[:10] of the checkpoint file): of the user's single file when the
+    base was one (A1111 then shows the same hash for it), else of the diffusers UNet file."""
+    from .singlefile import STAMP
+
+    stamp = Path(source) / STAMP
+    try:
+        single = Path(json.loads(stamp.read_text())["source"])
+        if single.is_file():
+            return file_hash(single)
+    except (OSError, ValueError, KeyError):
+        pass
     unet = Path(source) / "unet" / "diffusion_pytorch_model.safetensors"
     return file_hash(unet) if unet.exists() else None
 
@@ -214,7 +250,7 @@ def _check_args(height: int, width: int, steps: int, num_images: int, seeds: lis
     if strength is not None and not 0 <= strength <= 1:
         problems.append(f"strength={strength} must be in [0, 1]")
     if problems:
-        raise ValueError("; ".join(problems))
+        raise InvalidInput("; ".join(problems))
 
 
 def _seeds(seed: int | list[int] | None, seeds: list[int] | None, num_images: int) -> list[int]:
@@ -227,10 +263,25 @@ def _seeds(seed: int | list[int] | None, seeds: list[int] | None, num_images: in
     return [seed + i for i in range(num_images)]
 
 
-def _as_image(img: Image.Image | str | Path, size: tuple[int, int], mode: str) -> Image.Image:
-    from .data import load_image
+def _input_image(img: Image.Image | str | Path, what: str) -> Image.Image:
+    """An init/mask image, upright: a phone photo's EXIF orientation is applied once, here, so its
+    size and its pixels come from the same rotated image. Files go through the training loader
+    (fully decoded, file closed, one clear error for anything that is not an image)."""
+    from PIL import ImageOps
 
-    im = load_image(img) if isinstance(img, (str, Path)) else img
+    from .data import DataError, load_image
+
+    if isinstance(img, Image.Image):
+        return ImageOps.exif_transpose(img)
+    if not isinstance(img, (str, Path)):
+        raise InvalidInput(f"{what}: expected a file path or a PIL image, got {type(img).__name__}")
+    try:
+        return load_image(img)
+    except DataError as e:
+        raise InvalidInput(f"{what} {e}") from e
+
+
+def _as_image(im: Image.Image, size: tuple[int, int], mode: str) -> Image.Image:
     im = im.convert(mode)
     return im if im.size == size else im.resize(size, Image.Resampling.LANCZOS)
 
@@ -259,8 +310,14 @@ def generate(
     through the UNet together: the default 1 makes every image bit-identical to a single-image call
     on CPU (batched matmuls may round differently). Returns ``Generated(image, params)`` tuples."""
     size = pipe.unet.config.sample_size * pipe.vae_scale_factor
+    if init_image is not None:
+        init_image = _input_image(init_image, "init image")
+    if mask_image is not None:
+        if init_image is None:
+            raise InvalidInput("mask_image needs init_image (the picture to repaint); pass both")
+        mask_image = _input_image(mask_image, "mask image")
     if init_image is not None and (height is None or width is None):
-        w0, h0 = (Image.open(init_image) if isinstance(init_image, (str, Path)) else init_image).size
+        w0, h0 = init_image.size
         width, height = width or (w0 // 8 * 8), height or (h0 // 8 * 8)
     height = size if height is None else height
     width = size if width is None else width
@@ -312,7 +369,6 @@ def _params(
 ) -> GenerationParams:
     meta = getattr(pipe, "_dbk", {})
     sched = meta.get("scheduler")
-    loras = meta.get("loras") or []
     return GenerationParams(
         prompt=prompt,
         negative_prompt=negative_prompt or "",
@@ -323,11 +379,11 @@ def _params(
         height=size[1],
         sampler=SCHEDULERS[sched][2] if sched else type(pipe.scheduler).__name__.removesuffix("Scheduler"),
         model=meta.get("model", "unknown"),
-        lora=loras[0] if len(loras) == 1 else (",".join(loras) or None),
-        lora_scale=(meta.get("lora_scale") or [1.0])[0],
+        loras=list(meta.get("loras") or []),
+        lora_scales=list(meta.get("lora_scales") or []),
         scheduler=sched,
         model_hash=meta.get("model_hash"),
-        lora_hash=file_hash(loras[0]) if len(loras) == 1 else None,
+        lora_hashes=list(meta.get("lora_hashes") or []),
         mode=mode,
         strength=strength if mode != "txt2img" else None,
         version=__version__,
@@ -393,20 +449,31 @@ def decode_latents(pipe, latents: torch.Tensor, seeds: list[int]) -> list[np.nda
     return [(a * 255).round().clip(0, 255).astype("uint8") for a in arr]
 
 
-def regenerate_from_png(png: str | Path, *, base: str | None = None, lora: str | None = None) -> Generated:
-    """Re-create an image from the settings our JSON chunk recorded in it."""
+def regenerate_from_png(
+    png: str | Path, *, base: str | None = None, lora: str | Path | list[str | Path] | None = None
+) -> Generated:
+    """Re-create an image from the settings our JSON chunk recorded in it.
+
+    ``base``/``lora`` replace the recorded model/LoRAs (moved files); the recorded scales are kept when
+    as many LoRAs are given as were recorded, else each new LoRA gets scale 1."""
     meta = read_metadata(png)["params"]
     if meta is None:
-        raise ValueError(
-            f"{png}: has no dreambooth_kit metadata (only images we generated can be re-created)"
+        raise InvalidInput(
+            f"{png}: has no dreambooth_kit settings (only images made by dreambooth-kit generate can be "
+            "re-created); generate with --base, --prompt and --seed instead"
         )
     if meta.mode != "txt2img":
-        raise ValueError(
-            f"{png}: was made with {meta.mode}; only txt2img images can be re-created from the PNG"
+        raise InvalidInput(
+            f"{png}: was made with {meta.mode}; only txt2img images can be re-created from the PNG "
+            "(run generate with --init-image again)"
         )
-    pipe = load_pipeline(
-        base or meta.model, lora=lora or meta.lora, lora_scale=meta.lora_scale, scheduler=meta.scheduler
-    )
+    loras: list[str | Path] = list(meta.loras)
+    scales = list(meta.lora_scales)
+    if lora is not None:
+        loras = [lora] if isinstance(lora, (str, Path)) else list(lora)
+    if len(scales) != len(loras):
+        scales = [1.0] * len(loras)
+    pipe = load_pipeline(base or meta.model, lora=loras or None, lora_scale=scales, scheduler=meta.scheduler)
     return generate(
         pipe,
         meta.prompt,

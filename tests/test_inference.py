@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from dreambooth_kit.inference import generate, load_pipeline, save_png
+from dreambooth_kit.errors import InvalidInput
+from dreambooth_kit.inference import Generated, generate, load_pipeline, save_png
 
 PROMPT = "a photo of zwx toy"
 
@@ -61,7 +62,7 @@ def test_explicit_seed_list(pipe):
 )
 def test_bad_arguments_rejected_before_the_model_runs(pipe, monkeypatch, kwargs, match):
     monkeypatch.setattr(type(pipe), "__call__", lambda *a, **k: pytest.fail("model touched"))
-    with pytest.raises(ValueError, match=match):
+    with pytest.raises(InvalidInput, match=match):  # a UserError: one line in the CLI
         generate(pipe, PROMPT, **kwargs)
 
 
@@ -108,7 +109,8 @@ def test_lora_changes_generation_and_scale_zero_is_base(trained_run, tiny_model)
     ((o, _),) = generate(off, PROMPT, seed=5, steps=2)
     assert not np.array_equal(np.asarray(b), np.asarray(w))
     assert np.abs(np.asarray(b, dtype=int) - np.asarray(o, dtype=int)).max() <= 1
-    assert pw.lora and 'Lora hashes: "run: ' in pw.infotext()
+    assert pw.loras == [str(lora_dir / "pytorch_lora_weights.safetensors")] and pw.lora_scales == [1.0]
+    assert 'Lora hashes: "run: ' in pw.infotext() and "<lora:run:1>" in pw.infotext()
 
 
 def test_missing_lora_path_is_named(tiny_model, tmp_path):
@@ -201,7 +203,7 @@ def test_lora_for_another_width_is_refused_and_pipeline_still_works(tiny_model, 
     from dreambooth_kit.inference import LoraMismatchError, load_lora
 
     bad = _sd15_shaped_lora(tmp_path, tiny_model)
-    with pytest.raises(LoraMismatchError, match="cross-attention width 16.*has width 32"):
+    with pytest.raises(LoraMismatchError, match="made for another model .cross-attention width 16.*width 32"):
         load_pipeline(str(tiny_model), lora=bad)
     pipe = load_pipeline(str(tiny_model))
     base = generate(pipe, PROMPT, seed=4, steps=2)[0].image
@@ -222,9 +224,9 @@ def test_truncated_or_pickle_lora_is_refused(tiny_model, tmp_path, trained_run):
 
 
 def test_img2img_strength_zero_is_the_vae_reconstruction_and_strength_orders(pipe, tmp_path):
-    src = Image.open(sorted((Path(__file__).parents[1] / "dreambooth_kit" / "demo_subject").glob("*.jpg"))[0]).convert(
-        "RGB"
-    )
+    src = Image.open(
+        sorted((Path(__file__).parents[1] / "dreambooth_kit" / "demo_subject").glob("*.jpg"))[0]
+    ).convert("RGB")
     src = src.resize((64, 64))
     zero = generate(pipe, PROMPT, init_image=src, strength=0.0, seed=1, steps=4)[0]
     assert zero.params.mode == "img2img" and zero.params.strength == 0.0
@@ -247,9 +249,9 @@ def test_inpainting_keeps_unmasked_latents(pipe, monkeypatch):
 
     from dreambooth_kit import inference
 
-    src = Image.open(sorted((Path(__file__).parents[1] / "dreambooth_kit" / "demo_subject").glob("*.jpg"))[1]).convert(
-        "RGB"
-    )
+    src = Image.open(
+        sorted((Path(__file__).parents[1] / "dreambooth_kit" / "demo_subject").glob("*.jpg"))[1]
+    ).convert("RGB")
     src = src.resize((64, 64))
     mask = Image.new("L", (64, 64), 0)
     mask.paste(255, (32, 0, 64, 64))  # repaint the right half = latent columns 4..7
@@ -377,3 +379,254 @@ def test_duplicate_adapter_name_and_unknown_adapter(trained_run, tiny_model):
         load_lora(pipe, trained_run["result"].lora_dir, "lora0")
     with pytest.raises(ValueError):
         pipe.set_adapters(["nope"])  # diffusers names the unknown adapter
+
+
+# ------------------------------------------------------------------ foreign LoRAs (SD 1.x, SDXL, extra tensors)
+
+
+def _write(path, tensors, metadata=None):
+    from safetensors.torch import save_file
+
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(path), metadata=metadata)
+    return path
+
+
+def _kohya(name, width_in, width_out, rank=2):
+    import torch
+
+    return {
+        f"{name}.lora_down.weight": torch.randn(rank, width_in) * 0.01,
+        f"{name}.lora_up.weight": torch.randn(width_out, rank) * 0.01,
+        f"{name}.alpha": torch.tensor(float(rank)),
+    }
+
+
+def _peft(name, width_in, width_out, rank=2):
+    import torch
+
+    return {
+        f"{name}.lora_A.weight": torch.randn(rank, width_in) * 0.01,
+        f"{name}.lora_B.weight": torch.randn(width_out, rank) * 0.01,
+    }
+
+
+TO_K = "down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k"  # a layer the tiny UNet has (32 -> 32)
+
+
+def _foreign(kind):
+    """Small stand-ins for real files: the real SD 1.x / SDXL input widths on the tiny model's layer names
+    (SDXL keys in kohya's sgm spelling, as kohya writes them), a few KB each."""
+    if kind == "sd1-kohya":
+        return _kohya(f"lora_unet_{TO_K.replace('.', '_')}", 768, 32) | _kohya(
+            "lora_te_text_model_encoder_layers_0_self_attn_q_proj", 768, 768
+        )
+    if kind == "sdxl-kohya":
+        return (
+            _kohya("lora_unet_input_blocks_4_1_transformer_blocks_0_attn2_to_k", 2048, 640)
+            | _kohya("lora_te1_text_model_encoder_layers_0_self_attn_q_proj", 768, 768)
+            | _kohya("lora_te2_text_model_encoder_layers_0_self_attn_q_proj", 1280, 1280)
+        )
+    if kind == "sd1-diffusers":
+        return _peft(f"unet.{TO_K}", 768, 32) | _peft(
+            "text_encoder.text_model.encoder.layers.0.self_attn.q_proj", 768, 768
+        )
+    assert kind == "sdxl-diffusers"
+    return _peft(f"unet.{TO_K}", 2048, 32) | _peft(
+        "text_encoder_2.text_model.encoder.layers.0.self_attn.q_proj", 1280, 1280
+    )
+
+
+@pytest.mark.parametrize(
+    ("kind", "named"),
+    [
+        ("sd1-kohya", r"made for SD 1\.x \(cross-attention width 768, text width 768\)"),
+        ("sdxl-kohya", r"made for SDXL \(cross-attention width 2048.*lora_te2_"),
+        ("sd1-diffusers", r"made for SD 1\.x \(cross-attention width 768, text width 768\)"),
+        ("sdxl-diffusers", r"made for SDXL \(cross-attention width 2048.*text_encoder_2\."),
+    ],
+)
+def test_sd1_and_sdxl_loras_get_the_architecture_message(pipe, tmp_path, kind, named):
+    """Before: a raw peft "size mismatch for ...lora_A" (or "Target modules ... not found") error."""
+    from dreambooth_kit.inference import LoraMismatchError, load_lora
+
+    f = _write(tmp_path / f"{kind}.safetensors", _foreign(kind))
+    with pytest.raises(LoraMismatchError, match=named) as e:
+        load_lora(pipe, f, "foreign")
+    assert str(f) in str(e.value) and "size mismatch" not in str(e.value) and "\n" not in str(e.value)
+    assert not any(pipe.get_list_adapters().values())  # nothing was loaded
+
+
+def test_architecture_is_named_with_the_real_sd2_widths():
+    """The same decision with SD 2.1's widths (1024), from shapes only: no 3 GB model needed."""
+    from dreambooth_kit.adapters import architecture_mismatch
+
+    def shapes(kind):
+        return {k: tuple(v.shape) for k, v in _foreign(kind).items()}
+
+    sd2 = {"cross_width": 1024, "text_width": 1024}
+    for kind in ("sd1-kohya", "sd1-diffusers"):
+        why = architecture_mismatch(shapes(kind), **sd2)
+        assert (
+            why.startswith("this LoRA was made for SD 1.x")
+            and "model (SD 2.x) has cross-attention width 1024" in why
+        )
+        assert why.endswith("Use a LoRA trained on SD 2.x")
+    for kind in ("sdxl-kohya", "sdxl-diffusers"):
+        assert architecture_mismatch(shapes(kind), **sd2).startswith("this LoRA was made for SDXL")
+    fits = _kohya(f"lora_unet_{TO_K.replace('.', '_')}", 1024, 320) | _kohya(
+        "lora_te_text_model_encoder_layers_0_self_attn_q_proj", 1024, 1024
+    )
+    assert architecture_mismatch({k: tuple(v.shape) for k, v in fits.items()}, **sd2) is None
+
+
+def test_extra_tensors_that_diffusers_would_drop_are_refused(trained_run, tiny_model, tmp_path):
+    """An otherwise fitting LoRA with text_encoder_2 tensors: diffusers loads it and drops them without a
+    word (checked: load_lora_weights succeeds). Refused, with the count."""
+    from safetensors.torch import load_file
+
+    from dreambooth_kit.export import export_kohya
+    from dreambooth_kit.inference import LoraMismatchError
+
+    ours = load_file(trained_run["result"].lora_path)
+    extra = _peft("text_encoder_2.text_model.encoder.layers.0.self_attn.q_proj", 1280, 1280)
+    f = _write(tmp_path / "with_te2.safetensors", ours | extra)
+    n = len(ours) + 2
+    with pytest.raises(LoraMismatchError, match=rf"2 of {n} tensors are for SDXL's second text encoder"):
+        load_pipeline(str(tiny_model), lora=f)
+    # The same in kohya format (lora_te2_ down/up/alpha beside our exported keys).
+    k = load_file(export_kohya(trained_run["result"].lora_path, tmp_path / "k.safetensors"))
+    g = _write(
+        tmp_path / "kohya_te2.safetensors",
+        k | _kohya("lora_te2_text_model_encoder_layers_0_mlp_fc1", 1280, 5120),
+    )
+    with pytest.raises(
+        LoraMismatchError, match=rf"3 of {len(k) + 3} tensors are for SDXL's second text encoder"
+    ):
+        load_pipeline(str(tiny_model), lora=g)
+    # DoRA scales (diffusers filters them out and loads a plain LoRA) are counted too.
+    import torch
+
+    h = _write(
+        tmp_path / "dora.safetensors", k | {next(iter(k)).split(".")[0] + ".dora_scale": torch.ones(1, 32)}
+    )
+    with pytest.raises(LoraMismatchError, match="1 of .* tensors are DoRA scales"):
+        load_pipeline(str(tiny_model), lora=h)
+
+
+def test_our_kohya_export_passes_the_checks_and_loads(trained_run, tiny_model, tmp_path):
+    """The checks refuse nothing that fits: our own kohya export loads and renders like our file."""
+    from dreambooth_kit.export import export_kohya
+
+    k = export_kohya(trained_run["result"].lora_path, tmp_path / "k.safetensors")
+    a = generate(load_pipeline(str(tiny_model), lora=trained_run["result"].lora_dir), PROMPT, seed=6, steps=2)
+    b = generate(load_pipeline(str(tiny_model), lora=k), PROMPT, seed=6, steps=2)
+    assert np.abs(_arr(a[0].image) - _arr(b[0].image)).max() <= 2
+
+
+# ------------------------------------------------------------------ inputs: PNG settings, init/mask images
+
+
+def test_from_png_with_damaged_settings_is_one_clear_line(tmp_path, capsys):
+    from PIL import PngImagePlugin
+
+    from dreambooth_kit.cli import main
+    from dreambooth_kit.inference import regenerate_from_png
+
+    info = PngImagePlugin.PngInfo()
+    info.add_text("dreambooth_kit", '{"prompt": "a photo", "seed": "42"')  # cut short
+    Image.new("RGB", (8, 8)).save(tmp_path / "cut.png", pnginfo=info)
+    with pytest.raises(InvalidInput, match=r"cut.png: its dreambooth_kit settings are damaged"):
+        regenerate_from_png(tmp_path / "cut.png")
+    (tmp_path / "notes.png").write_text("not an image")
+    assert main(["generate", "--from-png", str(tmp_path / "notes.png"), "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "notes.png: not a readable PNG image" in err and "\n" not in err
+    Image.new("RGB", (8, 8)).save(tmp_path / "plain.png")  # a PNG from another tool
+    with pytest.raises(InvalidInput, match="plain.png: has no dreambooth_kit settings"):
+        regenerate_from_png(tmp_path / "plain.png")
+
+
+@pytest.mark.parametrize("which", ["init_image", "mask_image"])
+def test_init_or_mask_image_that_is_not_an_image_is_named(pipe, tmp_path, monkeypatch, which):
+    monkeypatch.setattr(type(pipe), "__call__", lambda *a, **k: pytest.fail("model touched"))
+    bad = tmp_path / "photo.jpg"
+    bad.write_text("<html>404</html>")
+    good = Image.new("RGB", (64, 64), "gray")
+    kwargs = {"init_image": bad} if which == "init_image" else {"init_image": good, "mask_image": bad}
+    what = which.replace("_", " ")
+    with pytest.raises(InvalidInput, match=rf"^{what} .*photo.jpg: cannot identify image file") as e:
+        generate(pipe, PROMPT, seed=1, steps=2, **kwargs)
+    assert "\n" not in str(e.value)
+    with pytest.raises(InvalidInput, match="mask_image needs init_image"):
+        generate(pipe, PROMPT, seed=1, steps=2, mask_image=good)
+
+
+def _phone_photo(path):
+    """A portrait phone photo as cameras store it: landscape pixels plus EXIF orientation 6 (rotate 90
+    degrees clockwise to view). Returns the upright image it shows."""
+    rng = np.random.default_rng(0)
+    stored = Image.fromarray(rng.integers(0, 255, (48, 64, 3), dtype=np.uint8))  # 64 wide, 48 high
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    stored.save(path, exif=exif.tobytes(), quality=95)
+    with Image.open(path) as im:
+        from PIL import ImageOps
+
+        return ImageOps.exif_transpose(im).convert("RGB")  # 48 wide, 64 high
+
+
+def test_phone_photo_is_rotated_once_for_size_and_pixels_and_closed(pipe, tmp_path, monkeypatch):
+    """Before: the size came from the stored (landscape) image and the pixels from the rotated one, so a
+    portrait photo came out squashed to 64x48; and the size probe left the file open."""
+    import PIL.Image
+
+    upright = _phone_photo(tmp_path / "phone.jpg")
+    opened = []
+    real_open = PIL.Image.open
+
+    def tracking_open(*a, **k):
+        im = real_open(*a, **k)
+        opened.append(im)
+        return im
+
+    monkeypatch.setattr(PIL.Image, "open", tracking_open)
+    from_file = generate(pipe, PROMPT, init_image=tmp_path / "phone.jpg", strength=0.5, seed=3, steps=2)[0]
+    monkeypatch.setattr(PIL.Image, "open", real_open)
+    assert (from_file.params.width, from_file.params.height) == (48, 64) == from_file.image.size
+    assert opened and all(im.fp is None for im in opened), "an input image file was left open"
+    from_upright = generate(pipe, PROMPT, init_image=upright, strength=0.5, seed=3, steps=2)[0]
+    assert np.array_equal(_arr(from_file.image), _arr(from_upright.image))  # the same, rotated, pixels
+    mask = Image.new("L", (48, 64), 255)
+    inpainted = generate(pipe, PROMPT, init_image=tmp_path / "phone.jpg", mask_image=mask, seed=3, steps=2)[0]
+    assert inpainted.image.size == (48, 64)
+
+
+def test_from_png_of_an_image_made_with_two_loras(trained_run, tiny_model, tmp_path):
+    """Before: the PNG recorded "a,b" as one LoRA path and --from-png failed with LoRA not found."""
+    import shutil
+
+    from dreambooth_kit.inference import regenerate_from_png, save_images
+    from dreambooth_kit.pngmeta import lora_hash
+
+    a = trained_run["result"].lora_path
+    b = shutil.copy(a, tmp_path / "second.safetensors")
+    pipe2 = load_pipeline(str(tiny_model), lora=[a, b], lora_scale=[0.7, 0.3])
+    ((img, params),) = generate(pipe2, PROMPT, seed=9, steps=2)
+    assert params.loras == [str(a), str(b)] and params.lora_scales == [0.7, 0.3]
+    assert params.lora_hashes == [lora_hash(a), lora_hash(b)]
+    assert params.infotext().split("\n")[0] == f"{PROMPT} <lora:run:0.7> <lora:second:0.3>"
+    (png,) = save_images([Generated(img, params)], tmp_path / "out")
+    again = regenerate_from_png(png)
+    assert again.params.loras == params.loras and again.params.lora_scales == [0.7, 0.3]
+    assert np.array_equal(_arr(again.image), _arr(img))
+
+
+def test_single_file_base_is_hashed_as_a1111_hashes_it(tiny_model, tmp_path):
+    """With a single file as the base, "Model hash" is that file's sha256[:10] (what A1111 shows for it)."""
+    import hashlib
+
+    from dreambooth_kit.singlefile import save_single_file
+
+    f = save_single_file(tiny_model, tmp_path / "tiny.safetensors", prediction_type="v_prediction")
+    ((_, params),) = generate(load_pipeline(str(f)), PROMPT, seed=1, steps=1)
+    assert params.model_hash == hashlib.sha256(f.read_bytes()).hexdigest()[:10]

