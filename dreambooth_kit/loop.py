@@ -14,6 +14,7 @@ import torch.nn.functional as F
 
 from .caching import posterior_sample
 from .config import DreamBoothConfig
+from .errors import InvalidInput
 
 log = logging.getLogger("dreambooth_kit")
 
@@ -28,7 +29,10 @@ def diffusion_target(scheduler, latents: torch.Tensor, noise: torch.Tensor, time
         return noise
     if kind == "v_prediction":
         return scheduler.get_velocity(latents, noise, timesteps)
-    raise ValueError(f"prediction_type {kind!r} is not supported for training (epsilon, v_prediction)")
+    raise InvalidInput(
+        f"the model's scheduler has prediction_type {kind!r}, which training does not support; set "
+        "model.prediction_type to epsilon or v_prediction (the one the model was trained with)"
+    )
 
 
 def snr_weights(scheduler, timesteps: torch.Tensor, gamma: float, prediction_type: str) -> torch.Tensor:

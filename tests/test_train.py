@@ -42,8 +42,10 @@ def test_epsilon_target_is_noise():
 
 
 def test_unknown_prediction_type_refused():
+    from dreambooth_kit.errors import UserError
+
     s = _scheduler("sample")
-    with pytest.raises(ValueError, match="prediction_type 'sample'"):
+    with pytest.raises(UserError, match="prediction_type 'sample'.*set model.prediction_type"):
         diffusion_target(s, torch.zeros(1, 4, 8, 8), torch.zeros(1, 4, 8, 8), torch.tensor([1]))
 
 
