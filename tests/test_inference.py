@@ -147,7 +147,8 @@ def test_every_scheduler_runs_and_is_named(tiny_model, name):
     assert pipe.scheduler.config.prediction_type == "v_prediction"  # the model's, kept
     ((img, p),) = generate(pipe, PROMPT, seed=1, steps=2)
     assert p.sampler == SCHEDULERS[name][2] and p.scheduler == name
-    assert np.isfinite(_arr(img)).all()
+    # A uint8 image is always finite: what a broken sampler gives is a flat (e.g. black) picture.
+    assert _arr(img).std() > 1
 
 
 def test_unknown_scheduler_and_cpu_offload_are_refused(tiny_model):
@@ -302,7 +303,8 @@ def test_half_precision_nan_decode_is_retried_in_fp32(tiny_model, monkeypatch, c
     with caplog.at_level(logging.WARNING, logger="dreambooth_kit"):
         ((img, _),) = generate(pipe, PROMPT, seed=1, steps=1)
     assert calls["n"] == 2 and "decoding again in fp32" in caplog.text  # ... and is retried in fp32
-    assert np.isfinite(_arr(img)).all() and pipe.vae.dtype == torch.bfloat16  # VAE dtype restored
+    assert _arr(img).std() > 1  # a picture, not the flat black a NaN decode turns into
+    assert pipe.vae.dtype == torch.bfloat16  # VAE dtype restored
 
     monkeypatch.setattr(pipe.vae, "decode", lambda z, *a, **k: (real(z, *a, **k)[0] * float("nan"),))
     with pytest.raises(FloatingPointError, match="non-finite values even in fp32"):
