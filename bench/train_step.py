@@ -11,6 +11,9 @@ Cases:
             Published reference numbers come from another host; this column is comparable.
 
   *-nocache the same with data.cache_latents=false (VAE encode every step)
+  tiny-fp16, tiny-bf16
+            the tiny case with train.mixed_precision fp16 / bf16: on CPU fp16 is true fp16 (autocast
+            + GradScaler, the code path a T4 runs), to show what that precision costs here
 
 Usage: python bench/train_step.py [--cases tiny,sd21-512-nocache,...] [--steps N]
 Reference (diffusers' train_dreambooth_lora.py on this machine kind, same recipe): tiny 0.10 s/step,
@@ -39,7 +42,10 @@ CASES = {
     "tiny-nocache": ("tiny", 64, 2, 10, False),
     "sd21-512": ("sd21-base", 512, 1, 2, True),
     "sd21-512-nocache": ("sd21-base", 512, 1, 2, False),
+    "tiny-fp16": ("tiny", 64, 2, 10, True),
+    "tiny-bf16": ("tiny", 64, 2, 10, True),
 }
+PRECISION = {"tiny-fp16": "fp16", "tiny-bf16": "bf16"}  # every other case: fp32 ("no")
 
 
 def _baseline_steps(model: Path, res: int, steps: int) -> list[float]:
@@ -130,6 +136,7 @@ def run_case(name: str, timed: int | None, workdir: Path) -> dict:
             "train.overwrite": True,
             "train.max_steps": warmup + n,
             "train.log_every": 1000,
+            "train.mixed_precision": PRECISION.get(name, "no"),
         },
     )
     result = train(cfg)
@@ -171,10 +178,11 @@ def main() -> None:
             shutil.rmtree(workdir, ignore_errors=True)
     print(f"\n{'case':<17} {'steps':>5} {'s/step':>8} {'ref s/step':>10} {'peak RSS GB':>11} {'ref GB':>7}")
     for r in rows:
-        ref_s, ref_gb = REFERENCE[r["case"].removeprefix("base-")]
+        ref = REFERENCE.get(r["case"].removeprefix("base-"))
+        ref_s, ref_gb = (f"{ref[0]:.2f}", f"{ref[1]:.2f}") if ref else ("-", "-")
         print(
-            f"{r['case']:<17} {r['steps']:>5} {r['s_per_step']:>8.3f} {ref_s:>10.2f} "
-            f"{r['peak_rss_gb']:>11.2f} {ref_gb:>7.2f}"
+            f"{r['case']:<17} {r['steps']:>5} {r['s_per_step']:>8.3f} {ref_s:>10} "
+            f"{r['peak_rss_gb']:>11.2f} {ref_gb:>7}"
         )
 
 
