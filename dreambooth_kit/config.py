@@ -24,6 +24,7 @@ from .errors import UserError
 
 CONFIG_VERSION = 1
 TINY_MODEL = "builtin:tiny-sd2"
+TOY_MODEL = "builtin:toy-sd2"  # pretrained on the toy world (dreambooth_kit/toy): a model with a real prior
 # numpy's legacy seeding (which accelerate's set_seed calls) takes 0 .. 2**32 - 1 only.
 MAX_SEED = 2**32 - 1
 

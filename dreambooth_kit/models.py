@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from .config import TINY_MODEL, ModelConfig
+from .config import TINY_MODEL, TOY_MODEL, ModelConfig
 from .errors import MissingExtra, UserError
 
 PICKLE_SUFFIXES = (".ckpt", ".bin", ".pt", ".pth", ".pkl")
@@ -67,8 +67,14 @@ def resolve_model(
         from .tiny import build_tiny_sd2, default_tiny_path
 
         return str(build_tiny_sd2(default_tiny_path()))
+    if pretrained == TOY_MODEL:
+        from .toy.model import build_toy_sd2
+
+        return str(build_toy_sd2())
     if pretrained.startswith("builtin:"):
-        raise ModelLoadError(f"model.pretrained: unknown built-in model {pretrained!r}; use {TINY_MODEL!r}")
+        raise ModelLoadError(
+            f"model.pretrained: unknown built-in model {pretrained!r}; use {TINY_MODEL!r} or {TOY_MODEL!r}"
+        )
     p = Path(pretrained).expanduser()
     if p.suffix.lower() in PICKLE_SUFFIXES and not allow_pickle:
         raise ModelLoadError(

@@ -67,7 +67,7 @@ def _apply_bpe(pieces: list[str], ranks: dict[tuple[str, str], int]) -> list[str
     return pieces
 
 
-def tiny_tokenizer_files() -> tuple[dict[str, int], list[tuple[str, str]]]:
+def tiny_tokenizer_files(words: tuple[str, ...] = _WORDS) -> tuple[dict[str, int], list[tuple[str, str]]]:
     """A CLIP BPE vocabulary and merge list built in code (no download).
 
     Each word first goes through the merges learnt so far, then new merges join whatever pieces are
@@ -77,7 +77,7 @@ def tiny_tokenizer_files() -> tuple[dict[str, int], list[tuple[str, str]]]:
     vocab_list = alphabet + [c + "</w>" for c in alphabet]
     seen = set(vocab_list)
     ranks: dict[tuple[str, str], int] = {}
-    for word in _WORDS:
+    for word in words:
         pieces = _apply_bpe(list(word[:-1]) + [word[-1] + "</w>"], ranks)
         while len(pieces) > 1:
             pair = (pieces[0], pieces[1])
@@ -92,10 +92,11 @@ def tiny_tokenizer_files() -> tuple[dict[str, int], list[tuple[str, str]]]:
     return {tok: i for i, tok in enumerate(vocab_list)}, merges
 
 
-def build_tiny_tokenizer():
+def build_tiny_tokenizer(words: tuple[str, ...] = _WORDS):
+    """The tiny CLIP tokenizer; ``words`` become single tokens (the toy model passes its world's)."""
     from transformers import CLIPTokenizer
 
-    vocab, merges = tiny_tokenizer_files()
+    vocab, merges = tiny_tokenizer_files(words)
     # SD 2.x pads with "!" (id 0), not with <|endoftext|> as SD 1.x does; keep that trait.
     return CLIPTokenizer(vocab=vocab, merges=merges, pad_token="!", model_max_length=77)
 

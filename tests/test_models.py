@@ -150,7 +150,7 @@ def test_unknown_builtin_refused():
     with pytest.raises(ModelLoadError) as exc:
         resolve_model("builtin:tiny-sd1")
     assert str(exc.value) == (
-        "model.pretrained: unknown built-in model 'builtin:tiny-sd1'; use 'builtin:tiny-sd2'"
+        "model.pretrained: unknown built-in model 'builtin:tiny-sd1'; use 'builtin:tiny-sd2' or 'builtin:toy-sd2'"
     )
 
 

@@ -1,0 +1,144 @@
+"""Does it learn? DreamBooth's claims measured in the toy world, as a Markdown table and a PNG grid.
+
+For each condition (the base model; LoRA without / with prior preservation; full fine-tune without /
+with it), over several training seeds: train on the subject's 5 photos with ``configs/toy.yaml``
+(the seed-000 recipe scaled down), sample "a photo of zwx ball" (alone and on each background) and
+"a photo of a ball", and score them with the toy judge (dreambooth_kit/toy/evaluate.py says what each
+number means). Reports what comes out: mean ± spread over seeds.
+
+Usage: python bench/quality.py [--seeds 3] [--steps 300] [--per-prompt 8] [--out runs/quality]
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import statistics
+import time
+from pathlib import Path
+
+CONDITIONS = {
+    "base model": None,
+    "LoRA, no prior": {"adapter.type": "lora", "prior.with_prior_preservation": False},
+    "LoRA + prior": {"adapter.type": "lora", "prior.with_prior_preservation": True},
+    "full, no prior": {
+        "adapter.type": "full",
+        "prior.with_prior_preservation": False,
+        "train.learning_rate": 1e-4,
+    },
+    "full + prior": {
+        "adapter.type": "full",
+        "prior.with_prior_preservation": True,
+        "train.learning_rate": 1e-4,
+    },
+}
+COLUMNS = [
+    ("subject_fidelity", "subject fidelity ↑"),
+    ("subject_rate", "subject rate ↑"),
+    ("context_background", "background follows prompt ↑"),
+    ("class_subject_rate", "'a ball' is the subject ↓"),
+    ("pres", "PRES ↓"),
+    ("div", "DIV ↑"),
+    ("class_correct", "'a ball' is a ball ↑"),
+]
+
+
+def run_condition(name: str, overrides: dict | None, seed: int, out: Path, steps: int, per_prompt: int):
+    from dreambooth_kit.config import TOY_MODEL, load_config
+    from dreambooth_kit.toy import world
+    from dreambooth_kit.toy.evaluate import score
+    from dreambooth_kit.train import train
+
+    photos = out / "photos"
+    if not photos.is_dir():
+        world.write_subject_photos(photos)
+    if overrides is None:
+        return score(TOY_MODEL, per_prompt=per_prompt), 0.0
+    run = out / f"{name.replace(' ', '_').replace(',', '').replace('+', 'with')}-seed{seed}"
+    cfg = load_config(
+        "toy.yaml",
+        {
+            "data.instance_dir": str(photos),
+            "prior.class_dir": str(out / "class_images"),
+            "train.output_dir": str(run),
+            "train.overwrite": True,
+            "train.seed": seed,
+            "train.max_steps": steps,
+            **overrides,
+        },
+    )
+    t0 = time.perf_counter()
+    result = train(cfg)
+    seconds = time.perf_counter() - t0
+    if cfg.adapter.type == "full":
+        return score(result.pipeline_dir, per_prompt=per_prompt), seconds
+    return score(TOY_MODEL, lora=result.lora_dir, per_prompt=per_prompt), seconds
+
+
+def grid(out: Path, rows: dict[str, Path | None], steps: int) -> Path:
+    """One row per condition: 'zwx ball' on each background, then four 'a ball' samples (seed 0 run)."""
+    from PIL import Image, ImageDraw
+
+    from dreambooth_kit.config import TOY_MODEL
+    from dreambooth_kit.toy.evaluate import CLASS_PROMPT, CONTEXT_PROMPTS
+    from dreambooth_kit.toy.pretrain import sample
+
+    cell, label = 96, 150
+    n_cols = len(CONTEXT_PROMPTS) + 4
+    sheet = Image.new("RGB", (label + n_cols * cell, len(rows) * cell), "white")
+    draw = ImageDraw.Draw(sheet)
+    for r, (name, weights) in enumerate(rows.items()):
+        model, lora = (
+            (weights, None) if weights and (weights / "model_index.json").exists() else (TOY_MODEL, weights)
+        )
+        images = sample(model, CONTEXT_PROMPTS, per_combo=1, seed=7, lora=lora)
+        images += sample(model, [CLASS_PROMPT], per_combo=4, seed=7, lora=lora)
+        draw.text((6, r * cell + cell // 2 - 6), name, fill="black")
+        for c, img in enumerate(images):
+            sheet.paste(img.resize((cell, cell), Image.NEAREST), (label + c * cell, r * cell))
+    path = out / "quality_grid.png"
+    sheet.save(path)
+    return path
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--seeds", type=int, default=3)
+    ap.add_argument("--steps", type=int, default=300)
+    ap.add_argument("--per-prompt", type=int, default=8)
+    ap.add_argument("--out", default="runs/quality")
+    ap.add_argument("--conditions", default=",".join(CONDITIONS))
+    args = ap.parse_args()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    results: dict[str, list[dict]] = {}
+    rows: dict[str, Path | None] = {}
+    for name in args.conditions.split(","):
+        seeds = [0] if CONDITIONS[name] is None else range(args.seeds)
+        for seed in seeds:
+            scores, seconds = run_condition(name, CONDITIONS[name], seed, out, args.steps, args.per_prompt)
+            results.setdefault(name, []).append(dataclasses.asdict(scores) | {"train_s": seconds})
+            print(f"{name} seed {seed}: {results[name][-1]}", flush=True)
+        run = out / f"{name.replace(' ', '_').replace(',', '').replace('+', 'with')}-seed0"
+        rows[name] = None if CONDITIONS[name] is None else (run / ("pipeline" if "full" in name else "lora"))
+    (out / "quality.json").write_text(json.dumps(results, indent=2))
+    header = "| condition | " + " | ".join(t for _, t in COLUMNS) + " | train s |"
+    lines = [header, "|" + " --- |" * (len(COLUMNS) + 2)]
+    for name, rs in results.items():
+        cells = []
+        for key, _ in COLUMNS + [("train_s", "")]:
+            vals = [r[key] for r in rs]
+            spread = statistics.pstdev(vals) if len(vals) > 1 else 0.0
+            cells.append(f"{statistics.mean(vals):.2f} ± {spread:.2f}" if len(vals) > 1 else f"{vals[0]:.2f}")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    table = "\n".join(lines)
+    (out / "quality.md").write_text(table + "\n")
+    print("\n" + table)
+    print(f"\ngrid: {grid(out, rows, args.steps)}")
+
+
+if __name__ == "__main__":
+    main()

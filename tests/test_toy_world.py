@@ -1,0 +1,53 @@
+"""The toy world: captions say what is drawn, held-out combinations never reach pretraining, the
+subject is something no caption describes."""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+
+from dreambooth_kit.toy import world
+
+
+def test_captions_name_class_colour_and_background():
+    s = world.Scene("cone", "orange", "sand", 0.25, 0.5, 0.5)
+    assert world.caption(s) == "a photo of an orange cone on a sand background"
+    assert world.caption(s, colour=False) == "a photo of a cone on a sand background"
+    assert world.caption(s, background=False) == "a photo of an orange cone"
+    subject = world.Scene("ball", "red", "blue", 0.25, 0.5, 0.5, subject=True)
+    assert world.caption(subject) == "a photo of zwx ball on a blue background"
+
+
+def test_every_caption_word_is_one_token_of_the_toy_tokenizer():
+    from dreambooth_kit.toy.model import toy_tokenizer
+
+    tok = toy_tokenizer()
+    for word in world.WORDS:
+        assert len(tok.tokenize(word)) == 1, word
+
+
+def test_held_out_combinations_never_appear_in_pretraining_data():
+    held = set(world.held_out_combos())
+    assert len(held) == 18
+    assert {c for c, _, _ in held} == set(world.CLASSES)  # every class keeps unseen combinations
+    seen = {(s.cls, s.colour, s.background) for _, _, s in world.dataset(500, seed=3)}
+    assert not seen & held and len(seen) > 60
+
+
+def test_render_is_deterministic_and_draws_the_colour_asked_for():
+    s = world.random_scene(random.Random(1), cls="box", colour="red", background="gray", held_out=None)
+    a, b = world.render(s, seed=5), world.render(s, seed=5)
+    assert a.size == (32, 32) and a.tobytes() == b.tobytes()
+    arr = np.asarray(a).reshape(-1, 3).astype(int)
+    red = np.abs(arr - world.COLOURS["red"]).sum(1) < 40
+    assert red.mean() > 0.05  # the object is there, in its colour
+
+
+def test_subject_photos_vary_and_use_colours_no_word_names():
+    photos = world.subject_photos()
+    assert len(photos) == 5 and len({s.background for _, s in photos}) == 4
+    arr = np.asarray(photos[0][0]).reshape(-1, 3).astype(int)
+    cyan = np.abs(arr - world.SUBJECT_TOP).sum(1) < 40
+    assert cyan.mean() > 0.02
+    assert all(np.abs(np.array(world.SUBJECT_TOP) - c).sum() > 150 for c in world.COLOURS.values())
