@@ -37,7 +37,13 @@ def _problems(path, overrides) -> list[str]:
 
 
 def test_packaged_configs_are_listed():
-    assert packaged_configs() == ["sd21_768_lora.yaml", "sd21_base_lora.yaml", "sd21_full.yaml", "tiny.yaml"]
+    assert packaged_configs() == [
+        "sd21_768_lora.yaml",
+        "sd21_base_lora.yaml",
+        "sd21_full.yaml",
+        "tiny.yaml",
+        "toy.yaml",
+    ]
 
 
 @pytest.mark.parametrize("name", packaged_configs())
@@ -384,7 +390,7 @@ def test_config_file_not_found_names_absolute_path(tmp_path, monkeypatch):
     (problem,) = _problems("configs/missing.yaml", [])
     assert problem == (
         f"config file not found: {tmp_path.resolve() / 'configs' / 'missing.yaml'} "
-        "(packaged configs: sd21_768_lora.yaml, sd21_base_lora.yaml, sd21_full.yaml, tiny.yaml)"
+        "(packaged configs: sd21_768_lora.yaml, sd21_base_lora.yaml, sd21_full.yaml, tiny.yaml, toy.yaml)"
     )
 
 
