@@ -6,7 +6,7 @@ with it), over several training seeds: train on the subject's 5 photos with ``co
 "a photo of a ball", and score them with the toy judge (dreambooth_kit/toy/evaluate.py says what each
 number means). Reports what comes out: mean ± spread over seeds.
 
-Usage: python bench/quality.py [--seeds 3] [--steps 300] [--per-prompt 8] [--out runs/quality]
+Usage: python bench/quality.py [--seeds 3] [--steps 800] [--per-prompt 8] [--out runs/quality]
 """
 
 from __future__ import annotations
@@ -21,9 +21,9 @@ from pathlib import Path
 
 CONDITIONS = {
     "base model": None,
-    "LoRA, no prior": {"adapter.type": "lora", "prior.with_prior_preservation": False},
+    "LoRA no prior": {"adapter.type": "lora", "prior.with_prior_preservation": False},
     "LoRA + prior": {"adapter.type": "lora", "prior.with_prior_preservation": True},
-    "full, no prior": {
+    "full no prior": {
         "adapter.type": "full",
         "prior.with_prior_preservation": False,
         "train.learning_rate": 1e-4,
@@ -106,7 +106,7 @@ def grid(out: Path, rows: dict[str, Path | None], steps: int) -> Path:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seeds", type=int, default=3)
-    ap.add_argument("--steps", type=int, default=300)
+    ap.add_argument("--steps", type=int, default=800)
     ap.add_argument("--per-prompt", type=int, default=8)
     ap.add_argument("--out", default="runs/quality")
     ap.add_argument("--conditions", default=",".join(CONDITIONS))

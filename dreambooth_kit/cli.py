@@ -310,9 +310,11 @@ def build_parser() -> argparse.ArgumentParser:
     h.set_defaults(func=_cmd_push)
 
     d = sub.add_parser("demo", help="offline end-to-end run on the built-in tiny model")
-    d.add_argument("--photos", default=None, help="default: the five demo photos in the package")
+    d.add_argument(
+        "--photos", default=None, help="default: the toy subject's five photos, rendered into OUT/photos"
+    )
     d.add_argument("--out", default="runs/demo")
-    d.add_argument("--steps", type=int, default=30)
+    d.add_argument("--steps", type=int, default=None, help="training steps (default: configs/toy.yaml's)")
     d.set_defaults(func=_cmd_demo)
 
     b = sub.add_parser("build-tiny", help="write the tiny SD2-shaped model to a folder")

@@ -1,6 +1,8 @@
-"""The offline demo: built-in tiny model -> photo checks -> class images -> LoRA with prior
-preservation -> seeded images. Works from an installed package: the five demo photos are package
-data (``dreambooth_kit/demo_subject``, 17 KB), not files of a source checkout."""
+"""The offline demo: the built-in toy model (pretrained on the toy world, so it has a real prior to
+lose) -> photo checks -> class images -> LoRA with prior preservation -> seeded images of the
+subject in new contexts, beside the base model's images for the same prompts. Works from an
+installed package: the subject's photos are rendered at run time and the model's weights are package
+data (``dreambooth_kit/toy/weights``)."""
 
 from __future__ import annotations
 
@@ -10,46 +12,63 @@ from pathlib import Path
 
 
 def demo_photos() -> Path:
-    """The folder of the five demo photos inside the installed package."""
+    """The folder of the five photos of a toy robot inside the installed package (the tests' subject
+    for the random-weight tiny model)."""
     folder = Path(str(resources.files("dreambooth_kit") / "demo_subject"))
     if not folder.is_dir():  # a zipped install would need extracting; pip never installs one
         raise FileNotFoundError(f"the demo photos are missing from the installed package ({folder})")
     return folder
 
 
-def run_demo(photos: str | Path | None = None, out: str | Path = "runs/demo", steps: int = 30) -> list[str]:
+def run_demo(
+    photos: str | Path | None = None, out: str | Path = "runs/demo", steps: int | None = None
+) -> list[str]:
     """Run the demo end to end into ``out``; returns the summary lines it prints."""
-    from .config import TINY_MODEL, load_config
+    from .config import TOY_MODEL, load_config
     from .inference import generate, load_pipeline, save_images
+    from .pngmeta import make_grid
+    from .toy import world
+    from .toy.evaluate import CONTEXT_PROMPTS
     from .train import train
 
     t0 = time.perf_counter()
-    photos = Path(photos) if photos else demo_photos()
     out = Path(out)
-    cfg = load_config(
-        "tiny.yaml",
-        {
-            "data.instance_dir": str(photos),
-            "prior.class_dir": str(out / "class_images"),
-            "train.output_dir": str(out),
-            "train.max_steps": steps,
-            "train.overwrite": True,  # the demo's own run folder: rerunning replaces its LoRA
-        },
-    )
+    if photos is None:
+        photos = out / "photos"
+        world.write_subject_photos(photos)  # the subject "zwx ball": 5 renders, new each run, same bytes
+    photos = Path(photos)
+    overrides = {
+        "data.instance_dir": str(photos),
+        "prior.class_dir": str(out / "class_images"),
+        "train.output_dir": str(out),
+        "train.overwrite": True,  # the demo's own run folder: rerunning replaces its LoRA
+    }
+    if steps is not None:
+        overrides["train.max_steps"] = steps
+    cfg = load_config("toy.yaml", overrides)
     result = train(cfg)
-    pipe = load_pipeline(TINY_MODEL, lora=result.lora_dir)
-    results = generate(
-        pipe, cfg.data.instance_prompt, seed=cfg.train.seed, num_images=4, steps=4, height=64, width=64
-    )
-    paths = save_images(results, out / "samples")
+    rows = []
+    for lora in (None, result.lora_dir):  # the base model's row, then the tuned row: same prompts, same seeds
+        pipe = load_pipeline(TOY_MODEL, lora=lora, scheduler="dpmpp_2m")
+        row = []
+        for i, prompt in enumerate(CONTEXT_PROMPTS):
+            row += generate(
+                pipe, prompt, seed=cfg.train.seed + i, steps=20, guidance_scale=4.0, height=32, width=32
+            )
+        rows.append(row)
+    paths = save_images(rows[1], out / "samples")
+    grid = make_grid([r.image.resize((128, 128), 0) for row in rows for r in row], cols=len(CONTEXT_PROMPTS))
+    grid_path = out / "demo_grid.png"
+    grid.save(grid_path)
     return [
         "",
         "== dreambooth-kit demo: done ==",
-        f"model        : {TINY_MODEL} (random weights, SD 2.1 shapes, v-prediction)",
-        f"photos       : {photos.resolve()}",
+        f"model        : {TOY_MODEL} (pretrained on the toy world, 32 px, v-prediction)",
+        f"photos       : {photos.resolve()} (the subject: {world.IDENTIFIER} ball)",
         f"class images : {cfg.prior.class_dir} ({result.class_images_generated} generated this run)",
         f"training     : {result.steps} steps, loss {result.losses[0]:.4f} -> {result.losses[-1]:.4f}",
         f"LoRA         : {result.lora_path}",
         f"images       : {', '.join(str(p) for p in paths)}",
+        f"grid         : {grid_path} (top: base model, bottom: with the LoRA; prompts: {'; '.join(CONTEXT_PROMPTS)})",
         f"total time   : {time.perf_counter() - t0:.1f} s",
     ]

@@ -112,7 +112,8 @@ def test_demo_command_end_to_end(tmp_path):
     assert "dreambooth-kit demo: done" in proc.stdout
     demo = tmp_path / "demo"
     assert (demo / "lora" / "pytorch_lora_weights.safetensors").exists()
-    assert len(list((demo / "class_images").glob("class-*.png"))) == 10
+    assert len(list((demo / "class_images").glob("class-*.png"))) == 50  # configs/toy.yaml
+    assert (demo / "demo_grid.png").exists() and len(list((demo / "photos").glob("*.png"))) == 5
     assert sorted(p.name for p in (demo / "samples").glob("*.png")) == [
         "1557.png",
         "1558.png",

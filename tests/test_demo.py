@@ -44,6 +44,7 @@ def test_installed_wheel_runs_the_demo_in_an_empty_folder(tmp_path):
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.splitlines()[0].startswith(str(target))
-    assert f"photos       : {target / 'dreambooth_kit' / 'demo_subject'}" in proc.stdout
+    assert f"photos       : {empty / 'runs' / 'demo' / 'photos'}" in proc.stdout  # rendered at run time
+    assert "model        : builtin:toy-sd2" in proc.stdout  # its weights came from the wheel
     assert len(list((empty / "runs" / "demo" / "samples").glob("*.png"))) == 4
     assert (empty / "runs" / "demo" / "lora" / "pytorch_lora_weights.safetensors").exists()

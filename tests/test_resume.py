@@ -13,15 +13,18 @@ import torch
 from conftest import REPO
 from safetensors.torch import load_file
 
-# Loaded into the child through PYTHONPATH: the 4th training step (the 4th loss) waits until the test
-# has seen the trainer log that the signal arrived and has created the file $DBK_TEST_GO. The signal
-# thus always lands inside step 4, on any machine and at any load: no timing decides the outcome.
+# Loaded into the child through PYTHONPATH: the 4th training step (the 4th loss) says "gate reached"
+# and waits until the test, having sent the signal at that line and seen the trainer log that it
+# arrived, creates the file $DBK_TEST_GO. The signal thus always lands inside step 4, on any machine
+# and at any load: no timing decides the outcome. (Sending it at the "step 3/6" line raced with step
+# 3's own stop check, so the checkpoint was sometimes step 3.)
 GATED_STEP = """
-import os, pathlib, time, torch.nn.functional as F
+import os, pathlib, sys, time, torch.nn.functional as F
 _mse, _calls = F.mse_loss, [0]
 def _gated(*a, **k):
     _calls[0] += 1
     if _calls[0] == 4:
+        print("dbk-test: gate reached", file=sys.stderr, flush=True)
         go = pathlib.Path(os.environ["DBK_TEST_GO"])
         while not go.exists():  # waits for an event (the file), not for a time
             time.sleep(0.01)
@@ -54,13 +57,13 @@ def _env(tmp_path: Path) -> dict:
 
 
 def _run_until_step(cmd: list[str], env: dict, cwd: Path, step: int, sig: int, target_pid=None):
-    """Start cmd; at the log line 'step {step}/' send `sig` to it (or to target_pid); once the
-    trainer logs that it received the signal, let the gated next step go on (see GATED_STEP)."""
+    """Start cmd; when step `step` + 1 reaches the gate, send `sig` to it (or to target_pid); once
+    the trainer logs that it received the signal, let the gated step go on (see GATED_STEP)."""
     proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env, cwd=cwd)
     lines, sent = [], False
     for line in proc.stderr:
         lines.append(line)
-        if not sent and f"step {step}/" in line:
+        if not sent and "dbk-test: gate reached" in line:
             os.kill(target_pid or proc.pid, sig)
             sent = True
         elif sent and f"received {signal.Signals(sig).name}" in line:

@@ -6,16 +6,19 @@
 Stages, each in ``DIR/<stage>/``, each skipped when its ``done.json`` exists, the long ones saving a
 checkpoint every 250 steps that a rerun resumes from (a stop loses at most those steps):
 
-1. ``vae``   the AutoencoderKL on renders, a quarter of them with objects of random RGB colours so it
-             reconstructs colours the world has no word for (the subject's); then the latent scaling
-             factor (1 / std of the latents, as SD's 0.18215 was chosen).
-2. ``judge`` the world's judge (:mod:`dreambooth_kit.toy.judge`), trained on renders only.
-3. ``unet``  the UNet (v-prediction, SD 2.1's betas) on captioned renders of the seen combinations,
+1. ``vae``   the AutoencoderKL on renders, half of them with objects in random RGB colours or colour
+             bands, so it reconstructs colours and patterns the world has no word for (the subject's,
+             which it never sees); then the latent scaling factor (1 / std of the latents, the rule
+             behind SD's 0.18215).
+2. ``decoder`` the VAE's decoder fine-tuned alone (the encoder, so the latent space, unchanged).
+3. ``judge`` the world's judge (:mod:`dreambooth_kit.toy.judge`), trained on renders only, half of
+             them seen through the VAE (as every generated image is).
+4. ``unet``  the UNet (v-prediction, SD 2.1's betas) on captioned renders of the seen combinations,
              with a frozen, randomly initialised text encoder (enough to condition on words), an EMA
              of the weights, and 10% empty captions so classifier-free guidance works.
-4. ``eval``  samples of held-out prompts (combinations never seen), judged for class, colour and
+5. ``eval``  samples of held-out prompts (combinations never seen), judged for class, colour and
              background.
-5. ``ship``  writes the weights (fp16, ~11 MB) and ``record.json`` into ``dreambooth_kit/toy/weights``.
+6. ``ship``  writes the weights (fp16, ~11 MB) and ``record.json`` into ``dreambooth_kit/toy/weights``.
 """
 
 from __future__ import annotations
@@ -30,12 +33,13 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
 from . import world
 
-STAGES = ("vae", "judge", "unet", "eval", "ship")
+STAGES = ("vae", "decoder", "judge", "unet", "eval", "ship")
 CHECKPOINT_EVERY = 250
-DEFAULT_STEPS = {"vae": 1500, "unet": 6000, "judge": None}
+DEFAULT_STEPS = {"vae": 1500, "unet": 6000, "decoder": 600}
 
 
 def _log(msg: str) -> None:
@@ -73,18 +77,31 @@ def _load_ckpt(path: Path) -> dict | None:
 
 
 def _vae_batch(rng: random.Random, n: int, step: int) -> torch.Tensor:
+    """Renders; in a quarter of them the object has one random RGB colour and in another quarter it
+    is painted in 2-3 random colour bands (horizontal or vertical, thin or wide). A VAE that has only
+    seen the eight named flat colours turns colours and patterns it never saw into the nearest ones
+    it knows (a cyan/magenta ball came back purple, and the judge recognised none of 20 such
+    reconstructions); a real SD VAE has seen every colour and pattern, so this one must too. The
+    subject itself is never shown."""
     images = []
     for i in range(n):
         scene = world.random_scene(rng, held_out=None)
         img = world.render(scene, seed=step * 1000 + i)
-        if rng.random() < 0.25:  # an object of any RGB colour: colour fidelity beyond the world's words
+        kind = rng.random()
+        if kind < 0.5:
             arr = np.asarray(img).copy()
-            ref = np.asarray(world.render(scene, seed=step * 1000 + i)).astype(int)
-            bg = np.array(world.BACKGROUNDS[scene.background])
-            mask = np.abs(ref - bg).sum(-1) > 60
-            arr[mask] = [rng.randrange(256) for _ in range(3)]
-            from PIL import Image
-
+            mask = np.abs(arr.astype(int) - np.array(world.BACKGROUNDS[scene.background])).sum(-1) > 60
+            if kind < 0.25:
+                arr[mask] = [rng.randrange(256) for _ in range(3)]
+            else:
+                axis = rng.randrange(2)
+                cuts = sorted(rng.uniform(0.2, 0.8) for _ in range(rng.randint(1, 2)))
+                colours = [[rng.randrange(256) for _ in range(3)] for _ in range(len(cuts) + 1)]
+                size = arr.shape[axis]
+                pos = np.arange(size)[:, None] if axis == 0 else np.arange(size)[None, :]
+                band = np.searchsorted(np.array(cuts) * size, pos).repeat(size, axis=1 - axis)
+                painted = np.array(colours, dtype=np.uint8)[band]
+                arr[mask] = painted[mask]
             img = Image.fromarray(arr)
         images.append(img)
     return _to_tensor(images)
@@ -142,16 +159,68 @@ def stage_vae(out: Path, steps: int, seed: int) -> dict:
     )
 
 
-def _load_vae(out: Path):
+def _load_vae(out: Path, *, decoder: bool = True):
+    """The trained VAE; with ``decoder`` its fine-tuned decoder when that stage is done."""
     from safetensors.torch import load_file
 
     from .model import new_components
 
     rec = _done(out / "vae")
     _, _, vae, _, _ = new_components()
-    vae.load_state_dict(load_file(out / "vae" / "vae.safetensors"))
+    tuned = out / "decoder" / "vae.safetensors"
+    use = tuned if decoder and _done(out / "decoder") else out / "vae" / "vae.safetensors"
+    vae.load_state_dict(load_file(use))
     vae.register_to_config(scaling_factor=rec["scaling_factor"])
     return vae.eval().requires_grad_(False)
+
+
+def stage_decoder(out: Path, steps: int, seed: int) -> dict:
+    """Fine-tune the VAE's decoder alone (as SD's ft-MSE VAE was made): sharper reconstructions of
+    unseen colour patterns, while the encoder, hence the latent space the UNet learned, is unchanged."""
+    from safetensors.torch import save_file
+
+    d = out / "decoder"
+    d.mkdir(parents=True, exist_ok=True)
+    if (rec := _done(d)) is not None:
+        return rec
+    vae = _load_vae(out, decoder=False)
+    vae.decoder.requires_grad_(True)
+    vae.post_quant_conv.requires_grad_(True)
+    params = [p for p in vae.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=5e-4, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps))
+    )
+    start, seconds = 0, 0.0
+    if (ck := _load_ckpt(d / "ckpt.pt")) is not None:
+        vae.load_state_dict(ck["model"])
+        opt.load_state_dict(ck["opt"])
+        sched.load_state_dict(ck["sched"])
+        start, seconds = ck["step"], ck["seconds"]
+        _log(f"decoder: resumed at step {start}")
+    vae.decoder.train()
+    t0 = time.perf_counter()
+    for step in range(start, steps):
+        rng = random.Random(seed * 7927 + step)
+        x = _vae_batch(rng, 64, step + 100_000)
+        with torch.no_grad():
+            z = vae.encode(x).latent_dist.sample()
+        rec = vae.decode(z).sample
+        loss = F.l1_loss(rec, x) + F.mse_loss(rec, x)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        if (step + 1) % 50 == 0:
+            _log(f"decoder step {step + 1}/{steps} loss {loss.item():.4f}")
+        if (step + 1) % CHECKPOINT_EVERY == 0 or step + 1 == steps:
+            state = {"model": vae.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict()}
+            _save_ckpt(
+                d / "ckpt.pt", state | {"step": step + 1, "seconds": seconds + time.perf_counter() - t0}
+            )
+    seconds += time.perf_counter() - t0
+    save_file({k: v.contiguous() for k, v in vae.state_dict().items()}, str(d / "vae.safetensors"))
+    return _finish(d, {"steps": steps, "seconds": round(seconds, 1), "seed": seed})
 
 
 # ------------------------------------------------------------------ stage 3: the UNet
@@ -362,15 +431,21 @@ def ship(out: Path, target: Path, *, final: bool = True) -> Path:
     from safetensors.torch import load_file, save_file
 
     target.mkdir(parents=True, exist_ok=True)
-    for name, sub in (("unet", "unet"), ("text_encoder", "unet"), ("vae", "vae")):
+    vae_stage = "decoder" if _done(out / "decoder") else "vae"
+    for name, sub in (("unet", "unet"), ("text_encoder", "unet"), ("vae", vae_stage)):
         sd = load_file(out / sub / f"{name}.safetensors")
         save_file({k: v.half().contiguous() for k, v in sd.items()}, str(target / f"{name}.safetensors"))
+    if final and _done(out / "judge"):
+        import shutil
+
+        for name in ("judge.safetensors", "judge.json"):
+            shutil.copyfile(out / "judge" / name, target / name)
     record = {
         "model": "builtin:toy-sd2",
         "made_by": "python -m dreambooth_kit.toy.pretrain",
         "resolution": world.RESOLUTION,
         "scaling_factor": _done(out / "vae")["scaling_factor"],
-        "stages": {s: _done(out / s) for s in ("vae", "judge", "unet", "eval") if _done(out / s)},
+        "stages": {s: _done(out / s) for s in ("vae", "judge", "unet", "decoder", "eval") if _done(out / s)},
         "torch": torch.__version__,
     }
     if not final:
@@ -405,11 +480,18 @@ def main(argv: list[str] | None = None) -> int:
 
             (out / "judge").mkdir(parents=True, exist_ok=True)
             if _done(out / "judge") is None:
-                train_judge(out / "judge", seed=args.seed, threads=args.threads)
+                vae = _load_vae(out) if _done(out / "vae") else None
+
+                def lens(x, vae=vae):
+                    return vae.decode(vae.encode(x).latent_dist.mean).sample
+
+                train_judge(out / "judge", seed=args.seed, threads=args.threads, lens=lens if vae else None)
                 _finish(out / "judge", json.loads((out / "judge" / "judge.json").read_text()))
             rec = _done(out / "judge")
         elif stage == "unet":
             rec = stage_unet(out, args.steps or DEFAULT_STEPS["unet"], args.seed, args.images)
+        elif stage == "decoder":
+            rec = stage_decoder(out, args.steps or DEFAULT_STEPS["decoder"], args.seed)
         elif stage == "eval":
             rec = stage_eval(out, args.seed)
         else:

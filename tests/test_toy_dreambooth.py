@@ -1,0 +1,81 @@
+"""DreamBooth's claims, asserted in the toy world with margins (a shortened run of configs/toy.yaml).
+
+The pretrained toy model has a real prior: it draws "a ball" as a plain ball of a world colour. After
+LoRA training on the five photos of the two-tone "zwx ball": the subject is learned (the detector's
+subject rate far above the base model's), it is bound to the identifier ("a photo of a
+ball" mostly stays a plain ball with prior preservation), prior preservation lowers class-prompt
+drift compared to training without it, and the subject follows the prompt into new backgrounds.
+Each assertion states a direction and a margin measured below the observed numbers; a flipped loss
+target, a prior loss on the instance half or a missing latent scaling factor make them fail.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from dreambooth_kit.toy import world
+
+# Shortened from configs/toy.yaml (800 steps at 1e-3): 400 steps at 3e-3 learn the subject about as
+# well in half the time (measured: the detector's subject rate 0.75 vs 0.875).
+STEPS = 400
+LEARNING_RATE = 3e-3
+PER_PROMPT = 8
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def scores(tmp_path_factory):
+    from dreambooth_kit.config import TOY_MODEL, load_config
+    from dreambooth_kit.toy.evaluate import score
+    from dreambooth_kit.toy.judge import Judge
+    from dreambooth_kit.train import train
+
+    out = tmp_path_factory.mktemp("toy-dreambooth")
+    world.write_subject_photos(out / "photos")
+    judge = Judge.load()
+    common = {
+        "data.instance_dir": str(out / "photos"),
+        "prior.class_dir": str(out / "class_images"),
+        "prior.num_class_images": 25,
+        "train.max_steps": STEPS,
+        "train.learning_rate": LEARNING_RATE,
+    }
+    runs = {}
+    for name, prior in (("prior", True), ("no_prior", False)):
+        cfg = load_config(
+            "toy.yaml",
+            {**common, "train.output_dir": str(out / name), "prior.with_prior_preservation": prior},
+        )
+        runs[name] = train(cfg).lora_dir
+    result = {"base": score(TOY_MODEL, judge=judge, per_prompt=PER_PROMPT)}
+    for name, lora in runs.items():
+        result[name] = score(TOY_MODEL, lora=lora, judge=judge, per_prompt=PER_PROMPT)
+    print({k: v.__dict__ for k, v in result.items()})  # shown with -s: the numbers behind the margins
+    return result
+
+
+def test_the_subject_is_learned(scores):
+    """The detector finds the subject in the tuned model's "zwx ball" samples, never in the base
+    model's. (The judge-feature cosine does not separate them: see the README's "Does it learn?")"""
+    base, tuned = scores["base"], scores["prior"]
+    assert base.subject_rate <= 0.1
+    assert tuned.subject_rate >= base.subject_rate + 0.4  # measured: 0.75 vs 0.0
+
+
+def test_the_identifier_binds_the_subject_and_the_class_stays_itself(scores):
+    """With prior preservation, "a photo of a ball" stays a plain ball while "zwx ball" is the subject."""
+    tuned = scores["prior"]
+    assert tuned.subject_rate >= tuned.class_subject_rate + 0.4
+    assert tuned.class_correct >= 0.8
+
+
+def test_prior_preservation_lowers_class_prompt_drift(scores):
+    """Without prior preservation "a photo of a ball" turns into the subject (measured: 5 of 8
+    samples); with it, none does. Drift is read by the detector: the judge-feature cosine (PRES)
+    rates the no-prior LoRA's distorted subjects as far from the photos, so it does not show this."""
+    assert scores["no_prior"].class_subject_rate >= scores["prior"].class_subject_rate + 0.4
+
+
+def test_the_subject_follows_the_prompt_into_new_backgrounds(scores):
+    assert scores["prior"].context_background >= 0.5  # chance is 0.25 (four backgrounds); base: 1.0
