@@ -221,7 +221,7 @@ def build_tiny_sd2(
     same fingerprint (the demo calls this every run). Written to a temp folder and renamed, so an
     interrupted build never leaves a half model that later loads.
     """
-    from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
     path = Path(path)
@@ -248,6 +248,20 @@ def build_tiny_sd2(
     finally:
         torch.random.set_rng_state(gen_state)  # building a model must not shift the caller's RNG
     scheduler = DDPMScheduler(**SD21_SCHEDULER, prediction_type=prediction_type)
+    components = (tokenizer, text_encoder, vae, unet, scheduler)
+    write_pipeline_folder(path, components, stamp.name, _fingerprint(seed, prediction_type, shape))
+    return path
+
+
+def write_pipeline_folder(path: Path, components: tuple, stamp_name: str, stamp_text: str) -> Path:
+    """Save (tokenizer, text_encoder, vae, unet, scheduler) as a diffusers folder at ``path`` with a
+    stamp file naming how it was made: written to a temp folder and renamed, so an interrupted build
+    never leaves a half model that later loads."""
+    import shutil
+
+    from diffusers import StableDiffusionPipeline
+
+    tokenizer, text_encoder, vae, unet, scheduler = components
     pipe = StableDiffusionPipeline(
         vae=vae,
         text_encoder=text_encoder,
@@ -260,10 +274,8 @@ def build_tiny_sd2(
     )
     tmp = path.with_name(f".tmp-{path.name}-{os.getpid()}")
     pipe.save_pretrained(tmp, safe_serialization=True)
-    (tmp / "dreambooth_kit_tiny.json").write_text(_fingerprint(seed, prediction_type, shape))
+    (tmp / stamp_name).write_text(stamp_text)
     if path.exists():
-        import shutil
-
         shutil.rmtree(path)
     tmp.rename(path)
     return path

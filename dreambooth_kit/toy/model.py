@@ -12,15 +12,13 @@ which every entry point loads like any other model.
 from __future__ import annotations
 
 import json
-import os
-import shutil
 from importlib import resources
 from pathlib import Path
 
 import torch
 
 from ..config import TOY_MODEL  # noqa: F401  (re-exported: the name users write)
-from ..tiny import SD21_SCHEDULER, build_tiny_tokenizer, cache_root
+from ..tiny import SD21_SCHEDULER, build_tiny_tokenizer, cache_root, write_pipeline_folder
 from .world import RESOLUTION, WORDS
 
 COMPONENTS = ("unet", "vae", "text_encoder")
@@ -99,7 +97,6 @@ def shipped_weights() -> Path:
 def build_toy_sd2(path: str | Path | None = None, weights: str | Path | None = None) -> Path:
     """Assemble the pretrained toy model into a diffusers folder (once; reused while the weights'
     record is unchanged). ``weights`` defaults to the shipped ones."""
-    from diffusers import StableDiffusionPipeline
     from safetensors.torch import load_file
 
     weights = Path(weights) if weights else shipped_weights()
@@ -117,20 +114,6 @@ def build_toy_sd2(path: str | Path | None = None, weights: str | Path | None = N
     vae.register_to_config(scaling_factor=float(meta["scaling_factor"]))
     for name, model in (("unet", unet), ("vae", vae), ("text_encoder", text_encoder)):
         model.load_state_dict({k: v.float() for k, v in load_file(weights / f"{name}.safetensors").items()})
-    pipe = StableDiffusionPipeline(
-        vae=vae,
-        text_encoder=text_encoder,
-        tokenizer=tokenizer,
-        unet=unet,
-        scheduler=scheduler,
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
-    tmp = path.with_name(f".tmp-{path.name}-{os.getpid()}")
-    pipe.save_pretrained(tmp, safe_serialization=True)
-    (tmp / "dreambooth_kit_toy.json").write_text(record.read_text())
-    if path.exists():
-        shutil.rmtree(path)
-    tmp.rename(path)
+    components = (tokenizer, text_encoder, vae, unet, scheduler)
+    write_pipeline_folder(path, components, stamp.name, record.read_text())
     return path
