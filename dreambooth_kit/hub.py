@@ -322,7 +322,7 @@ def push_to_hub(
     if dry_run:
         return plan
     write_model_card(run_dir, repo_id=repo_id)
-    if token:  # the token must never travel inside the files (case 45)
+    if token:  # passed to the Hub client only: a token written into an uploaded file would leak it publicly
         leaked = [rel for rel in plan if _contains(run_dir / rel, token)]
         if leaked:
             raise HubError(f"refusing to push to {repo_id!r}: the token appears in {', '.join(leaked)}")

@@ -76,7 +76,7 @@ def test_unreadable_single_safetensors_file_is_named(tmp_path):
         resolve_model(str(path))
 
 
-# ------------------------------------------------------------------ local paths (case 43)
+# ------------------------------------------------------------------ local paths (a missing folder is named, never sent to the hub)
 
 
 @pytest.mark.parametrize(
@@ -154,7 +154,7 @@ def test_unknown_builtin_refused():
     )
 
 
-# ------------------------------------------------------------------ hub ids offline (case 43)
+# ------------------------------------------------------------------ hub ids offline (say how to pre-download)
 
 
 @pytest.mark.timeout(60)

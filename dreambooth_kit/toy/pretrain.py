@@ -73,6 +73,23 @@ def _load_ckpt(path: Path) -> dict | None:
     return torch.load(path, map_location="cpu", weights_only=False) if path.is_file() else None
 
 
+def _checkpoint(d: Path, step: int, seconds: float, model, opt, sched, **extra) -> None:
+    state = {"model": model.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict()}
+    _save_ckpt(d / "ckpt.pt", state | extra | {"step": step, "seconds": seconds})
+
+
+def _resume(d: Path, name: str, model, opt, sched) -> tuple[int, float, dict | None]:
+    """(step, seconds so far, the checkpoint) from ``d/ckpt.pt``, its states loaded; (0, 0, None) if none."""
+    ck = _load_ckpt(d / "ckpt.pt")
+    if ck is None:
+        return 0, 0.0, None
+    model.load_state_dict(ck["model"])
+    opt.load_state_dict(ck["opt"])
+    sched.load_state_dict(ck["sched"])
+    _log(f"{name}: resumed at step {ck['step']}")
+    return ck["step"], ck["seconds"], ck
+
+
 # ------------------------------------------------------------------ stage 1: the VAE
 
 
@@ -121,13 +138,7 @@ def stage_vae(out: Path, steps: int, seed: int) -> dict:
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps))
     )
-    start, seconds = 0, 0.0
-    if (ck := _load_ckpt(d / "ckpt.pt")) is not None:
-        vae.load_state_dict(ck["model"])
-        opt.load_state_dict(ck["opt"])
-        sched.load_state_dict(ck["sched"])
-        start, seconds = ck["step"], ck["seconds"]
-        _log(f"vae: resumed at step {start}")
+    start, seconds, _ = _resume(d, "vae", vae, opt, sched)
     vae.train()
     t0 = time.perf_counter()
     for step in range(start, steps):
@@ -144,10 +155,7 @@ def stage_vae(out: Path, steps: int, seed: int) -> dict:
         if (step + 1) % 50 == 0:
             _log(f"vae step {step + 1}/{steps} loss {loss.item():.4f}")
         if (step + 1) % CHECKPOINT_EVERY == 0 or step + 1 == steps:
-            state = {"model": vae.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict()}
-            _save_ckpt(
-                d / "ckpt.pt", state | {"step": step + 1, "seconds": seconds + time.perf_counter() - t0}
-            )
+            _checkpoint(d, step + 1, seconds + time.perf_counter() - t0, vae, opt, sched)
     seconds += time.perf_counter() - t0
     vae.eval()
     with torch.no_grad():  # SD chose 0.18215 = 1 / std of its latents; the same rule here
@@ -191,13 +199,7 @@ def stage_decoder(out: Path, steps: int, seed: int) -> dict:
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps))
     )
-    start, seconds = 0, 0.0
-    if (ck := _load_ckpt(d / "ckpt.pt")) is not None:
-        vae.load_state_dict(ck["model"])
-        opt.load_state_dict(ck["opt"])
-        sched.load_state_dict(ck["sched"])
-        start, seconds = ck["step"], ck["seconds"]
-        _log(f"decoder: resumed at step {start}")
+    start, seconds, _ = _resume(d, "decoder", vae, opt, sched)
     vae.decoder.train()
     t0 = time.perf_counter()
     for step in range(start, steps):
@@ -214,10 +216,7 @@ def stage_decoder(out: Path, steps: int, seed: int) -> dict:
         if (step + 1) % 50 == 0:
             _log(f"decoder step {step + 1}/{steps} loss {loss.item():.4f}")
         if (step + 1) % CHECKPOINT_EVERY == 0 or step + 1 == steps:
-            state = {"model": vae.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict()}
-            _save_ckpt(
-                d / "ckpt.pt", state | {"step": step + 1, "seconds": seconds + time.perf_counter() - t0}
-            )
+            _checkpoint(d, step + 1, seconds + time.perf_counter() - t0, vae, opt, sched)
     seconds += time.perf_counter() - t0
     save_file({k: v.contiguous() for k, v in vae.state_dict().items()}, str(d / "vae.safetensors"))
     return _finish(d, {"steps": steps, "seconds": round(seconds, 1), "seed": seed})
@@ -296,15 +295,10 @@ def stage_unet(out: Path, steps: int, seed: int, n_images: int = 30000) -> dict:
     )
     ema = EMAModel(unet.parameters(), decay=0.999)
     gen = torch.Generator().manual_seed(seed)
-    start, seconds = 0, 0.0
-    if (ck := _load_ckpt(d / "ckpt.pt")) is not None:
-        unet.load_state_dict(ck["model"])
-        opt.load_state_dict(ck["opt"])
-        sched.load_state_dict(ck["sched"])
+    start, seconds, ck = _resume(d, "unet", unet, opt, sched)
+    if ck is not None:
         ema.load_state_dict(ck["ema"])
         gen.set_state(ck["gen"])
-        start, seconds = ck["step"], ck["seconds"]
-        _log(f"unet: resumed at step {start}")
     unet.train()
     t0 = time.perf_counter()
     n = len(data["caption"])
@@ -329,11 +323,8 @@ def stage_unet(out: Path, steps: int, seed: int, n_images: int = 30000) -> dict:
         if (step + 1) % 50 == 0:
             _log(f"unet step {step + 1}/{steps} loss {loss.item():.4f}")
         if (step + 1) % CHECKPOINT_EVERY == 0 or step + 1 == steps:
-            state = {"model": unet.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict()}
-            state |= {"ema": ema.state_dict(), "gen": gen.get_state()}
-            _save_ckpt(
-                d / "ckpt.pt", state | {"step": step + 1, "seconds": seconds + time.perf_counter() - t0}
-            )
+            extra = {"ema": ema.state_dict(), "gen": gen.get_state()}
+            _checkpoint(d, step + 1, seconds + time.perf_counter() - t0, unet, opt, sched, **extra)
     seconds += time.perf_counter() - t0
     ema.copy_to(unet.parameters())  # the EMA weights are the model (sharper samples than the last step's)
     save_file({k: v.contiguous() for k, v in unet.state_dict().items()}, str(d / "unet.safetensors"))
