@@ -19,18 +19,18 @@ from pathlib import Path
 
 import torch
 
-from .config import DreamBoothConfig
+from .config import DataConfig
 
 log = logging.getLogger("dreambooth_kit")
 
 
-def latent_cache_decision(cfg: DreamBoothConfig) -> tuple[bool, str]:
+def latent_cache_decision(data: DataConfig) -> tuple[bool, str]:
     """Whether latents may be cached, and why (the reason is shown to the user)."""
-    if not cfg.data.cache_latents:
+    if not data.cache_latents:
         return False, "data.cache_latents=false"
-    if not cfg.data.center_crop:
+    if not data.center_crop:
         return False, "random crops change the pixels every epoch (data.center_crop=false)"
-    return True, "VAE frozen, center crops" + (", both flips cached" if cfg.data.random_flip else "")
+    return True, "VAE frozen, center crops" + (", both flips cached" if data.random_flip else "")
 
 
 class LatentCache:

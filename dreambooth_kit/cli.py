@@ -105,9 +105,8 @@ _OVERRIDE = re.compile(r"^[A-Za-z_][\w.\[\]]*=")
 
 def _cmd_check_data(args) -> int:
     from .config import load_config
-    from .models import resolve_model_cfg
+    from .models import resolve_source
     from .preflight import load_tokenizer_only, preflight
-    from .train import _prediction_type
 
     folders = [a for a in args.args if not _OVERRIDE.match(a)]
     overrides = [a for a in args.args if _OVERRIDE.match(a)]
@@ -131,8 +130,8 @@ def _cmd_check_data(args) -> int:
         scope = f" (photos only, checked for {cfg.data.resolution} px training; add --config to check prompts too)"
     else:
         cfg = load_config(args.config, overrides)
-        source = resolve_model_cfg(cfg.model)
-        tokenizer = load_tokenizer_only(source, local_only=True)  # never a download
+        source = resolve_source(cfg.model)
+        tokenizer = load_tokenizer_only(source.location, local_only=True)  # never a download
         scope = ""
         if tokenizer is None:
             log.info(
@@ -141,7 +140,7 @@ def _cmd_check_data(args) -> int:
                 cfg.model.pretrained,
             )
             scope = " (prompts not checked)"
-        report = preflight(cfg, tokenizer, prediction_type=_prediction_type(cfg, source))
+        report = preflight(cfg, tokenizer, prediction_type=source.prediction_type)
     n = sum(len(r.images) for r in report.reports)
     print(f"{n} usable images, {len(report.warnings)} warnings, 0 errors{scope}")
     return 0

@@ -652,6 +652,40 @@ def save_config(cfg: DreamBoothConfig, path: str | Path) -> Path:
     return path
 
 
+@dataclass(frozen=True)
+class ClassImageSpec:
+    """One subject's class images, resolved from the config (prior section + concept + training size):
+    all that class-image generation reads."""
+
+    folder: Path
+    prompt: str
+    count: int
+    negative_prompt: str
+    steps: int
+    guidance_scale: float
+    batch_size: int
+    size: int  # data.resolution: the training size, not the model's native size (768 for SD 2.1)
+    seed: int  # image i uses seed + i
+    regenerate: bool
+
+
+def class_image_spec(cfg: DreamBoothConfig, concept: ConceptConfig, n_instance: int) -> ClassImageSpec:
+    """:class:`ClassImageSpec` of one concept (``n_instance``: its photo count, for per-instance counts)."""
+    p = cfg.prior
+    return ClassImageSpec(
+        folder=Path(concept.class_dir),
+        prompt=concept.class_prompt,
+        count=concept.num_class_images or num_class_images(cfg, n_instance),
+        negative_prompt=p.negative_prompt,
+        steps=p.sample_steps,
+        guidance_scale=p.guidance_scale,
+        batch_size=p.sample_batch_size,
+        size=cfg.data.resolution,
+        seed=p.seed if p.seed is not None else cfg.train.seed,
+        regenerate=p.regenerate,
+    )
+
+
 def num_class_images(cfg: DreamBoothConfig, n_instance: int) -> int:
     """The effective class-image count: ``class_images_per_instance`` x instances, else the fixed count."""
     if cfg.prior.class_images_per_instance is not None:

@@ -21,3 +21,9 @@ class InvalidInput(UserError, ValueError):
 class MissingExtra(UserError, ImportError):
     """An optional dependency a setting needs is not installed; the message names the setting and
     the ``pip install`` command. Also an ImportError, for callers that catch that."""
+
+
+class ModelLoadError(UserError, RuntimeError):
+    """A base model that cannot be found or loaded (a bad path, a pickle not allowed, an offline cache
+    miss, a damaged file). Here, not in models.py, because singlefile.py raises it too and models.py
+    calls singlefile.py."""

@@ -18,6 +18,7 @@ a v-prediction LoRA labelled epsilon loads in A1111/ComfyUI with the wrong sampl
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -219,29 +220,26 @@ def run_prediction_type(run_config: dict) -> str:
     """The prediction type the run trained with.
 
     ``model.prediction_type`` of its config.yaml first: training records the resolved value there.
-    Runs from before that: the base model's scheduler, resolved as training resolves it (built-in
-    model, folder, single file, cached hub id; never the network); last, a guess from
-    ``model.native_resolution`` (768 = v), logged, since a wrong label breaks the export's images."""
+    Runs from before that: the base model's, read as training reads it (:func:`models.resolve_source`:
+    built-in model, folder, single file, cached hub id, known SD 2.x repo; never the network); last, a
+    guess from ``model.native_resolution`` (768 = v), logged, since a wrong label breaks the export's
+    images."""
     model = run_config.get("model") or {}
     if model.get("prediction_type"):
         return str(model["prediction_type"])
-    pretrained = model.get("pretrained")
     why = "no model.pretrained"
-    if pretrained:
-        from diffusers import DDPMScheduler
+    if model.get("pretrained"):
+        from .config import ModelConfig
+        from .models import resolve_source
 
-        from .models import resolve_model
-
+        known = {k: v for k, v in model.items() if k in ModelConfig.__dataclass_fields__}
         try:
-            source = resolve_model(
-                str(pretrained),
-                allow_pickle=bool(model.get("allow_pickle")),
-                single_file_config=model.get("single_file_config"),
-            )
-            sched = DDPMScheduler.load_config(source, subfolder="scheduler", local_files_only=True)
-            return str(sched.get("prediction_type") or "epsilon")
-        except (OSError, ValueError, RuntimeError) as e:  # ModelLoadError is a RuntimeError
-            why = f"{pretrained}: {e}"
+            found = resolve_source(ModelConfig(**known)).prediction_type
+        except (OSError, ValueError, RuntimeError, TypeError) as e:  # ModelLoadError is a RuntimeError
+            found, why = None, f"{model['pretrained']}: {e}"
+        if found:
+            return found
+        why = f"{model['pretrained']}: its scheduler config is not on this machine"
     guess = "v_prediction" if int(model.get("native_resolution") or 512) >= 768 else "epsilon"
     log.warning(
         "the run's config has no model.prediction_type and the base model's could not be read (%s); "
@@ -347,18 +345,18 @@ def _merged_pipeline(run_dir: Path, *, fp16: bool):
 
     from .config import load_config
     from .inference import load_pipeline
+    from .models import ModelSource, resolve_source
 
     cfg = load_config(Path(run_dir) / "config.yaml")
-    pipe = load_pipeline(
-        cfg.model.pretrained,
-        lora=Path(run_dir) / "lora",
-        fuse=True,
-        device="cpu",
-        dtype="fp32",
-        allow_pickle=cfg.model.allow_pickle,
-        single_file_config=cfg.model.single_file_config,
-        prediction_type=run_prediction_type(cfg.to_dict()),
-    )
+    # The model the run trained on: its record while that folder exists and config.yaml still names
+    # that model (a cache may have been cleared, the run copied to another machine, or config.yaml
+    # edited to point at the base's new place: then resolved again from config.yaml), with the run's
+    # prediction type, so a run trained on a .ckpt, a single file or a hub revision exports.
+    recorded = ModelSource.read(run_dir)
+    usable = recorded is not None and recorded.is_local and recorded.pretrained == cfg.model.pretrained
+    source = recorded if usable else resolve_source(cfg.model)
+    source = dataclasses.replace(source, prediction_type=run_prediction_type(cfg.to_dict()))
+    pipe = load_pipeline(source, lora=Path(run_dir) / "lora", fuse=True, device="cpu", dtype="fp32")
     pipe.unload_lora_weights()  # the fused weights stay; the LoRA layers go
     if fp16:
         pipe.to(dtype=torch.float16)

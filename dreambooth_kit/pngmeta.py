@@ -7,15 +7,12 @@ show their prompt and seed. Its format is loose text, so we also write our own J
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
-import os
 import re
 import types
 import typing
 from dataclasses import MISSING, asdict, dataclass, field, fields
-from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -158,8 +155,9 @@ def a1111_lora_name(path: str | Path) -> str:
 
 def file_hash(path: str | Path) -> str:
     """A1111's "new" model hash: the first 10 hex digits of the file's sha256."""
-    st = Path(path).stat()
-    return _hash(str(Path(path).resolve()), st.st_size, st.st_mtime_ns)
+    from .hashing import sha256_file
+
+    return sha256_file(path)[:10]
 
 
 def lora_hash(path: str | Path) -> str:
@@ -167,48 +165,11 @@ def lora_hash(path: str | Path) -> str:
     the safetensors header, first 12 hex digits.
 
     The header is skipped so that editing a file's metadata (which lives in the header) keeps its hash.
-    Written out here because no library computes it; A1111's ``Lora hashes`` entries must match it
-    exactly, or its "PNG Info" cannot find the LoRA. Other files: the whole file's sha256, as A1111 does."""
-    st = Path(path).stat()
-    return _hash(
-        str(Path(path).resolve()),
-        st.st_size,
-        st.st_mtime_ns,
-        after_header=Path(path).suffix == ".safetensors",
-    )
+    A1111's ``Lora hashes`` entries must match it exactly, or its "PNG Info" cannot find the LoRA.
+    Other files: the whole file's sha256, as A1111 does."""
+    from .hashing import sha256_file
 
-
-@lru_cache(maxsize=32)
-def _hash(path: str, size: int, mtime: int, *, after_header: bool | None = None) -> str:
-    # SD 2.1's UNet file is 3.5 GB (~10 s to hash on 2 cores): remembered on disk by (path, size,
-    # mtime), as A1111 does, so each model is hashed once per machine, not once per process.
-    # after_header=None: the whole file, 10 digits (model hash); True/False: the LoRA hash, 12 digits.
-    from .tiny import cache_root
-
-    index = cache_root() / "hashes.json"
-    key = f"{path}|{size}|{mtime}" + ("" if after_header is None else "|lora")
-    try:
-        known = json.loads(index.read_text())
-    except (OSError, ValueError):
-        known = {}
-    if key in known:
-        return known[key]
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        if after_header:
-            # safetensors layout: 8-byte little-endian header length N, N bytes of JSON, then the data.
-            f.seek(8 + int.from_bytes(f.read(8), "little"))
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    known[key] = h.hexdigest()[: 10 if after_header is None else 12]
-    try:
-        index.parent.mkdir(parents=True, exist_ok=True)
-        tmp = index.with_name(f".tmp-hashes-{os.getpid()}.json")
-        tmp.write_text(json.dumps(known))
-        tmp.replace(index)
-    except OSError:  # a read-only cache only costs the hash again next time
-        pass
-    return known[key]
+    return sha256_file(path, after_header=Path(path).suffix == ".safetensors")[:12]
 
 
 def parse_infotext(text: str) -> dict[str, Any]:

@@ -16,9 +16,9 @@ from typing import Any
 
 import torch
 
-from .config import ConceptConfig, DreamBoothConfig, concepts_of
-from .config import num_class_images as _num_class_images
+from .config import ClassImageSpec
 from .errors import UserError
+from .models import ModelSource
 
 log = logging.getLogger("dreambooth_kit")
 
@@ -52,21 +52,33 @@ class ClassImages:
     reused: int
 
 
-def _recipe(cfg: DreamBoothConfig, model_source: str, prompt: str) -> dict[str, Any]:
-    p = cfg.prior
+def _recipe(spec: ClassImageSpec, source: ModelSource) -> dict[str, Any]:
     return {
-        "base_model": cfg.model.pretrained,
-        "model_source": model_source,
-        "prompt": prompt,
-        "negative_prompt": p.negative_prompt,
-        "steps": p.sample_steps,
-        "guidance_scale": p.guidance_scale,
-        "size": cfg.data.resolution,
-        "seed": p.seed if p.seed is not None else cfg.train.seed,
+        "base_model": source.pretrained,
+        "model_source": source.location,
+        "revision": source.revision,
+        "variant": source.variant,
+        "prompt": spec.prompt,
+        "negative_prompt": spec.negative_prompt,
+        "steps": spec.steps,
+        "guidance_scale": spec.guidance_scale,
+        "size": spec.size,
+        "seed": spec.seed,
     }
 
 
-_RECIPE_KEYS_THAT_MATTER = ("base_model", "prompt", "negative_prompt", "size", "steps", "guidance_scale")
+# revision/variant: another revision of a hub model is another model (a manifest without them, from
+# before they were recorded, reads as None: the default revision and variant).
+_RECIPE_KEYS_THAT_MATTER = (
+    "base_model",
+    "revision",
+    "variant",
+    "prompt",
+    "negative_prompt",
+    "size",
+    "steps",
+    "guidance_scale",
+)
 
 
 def read_manifest(folder: Path) -> dict[str, Any] | None:
@@ -96,15 +108,15 @@ def _write_manifest(folder: Path, recipe: dict[str, Any], seeds: dict[str, int])
 
 
 def ensure_class_images(
-    cfg: DreamBoothConfig,
-    n_instance: int,
+    spec: ClassImageSpec,
+    source: ModelSource,
     *,
     device: str | None = None,
     dtype: str | torch.dtype | None = "auto",
     is_main_process: bool = True,
-    concept: ConceptConfig | None = None,
 ) -> ClassImages:
-    """Make sure ``prior.class_dir`` holds the class images the config asks for.
+    """Make sure ``spec.folder`` (``prior.class_dir``) holds the class images ``spec`` asks for, made
+    with the run's base model ``source`` (its revision and variant too).
 
     * More usable images than needed -> the first N in sorted order, nothing generated.
     * A manifest with another recipe -> an error naming the differing fields, unless
@@ -113,25 +125,21 @@ def ensure_class_images(
     """
     from .data import find_images
     from .inference import generate, load_pipeline, save_png
-    from .models import resolve_model_cfg
 
-    p = cfg.prior
-    c = concept or concepts_of(cfg)[0]
-    folder = Path(c.class_dir)
-    want = c.num_class_images or _num_class_images(cfg, n_instance)
+    folder = Path(spec.folder)
+    want = spec.count
     folder.mkdir(parents=True, exist_ok=True)
     if is_main_process:
         for stale in folder.glob(".tmp-*"):  # leftovers of a killed run: never a valid image
             stale.unlink()
 
-    source = resolve_model_cfg(cfg.model)
-    recipe = _recipe(cfg, source, c.class_prompt)
+    recipe = _recipe(spec, source)
     manifest = read_manifest(folder)
     if manifest is not None:
         changed = [k for k in _RECIPE_KEYS_THAT_MATTER if manifest.get(k) != recipe[k]]
         if changed:
             detail = ", ".join(f"{k}: {manifest.get(k)!r} -> {recipe[k]!r}" for k in changed)
-            if not p.regenerate or not is_main_process:
+            if not spec.regenerate or not is_main_process:
                 raise ClassImageError(
                     f"{folder}: class images were made with a different recipe ({detail}). Mixing them "
                     "would train the prior on two classes. Set prior.regenerate=true to regenerate "
@@ -170,19 +178,19 @@ def ensure_class_images(
         pipe = load_pipeline(source, device=device, dtype=dtype)  # already resolved (single files too)
         written = 0
         try:
-            bs = p.sample_batch_size
+            bs = spec.batch_size
             for start in range(0, len(missing), bs):
                 idx = missing[start : start + bs]
                 results = generate(
                     pipe,
-                    c.class_prompt,
-                    negative_prompt=p.negative_prompt,
+                    spec.prompt,
+                    negative_prompt=spec.negative_prompt,
                     seeds=[base_seed + j for j in idx],
                     num_images=len(idx),
-                    steps=p.sample_steps,
-                    guidance_scale=p.guidance_scale,
-                    height=cfg.data.resolution,  # not the model's native size (768 for 2-1)
-                    width=cfg.data.resolution,
+                    steps=spec.steps,
+                    guidance_scale=spec.guidance_scale,
+                    height=spec.size,
+                    width=spec.size,
                     batch_size=bs,
                 )
                 for j, (img, params) in zip(idx, results, strict=True):

@@ -13,7 +13,6 @@ is written here as data tables plus pure functions. Block indices are derived fr
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
@@ -27,8 +26,7 @@ from typing import Any
 
 import torch
 
-from .errors import InvalidInput, UserError
-from .models import ModelLoadError
+from .errors import InvalidInput, ModelLoadError, UserError
 
 log = logging.getLogger(__name__)
 
@@ -556,14 +554,6 @@ def save_single_file(
 # ---------------------------------------------------------------------------------------------------
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 24), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _prediction_from_yaml(path: Path) -> str | None:
     yaml_path = path.with_suffix(".yaml")
     if not yaml_path.is_file():
@@ -673,7 +663,9 @@ def ensure_diffusers_folder(
         prediction_type = "v_prediction"  # the tiny builder's default
     _check_prediction_type(prediction_type)
 
-    digest = _sha256(path)[:16]
+    from .hashing import sha256_file
+
+    digest = sha256_file(path)[:16]  # remembered: a 5 GB file is read once per machine, not per load
     dest = cache_root() / "single-file" / digest
     stamp = dest / STAMP
     if stamp.is_file() and (dest / "model_index.json").is_file():

@@ -69,7 +69,7 @@ def train(cfg: DreamBoothConfig) -> TrainResult:
     from .guards import StopSignals
     from .loop import LoopState
     from .loop import run as run_loop
-    from .models import load_components, resolve_model_cfg
+    from .models import load_components, resolve_source
     from .outputs import clean_tmp_outputs, save_final
     from .preflight import preflight
     from .versions import check_transformers_peft
@@ -80,19 +80,20 @@ def train(cfg: DreamBoothConfig) -> TrainResult:
     out = _prepare_output_dir(cfg)
     with _lock_output_dir(cfg, out, accelerator):
         check_transformers_peft(need_text_encoder_lora=cfg.adapter.train_text_encoder)
-        source = resolve_model_cfg(cfg.model)
-        report = preflight(cfg, prediction_type=_prediction_type(cfg, source), source=source)
+        source = resolve_source(cfg.model)  # once: every step below reads this, nothing resolves again
+        report = preflight(cfg, prediction_type=source.prediction_type, source=source.location)
         _init_trackers(cfg, accelerator)
         set_seed(cfg.train.seed)
         if accelerator.is_main_process:
             save_config(cfg, out / "config.yaml")
+            source.record(out)
             clean_tmp(out)
             clean_tmp_outputs(out)
         resume_from = _resume_point(cfg, out)
 
-        class_sets = _class_images(cfg, report, accelerator, out)
-        comps = load_components(cfg.model)
-        cfg = _record_prediction_type(cfg, comps, out, accelerator)
+        class_sets = _class_images(cfg, report, source, accelerator, out)
+        comps = load_components(source)
+        cfg, source = _record_prediction_type(cfg, source, comps, out, accelerator)
         unet, text_encoder, params = _setup_models(cfg, comps, accelerator)
         dataloader, sampler, latent_cache = _data(cfg, report, class_sets, comps, accelerator)
         optimizer = _optimizer(cfg, params, accelerator.num_processes, text_encoder)
@@ -106,7 +107,7 @@ def train(cfg: DreamBoothConfig) -> TrainResult:
         with StopSignals() as signals:
             run_loop(run, dataloader, sampler, latent_cache, position, signals)
 
-        final_dir = save_final(run, source)
+        final_dir = save_final(run, source.location)
         if cfg.export.formats and accelerator.is_main_process:
             from .export import run_exports
 
@@ -170,17 +171,6 @@ def _restore(cfg, accelerator, unet, text_encoder, path: Path | None) -> dict:
     state = load_checkpoint(accelerator, path)
     log.info("resumed from %s at step %d", path, state["step"])
     return state
-
-
-def _prediction_type(cfg: DreamBoothConfig, source: str) -> str | None:
-    if cfg.model.prediction_type:
-        return cfg.model.prediction_type
-    path = Path(source) / "scheduler" / "scheduler_config.json"
-    if path.exists():
-        import json
-
-        return json.loads(path.read_text()).get("prediction_type", "epsilon")
-    return None
 
 
 def _make_accelerator(cfg: DreamBoothConfig, out: Path):
@@ -294,17 +284,20 @@ def _lock_output_dir(cfg: DreamBoothConfig, out: Path, accelerator):
             lock.release()
 
 
-def _record_prediction_type(cfg: DreamBoothConfig, comps, out: Path, accelerator) -> DreamBoothConfig:
-    """Write the prediction type the model really has into the run's config.yaml, so exports label
-    the LoRA right (a v-prediction run marked epsilon gives noise in A1111) without resolving the
-    model again, and a resume uses the same one."""
+def _record_prediction_type(cfg: DreamBoothConfig, source, comps, out: Path, accelerator):
+    """Write the prediction type the model really has into the run's config.yaml and model record, so
+    exports label the LoRA right (a v-prediction run marked epsilon gives noise in A1111) without
+    resolving the model again, and a resume uses the same one. Returns the updated (cfg, source)."""
     kind = comps.noise_scheduler.config.prediction_type
-    if cfg.model.prediction_type == kind:
-        return cfg
-    cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, prediction_type=kind))
-    if accelerator.is_main_process:
-        save_config(cfg, out / "config.yaml")
-    return cfg
+    if source.prediction_type != kind:
+        source = dataclasses.replace(source, prediction_type=kind)
+        if accelerator.is_main_process:
+            source.record(out)
+    if cfg.model.prediction_type != kind:
+        cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, prediction_type=kind))
+        if accelerator.is_main_process:
+            save_config(cfg, out / "config.yaml")
+    return cfg, source
 
 
 def _flat(d: dict, prefix: str = "") -> dict:
@@ -318,19 +311,21 @@ def _flat(d: dict, prefix: str = "") -> dict:
     return flat
 
 
-def _class_images(cfg: DreamBoothConfig, report, accelerator, out: Path):
+def _class_images(cfg: DreamBoothConfig, report, source, accelerator, out: Path):
     """Class images for every concept. Rank 0 generates; the others wait, then read the same files."""
     if not cfg.prior.with_prior_preservation:
         return None
-    from .config import concepts_of
+    from .config import class_image_spec, concepts_of
     from .prior import ensure_class_images
+
+    specs = [
+        class_image_spec(cfg, c, len(r.images)) for c, r in zip(concepts_of(cfg), report.reports, strict=True)
+    ]
 
     def each(main: bool):
         return [
-            ensure_class_images(
-                cfg, len(r.images), device=str(accelerator.device), is_main_process=main, concept=c
-            )
-            for c, r in zip(concepts_of(cfg), report.reports, strict=True)
+            ensure_class_images(spec, source, device=str(accelerator.device), is_main_process=main)
+            for spec in specs
         ]
 
     from accelerate.utils import gather_object
@@ -414,7 +409,7 @@ def _data(cfg: DreamBoothConfig, report, class_sets, comps, accelerator):
             c.class_prompt if cls else None,
             use_captions=cfg.data.use_captions,
         )
-    use_cache, why = latent_cache_decision(cfg)
+    use_cache, why = latent_cache_decision(cfg.data)
     (log.info if use_cache or not cfg.data.cache_latents else log.warning)(
         "latent cache %s: %s", "on" if use_cache else "off", why
     )

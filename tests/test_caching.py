@@ -7,13 +7,13 @@ from dreambooth_kit.caching import latent_cache_decision
 
 
 def test_cache_decision_follows_augmentation(tmp_path, tiny_model, photos):
-    on, why = latent_cache_decision(tiny_cfg(tmp_path, tiny_model, photos))
+    on, why = latent_cache_decision(tiny_cfg(tmp_path, tiny_model, photos).data)
     assert on and "center crops" in why
-    on, why = latent_cache_decision(tiny_cfg(tmp_path, tiny_model, photos, **{"data.random_flip": True}))
+    on, why = latent_cache_decision(tiny_cfg(tmp_path, tiny_model, photos, **{"data.random_flip": True}).data)
     assert on and "both flips" in why
-    on, why = latent_cache_decision(tiny_cfg(tmp_path, tiny_model, photos, **{"data.center_crop": False}))
+    on, why = latent_cache_decision(tiny_cfg(tmp_path, tiny_model, photos, **{"data.center_crop": False}).data)
     assert not on and "random crops" in why
-    on, why = latent_cache_decision(tiny_cfg(tmp_path, tiny_model, photos, **{"data.cache_latents": False}))
+    on, why = latent_cache_decision(tiny_cfg(tmp_path, tiny_model, photos, **{"data.cache_latents": False}).data)
     assert not on
 
 

@@ -68,6 +68,17 @@ def test_check_data_ok_on_demo_photos(tiny_model, photos, capsys):
     assert "5 usable images" in capsys.readouterr().out
 
 
+def test_check_data_warns_for_the_768_v_hub_model_below_640(photos, caplog):
+    """sd21_768_lora.yaml names its model by hub id. Before, the prediction type of a hub id was
+    never known before the download, so training the 768-v model at 512 px (broken images) passed
+    the check silently; the known SD 2.x repos' prediction types now say it offline."""
+    rc = main(
+        ["check-data", "--config", "sd21_768_lora.yaml", f"data.instance_dir={photos}", "data.resolution=512"]
+    )
+    assert rc == 0
+    assert any("data.resolution=512 on a 768px v-prediction model" in r.getMessage() for r in caplog.records)
+
+
 def test_generate_command_is_reproducible(tmp_path, tiny_model, capsys):
     args = [
         "generate",

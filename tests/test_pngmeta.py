@@ -87,7 +87,8 @@ def test_file_hash_is_sha256_prefix_and_remembered_on_disk(tmp_path):
     import hashlib
     import json
 
-    from dreambooth_kit.pngmeta import _hash, file_hash
+    from dreambooth_kit import hashing
+    from dreambooth_kit.pngmeta import file_hash
     from dreambooth_kit.tiny import cache_root
 
     f = tmp_path / "w.safetensors"
@@ -95,9 +96,9 @@ def test_file_hash_is_sha256_prefix_and_remembered_on_disk(tmp_path):
     assert file_hash(f) == hashlib.sha256(f.read_bytes()).hexdigest()[:10]
     index = json.loads((cache_root() / "hashes.json").read_text())
     assert any(k.startswith(str(f.resolve()) + "|") for k in index)
-    _hash.cache_clear()
+    hashing.forget()
     key = next(k for k in index if k.startswith(str(f.resolve()) + "|"))
-    index[key] = "from-disk!"
+    index[key] = "from-disk!-" + "0" * 54
     (cache_root() / "hashes.json").write_text(json.dumps(index))
     assert file_hash(f) == "from-disk!"  # the disk index answered; the file was not read again
 

