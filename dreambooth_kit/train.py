@@ -35,7 +35,7 @@ class LaunchError(UserError, RuntimeError):
 @dataclass
 class TrainResult:
     output_dir: Path
-    lora_dir: Path
+    final_dir: Path  # <output_dir>/lora (adapter.type=lora) or <output_dir>/pipeline (full)
     steps: int
     losses: list[float] = field(default_factory=list)
     step_seconds: list[float] = field(default_factory=list)  # wall time of each optimizer step
@@ -43,10 +43,21 @@ class TrainResult:
     class_images_generated: int = 0
     skipped_steps: list[int] = field(default_factory=list)  # non-finite steps that were skipped
     vae_encodes: int | None = None  # VAE encoder calls when latents were cached, else None
+    kind: str = "lora"  # adapter.type
 
     @property
-    def pipeline_dir(self) -> Path:  # full fine-tune output (adapter.type=full)
-        return self.lora_dir
+    def lora_dir(self) -> Path:
+        """The LoRA folder; a full fine-tune has none (its model is :attr:`pipeline_dir`)."""
+        if self.kind != "lora":
+            raise AttributeError("a full fine-tune writes a pipeline, not a LoRA: use result.pipeline_dir")
+        return self.final_dir
+
+    @property
+    def pipeline_dir(self) -> Path:
+        """The full fine-tune's diffusers pipeline folder (adapter.type=full)."""
+        if self.kind != "full":
+            raise AttributeError("a LoRA run writes a LoRA, not a pipeline: use result.lora_dir")
+        return self.final_dir
 
     @property
     def lora_path(self) -> Path:
@@ -118,7 +129,8 @@ def train(cfg: DreamBoothConfig) -> TrainResult:
         log.info("trained to step %d in %.1f s; output: %s", run.step, seconds, final_dir)
     return TrainResult(
         output_dir=out,
-        lora_dir=final_dir,
+        final_dir=final_dir,
+        kind=cfg.adapter.type,
         steps=run.step,
         losses=run.losses,
         step_seconds=run.step_seconds,
