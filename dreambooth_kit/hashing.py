@@ -30,7 +30,7 @@ def sha256_file(path: str | Path, *, after_header: bool = False) -> str:
 
 @lru_cache(maxsize=64)
 def _sha256(path: str, size: int, mtime: int, after_header: bool) -> str:
-    from .tiny import cache_root
+    from .cache import cache_root
 
     global reads
     index = cache_root() / "hashes.json"

@@ -118,8 +118,8 @@ def _pickle_to_safetensors(path: Path) -> Path:
     that wants to run code still fails) and written once as safetensors into the cache."""
     from safetensors.torch import save_file
 
+    from .cache import cache_root
     from .hashing import sha256_file
-    from .tiny import cache_root
 
     out = cache_root() / "single-file" / f"{path.stem}-{sha256_file(path)[:10]}.safetensors"
     if out.exists():

@@ -586,7 +586,8 @@ def _assemble_config(arch: str, prediction_type: str, into: Path) -> Path:
     if arch == "tiny":
         from transformers import CLIPTextConfig
 
-        from .tiny import SD21_SCHEDULER, build_tiny_tokenizer, tiny_component_configs
+        from .sd21 import SD21_SCHEDULER
+        from .tiny import build_tiny_tokenizer, tiny_component_configs
 
         tokenizer = build_tiny_tokenizer()
         cfgs = tiny_component_configs(len(tokenizer))
@@ -631,7 +632,7 @@ def ensure_diffusers_folder(
     ``prediction_type``: the argument, else the config folder's scheduler, else the YAML beside the file;
     an SD 2.1 file with none of these is refused (epsilon and v cannot be told apart from the weights).
     """
-    from .tiny import cache_root
+    from .cache import cache_root
 
     path = Path(path).expanduser()
     if not path.is_file():

@@ -11,9 +11,13 @@ def test_cache_decision_follows_augmentation(tmp_path, tiny_model, photos):
     assert on and "center crops" in why
     on, why = latent_cache_decision(tiny_cfg(tmp_path, tiny_model, photos, **{"data.random_flip": True}).data)
     assert on and "both flips" in why
-    on, why = latent_cache_decision(tiny_cfg(tmp_path, tiny_model, photos, **{"data.center_crop": False}).data)
+    on, why = latent_cache_decision(
+        tiny_cfg(tmp_path, tiny_model, photos, **{"data.center_crop": False}).data
+    )
     assert not on and "random crops" in why
-    on, why = latent_cache_decision(tiny_cfg(tmp_path, tiny_model, photos, **{"data.cache_latents": False}).data)
+    on, why = latent_cache_decision(
+        tiny_cfg(tmp_path, tiny_model, photos, **{"data.cache_latents": False}).data
+    )
     assert not on
 
 

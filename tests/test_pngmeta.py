@@ -88,8 +88,8 @@ def test_file_hash_is_sha256_prefix_and_remembered_on_disk(tmp_path):
     import json
 
     from dreambooth_kit import hashing
+    from dreambooth_kit.cache import cache_root
     from dreambooth_kit.pngmeta import file_hash
-    from dreambooth_kit.tiny import cache_root
 
     f = tmp_path / "w.safetensors"
     f.write_bytes(b"weights" * 1000)

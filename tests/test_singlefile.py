@@ -234,7 +234,7 @@ def test_bundled_sd21_configs_match_shapes():
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig
 
-    from dreambooth_kit.tiny import sd21_component_configs
+    from dreambooth_kit.sd21 import sd21_component_configs
 
     for name, native, pred in (("sd21-base", 512, "epsilon"), ("sd21-v", 768, "v_prediction")):
         root = Path(singlefile.BUNDLED_CONFIGS) / name

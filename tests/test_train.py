@@ -17,7 +17,7 @@ from dreambooth_kit.train import diffusion_loss, diffusion_target, snr_weights, 
 def _scheduler(prediction_type: str):
     from diffusers import DDPMScheduler
 
-    from dreambooth_kit.tiny import SD21_SCHEDULER
+    from dreambooth_kit.sd21 import SD21_SCHEDULER
 
     return DDPMScheduler(**SD21_SCHEDULER, prediction_type=prediction_type)
 

@@ -17,8 +17,10 @@ from pathlib import Path
 
 import torch
 
+from ..cache import cache_root
 from ..config import TOY_MODEL  # noqa: F401  (re-exported: the name users write)
-from ..tiny import SD21_SCHEDULER, build_tiny_tokenizer, cache_root, write_pipeline_folder
+from ..sd21 import SD21_SCHEDULER
+from ..tiny import build_tiny_tokenizer, write_pipeline_folder
 from .world import RESOLUTION, WORDS
 
 COMPONENTS = ("unet", "vae", "text_encoder")
