@@ -644,12 +644,11 @@ def _range_problems(cfg: DreamBoothConfig) -> list[str]:
 
 
 def save_config(cfg: DreamBoothConfig, path: str | Path) -> Path:
+    from .atomic import write_text
+
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".tmp-{path.name}")
-    tmp.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-    tmp.replace(path)  # atomic on POSIX: a crash never leaves a half-written config
-    return path
+    return write_text(path, yaml.safe_dump(cfg.to_dict(), sort_keys=False))
 
 
 @dataclass(frozen=True)

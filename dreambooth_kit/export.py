@@ -21,9 +21,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import os
 import re
-import tempfile
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -31,6 +29,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .atomic import writing, writing_folder
 from .errors import InvalidInput, UserError
 
 log = logging.getLogger("dreambooth_kit")
@@ -321,14 +320,8 @@ def export_kohya(
     metadata["format"] = "pt"
 
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{out_path.name}.", suffix=".tmp", dir=out_path.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
+    with writing(out_path) as tmp:  # readers see the old file or the whole new one
         save_file(out, str(tmp), metadata=metadata)
-        os.replace(tmp, out_path)  # atomic on POSIX: readers see the old file or the whole new one
-    finally:
-        tmp.unlink(missing_ok=True)
     return out_path
 
 
@@ -366,18 +359,11 @@ def _merged_pipeline(run_dir: Path, *, fp16: bool):
 def export_merged_diffusers(run_dir: Path, out_dir: Path, *, fp16: bool = False) -> Path:
     """The base model with the run's LoRA fused into its weights, as a diffusers folder that
     ``StableDiffusionPipeline.from_pretrained`` loads with no LoRA support at all; written to a temp
-    folder and renamed."""
-    import shutil
-
+    folder and swapped in."""
     out_dir = Path(out_dir)
     pipe = _merged_pipeline(run_dir, fp16=fp16)
-    tmp = out_dir.with_name(f".tmp-{out_dir.name}")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    pipe.save_pretrained(tmp, safe_serialization=True)
-    if out_dir.exists():
-        shutil.rmtree(out_dir)
-    tmp.rename(out_dir)
+    with writing_folder(out_dir) as tmp:
+        pipe.save_pretrained(tmp, safe_serialization=True)
     return out_dir
 
 

@@ -12,9 +12,10 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from functools import lru_cache
 from pathlib import Path
+
+from .atomic import write_json
 
 # How many times a file was actually read in this process (tests assert a run hashes a file once).
 reads = 0
@@ -52,9 +53,7 @@ def _sha256(path: str, size: int, mtime: int, after_header: bool) -> str:
     known[key] = h.hexdigest()
     try:
         index.parent.mkdir(parents=True, exist_ok=True)
-        tmp = index.with_name(f".tmp-hashes-{os.getpid()}.json")
-        tmp.write_text(json.dumps(known))
-        tmp.replace(index)
+        write_json(index, known)
     except OSError:  # a read-only cache only costs the hash again next time
         pass
     return known[key]

@@ -133,10 +133,11 @@ def _pickle_to_safetensors(path: Path) -> Path:
     sd = obj.get("state_dict", obj) if isinstance(obj, dict) else None
     if not isinstance(sd, dict) or not sd:
         raise ModelLoadError(f"{path.resolve()}: holds no state dict of tensors")
+    from .atomic import writing
+
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".tmp-{out.name}")
-    save_file({k: v.contiguous() for k, v in sd.items() if isinstance(v, torch.Tensor)}, str(tmp))
-    tmp.replace(out)
+    with writing(out) as tmp:
+        save_file({k: v.contiguous() for k, v in sd.items() if isinstance(v, torch.Tensor)}, str(tmp))
     return out
 
 
@@ -194,11 +195,9 @@ class ModelSource:
 
     def record(self, folder: str | Path) -> Path:
         """Write ``model_source.json`` into a run folder: what the run was trained on."""
-        path = Path(folder) / SOURCE_FILE
-        tmp = path.with_name(f".tmp-{path.name}")
-        tmp.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
-        tmp.replace(path)
-        return path
+        from .atomic import write_json
+
+        return write_json(Path(folder) / SOURCE_FILE, self.to_dict(), indent=2)
 
     @classmethod
     def read(cls, folder: str | Path) -> ModelSource | None:

@@ -101,10 +101,9 @@ def read_manifest(folder: Path) -> dict[str, Any] | None:
 
 
 def _write_manifest(folder: Path, recipe: dict[str, Any], seeds: dict[str, int]) -> None:
-    path = folder / MANIFEST
-    tmp = folder / f".tmp-{MANIFEST}"
-    tmp.write_text(json.dumps({**recipe, "images": seeds}, indent=2, sort_keys=True))
-    tmp.replace(path)
+    from .atomic import write_json
+
+    write_json(folder / MANIFEST, {**recipe, "images": seeds}, indent=2, sort_keys=True)
 
 
 def ensure_class_images(

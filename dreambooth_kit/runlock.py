@@ -19,6 +19,7 @@ import sys
 import time
 from pathlib import Path
 
+from .atomic import write_json
 from .errors import UserError
 
 log = logging.getLogger("dreambooth_kit")
@@ -93,9 +94,7 @@ class FolderLock:
             "purpose": self.purpose,
             "command": " ".join(sys.argv)[:300],
         }
-        tmp = self.holder_file.with_name(f".tmp-{HOLDER_NAME}-{os.getpid()}")
-        tmp.write_text(json.dumps(holder, indent=2))
-        tmp.replace(self.holder_file)
+        write_json(self.holder_file, holder, indent=2)
         self._lock = lock
         return self
 

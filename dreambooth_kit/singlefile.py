@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import re
 import shutil
 import tempfile
@@ -26,6 +25,7 @@ from typing import Any
 
 import torch
 
+from .atomic import write_text, writing, writing_folder
 from .errors import InvalidInput, ModelLoadError, UserError
 
 log = logging.getLogger(__name__)
@@ -469,16 +469,6 @@ def _check_prediction_type(prediction_type: str | None) -> None:
 # ---------------------------------------------------------------------------------------------------
 
 
-def _atomic_write_bytes(path: Path, write) -> None:
-    tmp = path.with_name(f".tmp-{path.name}-{os.getpid()}")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
 def save_single_file(
     pipe_or_folder: Any,
     out_path: Path,
@@ -543,9 +533,10 @@ def save_single_file(
         "dreambooth_kit.text_width": str(width),
     }
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    _atomic_write_bytes(out_path, lambda p: save_file(sd, str(p), metadata=metadata))
+    with writing(out_path) as tmp:
+        save_file(sd, str(tmp), metadata=metadata)
     yaml_path = out_path.with_suffix(".yaml")
-    _atomic_write_bytes(yaml_path, lambda p: p.write_text(inference_yaml(prediction_type)))
+    write_text(yaml_path, inference_yaml(prediction_type))
     return out_path
 
 
@@ -692,22 +683,14 @@ def ensure_diffusers_folder(
         pipe.scheduler = type(pipe.scheduler).from_config(
             pipe.scheduler.config, prediction_type=prediction_type
         )
-    tmp = dest.with_name(f".tmp-{digest}-{os.getpid()}")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    pipe.save_pretrained(tmp, safe_serialization=True)
-    (tmp / STAMP).write_text(
-        json.dumps(
-            {
-                "source": str(path.resolve()),
-                "sha256_16": digest,
-                "prediction_type": prediction_type,
-                "arch": arch,
-                "config": str(cfg_dir) if cfg_dir else "bundled",
-            }
-        )
-    )
-    if dest.exists():
-        shutil.rmtree(dest)
-    tmp.rename(dest)
+    with writing_folder(dest) as tmp:
+        pipe.save_pretrained(tmp, safe_serialization=True)
+        stamp = {
+            "source": str(path.resolve()),
+            "sha256_16": digest,
+            "prediction_type": prediction_type,
+            "arch": arch,
+            "config": str(cfg_dir) if cfg_dir else "bundled",
+        }
+        (tmp / STAMP).write_text(json.dumps(stamp))
     return dest

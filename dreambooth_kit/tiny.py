@@ -11,11 +11,11 @@ path a real model takes.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import torch
 
+from .atomic import writing_folder
 from .cache import cache_root
 from .sd21 import SD21_SCHEDULER, sd21_component_configs
 
@@ -206,7 +206,6 @@ def write_pipeline_folder(path: Path, components: tuple, stamp_name: str, stamp_
     """Save (tokenizer, text_encoder, vae, unet, scheduler) as a diffusers folder at ``path`` with a
     stamp file naming how it was made: written to a temp folder and renamed, so an interrupted build
     never leaves a half model that later loads."""
-    import shutil
 
     from diffusers import StableDiffusionPipeline
 
@@ -221,12 +220,9 @@ def write_pipeline_folder(path: Path, components: tuple, stamp_name: str, stamp_
         feature_extractor=None,
         requires_safety_checker=False,
     )
-    tmp = path.with_name(f".tmp-{path.name}-{os.getpid()}")
-    pipe.save_pretrained(tmp, safe_serialization=True)
-    (tmp / stamp_name).write_text(stamp_text)
-    if path.exists():
-        shutil.rmtree(path)
-    tmp.rename(path)
+    with writing_folder(path) as tmp:
+        pipe.save_pretrained(tmp, safe_serialization=True)
+        (tmp / stamp_name).write_text(stamp_text)
     return path
 
 

@@ -38,6 +38,7 @@ from safetensors.torch import load as load_safetensors
 from safetensors.torch import save_file
 from torch import nn
 
+from ..atomic import write_json, writing
 from ..errors import InvalidInput, UserError
 from . import world
 
@@ -386,10 +387,9 @@ def _train(out: Path, seed: int, steps: int, batch_size: int, eval_size: int, lo
     }
     state = {k: v.detach().contiguous() for k, v in net.state_dict().items()}
     # Written beside and renamed: a stop mid-write never leaves a half file under the real name.
-    save_file(state, out / (WEIGHTS + ".tmp"))
-    (out / (RECORD + ".tmp")).write_text(json.dumps(record, indent=2) + "\n")
-    os.replace(out / (WEIGHTS + ".tmp"), out / WEIGHTS)
-    os.replace(out / (RECORD + ".tmp"), out / RECORD)
+    with writing(out / WEIGHTS) as tmp:
+        save_file(state, str(tmp))
+    write_json(out / RECORD, record, indent=2)
     log(f"judge: wrote {out / WEIGHTS} and {RECORD} ({train_seconds:.0f} s of training)")
     return out
 

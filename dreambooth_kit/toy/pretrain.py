@@ -35,6 +35,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from ..atomic import write_json, writing
 from . import world
 
 STAGES = ("vae", "decoder", "judge", "unet", "eval", "ship")
@@ -57,16 +58,13 @@ def _done(stage_dir: Path) -> dict | None:
 
 
 def _finish(stage_dir: Path, record: dict) -> dict:
-    tmp = stage_dir / ".done.json.tmp"
-    tmp.write_text(json.dumps(record, indent=2))
-    tmp.replace(stage_dir / "done.json")
+    write_json(stage_dir / "done.json", record, indent=2)
     return record
 
 
 def _save_ckpt(path: Path, state: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(state, tmp)
-    tmp.replace(path)  # atomic: a stop mid-save keeps the previous checkpoint
+    with writing(path) as tmp:  # a stop mid-save keeps the previous checkpoint
+        torch.save(state, tmp)
 
 
 def _load_ckpt(path: Path) -> dict | None:
