@@ -31,6 +31,7 @@ from torch import Tensor
 
 from .atomic import writing, writing_folder
 from .errors import InvalidInput, UserError
+from .layout import RunLayout
 
 log = logging.getLogger("dreambooth_kit")
 
@@ -340,7 +341,8 @@ def _merged_pipeline(run_dir: Path, *, fp16: bool):
     from .inference import load_pipeline
     from .models import ModelSource, resolve_source
 
-    cfg = load_config(Path(run_dir) / "config.yaml")
+    run = RunLayout(run_dir)
+    cfg = load_config(run.config)
     # The model the run trained on: its record while that folder exists and config.yaml still names
     # that model (a cache may have been cleared, the run copied to another machine, or config.yaml
     # edited to point at the base's new place: then resolved again from config.yaml), with the run's
@@ -349,7 +351,7 @@ def _merged_pipeline(run_dir: Path, *, fp16: bool):
     usable = recorded is not None and recorded.is_local and recorded.pretrained == cfg.model.pretrained
     source = recorded if usable else resolve_source(cfg.model)
     source = dataclasses.replace(source, prediction_type=run_prediction_type(cfg.to_dict()))
-    pipe = load_pipeline(source, lora=Path(run_dir) / "lora", fuse=True, device="cpu", dtype="fp32")
+    pipe = load_pipeline(source, lora=run.lora, fuse=True, device="cpu", dtype="fp32")
     pipe.unload_lora_weights()  # the fused weights stay; the LoRA layers go
     if fp16:
         pipe.to(dtype=torch.float16)
@@ -381,10 +383,10 @@ def run_exports(
 ) -> list[Path]:
     """Write the asked formats of a finished LoRA run into ``<run>/export`` (or ``out_dir``)."""
     run_dir = Path(run_dir)
-    lora = run_dir / "lora" / "pytorch_lora_weights.safetensors"
+    lora = RunLayout(run_dir).lora_weights
     if not lora.exists():
         raise ExportInputMissing(f"{lora.resolve()}: no finished LoRA in this run (exports need one)")
-    out = Path(out_dir) if out_dir else run_dir / "export"
+    out = Path(out_dir) if out_dir else RunLayout(run_dir).export
     out.mkdir(parents=True, exist_ok=True)
     written = []
     for fmt in dict.fromkeys(formats):

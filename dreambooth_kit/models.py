@@ -165,8 +165,6 @@ KNOWN_PREDICTION_TYPES = {
     "stabilityai/stable-diffusion-2-base": "epsilon",
 }
 
-SOURCE_FILE = "model_source.json"
-
 
 @dataclass(frozen=True)
 class ModelSource:
@@ -196,14 +194,17 @@ class ModelSource:
     def record(self, folder: str | Path) -> Path:
         """Write ``model_source.json`` into a run folder: what the run was trained on."""
         from .atomic import write_json
+        from .layout import RunLayout
 
-        return write_json(Path(folder) / SOURCE_FILE, self.to_dict(), indent=2)
+        return write_json(RunLayout(folder).model_source, self.to_dict(), indent=2)
 
     @classmethod
     def read(cls, folder: str | Path) -> ModelSource | None:
         """The run folder's record, or None for a run from before records were written."""
+        from .layout import RunLayout
+
         try:
-            return cls(**json.loads((Path(folder) / SOURCE_FILE).read_text()))
+            return cls(**json.loads(RunLayout(folder).model_source.read_text()))
         except (OSError, ValueError, TypeError):
             return None
 

@@ -20,6 +20,7 @@ import torch
 
 from .config import DreamBoothConfig, save_config
 from .errors import MissingExtra, UserError
+from .layout import RunLayout
 
 # The loss functions live beside the step that uses them; re-exported as the public loss API.
 from .loop import diffusion_loss, diffusion_target, snr_weights  # noqa: F401
@@ -96,7 +97,7 @@ def train(cfg: DreamBoothConfig) -> TrainResult:
         _init_trackers(cfg, accelerator)
         set_seed(cfg.train.seed)
         if accelerator.is_main_process:
-            save_config(cfg, out / "config.yaml")
+            save_config(cfg, RunLayout(out).config)
             source.record(out)
             clean_tmp(out)
             clean_tmp_outputs(out)
@@ -148,7 +149,7 @@ def _prepare_output_dir(cfg: DreamBoothConfig) -> Path:
     from .preflight import check_output_folders
 
     out = Path(cfg.train.output_dir)
-    final = out / ("pipeline" if cfg.adapter.type == "full" else "lora")
+    final = RunLayout(out).final(cfg.adapter.type)
     # Resuming continues this run, so its final output may be replaced; a fresh run never does that
     # silently.
     if final.exists() and any(final.iterdir()) and not (cfg.train.overwrite or cfg.train.resume):
@@ -208,7 +209,7 @@ def _make_accelerator(cfg: DreamBoothConfig, out: Path):
         mixed_precision=t.mixed_precision,
         gradient_accumulation_steps=t.gradient_accumulation_steps,
         log_with=log_with,
-        project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "logs")),
+        project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(RunLayout(out).logs)),
     )
     if t.mixed_precision == "fp16" and accelerator.device.type == "cpu":
         _fp16_amp_on_cpu(accelerator)
@@ -308,7 +309,7 @@ def _record_prediction_type(cfg: DreamBoothConfig, source, comps, out: Path, acc
     if cfg.model.prediction_type != kind:
         cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, prediction_type=kind))
         if accelerator.is_main_process:
-            save_config(cfg, out / "config.yaml")
+            save_config(cfg, RunLayout(out).config)
     return cfg, source
 
 
