@@ -1,0 +1,139 @@
+"""The house rules a reader relies on, checked on the source (Python's ast): no import cycles, short
+functions, the whole config only where it is needed, comments that stand alone.
+
+Imports inside functions count as edges too: they are how a lazy module still depends on another,
+and a cycle through them is the same tangle for a reader, only found later.
+"""
+
+from __future__ import annotations
+
+import ast
+import re
+from pathlib import Path
+
+import pytest
+
+PACKAGE = Path(__file__).resolve().parent.parent / "dreambooth_kit"
+# train() is the table of contents of a run: one line per step, read top to bottom.
+LONG_ALLOWED = {("dreambooth_kit.train", "train")}
+MAX_LINES = 60
+# The modules that take the whole DreamBoothConfig: config builds it, train and the CLI run it, hub
+# writes a model card of all of it. Everything else takes its section or small typed values.
+WHOLE_CONFIG_MODULES = {
+    "dreambooth_kit.config",
+    "dreambooth_kit.train",
+    "dreambooth_kit.hub",
+    "dreambooth_kit.cli",
+}
+
+
+def _modules() -> dict[str, tuple[Path, ast.Module]]:
+    out = {}
+    for path in sorted(PACKAGE.rglob("*.py")):
+        parts = path.with_suffix("").relative_to(PACKAGE.parent).parts
+        name = ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+        out[name] = (path, ast.parse(path.read_text(encoding="utf-8")))
+    return out
+
+
+def _imports(name: str, path: Path, tree: ast.Module, known: set[str]) -> set[str]:
+    package = name if path.name == "__init__.py" else name.rsplit(".", 1)[0]
+    found = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package.split(".")[: len(package.split(".")) - (node.level - 1)]
+                target = ".".join(base + ([node.module] if node.module else []))
+            else:
+                target = node.module or ""
+            for candidate in [target] + [f"{target}.{a.name}" for a in node.names]:
+                if candidate in known and candidate != name:
+                    found.add(candidate)
+        elif isinstance(node, ast.Import):
+            found |= {a.name for a in node.names if a.name in known and a.name != name}
+    return found
+
+
+def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """Strongly connected components with more than one module (Tarjan)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    result = []
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on_stack.add(v)
+        for w in sorted(graph[v]):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on_stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            component = []
+            while True:
+                w = stack.pop()
+                on_stack.discard(w)
+                component.append(w)
+                if w == v:
+                    break
+            if len(component) > 1:
+                result.append(sorted(component))
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return result
+
+
+def test_no_import_cycles():
+    mods = _modules()
+    graph = {n: _imports(n, p, t, set(mods)) for n, (p, t) in mods.items()}
+    assert _cycles(graph) == []
+
+
+def test_the_cycle_finder_finds_a_cycle():
+    assert _cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+
+
+def test_no_function_over_60_lines():
+    long = [
+        f"{name}.{node.name} ({node.end_lineno - node.lineno + 1} lines)"
+        for name, (_, tree) in _modules().items()
+        for node in ast.walk(tree)
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))
+        and node.end_lineno - node.lineno + 1 > MAX_LINES
+        and (name, node.name) not in LONG_ALLOWED
+    ]
+    assert long == []
+
+
+def test_only_config_train_hub_and_cli_take_the_whole_config():
+    users = sorted(
+        name
+        for name, (_, tree) in _modules().items()
+        if name not in WHOLE_CONFIG_MODULES
+        and any(isinstance(n, ast.Name) and n.id == "DreamBoothConfig" for n in ast.walk(tree))
+    )
+    assert users == []
+
+
+@pytest.mark.parametrize(
+    "pattern", [r"design\.md", r"adversarial[- ]case", r"§\s*\d", r"adversarial-cases\.md"]
+)
+def test_no_comment_points_outside_the_repository(pattern):
+    root = PACKAGE.parent
+    files = [*PACKAGE.rglob("*.py"), *root.glob("tests/*.py"), *root.glob("bench/*.py"), root / "README.md"]
+    files += [*root.glob("notebooks/*.ipynb"), *root.glob("docs/*.md"), *PACKAGE.rglob("*.yaml")]
+    me = Path(__file__).resolve()
+    hits = [
+        f"{f.relative_to(root)}:{i}"
+        for f in files
+        if f.resolve() != me
+        for i, line in enumerate(f.read_text(encoding="utf-8").splitlines(), 1)
+        if re.search(pattern, line, re.IGNORECASE)
+    ]
+    assert hits == []
