@@ -260,6 +260,28 @@ def _run_config_for(lora: Path) -> dict:
     return {}
 
 
+def _map_components(
+    sd: dict[str, Tensor], meta: dict[str, Any], run_config: dict
+) -> tuple[dict[str, Tensor], dict[str, tuple[int, float]]]:
+    """kohya keys of the UNet and text-encoder parts, each mapped with its own rank and alpha."""
+    unet_sd, te_sd = _split(sd)
+    out: dict[str, Tensor] = {}
+    ranks: dict[str, tuple[int, float]] = {}
+    # UNet and text encoder carry their own LoraConfig in the metadata; map each with its own alpha.
+    for prefix, part in (("unet", unet_sd), ("text_encoder", te_sd)):
+        if not part:
+            continue
+        ra = _rank_alpha(meta, prefix, run_config)
+        if ra is None:
+            # No metadata and no config: diffusers itself would load this at alpha = rank, so that
+            # is the faithful export (the rank read from the weights).
+            r = int(next(v for k, v in part.items() if "down" in k).shape[0])
+            ra = (r, float(r))
+        ranks[prefix] = ra
+        out.update(to_kohya(part, alpha=ra[1], rank=ra[0]))
+    return out, ranks
+
+
 def export_kohya(
     lora_path: Path, out_path: Path, *, fp16: bool = False, run_config: dict | None = None
 ) -> Path:
@@ -289,21 +311,7 @@ def export_kohya(
         raise ExportError(
             f"{src}: not a readable .safetensors LoRA ({e}); train again or copy it again"
         ) from e
-    unet_sd, te_sd = _split(sd)
-    out: dict[str, Tensor] = {}
-    ranks: dict[str, tuple[int, float]] = {}
-    # UNet and text encoder carry their own LoraConfig in the metadata; map each with its own alpha.
-    for prefix, part in (("unet", unet_sd), ("text_encoder", te_sd)):
-        if not part:
-            continue
-        ra = _rank_alpha(meta, prefix, run_config)
-        if ra is None:
-            # No metadata and no config: diffusers itself would load this at alpha = rank, so that
-            # is the faithful export (the rank read from the weights).
-            r = int(next(v for k, v in part.items() if "down" in k).shape[0])
-            ra = (r, float(r))
-        ranks[prefix] = ra
-        out.update(to_kohya(part, alpha=ra[1], rank=ra[0]))
+    out, ranks = _map_components(sd, meta, run_config)
     if not out:
         raise ExportError(f"{src}: contains no LoRA weights")
     if fp16:

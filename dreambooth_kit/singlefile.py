@@ -469,6 +469,31 @@ def _check_prediction_type(prediction_type: str | None) -> None:
 # ---------------------------------------------------------------------------------------------------
 
 
+def _as_pipeline(pipe_or_folder: Any):
+    if not isinstance(pipe_or_folder, (str, Path)):
+        return pipe_or_folder
+    from diffusers import StableDiffusionPipeline
+
+    folder = Path(pipe_or_folder)
+    if not (folder / "model_index.json").exists():
+        raise SingleFileNotFound(f"{folder.resolve()}: not found or not a diffusers folder")
+    return StableDiffusionPipeline.from_pretrained(folder, safety_checker=None, requires_safety_checker=False)
+
+
+def _single_file_metadata(pipe, prediction_type: str) -> dict[str, str]:
+    """The modelspec labels A1111/ComfyUI and civitai read (architecture, prediction type, size)."""
+    native = pipe.unet.config.sample_size * 8
+    return {
+        "format": "pt",
+        "modelspec.architecture": "stable-diffusion-v2-768-v"
+        if prediction_type == "v_prediction"
+        else "stable-diffusion-v2-512",
+        "modelspec.prediction_type": prediction_type,
+        "modelspec.resolution": f"{native}x{native}",
+        "dreambooth_kit.text_width": str(pipe.text_encoder.config.hidden_size),
+    }
+
+
 def save_single_file(
     pipe_or_folder: Any,
     out_path: Path,
@@ -491,16 +516,7 @@ def save_single_file(
     out_path = Path(out_path)
     if out_path.suffix != ".safetensors":
         raise InvalidInput(f"{out_path}: the single file must end in .safetensors")
-    pipe = pipe_or_folder
-    if isinstance(pipe_or_folder, (str, Path)):
-        from diffusers import StableDiffusionPipeline
-
-        folder = Path(pipe_or_folder)
-        if not (folder / "model_index.json").exists():
-            raise SingleFileNotFound(f"{folder.resolve()}: not found or not a diffusers folder")
-        pipe = StableDiffusionPipeline.from_pretrained(
-            folder, safety_checker=None, requires_safety_checker=False
-        )
+    pipe = _as_pipeline(pipe_or_folder)
     pipe_pred = getattr(getattr(pipe, "scheduler", None), "config", {}).get("prediction_type")
     if pipe_pred and pipe_pred != prediction_type:
         log.warning(
@@ -521,17 +537,7 @@ def save_single_file(
         k: v.detach().to("cpu", dtype if v.is_floating_point() else v.dtype).contiguous()
         for k, v in sd.items()
     }
-    width = pipe.text_encoder.config.hidden_size
-    native = pipe.unet.config.sample_size * 8
-    metadata = {
-        "format": "pt",
-        "modelspec.architecture": "stable-diffusion-v2-768-v"
-        if prediction_type == "v_prediction"
-        else "stable-diffusion-v2-512",
-        "modelspec.prediction_type": prediction_type,
-        "modelspec.resolution": f"{native}x{native}",
-        "dreambooth_kit.text_width": str(width),
-    }
+    metadata = _single_file_metadata(pipe, prediction_type)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     with writing(out_path) as tmp:
         save_file(sd, str(tmp), metadata=metadata)
@@ -639,6 +645,27 @@ def ensure_diffusers_folder(
         cfg_dir = Path(config).expanduser().resolve()
         if not (cfg_dir / "model_index.json").is_file():
             raise SingleFileNotFound(f"{cfg_dir}: config folder not found or has no model_index.json")
+    prediction_type = _single_file_prediction_type(path, arch, cfg_dir, prediction_type)
+
+    from .hashing import sha256_file
+
+    digest = sha256_file(path)[:16]  # remembered: a 5 GB file is read once per machine, not per load
+    dest = cache_root() / "single-file" / digest
+    stamp = dest / STAMP
+    if stamp.is_file() and (dest / "model_index.json").is_file():
+        info = json.loads(stamp.read_text())
+        if info.get("prediction_type") == prediction_type:
+            return dest
+        log.info("%s: cached with %s, rebuilding for %s", dest, info.get("prediction_type"), prediction_type)
+
+    _convert(path, dest, arch=arch, cfg_dir=cfg_dir, prediction_type=prediction_type, digest=digest)
+    return dest
+
+
+def _single_file_prediction_type(path: Path, arch: str, cfg_dir: Path | None, given: str | None) -> str:
+    """``given``, else the config folder's scheduler, else the YAML beside the file; an SD 2.1 file
+    with none of these is refused (epsilon and v cannot be told apart from the weights)."""
+    prediction_type = given
     if prediction_type is None and cfg_dir is not None:
         sched = cfg_dir / "scheduler" / "scheduler_config.json"
         if sched.is_file():
@@ -654,18 +681,14 @@ def ensure_diffusers_folder(
             )
         prediction_type = "v_prediction"  # the tiny builder's default
     _check_prediction_type(prediction_type)
+    return prediction_type
 
-    from .hashing import sha256_file
 
-    digest = sha256_file(path)[:16]  # remembered: a 5 GB file is read once per machine, not per load
-    dest = cache_root() / "single-file" / digest
-    stamp = dest / STAMP
-    if stamp.is_file() and (dest / "model_index.json").is_file():
-        info = json.loads(stamp.read_text())
-        if info.get("prediction_type") == prediction_type:
-            return dest
-        log.info("%s: cached with %s, rebuilding for %s", dest, info.get("prediction_type"), prediction_type)
-
+def _convert(
+    path: Path, dest: Path, *, arch: str, cfg_dir: Path | None, prediction_type: str, digest: str
+) -> None:
+    """Load the single file with diffusers' own ``from_single_file`` (local configs, offline) and save
+    it as a diffusers folder at ``dest``, stamped with where it came from."""
     from diffusers import StableDiffusionPipeline
 
     dest.parent.mkdir(parents=True, exist_ok=True)
@@ -693,4 +716,3 @@ def ensure_diffusers_folder(
             "config": str(cfg_dir) if cfg_dir else "bundled",
         }
         (tmp / STAMP).write_text(json.dumps(stamp))
-    return dest
