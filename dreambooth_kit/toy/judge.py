@@ -315,24 +315,12 @@ def train_judge(
         torch.set_num_threads(before)
 
 
-def _train(out: Path, seed: int, steps: int, batch_size: int, eval_size: int, log, lens=None) -> Path:
-    if steps < 1 or batch_size < 1 or eval_size < 4:
-        raise InvalidInput(
-            f"train_judge: steps={steps}, batch_size={batch_size}, eval_size={eval_size}; "
-            "steps and batch_size must be >= 1 and eval_size >= 4"
-        )
-    out.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(seed)
-    rng = random.Random(seed)
-    gen = torch.Generator().manual_seed(seed)
-    channels, strides, dim = (32, 64, 64, 64), (2, 2, 2, 1), 64
-    net = _Net(channels, strides, dim)
-    n_params = sum(p.numel() for p in net.parameters())
+def _fit(net, steps: int, batch_size: int, rng, gen, log, lens) -> float:
+    """AdamW on fresh renders (half through ``lens``, the VAE round trip, when given); returns seconds."""
     opt = torch.optim.AdamW(net.parameters(), lr=3e-3, weight_decay=1e-4)
     # Cosine decay to 0: the last few hundred steps at a small rate settle the hard pairs (orange vs.
     # yellow, purple vs. blue) that a constant rate keeps flipping.
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * s / steps)))
-    log(f"judge: {n_params:,} parameters, {steps} steps of {batch_size} fresh renders (seed {seed})")
     start = time.perf_counter()
     net.train()
     running = 0.0
@@ -353,15 +341,12 @@ def _train(out: Path, seed: int, steps: int, batch_size: int, eval_size: int, lo
         running = loss.item() if step == 1 else 0.98 * running + 0.02 * loss.item()
         if step % 100 == 0 or step == steps:
             log(f"judge: step {step}/{steps} loss {running:.4f} ({time.perf_counter() - start:.0f} s)")
-    train_seconds = time.perf_counter() - start
-    judge = Judge(net, {})
-    # Seeds apart from training's: the evaluation renders are ones the judge has never seen.
-    accuracy = evaluate(judge, eval_size, seed=seed + 10_007)
-    log(
-        "judge: held-out accuracy "
-        + ", ".join(f"{h} {accuracy[h]:.2%}" for h in (*HEADS, "subject", "subject_vs_balls"))
-    )
-    record = {
+    return time.perf_counter() - start
+
+
+def _record(channels, strides, dim, n_params, seed, steps, batch_size, lens: bool) -> dict:
+    """How the judge was made (written beside its weights)."""
+    return {
         "format": FORMAT,
         "config": {
             "channels": list(channels),
@@ -379,11 +364,38 @@ def _train(out: Path, seed: int, steps: int, batch_size: int, eval_size: int, lo
         "augmentation": {
             "noise_sigma_max": _NOISE_MAX,
             "box_blur_3x3_p": _BLUR_P,
-            "vae_round_trip_p": 0.5 if lens is not None else 0.0,
+            "vae_round_trip_p": 0.5 if lens else 0.0,
         },
+        "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads, torch {torch.__version__}",
+    }
+
+
+def _train(out: Path, seed: int, steps: int, batch_size: int, eval_size: int, log, lens=None) -> Path:
+    if steps < 1 or batch_size < 1 or eval_size < 4:
+        raise InvalidInput(
+            f"train_judge: steps={steps}, batch_size={batch_size}, eval_size={eval_size}; "
+            "steps and batch_size must be >= 1 and eval_size >= 4"
+        )
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(seed)
+    rng = random.Random(seed)
+    gen = torch.Generator().manual_seed(seed)
+    channels, strides, dim = (32, 64, 64, 64), (2, 2, 2, 1), 64
+    net = _Net(channels, strides, dim)
+    n_params = sum(p.numel() for p in net.parameters())
+    log(f"judge: {n_params:,} parameters, {steps} steps of {batch_size} fresh renders (seed {seed})")
+    train_seconds = _fit(net, steps, batch_size, rng, gen, log, lens)
+    judge = Judge(net, {})
+    # Seeds apart from training's: the evaluation renders are ones the judge has never seen.
+    accuracy = evaluate(judge, eval_size, seed=seed + 10_007)
+    log(
+        "judge: held-out accuracy "
+        + ", ".join(f"{h} {accuracy[h]:.2%}" for h in (*HEADS, "subject", "subject_vs_balls"))
+    )
+    record = {
+        **_record(channels, strides, dim, n_params, seed, steps, batch_size, lens is not None),
         "train_seconds": round(train_seconds, 1),
         "accuracy": accuracy,
-        "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads, torch {torch.__version__}",
     }
     state = {k: v.detach().contiguous() for k, v in net.state_dict().items()}
     # Written beside and renamed: a stop mid-write never leaves a half file under the real name.

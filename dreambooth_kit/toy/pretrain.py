@@ -266,6 +266,22 @@ def _unet_data(out: Path, n: int, seed: int, vae, tokenizer, text_encoder):
     return data
 
 
+def _unet_loss(unet, scheduler, data: dict, gen, *, scale: float, empty: int, batch: int = 64):
+    """v-prediction MSE on a batch of cached latent distributions; 10% of captions dropped to the
+    empty one (what classifier-free guidance at sampling needs)."""
+    idx = torch.randint(0, len(data["caption"]), (batch,), generator=gen)
+    mean, logvar = data["mean"][idx].float(), data["logvar"][idx].float()
+    latents = (mean + torch.exp(0.5 * logvar) * torch.randn(mean.shape, generator=gen)) * scale
+    cap = data["caption"][idx].clone()
+    cap[torch.rand(batch, generator=gen) < 0.1] = empty
+    cond = data["embeddings"][cap]
+    noise = torch.randn(latents.shape, generator=gen)
+    t = torch.randint(0, scheduler.config.num_train_timesteps, (batch,), generator=gen)
+    noisy = scheduler.add_noise(latents, noise, t)
+    target = scheduler.get_velocity(latents, noise, t)
+    return F.mse_loss(unet(noisy, t, cond).sample, target)
+
+
 def stage_unet(out: Path, steps: int, seed: int, n_images: int = 30000) -> dict:
     from diffusers.training_utils import EMAModel
     from safetensors.torch import save_file
@@ -299,19 +315,8 @@ def stage_unet(out: Path, steps: int, seed: int, n_images: int = 30000) -> dict:
         gen.set_state(ck["gen"])
     unet.train()
     t0 = time.perf_counter()
-    n = len(data["caption"])
     for step in range(start, steps):
-        idx = torch.randint(0, n, (64,), generator=gen)
-        mean, logvar = data["mean"][idx].float(), data["logvar"][idx].float()
-        latents = (mean + torch.exp(0.5 * logvar) * torch.randn(mean.shape, generator=gen)) * sf
-        cap = data["caption"][idx].clone()
-        cap[torch.rand(64, generator=gen) < 0.1] = empty
-        cond = data["embeddings"][cap]
-        noise = torch.randn(latents.shape, generator=gen)
-        t = torch.randint(0, scheduler.config.num_train_timesteps, (64,), generator=gen)
-        noisy = scheduler.add_noise(latents, noise, t)
-        target = scheduler.get_velocity(latents, noise, t)
-        loss = F.mse_loss(unet(noisy, t, cond).sample, target)
+        loss = _unet_loss(unet, scheduler, data, gen, scale=sf, empty=empty)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
