@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import re
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -211,22 +212,38 @@ def check_lora(pipe, state_dict: dict[str, torch.Tensor], path: Path) -> None:
     if why := architecture_mismatch(shapes, cross_width=cross_width, text_width=text_width):
         raise LoraMismatchError(f"{path}: {why}")
 
-    te2, dora, unknown, kohya, ours = [], [], [], {}, {}
+    keys = _sort_lora_keys(state_dict, path)
+    missing, wrong = _layers_that_do_not_fit(pipe, keys)
+    _refuse_dropped_tensors(state_dict, path, keys, missing, wrong)
+
+
+@dataclass
+class _LoraKeys:
+    """A LoRA file's tensors by what diffusers does with them."""
+
+    te2: list[str] = field(default_factory=list)  # SDXL's second text encoder: dropped
+    dora: list[str] = field(default_factory=list)  # DoRA scales: dropped
+    unknown: list[str] = field(default_factory=list)  # names diffusers does not know: dropped
+    ours: dict[str, torch.Tensor] = field(default_factory=dict)  # diffusers names (kohya ones converted)
+
+
+def _sort_lora_keys(state_dict: dict[str, torch.Tensor], path: Path) -> _LoraKeys:
+    keys, kohya = _LoraKeys(), {}
     for k, v in state_dict.items():
         if "dora_scale" in k:  # diffusers filters these out: a DoRA file would load as a plain LoRA
-            dora.append(k)
+            keys.dora.append(k)
         elif k.startswith(_SDXL_TE2):
-            te2.append(k)
+            keys.te2.append(k)
         elif k.startswith(_KOHYA):
             kohya[k] = v
         elif k.startswith(_DIFFUSERS):
-            ours[k] = v
+            keys.ours[k] = v
         else:
-            unknown.append(k)
+            keys.unknown.append(k)
     # diffusers converts kohya names only when every key is a kohya name; mixed with anything else,
     # the kohya tensors are dropped with the rest.
-    if kohya and (ours or unknown or any(k.startswith("text_encoder_2.") for k in te2)):
-        unknown += list(kohya)
+    if kohya and (keys.ours or keys.unknown or any(k.startswith("text_encoder_2.") for k in keys.te2)):
+        keys.unknown += list(kohya)
         kohya = {}
     plain = re.compile(r"\.(lora_down\.weight|lora_up\.weight|alpha)$")
     lycoris = [k for k in kohya if not plain.search(k)]  # LoHa/LoKr/(IA)^3: diffusers cannot convert them
@@ -239,15 +256,20 @@ def check_lora(pipe, state_dict: dict[str, torch.Tensor], path: Path) -> None:
         from diffusers import StableDiffusionPipeline
 
         converted, _alphas = StableDiffusionPipeline.lora_state_dict(dict(kohya))
-        ours |= converted
+        keys.ours |= converted
+    return keys
 
+
+def _layers_that_do_not_fit(pipe, keys: _LoraKeys) -> tuple[list[str], list[str]]:
+    """(tensors for layers the pipeline's models lack, tensors whose width is not the layer's); a
+    name that is not a LoRA A/B tensor once in peft's naming goes to ``keys.unknown``."""
     missing, wrong = [], []
     for prefix, model in (("unet.", pipe.unet), ("text_encoder.", pipe.text_encoder)):
-        part = {k[len(prefix) :]: v for k, v in ours.items() if k.startswith(prefix)}
+        part = {k[len(prefix) :]: v for k, v in keys.ours.items() if k.startswith(prefix)}
         for k, v in _to_peft(part, unet=prefix == "unet.").items():
             module_path, sep, rest = k.partition(".lora_")
             if not sep or not rest.startswith(("A.", "B.", "magnitude_vector")):
-                unknown.append(prefix + k)
+                keys.unknown.append(prefix + k)
                 continue
             module = _find_module(model, module_path)
             if module is None:
@@ -262,7 +284,12 @@ def check_lora(pipe, state_dict: dict[str, torch.Tensor], path: Path) -> None:
                         f"{prefix}{module_path} ({'input' if rest.startswith('A.') else 'output'} "
                         f"width {got}, the layer has {want})"
                     )
+    return missing, wrong
 
+
+def _refuse_dropped_tensors(
+    state_dict: dict[str, torch.Tensor], path: Path, keys: _LoraKeys, missing: list[str], wrong: list[str]
+) -> None:
     total = len(state_dict)
     sdxl = _sdxl_keys(state_dict)
     if sdxl and (missing or wrong):
@@ -277,18 +304,18 @@ def check_lora(pipe, state_dict: dict[str, torch.Tensor], path: Path) -> None:
             "made for another model. Use a LoRA trained on the same base model"
         )
     parts = []
-    if te2:
+    if keys.te2:
         parts.append(
-            f"{len(te2)} of {total} tensors are for SDXL's second text encoder (text_encoder_2.*/lora_te2_*), "
+            f"{len(keys.te2)} of {total} tensors are for SDXL's second text encoder (text_encoder_2.*/lora_te2_*), "
             "which this model does not have"
         )
-    if dora:
+    if keys.dora:
         parts.append(
-            f"{len(dora)} of {total} tensors are DoRA scales (dora_scale), which diffusers does not load"
+            f"{len(keys.dora)} of {total} tensors are DoRA scales (dora_scale), which diffusers does not load"
         )
-    if unknown:
+    if keys.unknown:
         parts.append(
-            f"{len(unknown)} of {total} tensors are not LoRA tensors diffusers knows (e.g. {unknown[0]})"
+            f"{len(keys.unknown)} of {total} tensors are not LoRA tensors diffusers knows (e.g. {keys.unknown[0]})"
         )
     if missing:
         parts.append(

@@ -1,8 +1,9 @@
 """``dreambooth-kit`` subcommands: parse arguments, call the public API, print results.
 
-No logic of its own beyond turning known errors into one clear message and a non-zero exit code:
-a :class:`~dreambooth_kit.errors.UserError` (or an OS error about a path) is ``error: <message>``
-and exit code 2; anything else is a bug and keeps its traceback.
+No logic of its own beyond turning known errors into one clear message and a non-zero exit code
+(:func:`~dreambooth_kit.errors.user_errors_to_exit_code`): a
+:class:`~dreambooth_kit.errors.UserError` (or an OS error about a path) is ``error: <message>`` and
+its exit code (2 for bad input); anything else is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
@@ -11,90 +12,15 @@ import argparse
 import logging
 import os
 import re
-import sys
 from pathlib import Path
 
-from .errors import InvalidInput, UserError
-
-# One level word per line, from the record: messages never carry their own ("WARNING WARNING ...").
-LOG_FORMAT = "%(levelname)s %(message)s"
-
-
-# OS errors that are about a path the user gave (a file where a folder should be, a missing or
-# unreadable file): the message names the path, so one line says it all.
-_PATH_ERRORS = (FileExistsError, FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)
-
-
-def _path_error_text(e: OSError) -> str:
-    if e.filename is None or not e.strerror:
-        return str(e)  # raised by us with a full message
-    target = f" -> {e.filename2}" if e.filename2 else ""
-    return f"{e.filename}{target}: {e.strerror}"
-
-
-def user_errors_to_exit_code(fn, *args) -> int:
-    """User-caused errors -> ``error: <message>`` on stderr and exit code 2 (no traceback).
-
-    Ctrl-C -> one line and exit code 130 (128 + SIGINT). Every other exception propagates with its
-    traceback: it is a bug to report, and hiding it would hide where it happened.
-    """
-    try:
-        return fn(*args)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except _PATH_ERRORS as e:
-        print(f"error: {_path_error_text(e)}", file=sys.stderr)
-        return 2
-    except FloatingPointError as e:  # non-finite images: the message says what to change
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt as e:
-        print(str(e) or "interrupted (Ctrl-C)", file=sys.stderr)
-        return getattr(e, "exit_code", 130)
-
-
-class _DropKnownNoise(logging.Filter):
-    """transformers logs "`CLIPImageProcessor` requires torchvision (not installed); falling back
-    to ..." (and the same for Siglip) whenever diffusers imports its pipelines. We never use an
-    image processor, so on every command these were two lines of noise. Only those messages are
-    dropped; every other transformers warning still shows."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return "requires torchvision (not installed); falling back" not in record.getMessage()
-
-
-def _quiet_known_warnings() -> None:
-    logger = logging.getLogger("transformers.utils.import_utils")
-    if not any(isinstance(f, _DropKnownNoise) for f in logger.filters):
-        logger.addFilter(_DropKnownNoise())
-
-
-def run_train(config: str, overrides: list[str]) -> int:
-    """Train and map the two ways training stops early to exit codes: a signal -> 128 + signum
-    (143 SIGTERM, 130 SIGINT) after a checkpoint; non-finite losses -> 1."""
-    from .config import load_config
-    from .guards import NonFiniteLossError, TrainingInterrupted
-    from .train import train
-
-    _quiet_known_warnings()  # also reached from `python -m dreambooth_kit.train`
-    cfg = load_config(config, overrides)
-    try:
-        result = train(cfg)
-    except TrainingInterrupted as e:
-        print(str(e), file=sys.stderr)
-        return e.exit_code
-    except NonFiniteLossError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    if cfg.adapter.type == "full":
-        print(f"pipeline: {result.pipeline_dir}")
-    else:
-        print(f"LoRA: {result.lora_path}")
-    return 0
+from .errors import InvalidInput, user_errors_to_exit_code
+from .logs import setup_logging
 
 
 def _cmd_train(args) -> int:
+    from .train import run_train
+
     return run_train(args.config, args.overrides)
 
 
@@ -222,13 +148,27 @@ def _cmd_demo(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import __version__
+    from ._version import __version__
 
     p = argparse.ArgumentParser(prog="dreambooth-kit", description="DreamBooth LoRA for Stable Diffusion 2.1")
     p.add_argument("--version", action="version", version=f"dreambooth_kit {__version__}")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = p.add_subparsers(dest="command", required=True)
+    # One function per subcommand, in the order `dreambooth-kit --help` lists them.
+    for add in (
+        _add_train,
+        _add_check_data,
+        _add_generate,
+        _add_export,
+        _add_push,
+        _add_demo,
+        _add_build_tiny,
+    ):
+        add(sub)
+    return p
 
+
+def _add_train(sub) -> None:
     t = sub.add_parser("train", help="train a LoRA from a config")
     t.add_argument(
         "--config", required=True, help="YAML path or packaged name (tiny.yaml, sd21_base_lora.yaml)"
@@ -238,6 +178,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     t.set_defaults(func=_cmd_train)
 
+
+def _add_check_data(sub) -> None:
     c = sub.add_parser(
         "check-data",
         help="check photos (with --config also prompts, folders, settings); loads no model weights",
@@ -253,6 +195,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     c.set_defaults(func=_cmd_check_data)
 
+
+def _add_generate(sub) -> None:
     g = sub.add_parser("generate", help="seeded images from a base model (+ LoRAs)")
     g.add_argument("--base", help="hub id, diffusers folder or builtin:tiny-sd2")
     g.add_argument(
@@ -286,6 +230,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--out", default="outputs")
     g.set_defaults(func=_cmd_generate)
 
+
+def _add_export(sub) -> None:
     x = sub.add_parser("export", help="write a finished LoRA run in other formats")
     x.add_argument("--run", required=True, help="the run folder (holds config.yaml and lora/)")
     x.add_argument(
@@ -300,6 +246,8 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--out", default=None, help="default: <run>/export")
     x.set_defaults(func=_cmd_export)
 
+
+def _add_push(sub) -> None:
     h = sub.add_parser("push", help="upload a run's final files (never checkpoints) to the Hugging Face Hub")
     h.add_argument("--run", required=True)
     h.add_argument("--repo", required=True, help="user/name")
@@ -308,6 +256,8 @@ def build_parser() -> argparse.ArgumentParser:
     h.add_argument("--dry-run", action="store_true", help="list what would be uploaded")
     h.set_defaults(func=_cmd_push)
 
+
+def _add_demo(sub) -> None:
     d = sub.add_parser("demo", help="offline end-to-end run on the built-in tiny model")
     d.add_argument(
         "--photos", default=None, help="default: the toy subject's five photos, rendered into OUT/photos"
@@ -316,21 +266,17 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--steps", type=int, default=None, help="training steps (default: configs/toy.yaml's)")
     d.set_defaults(func=_cmd_demo)
 
+
+def _add_build_tiny(sub) -> None:
     b = sub.add_parser("build-tiny", help="write the tiny SD2-shaped model to a folder")
     b.add_argument("path")
     b.add_argument("--seed", type=int, default=0)
     b.add_argument("--overwrite", action="store_true")
     b.set_defaults(func=_cmd_build_tiny)
-    return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
-        format=LOG_FORMAT,
-        stream=sys.stderr,
-    )
-    _quiet_known_warnings()
+    setup_logging(args.verbose)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     return user_errors_to_exit_code(args.func, args)

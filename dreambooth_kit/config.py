@@ -226,87 +226,105 @@ class DreamBoothConfig:
 def _coerce(value: Any, tp: Any, where: str) -> Any:
     """Coerce ``value`` to the annotated type ``tp``; raise ValueError naming ``where``."""
     origin = typing.get_origin(tp)
-    args = typing.get_args(tp)
     if origin in (typing.Union, types.UnionType):
-        if value is None or (isinstance(value, str) and value.strip().lower() in ("null", "none", "~")):
-            if type(None) in args:
-                return None
-        errors = []
-        for arg in args:
-            if arg is type(None):
-                continue
-            try:
-                return _coerce(value, arg, where)
-            except ValueError as e:
-                errors.append(str(e))
-        raise ValueError(errors[0] if errors else f"{where}: cannot be null")
+        return _coerce_union(value, typing.get_args(tp), where)
     if origin is Literal:
-        if isinstance(value, bool):
-            # YAML 1.1 reads `no`/`off`/`yes`/`on` as booleans: `mixed_precision: no` (the value the
-            # diffusers scripts use) arrives as False. Map it back to the word the choices contain.
-            words = ("true", "yes", "on") if value else ("false", "no", "off")
-            value = next((w for w in words if w in args), value)
-        if value in args:
-            return value
-        close = difflib.get_close_matches(str(value), [str(a) for a in args], n=1)
-        hint = f" (did you mean {close[0]!r}?)" if close else ""
-        raise ValueError(f"{where}: {value!r} is not one of {list(args)}{hint}")
+        return _coerce_literal(value, typing.get_args(tp), where)
     if origin is list:
-        (item_tp,) = args
+        (item_tp,) = typing.get_args(tp)
         if isinstance(value, str):
             value = [v.strip() for v in value.split(",") if v.strip()]
         if not isinstance(value, (list, tuple)):
             raise ValueError(f"{where}: expected a list, got {value!r}")
         return [_coerce(v, item_tp, f"{where}[{i}]") for i, v in enumerate(value)]
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, str) and value.strip().lower() in ("true", "yes", "on", "1"):
-            return True
-        if isinstance(value, str) and value.strip().lower() in ("false", "no", "off", "0"):
-            return False
-        if isinstance(value, int) and value in (0, 1):
-            return bool(value)
-        raise ValueError(f"{where}: expected true/false, got {value!r}")
-    if tp is int:
-        if isinstance(value, bool):
-            raise ValueError(f"{where}: expected an integer, got {value!r}")
-        if isinstance(value, int):
-            return value
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-        if isinstance(value, str):
-            try:
-                f = float(value)
-            except ValueError:
-                pass
-            else:
-                if f.is_integer():
-                    return int(f)
+    scalar = {bool: _coerce_bool, int: _coerce_int, float: _coerce_float, str: _coerce_str}.get(tp)
+    if scalar is None:
+        raise TypeError(f"unsupported config type {tp!r} at {where}")  # a bug in the schema, not user input
+    return scalar(value, where)
+
+
+def _coerce_union(value: Any, args: tuple, where: str) -> Any:
+    if value is None or (isinstance(value, str) and value.strip().lower() in ("null", "none", "~")):
+        if type(None) in args:
+            return None
+    errors = []
+    for arg in args:
+        if arg is type(None):
+            continue
+        try:
+            return _coerce(value, arg, where)
+        except ValueError as e:
+            errors.append(str(e))
+    raise ValueError(errors[0] if errors else f"{where}: cannot be null")
+
+
+def _coerce_literal(value: Any, args: tuple, where: str) -> Any:
+    if isinstance(value, bool):
+        # YAML 1.1 reads `no`/`off`/`yes`/`on` as booleans: `mixed_precision: no` (the value the
+        # diffusers scripts use) arrives as False. Map it back to the word the choices contain.
+        words = ("true", "yes", "on") if value else ("false", "no", "off")
+        value = next((w for w in words if w in args), value)
+    if value in args:
+        return value
+    close = difflib.get_close_matches(str(value), [str(a) for a in args], n=1)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    raise ValueError(f"{where}: {value!r} is not one of {list(args)}{hint}")
+
+
+def _coerce_bool(value: Any, where: str) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.strip().lower() in ("true", "yes", "on", "1"):
+        return True
+    if isinstance(value, str) and value.strip().lower() in ("false", "no", "off", "0"):
+        return False
+    if isinstance(value, int) and value in (0, 1):
+        return bool(value)
+    raise ValueError(f"{where}: expected true/false, got {value!r}")
+
+
+def _coerce_int(value: Any, where: str) -> int:
+    if isinstance(value, bool):
         raise ValueError(f"{where}: expected an integer, got {value!r}")
-    if tp is float:
-        if isinstance(value, bool):
-            raise ValueError(f"{where}: expected a number, got {value!r}")
-        number = None
-        if isinstance(value, (int, float)):
-            number = float(value)
-        elif isinstance(value, str):
-            try:
-                number = float(value)  # "1e-4": PyYAML 1.1 leaves it a string
-            except ValueError:
-                pass
-        if number is None:
-            raise ValueError(f"{where}: expected a number, got {value!r}")
-        if not math.isfinite(number):
-            # float() accepts "nan" and "inf"; no setting means anything with them (a NaN learning
-            # rate trains NaN weights for max_steps before anything notices).
-            raise ValueError(f"{where}: {value!r} is not a finite number; give a real value")
-        return number
-    if tp is str:
-        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
-            return str(value)
-        raise ValueError(f"{where}: expected a string, got {value!r}")
-    raise TypeError(f"unsupported config type {tp!r} at {where}")  # a bug in the schema, not user input
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, str):
+        try:
+            f = float(value)
+        except ValueError:
+            pass
+        else:
+            if f.is_integer():
+                return int(f)
+    raise ValueError(f"{where}: expected an integer, got {value!r}")
+
+
+def _coerce_float(value: Any, where: str) -> float:
+    if isinstance(value, bool):
+        raise ValueError(f"{where}: expected a number, got {value!r}")
+    number = None
+    if isinstance(value, (int, float)):
+        number = float(value)
+    elif isinstance(value, str):
+        try:
+            number = float(value)  # "1e-4": PyYAML 1.1 leaves it a string
+        except ValueError:
+            pass
+    if number is None:
+        raise ValueError(f"{where}: expected a number, got {value!r}")
+    if not math.isfinite(number):
+        # float() accepts "nan" and "inf"; no setting means anything with them (a NaN learning
+        # rate trains NaN weights for max_steps before anything notices).
+        raise ValueError(f"{where}: {value!r} is not a finite number; give a real value")
+    return number
+
+
+def _coerce_str(value: Any, where: str) -> str:
+    if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+        return str(value)
+    raise ValueError(f"{where}: expected a string, got {value!r}")
 
 
 def _build(cls: type, data: Any, where: str, problems: list[str]) -> Any:
@@ -573,74 +591,82 @@ def _range_problems(cfg: DreamBoothConfig) -> list[str]:
     (or silently misbehave) only once training reaches the code that uses it, without naming the key.
     Non-finite floats are already refused by the type coercion. Optional fields that are null
     (None) are not checked."""
+    return [
+        f"{key}: {value} must be {rule}"
+        for key, value, ok, rule in _range_rows(cfg)
+        if value is not None and not ok(value)
+    ]
+
+
+def _seed_ok(x) -> bool:
+    return 0 <= x <= MAX_SEED
+
+
+def _positive(x) -> bool:
+    return x > 0
+
+
+def _at_least_1(x) -> bool:
+    return x >= 1
+
+
+def _not_negative(x) -> bool:
+    return x >= 0
+
+
+def _beta_ok(x) -> bool:
+    return 0 <= x < 1
+
+
+def _range_rows(cfg: DreamBoothConfig) -> list[tuple[str, Any, Any, str]]:
+    """(key, value, is it fine, the rule as the message states it) for every ranged number."""
     m, d, pr, a, t = cfg.model, cfg.data, cfg.prior, cfg.adapter, cfg.train
     ck, v = cfg.checkpoint, cfg.validation
     prior = pr.with_prior_preservation
-
-    def seed(x):
-        return 0 <= x <= MAX_SEED
-
-    def pos(x):
-        return x > 0
-
-    def at_least_1(x):
-        return x >= 1
-
-    def not_negative(x):
-        return x >= 0
-
-    def beta(x):
-        return 0 <= x < 1
-
-    # (key, value, is it fine, the rule as the message states it)
     rows: list[tuple[str, Any, Any, str]] = [
         ("model.native_resolution", m.native_resolution, lambda x: x > 0 and x % 8 == 0,
          "a positive multiple of 8 (512 for 2-1-base, 768 for 2-1)"),
-        ("data.min_size", d.min_size, at_least_1, ">= 1"),
-        ("data.num_workers", d.num_workers, not_negative, ">= 0 (0 = load images in the training process)"),
-        ("prior.num_class_images", pr.num_class_images if prior else None, at_least_1,
+        ("data.min_size", d.min_size, _at_least_1, ">= 1"),
+        ("data.num_workers", d.num_workers, _not_negative, ">= 0 (0 = load images in the training process)"),
+        ("prior.num_class_images", pr.num_class_images if prior else None, _at_least_1,
          ">= 1 with prior preservation"),
-        ("prior.class_images_per_instance", pr.class_images_per_instance if prior else None, at_least_1,
+        ("prior.class_images_per_instance", pr.class_images_per_instance if prior else None, _at_least_1,
          ">= 1 (or null)"),
-        ("prior.prior_loss_weight", pr.prior_loss_weight if prior else None, not_negative, ">= 0"),
-        ("prior.sample_steps", pr.sample_steps, at_least_1, ">= 1"),
-        ("prior.guidance_scale", pr.guidance_scale, not_negative, ">= 0 (7.5 is usual)"),
-        ("prior.sample_batch_size", pr.sample_batch_size, at_least_1, ">= 1"),
-        ("prior.seed", pr.seed, seed, _SEED_RULE + " or null"),
-        ("adapter.rank", a.rank, at_least_1, ">= 1"),
-        ("adapter.alpha", a.alpha, pos, "> 0 (or null for alpha = rank)"),
+        ("prior.prior_loss_weight", pr.prior_loss_weight if prior else None, _not_negative, ">= 0"),
+        ("prior.sample_steps", pr.sample_steps, _at_least_1, ">= 1"),
+        ("prior.guidance_scale", pr.guidance_scale, _not_negative, ">= 0 (7.5 is usual)"),
+        ("prior.sample_batch_size", pr.sample_batch_size, _at_least_1, ">= 1"),
+        ("prior.seed", pr.seed, _seed_ok, _SEED_RULE + " or null"),
+        ("adapter.rank", a.rank, _at_least_1, ">= 1"),
+        ("adapter.alpha", a.alpha, _positive, "> 0 (or null for alpha = rank)"),
         ("adapter.dropout", a.dropout, lambda x: 0 <= x < 1, "in [0, 1)"),
-        ("train.seed", t.seed, seed, _SEED_RULE),
-        ("train.max_steps", t.max_steps, at_least_1, ">= 1"),
-        ("train.batch_size", t.batch_size, at_least_1, ">= 1"),
-        ("train.gradient_accumulation_steps", t.gradient_accumulation_steps, at_least_1, ">= 1"),
-        ("train.learning_rate", t.learning_rate, pos, "> 0 (1e-4 is usual for a LoRA)"),
-        ("train.text_encoder_learning_rate", t.text_encoder_learning_rate, pos, "> 0 (or null)"),
-        ("train.lr_warmup_steps", t.lr_warmup_steps, not_negative, ">= 0"),
-        ("train.adam_beta1", t.adam_beta1, beta, "in [0, 1) (0.9 is usual)"),
-        ("train.adam_beta2", t.adam_beta2, beta, "in [0, 1) (0.999 is usual)"),
-        ("train.adam_weight_decay", t.adam_weight_decay, not_negative, ">= 0"),
-        ("train.adam_epsilon", t.adam_epsilon, pos, "> 0 (1e-8 is usual)"),
-        ("train.max_grad_norm", t.max_grad_norm, pos, "> 0"),
-        ("train.snr_gamma", t.snr_gamma, pos, "> 0 (5.0 is the paper's value) or null"),
-        ("train.noise_offset", t.noise_offset, not_negative, ">= 0"),
-        ("train.log_every", t.log_every, at_least_1, ">= 1"),
-        ("train.max_nonfinite_steps", t.max_nonfinite_steps, at_least_1, ">= 1"),
-        ("checkpoint.every_steps", ck.every_steps, at_least_1, ">= 1 (or null for none)"),
-        ("checkpoint.keep_last", ck.keep_last, at_least_1, ">= 1 (or null to keep all)"),
-        ("validation.every_steps", v.every_steps, at_least_1, ">= 1 (or null for none)"),
-        ("validation.num_images", v.num_images, at_least_1, ">= 1"),
-        ("validation.seed", v.seed, seed, _SEED_RULE),
-        ("validation.steps", v.steps, at_least_1, ">= 1"),
-        ("validation.guidance_scale", v.guidance_scale, not_negative, ">= 0 (7.5 is usual)"),
+        ("train.seed", t.seed, _seed_ok, _SEED_RULE),
+        ("train.max_steps", t.max_steps, _at_least_1, ">= 1"),
+        ("train.batch_size", t.batch_size, _at_least_1, ">= 1"),
+        ("train.gradient_accumulation_steps", t.gradient_accumulation_steps, _at_least_1, ">= 1"),
+        ("train.learning_rate", t.learning_rate, _positive, "> 0 (1e-4 is usual for a LoRA)"),
+        ("train.text_encoder_learning_rate", t.text_encoder_learning_rate, _positive, "> 0 (or null)"),
+        ("train.lr_warmup_steps", t.lr_warmup_steps, _not_negative, ">= 0"),
+        ("train.adam_beta1", t.adam_beta1, _beta_ok, "in [0, 1) (0.9 is usual)"),
+        ("train.adam_beta2", t.adam_beta2, _beta_ok, "in [0, 1) (0.999 is usual)"),
+        ("train.adam_weight_decay", t.adam_weight_decay, _not_negative, ">= 0"),
+        ("train.adam_epsilon", t.adam_epsilon, _positive, "> 0 (1e-8 is usual)"),
+        ("train.max_grad_norm", t.max_grad_norm, _positive, "> 0"),
+        ("train.snr_gamma", t.snr_gamma, _positive, "> 0 (5.0 is the paper's value) or null"),
+        ("train.noise_offset", t.noise_offset, _not_negative, ">= 0"),
+        ("train.log_every", t.log_every, _at_least_1, ">= 1"),
+        ("train.max_nonfinite_steps", t.max_nonfinite_steps, _at_least_1, ">= 1"),
+        ("checkpoint.every_steps", ck.every_steps, _at_least_1, ">= 1 (or null for none)"),
+        ("checkpoint.keep_last", ck.keep_last, _at_least_1, ">= 1 (or null to keep all)"),
+        ("validation.every_steps", v.every_steps, _at_least_1, ">= 1 (or null for none)"),
+        ("validation.num_images", v.num_images, _at_least_1, ">= 1"),
+        ("validation.seed", v.seed, _seed_ok, _SEED_RULE),
+        ("validation.steps", v.steps, _at_least_1, ">= 1"),
+        ("validation.guidance_scale", v.guidance_scale, _not_negative, ">= 0 (7.5 is usual)"),
     ]  # fmt: skip
     for i, c in enumerate(cfg.concepts):
-        rows.append((f"concepts[{i}].num_class_images", c.num_class_images, at_least_1, ">= 1 (or null)"))
-    return [
-        f"{key}: {value} must be {rule}"
-        for key, value, ok, rule in rows
-        if value is not None and not ok(value)
-    ]
+        rows.append((f"concepts[{i}].num_class_images", c.num_class_images, _at_least_1, ">= 1 (or null)"))
+    return rows
 
 
 def save_config(cfg: DreamBoothConfig, path: str | Path) -> Path:

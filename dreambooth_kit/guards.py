@@ -14,18 +14,29 @@ import signal
 import sys
 import threading
 
+from .errors import NonFiniteError, UserError
+
 log = logging.getLogger("dreambooth_kit")
 
 
-class TrainingInterrupted(RuntimeError):
+class TrainingInterrupted(UserError, RuntimeError):
+    """SIGTERM/SIGINT stopped training after a checkpoint; the message has the command that resumes.
+    A stop the user (or their scheduler) asked for, not a failure: printed without ``error:``, and the
+    exit code is 128 + the signal, as a shell reports a process killed by it (143, 130)."""
+
+    prefix = ""
+
     def __init__(self, step: int, signum: int, checkpoint, resume_hint: str):
         self.step, self.signum, self.checkpoint = step, signum, checkpoint
         self.exit_code = 128 + signum
         super().__init__(f"interrupted at step {step}; resume with: {resume_hint}")
 
 
-class NonFiniteLossError(FloatingPointError):
-    pass
+class NonFiniteLossError(NonFiniteError):
+    """More non-finite losses in a row than train.max_nonfinite_steps allows. Exit code 1, not 2:
+    the config was valid and the run diverged, and scripts tell a bad config (2) from that."""
+
+    exit_code = 1
 
 
 class StopSignals:

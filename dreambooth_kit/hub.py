@@ -151,21 +151,37 @@ def _placeholder_repo(run_dir: Path) -> str:
 
 def model_card(run_dir: str | os.PathLike, *, repo_id: str | None = None) -> str:
     """README.md text for a finished run: Hub metadata (via ``ModelCardData``) and a usage body."""
-    from huggingface_hub import ModelCard, ModelCardData
+    from huggingface_hub import ModelCard
 
     run_dir = Path(run_dir)
     cfg = _config(run_dir)
-    full = _is_full(cfg)
     concepts = concepts_of(cfg)
     prompts = [c.instance_prompt for c in concepts if c.instance_prompt]
-    instance_prompt = "; ".join(prompts)
     base = cfg.model.pretrained
     on_hub = _hub_id(base)
     # Local folders/files are named, never given as absolute paths (and the Hub rejects them as base_model).
     base_label = base if on_hub or base.startswith("builtin:") else Path(base).name
-    repo = repo_id or _placeholder_repo(run_dir)
-    kind = "dreambooth" if full else "lora"
+    data = _card_data(cfg, run_dir, "; ".join(prompts), on_hub)
 
+    title = repo_id.split("/")[-1] if repo_id else run_dir.resolve().name
+    lines = _intro_lines(cfg, concepts, title, base_label, on_hub)
+    example = prompts[0] if prompts else "a photo"
+    lines += _usage_lines(cfg, repo_id or _placeholder_repo(run_dir), example, base_label, on_hub)
+    lines += ["## Training settings", "", "| setting | value |", "| --- | --- |"]
+    lines += [f"| {k} | {v} |" for k, v in _settings(cfg, concepts)]
+    lines += ["", "The full training configuration is in `config.yaml`.", ""]
+    if data.widget:
+        lines += ["## Samples", "", *[f"![{w['text']}]({w['output']['url']})" for w in data.widget], ""]
+
+    card = ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(lines))
+    return str(card)
+
+
+def _card_data(cfg: DreamBoothConfig, run_dir: Path, instance_prompt: str, on_hub: bool):
+    """The card's YAML front-matter: what the Hub indexes and shows (base model, tags, widget)."""
+    from huggingface_hub import ModelCardData
+
+    base = cfg.model.pretrained
     data = ModelCardData(
         base_model=base if on_hub else None,
         license="openrail++",
@@ -175,21 +191,21 @@ def model_card(run_dir: str | os.PathLike, *, repo_id: str | None = None) -> str
             "stable-diffusion-diffusers",
             "text-to-image",
             "diffusers",
-            kind,
+            "dreambooth" if _is_full(cfg) else "lora",
             "dreambooth",
         ],
         instance_prompt=instance_prompt or None,
         widget=_widgets(run_dir, instance_prompt) or None,
     )
     data.tags = list(dict.fromkeys(data.tags))  # "dreambooth" once for full fine-tunes
+    return data
 
-    a = cfg.adapter
-    t = cfg.train
-    p = cfg.prior
-    title = repo_id.split("/")[-1] if repo_id else run_dir.resolve().name
+
+def _intro_lines(cfg: DreamBoothConfig, concepts, title: str, base_label: str, on_hub: bool) -> list[str]:
+    """Title, what the model is and its trigger words."""
     what = (
         "A DreamBooth LoRA adapter"
-        if not full
+        if not _is_full(cfg)
         else "A DreamBooth full fine-tune (complete diffusers pipeline)"
     )
     base_ref = f"[`{base_label}`](https://huggingface.co/{base_label})" if on_hub else f"`{base_label}`"
@@ -204,7 +220,13 @@ def model_card(run_dir: str | os.PathLike, *, repo_id: str | None = None) -> str
     for c in concepts:
         ident = f"`{c.identifier}` " if c.identifier else ""
         lines.append(f"- {ident}in the prompt `{c.instance_prompt}`")
-    lines += [
+    return lines
+
+
+def _usage_lines(cfg: DreamBoothConfig, repo: str, example: str, base_label: str, on_hub: bool) -> list[str]:
+    """The diffusers snippet that loads the model from ``repo`` and makes one image."""
+    full = _is_full(cfg)
+    lines = [
         "",
         "## Use it with diffusers",
         "",
@@ -212,7 +234,6 @@ def model_card(run_dir: str | os.PathLike, *, repo_id: str | None = None) -> str
         "import torch",
         "from diffusers import DiffusionPipeline",
     ]
-    example = prompts[0] if prompts else "a photo"
     if full:
         lines += [
             "from huggingface_hub import snapshot_download",
@@ -221,7 +242,7 @@ def model_card(run_dir: str | os.PathLike, *, repo_id: str | None = None) -> str
             'pipe = DiffusionPipeline.from_pretrained(f"{local}/pipeline", dtype=torch.float16).to("cuda")',
         ]
     else:
-        base_for_code = base if on_hub else DEFAULT_BASE
+        base_for_code = cfg.model.pretrained if on_hub else DEFAULT_BASE
         lines += [
             "",
             f'pipe = DiffusionPipeline.from_pretrained("{base_for_code}", dtype=torch.float16).to("cuda")',
@@ -233,9 +254,14 @@ def model_card(run_dir: str | os.PathLike, *, repo_id: str | None = None) -> str
             f"Trained on a local base model (`{base_label}`); load that same model in place of the id above.",
             "",
         ]
+    return lines
 
+
+def _settings(cfg: DreamBoothConfig, concepts) -> list[tuple[str, object]]:
+    """(setting, value) rows of the card's training-settings table."""
+    a, t, p = cfg.adapter, cfg.train, cfg.prior
     lr_text = f"{t.learning_rate:g} ({t.lr_scheduler}, warmup {t.lr_warmup_steps})"
-    settings = [
+    settings: list[tuple[str, object]] = [
         ("Steps", t.max_steps),
         ("Batch size x gradient accumulation", f"{t.batch_size} x {t.gradient_accumulation_steps}"),
         ("Learning rate", lr_text),
@@ -243,7 +269,7 @@ def model_card(run_dir: str | os.PathLike, *, repo_id: str | None = None) -> str
         ("Mixed precision", t.mixed_precision),
         ("Seed", t.seed),
     ]
-    if not full:
+    if not _is_full(cfg):
         settings.insert(
             1, ("LoRA rank / alpha", f"{a.rank} / {a.alpha if a.alpha is not None else a.rank:g}")
         )
@@ -259,14 +285,7 @@ def model_card(run_dir: str | os.PathLike, *, repo_id: str | None = None) -> str
         )
     else:
         settings.append(("Prior preservation", "no"))
-    lines += ["## Training settings", "", "| setting | value |", "| --- | --- |"]
-    lines += [f"| {k} | {v} |" for k, v in settings]
-    lines += ["", "The full training configuration is in `config.yaml`.", ""]
-    if data.widget:
-        lines += ["## Samples", "", *[f"![{w['text']}]({w['output']['url']})" for w in data.widget], ""]
-
-    card = ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(lines))
-    return str(card)
+    return settings
 
 
 def write_model_card(run_dir: str | os.PathLike, *, repo_id: str | None = None) -> Path:

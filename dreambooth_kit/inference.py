@@ -21,9 +21,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from . import __version__
+from ._version import __version__
 from .adapters import LoraMismatchError, load_lora, lora_file
-from .errors import InvalidInput
+from .errors import InvalidInput, NonFiniteError
 from .models import ModelSource, resolve_model
 from .pngmeta import (
     GenerationParams,
@@ -432,7 +432,7 @@ def _mode_pipeline(pipe, mode, init_image, mask_image, size, strength):
 def decode_latents(pipe, latents: torch.Tensor, seeds: list[int]) -> list[np.ndarray]:
     """Latents -> uint8 HxWx3 arrays, with the fp16 checks described in the module docstring."""
     if not torch.isfinite(latents).all():
-        raise FloatingPointError(
+        raise NonFiniteError(
             f"seeds {seeds}: the sampler produced non-finite latents (fp16 overflow in the UNet). "
             "Retry with dtype='fp32' or dtype='bf16'."
         )
@@ -450,7 +450,7 @@ def decode_latents(pipe, latents: torch.Tensor, seeds: list[int]) -> list[np.nda
             finally:
                 vae.to(original)
     if not torch.isfinite(image).all():
-        raise FloatingPointError(f"seeds {seeds}: the decoded image has non-finite values even in fp32")
+        raise NonFiniteError(f"seeds {seeds}: the decoded image has non-finite values even in fp32")
     arr = pipe.image_processor.postprocess(image.float(), output_type="np")
     return [(a * 255).round().clip(0, 255).astype("uint8") for a in arr]
 

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from .config import DreamBoothConfig, save_config
-from .errors import UserError
+from .errors import NonFiniteError, UserError
 
 log = logging.getLogger("dreambooth_kit")
 
@@ -124,7 +124,7 @@ def _output_bytes(run) -> int:
 def refuse_non_finite(tensors: dict[str, torch.Tensor], what: str) -> None:
     bad = [k for k, v in tensors.items() if v.is_floating_point() and not torch.isfinite(v).all()]
     if bad:
-        raise FloatingPointError(
+        raise NonFiniteError(
             f"refusing to write a {what} with non-finite weights ({len(bad)} tensors, e.g. {bad[0]}); "
             "lower train.learning_rate or use train.mixed_precision=bf16"
         )

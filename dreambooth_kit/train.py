@@ -512,6 +512,22 @@ def _prepare(accelerator, cfg, unet, text_encoder, optimizer, dataloader, lr_sch
 # ------------------------------------------------------------------ accelerate launch -m dreambooth_kit.train
 
 
+def run_train(config: str, overrides: list[str]) -> int:
+    """Load the config, train, print where the result is: ``dreambooth-kit train`` and this module's
+    :func:`main`. The two early stops are :class:`~dreambooth_kit.errors.UserError` subclasses with
+    their own exit codes: a signal -> 128 + signum (143 SIGTERM, 130 SIGINT) after a checkpoint,
+    non-finite losses -> 1."""
+    from .config import load_config
+
+    cfg = load_config(config, overrides)
+    result = train(cfg)
+    if cfg.adapter.type == "full":
+        print(f"pipeline: {result.pipeline_dir}")
+    else:
+        print(f"LoRA: {result.lora_path}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m dreambooth_kit.train",
@@ -520,10 +536,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", required=True, help="YAML path or packaged config name (tiny.yaml)")
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.max_steps=400")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
-    from .cli import run_train, user_errors_to_exit_code
+    from .errors import user_errors_to_exit_code
     from .guards import die_with_parent
+    from .logs import setup_logging
 
+    setup_logging()
     die_with_parent()  # `accelerate launch` does not forward SIGTERM; see guards.die_with_parent
     return user_errors_to_exit_code(run_train, args.config, args.overrides)
 

@@ -326,8 +326,7 @@ def test_ctrl_c_during_class_images_keeps_finished_ones_and_exits_130(
 
 
 def test_user_errors_are_one_line_and_bugs_keep_their_traceback(capsys):
-    from dreambooth_kit.cli import user_errors_to_exit_code
-    from dreambooth_kit.errors import MissingExtra, UserError
+    from dreambooth_kit.errors import MissingExtra, UserError, user_errors_to_exit_code
 
     def raise_(e):
         raise e
@@ -347,6 +346,46 @@ def test_user_errors_are_one_line_and_bugs_keep_their_traceback(capsys):
         user_errors_to_exit_code(raise_, ValueError("internal"))
     with pytest.raises(ImportError, match="broken install"):
         user_errors_to_exit_code(raise_, ImportError("broken install"))
+
+
+@pytest.mark.parametrize(
+    "bug", [ValueError("bad shape"), ImportError("broken install"), FloatingPointError("nan")]
+)
+def test_a_builtin_error_from_a_bug_keeps_its_traceback_through_main(bug, tmp_path, monkeypatch, capsys):
+    """A built-in exception raised by code (not a UserError) is a bug: main() lets it through with its
+    traceback instead of printing ``error: ...`` and exiting 2. A plain FloatingPointError used to be
+    turned into one line, so a NaN from a bug looked like bad input."""
+    import dreambooth_kit.tiny as tiny
+
+    def broken(*args, **kwargs):
+        raise bug
+
+    monkeypatch.setattr(tiny, "build_tiny_sd2", broken)
+    with pytest.raises(type(bug), match=str(bug)):
+        main(["build-tiny", str(tmp_path / "m")])
+    assert "error:" not in capsys.readouterr().err
+
+
+def test_every_user_error_carries_its_exit_code(capsys):
+    """The early stops of training are UserErrors too, each with the exit code users saw before."""
+    from dreambooth_kit.errors import NonFiniteError, UserError, user_errors_to_exit_code
+    from dreambooth_kit.guards import NonFiniteLossError, TrainingInterrupted
+
+    def raise_(e):
+        raise e
+
+    stop = TrainingInterrupted(
+        7, 15, None, "dreambooth-kit train --config run/config.yaml train.resume=latest"
+    )
+    assert user_errors_to_exit_code(raise_, stop) == 143  # 128 + SIGTERM
+    assert capsys.readouterr().err == (
+        "interrupted at step 7; resume with: dreambooth-kit train --config run/config.yaml train.resume=latest\n"
+    )  # a requested stop, not an error: no "error:" prefix
+    assert user_errors_to_exit_code(raise_, NonFiniteLossError("non-finite loss at steps [1, 2]")) == 1
+    assert capsys.readouterr().err == "error: non-finite loss at steps [1, 2]\n"
+    assert user_errors_to_exit_code(raise_, NonFiniteError("non-finite latents; use dtype=fp32")) == 2
+    assert capsys.readouterr().err == "error: non-finite latents; use dtype=fp32\n"
+    assert issubclass(NonFiniteError, FloatingPointError) and UserError.exit_code == 2
 
 
 # ------------------------------------------------------------------ check-data without a config
@@ -421,7 +460,7 @@ def test_known_transformers_noise_is_silenced_and_other_warnings_are_not(tmp_pat
     assert "requires torchvision" not in proc.stderr
     import logging
 
-    from dreambooth_kit.cli import _DropKnownNoise
+    from dreambooth_kit.logs import _DropKnownNoise
 
     keep = logging.LogRecord("transformers", logging.WARNING, "", 0, "some other warning", None, None)
     assert _DropKnownNoise().filter(keep)
