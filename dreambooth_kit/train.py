@@ -20,9 +20,6 @@ import torch
 
 from .config import DreamBoothConfig, save_config
 from .errors import MissingExtra, UserError
-
-# The loss functions live beside the step that uses them; re-exported as the public loss API.
-from .loop import diffusion_loss, diffusion_target, snr_weights  # noqa: F401
 from .outputs import LORA_WEIGHTS
 
 log = logging.getLogger("dreambooth_kit")
