@@ -38,6 +38,8 @@ from .errors import UserError
 if TYPE_CHECKING:
     from accelerate import Accelerator
 
+    from .loop import LoopState
+
 log = logging.getLogger("dreambooth_kit")
 
 CHECKPOINTS = "checkpoints"
@@ -174,6 +176,20 @@ def _load_lora_file(model: torch.nn.Module, path: Path) -> None:
 
 
 # ------------------------------------------------------------------ saving
+
+
+def save_step_checkpoint(run: LoopState) -> Path:
+    """A checkpoint of the training loop's current step, with its data position (every process
+    must call it); also remembered as ``run.last_checkpoint``."""
+    run.last_checkpoint = save_checkpoint(
+        run.accelerator,
+        run.out,
+        run.step,
+        extra_state={"epoch": run.epoch, "batch_in_epoch": run.batch_in_epoch},
+        run_config=run.cfg.to_dict(),
+        keep_last=run.cfg.checkpoint.keep_last,
+    )
+    return run.last_checkpoint
 
 
 def save_checkpoint(
