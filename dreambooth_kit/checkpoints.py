@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import functools
 import json
 import logging
 import os
@@ -28,11 +29,16 @@ import re
 import secrets
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from .errors import UserError
+
+if TYPE_CHECKING:
+    from accelerate import Accelerator
+
+    from .loop import LoopState
 
 log = logging.getLogger("dreambooth_kit")
 
@@ -75,7 +81,7 @@ def step_name(step: int) -> str:
 # ------------------------------------------------------------------ LoRA-only model state
 
 
-def register_lora_hooks(accelerator, models: dict[str, torch.nn.Module]) -> None:
+def register_lora_hooks(accelerator: Accelerator, models: dict[str, torch.nn.Module]) -> None:
     """Make ``accelerator.save_state``/``load_state`` store only the LoRA tensors of ``models``.
 
     ``models`` maps a name to a peft-adapted model (``{"unet": unet, "text_encoder": te}``), prepared
@@ -87,77 +93,107 @@ def register_lora_hooks(accelerator, models: dict[str, torch.nn.Module]) -> None
     """
     for handle in getattr(accelerator, "_dreambooth_kit_lora_hooks", ()):
         handle.remove()
-
-    def matches(prepared: list) -> list[tuple[int, str, torch.nn.Module]]:
-        wanted = {id(accelerator.unwrap_model(m)): name for name, m in models.items()}
-        found = []
-        for i, m in enumerate(prepared):
-            inner = accelerator.unwrap_model(m)
-            if id(inner) in wanted:
-                found.append((i, wanted.pop(id(inner)), inner))
-        if wanted:
-            raise CheckpointError(
-                f"register_lora_hooks: {sorted(wanted.values())} not prepared by this accelerator; "
-                "pass the models given to accelerator.prepare()"
-            )
-        return found
-
-    def save_hook(prepared: list, weights: list, output_dir: str) -> None:
-        from peft.utils import get_peft_model_state_dict
-        from safetensors.torch import save_file
-
-        found = matches(prepared)
-        if accelerator.is_main_process:
-            for _, name, model in found:
-                state = get_peft_model_state_dict(model)
-                state = {k: v.detach().cpu().contiguous() for k, v in state.items()}
-                save_file(state, os.path.join(output_dir, name + LORA_SUFFIX), metadata={"format": "pt"})
-        # `prepared` is accelerator._models itself: only the weights list may be shortened.
-        for i, _, _ in reversed(found):
-            weights.pop(i)
-
-    def load_hook(prepared: list, input_dir: str) -> None:
-        from peft.utils import set_peft_model_state_dict
-        from safetensors.torch import load_file
-
-        found = matches(prepared)
-        for _, name, model in found:
-            path = Path(input_dir).resolve() / (name + LORA_SUFFIX)
-            try:
-                state = load_file(path)
-            except Exception as e:
-                raise CheckpointError(
-                    f"{path} cannot be read ({type(e).__name__}); {_earlier_hint(path.parent)}"
-                ) from e
-            try:
-                result = set_peft_model_state_dict(model, state)
-            except RuntimeError as e:  # shape mismatch: another rank or other target modules
-                detail = next((ln.strip() for ln in str(e).splitlines() if "size mismatch" in ln), _short(e))
-                raise CheckpointError(
-                    f"{path} does not fit the model's LoRA ({detail}); it was saved with another "
-                    "adapter.rank or adapter.target_modules"
-                ) from e
-            missing = [k for k in result.missing_keys if "lora_" in k]
-            if result.unexpected_keys or missing:
-                raise CheckpointError(
-                    f"{path} does not fit the model's LoRA: {len(result.unexpected_keys)} unknown "
-                    f"and {len(missing)} missing tensors (e.g. {(result.unexpected_keys or missing)[0]})"
-                )
-        # This list is a copy made by load_state: popping keeps accelerate's model files aligned.
-        for i, _, _ in reversed(found):
-            prepared.pop(i)
-
     accelerator._dreambooth_kit_lora_hooks = (
-        accelerator.register_save_state_pre_hook(save_hook),
-        accelerator.register_load_state_pre_hook(load_hook),
+        accelerator.register_save_state_pre_hook(functools.partial(_save_lora_hook, accelerator, models)),
+        accelerator.register_load_state_pre_hook(functools.partial(_load_lora_hook, accelerator, models)),
     )
+
+
+def _lora_models(
+    accelerator: Accelerator, models: dict[str, torch.nn.Module], prepared: list
+) -> list[tuple[int, str, torch.nn.Module]]:
+    """(index in ``prepared``, name, unwrapped model) of each registered model."""
+    wanted = {id(accelerator.unwrap_model(m)): name for name, m in models.items()}
+    found = []
+    for i, m in enumerate(prepared):
+        inner = accelerator.unwrap_model(m)
+        if id(inner) in wanted:
+            found.append((i, wanted.pop(id(inner)), inner))
+    if wanted:
+        raise CheckpointError(
+            f"register_lora_hooks: {sorted(wanted.values())} not prepared by this accelerator; "
+            "pass the models given to accelerator.prepare()"
+        )
+    return found
+
+
+def _save_lora_hook(
+    accelerator: Accelerator,
+    models: dict[str, torch.nn.Module],
+    prepared: list,
+    weights: list,
+    output_dir: str,
+) -> None:
+    from peft.utils import get_peft_model_state_dict
+    from safetensors.torch import save_file
+
+    found = _lora_models(accelerator, models, prepared)
+    if accelerator.is_main_process:
+        for _, name, model in found:
+            state = get_peft_model_state_dict(model)
+            state = {k: v.detach().cpu().contiguous() for k, v in state.items()}
+            save_file(state, os.path.join(output_dir, name + LORA_SUFFIX), metadata={"format": "pt"})
+    # `prepared` is accelerator._models itself: only the weights list may be shortened.
+    for i, _, _ in reversed(found):
+        weights.pop(i)
+
+
+def _load_lora_hook(
+    accelerator: Accelerator, models: dict[str, torch.nn.Module], prepared: list, input_dir: str
+) -> None:
+    found = _lora_models(accelerator, models, prepared)
+    for _, name, model in found:
+        _load_lora_file(model, Path(input_dir).resolve() / (name + LORA_SUFFIX))
+    # This list is a copy made by load_state: popping keeps accelerate's model files aligned.
+    for i, _, _ in reversed(found):
+        prepared.pop(i)
+
+
+def _load_lora_file(model: torch.nn.Module, path: Path) -> None:
+    from peft.utils import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    try:
+        state = load_file(path)
+    except Exception as e:
+        raise CheckpointError(
+            f"{path} cannot be read ({type(e).__name__}); {_earlier_hint(path.parent)}"
+        ) from e
+    try:
+        result = set_peft_model_state_dict(model, state)
+    except RuntimeError as e:  # shape mismatch: another rank or other target modules
+        detail = next((ln.strip() for ln in str(e).splitlines() if "size mismatch" in ln), _short(e))
+        raise CheckpointError(
+            f"{path} does not fit the model's LoRA ({detail}); it was saved with another "
+            "adapter.rank or adapter.target_modules"
+        ) from e
+    missing = [k for k in result.missing_keys if "lora_" in k]
+    if result.unexpected_keys or missing:
+        raise CheckpointError(
+            f"{path} does not fit the model's LoRA: {len(result.unexpected_keys)} unknown "
+            f"and {len(missing)} missing tensors (e.g. {(result.unexpected_keys or missing)[0]})"
+        )
 
 
 # ------------------------------------------------------------------ saving
 
 
+def save_step_checkpoint(run: LoopState) -> Path:
+    """A checkpoint of the training loop's current step, with its data position (every process
+    must call it); also remembered as ``run.last_checkpoint``."""
+    run.last_checkpoint = save_checkpoint(
+        run.accelerator,
+        run.out,
+        run.step,
+        extra_state={"epoch": run.epoch, "batch_in_epoch": run.batch_in_epoch},
+        run_config=run.cfg.to_dict(),
+        keep_last=run.cfg.checkpoint.keep_last,
+    )
+    return run.last_checkpoint
+
+
 def save_checkpoint(
-    accelerator,
+    accelerator: Accelerator,
     output_dir: str | os.PathLike,
     step: int,
     *,
@@ -188,27 +224,7 @@ def save_checkpoint(
     # Every process must write into the same folder: the main process's random name is shared.
     tmp = root / gather_object([f".tmp-{name}-{secrets.token_hex(4)}"])[0]
     try:
-        error: Exception | None = None
-        try:
-            accelerator.save_state(str(tmp))
-        except Exception as e:
-            error = e
-        # A failure on any process fails the save on all of them (and this also waits until
-        # every process has written its RNG file, before the main process marks the folder complete).
-        failure = _first_failure(gather_object([_describe(error, tmp)]))
-        if failure is None and main:
-            try:
-                (tmp / STATE).write_text(state_text)
-                (tmp / RUN).write_text(run_text)
-                files = {p.relative_to(tmp).as_posix(): p.stat().st_size for p in _files(tmp)}
-                (tmp / COMPLETE).write_text(
-                    json.dumps({"format": FORMAT_VERSION, "step": step, "files": files}, indent=2)
-                )
-                _fsync_tree(tmp)
-                _publish(tmp, final)
-            except Exception as e:
-                error = e
-        failure = _first_failure(gather_object([_describe(error, tmp)]))
+        failure, error = _write_checkpoint(accelerator, tmp, final, step, state_text, run_text)
     except BaseException:
         if main:  # KeyboardInterrupt and friends: still leave no temporary folder behind
             shutil.rmtree(tmp, ignore_errors=True)
@@ -216,28 +232,63 @@ def save_checkpoint(
     if failure is not None:
         if main:
             shutil.rmtree(tmp, ignore_errors=True)
-        complete = _scan(root, logging.DEBUG)  # incl. an earlier save of this same step, if any
-        intact = f"{complete[-1][1].name} intact" if complete else "no earlier checkpoint"
-        reason, text = failure
-        then = "then rerun with train.resume=latest"
-        if reason == FILE_SIZE_LIMIT:
-            limit = _file_size_limit()
-            most = f"; files may be at most {_mb(limit)} here" if limit is not None else ""
-            raise CheckpointError(
-                f"file size limit reached while saving {name}{most}; {intact} "
-                f"(raise it with `ulimit -f unlimited`, {then})"
-            ) from error
-        if reason is not None:
-            need = f"a checkpoint takes about {_mb(_size_of(complete[-1][1]))}; " if complete else ""
-            raise CheckpointError(
-                f"no space left while saving {name}; {intact} ({need}free space on the disk of "
-                f"{root.resolve()}, {then})"
-            ) from error
-        raise CheckpointError(f"saving {name} failed ({text}); {intact}") from error
+        raise _save_error(failure, root, name) from error
     if main:
         log.info("checkpoint saved: %s", final)
         _prune(root, keep_last, keep=final)
     return final
+
+
+def _write_checkpoint(
+    accelerator: Accelerator, tmp: Path, final: Path, step: int, state_text: str, run_text: str
+) -> tuple[tuple[str | None, str] | None, Exception | None]:
+    """accelerate's state into ``tmp``, then (main process) our files, sync and rename to ``final``.
+    Returns the first failure of any process (see :func:`_describe`) and this process's error."""
+    from accelerate.utils import gather_object
+
+    error: Exception | None = None
+    try:
+        accelerator.save_state(str(tmp))
+    except Exception as e:
+        error = e
+    # A failure on any process fails the save on all of them (and this also waits until
+    # every process has written its RNG file, before the main process marks the folder complete).
+    failure = _first_failure(gather_object([_describe(error, tmp)]))
+    if failure is None and accelerator.is_main_process:
+        try:
+            (tmp / STATE).write_text(state_text)
+            (tmp / RUN).write_text(run_text)
+            files = {p.relative_to(tmp).as_posix(): p.stat().st_size for p in _files(tmp)}
+            (tmp / COMPLETE).write_text(
+                json.dumps({"format": FORMAT_VERSION, "step": step, "files": files}, indent=2)
+            )
+            _fsync_tree(tmp)
+            _publish(tmp, final)
+        except Exception as e:
+            error = e
+    return _first_failure(gather_object([_describe(error, tmp)])), error
+
+
+def _save_error(failure: tuple[str | None, str], root: Path, name: str) -> CheckpointError:
+    """The one-line error for a failed save: why, which earlier checkpoint is intact, what to do."""
+    complete = _scan(root, logging.DEBUG)  # incl. an earlier save of this same step, if any
+    intact = f"{complete[-1][1].name} intact" if complete else "no earlier checkpoint"
+    reason, text = failure
+    then = "then rerun with train.resume=latest"
+    if reason == FILE_SIZE_LIMIT:
+        limit = _file_size_limit()
+        most = f"; files may be at most {_mb(limit)} here" if limit is not None else ""
+        return CheckpointError(
+            f"file size limit reached while saving {name}{most}; {intact} "
+            f"(raise it with `ulimit -f unlimited`, {then})"
+        )
+    if reason is not None:
+        need = f"a checkpoint takes about {_mb(_size_of(complete[-1][1]))}; " if complete else ""
+        return CheckpointError(
+            f"no space left while saving {name}; {intact} ({need}free space on the disk of "
+            f"{root.resolve()}, {then})"
+        )
+    return CheckpointError(f"saving {name} failed ({text}); {intact}")
 
 
 def _describe(error: BaseException | None, folder: Path) -> tuple[str | None, str] | None:

@@ -1,84 +1,62 @@
-"""The training loop: one optimizer step at a time, with the loss, the NaN guard, checkpoints,
-validation and the preemption flag. ``train()`` (train.py) sets everything up and calls :func:`run`."""
+"""The training loop: one optimizer step at a time, with the NaN guard and the preemption flag.
+``train()`` (train.py) sets everything up, releases what training no longer needs and calls
+:func:`run` with the callbacks that validate and checkpoint."""
 
 from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from enum import Enum
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 import torch
-import torch.nn.functional as F
 
-from .caching import posterior_sample
+from .caching import PromptEncoder, posterior_sample
 from .config import DreamBoothConfig
-from .errors import InvalidInput
+from .guards import NonFiniteGuard, TrainingInterrupted
+from .losses import diffusion_loss, diffusion_target, snr_weights
+
+if TYPE_CHECKING:
+    from accelerate import Accelerator
+    from accelerate.scheduler import AcceleratedScheduler
+    from torch.utils.data import DataLoader
+    from tqdm.auto import tqdm
+
+    from .caching import LatentCache
+    from .data import DreamBoothDataset, EpochSampler
+    from .guards import StopSignals
+    from .models import SDComponents
 
 log = logging.getLogger("dreambooth_kit")
 
 
-# ------------------------------------------------------------------ the loss (pure functions)
+class StepOutcome(Enum):
+    """What one call of the training step did with its micro-batch."""
+
+    APPLIED = "applied"  # the optimizer stepped
+    ACCUMULATING = "accumulating"  # gradients added; the optimizer steps at the window's last micro-batch
+    NONFINITE_LOSS = "non-finite loss"  # a micro-batch of the window had a NaN/inf loss: step skipped
+    NONFINITE_GRADIENT = "non-finite gradient"  # the gradient norm was NaN/inf: step skipped
+    SCALER_SKIP = "scaler skip"  # fp16: the GradScaler found inf gradients and skipped the step
+
+    @property
+    def skipped(self) -> bool:
+        """An optimizer step was due and was not taken."""
+        return self not in (StepOutcome.APPLIED, StepOutcome.ACCUMULATING)
 
 
-def diffusion_target(scheduler, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor):
-    """What the UNet must predict, from the scheduler's ``prediction_type`` (never assumed)."""
-    kind = scheduler.config.prediction_type
-    if kind == "epsilon":
-        return noise
-    if kind == "v_prediction":
-        return scheduler.get_velocity(latents, noise, timesteps)
-    raise InvalidInput(
-        f"the model's scheduler has prediction_type {kind!r}, which training does not support; set "
-        "model.prediction_type to epsilon or v_prediction (the one the model was trained with)"
-    )
-
-
-def snr_weights(scheduler, timesteps: torch.Tensor, gamma: float, prediction_type: str) -> torch.Tensor:
-    """Min-SNR-γ loss weights (Hang et al. 2023) per sample.
-
-    Min-SNR-γ weights the x0-prediction error by min(SNR, γ). The epsilon error is SNR x the x0
-    error, so its weight is min(SNR, γ) / SNR; the v error is (SNR + 1) x the x0 error, so its weight
-    is min(SNR, γ) / (SNR + 1). Using the epsilon formula for v-prediction would over-weight every
-    timestep by (SNR + 1) / SNR: 2x at SNR = 1, ~214x at SD 2.1's noisiest step (SNR 0.0047).
-    """
-    from diffusers.training_utils import compute_snr
-
-    snr = compute_snr(scheduler, timesteps)
-    clipped = torch.minimum(snr, torch.full_like(snr, gamma))
-    return clipped / (snr + 1) if prediction_type == "v_prediction" else clipped / snr
-
-
-def diffusion_loss(
-    model_pred: torch.Tensor,
-    target: torch.Tensor,
-    *,
-    num_instance: int,
-    prior_loss_weight: float = 1.0,
-    weights: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, dict[str, float]]:
-    """MSE loss; with prior preservation the batch is [instance rows | class rows].
-
-    loss = mean(instance MSE) + prior_loss_weight * mean(class MSE), as in the DreamBooth paper.
-    ``weights`` (per sample, e.g. min-SNR) scale each sample's MSE. Computed in fp32.
-    """
-    per_sample = F.mse_loss(model_pred.float(), target.float(), reduction="none").mean(
-        dim=list(range(1, model_pred.ndim))
-    )
-    if weights is not None:
-        per_sample = per_sample * weights.float()
-    instance = per_sample[:num_instance].mean()
-    parts = {"loss_instance": instance.item()}
-    loss = instance
-    if num_instance < per_sample.shape[0]:
-        prior = per_sample[num_instance:].mean()
-        loss = instance + prior_loss_weight * prior
-        parts["loss_prior"] = prior.item()
-    return loss, parts
-
-
-# ------------------------------------------------------------------ the loop
+@dataclass(frozen=True)
+class StepResult:
+    outcome: StepOutcome
+    loss: float  # this micro-batch's loss (mean over processes); NaN when the step's loss was not finite
+    parts: dict[str, float]  # loss_instance, loss_prior
+    # At an optimizer step: the 1-based numbers of the window's micro-batches whose loss was not
+    # finite, and how many micro-batches the window had.
+    nonfinite_micro_batches: tuple[int, ...] = ()
+    micro_batches: int = 1
 
 
 @dataclass
@@ -86,94 +64,50 @@ class LoopState:
     """Everything the loop reads and updates (data only; the steps are functions below)."""
 
     cfg: DreamBoothConfig
-    accelerator: Any
-    comps: Any
-    unet: Any
-    text_encoder: Any
-    params: list
-    optimizer: Any
-    lr_scheduler: Any
+    accelerator: Accelerator
+    comps: SDComponents
+    unet: torch.nn.Module  # as prepared by accelerate (wrapped under DDP)
+    text_encoder: torch.nn.Module | None  # the trained text encoder; None when it stays frozen
+    params: list[torch.nn.Parameter]  # the trained parameters
+    optimizer: torch.optim.Optimizer
+    lr_scheduler: AcceleratedScheduler
     out: Path
     step: int = 0
     losses: list[float] = field(default_factory=list)
     step_seconds: list[float] = field(default_factory=list)
-    guard: Any = None
-    bad_cycle: bool = False  # a non-finite loss inside the current accumulation cycle
-    last_step_ok: bool = True
+    guard: NonFiniteGuard = field(init=False)
+    micro_batch: int = 0  # micro-batches seen in the current accumulation window
+    nonfinite_micro_batches: list[int] = field(default_factory=list)  # of the current window, 1-based
     last_checkpoint: Path | None = None
     epoch: int = 0  # the data position, saved with each checkpoint for an exact resume
     batch_in_epoch: int = 0
 
+    def __post_init__(self) -> None:
+        self.guard = NonFiniteGuard(self.cfg.train.max_nonfinite_steps)
 
-def run(ctx: LoopState, dataloader, sampler, latent_cache, position: dict, signals) -> None:
-    from tqdm.auto import tqdm
 
-    from .caching import PromptEncoder
-    from .guards import NonFiniteGuard, TrainingInterrupted
+Validate = Callable[[LoopState], object]  # samples images at the current step
+Checkpoint = Callable[[LoopState], Path]  # writes a checkpoint of the current step (every process)
 
-    cfg, acc, t = ctx.cfg, ctx.accelerator, ctx.cfg.train
-    ctx.guard = NonFiniteGuard(t.max_nonfinite_steps)
-    ctx.step, epoch, in_epoch = position["step"], position["epoch"], position["batch_in_epoch"]
-    ctx.epoch, ctx.batch_in_epoch = epoch, in_epoch
-    encode = PromptEncoder(
+
+def prompt_encoder(ctx: LoopState) -> PromptEncoder:
+    """The step's text conditioning: the trained text encoder, else the frozen one (cached)."""
+    return PromptEncoder(
         ctx.comps.tokenizer,
         ctx.text_encoder or ctx.comps.text_encoder,
         ctx.text_encoder is not None,
-        acc.device,
+        ctx.accelerator.device,
     )
-    _release_frozen(ctx, dataloader.dataset, encode, latent_cache)
-    bar = tqdm(total=t.max_steps, initial=ctx.step, disable=not acc.is_main_process, desc="train")
-    ctx.unet.train()
-    t_step = time.perf_counter()
-    while ctx.step < t.max_steps:
-        # Global batches consumed this epoch -> sample index to start from (exact resume).
-        sampler.set_position(epoch, in_epoch * t.batch_size * acc.num_processes)
-        for batch in dataloader:
-            in_epoch += 1
-            loss_value, parts, finite = _step(ctx, batch, encode, latent_cache)
-            if not acc.sync_gradients:
-                continue
-            ctx.step += 1
-            ctx.guard.record(ctx.step, ctx.last_step_ok, "loss" if not finite else "gradient")
-            ctx.losses.append(loss_value)
-            ctx.step_seconds.append(time.perf_counter() - t_step)  # includes data loading
-            lr = ctx.lr_scheduler.get_last_lr()[0]
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}")
-            if finite:
-                acc.log(
-                    {"loss": loss_value, "lr": lr, "step_time": ctx.step_seconds[-1], **parts}, step=ctx.step
-                )
-            if ctx.step % t.log_every == 0 or ctx.step == t.max_steps:
-                log.info("step %d/%d loss %.4f lr %.2e", ctx.step, t.max_steps, loss_value, lr)
-            if _due(cfg.validation.every_steps, ctx.step):
-                _validate(ctx)
-            stop = signals.signum is not None
-            ctx.epoch, ctx.batch_in_epoch = epoch, in_epoch
-            if ctx.last_step_ok and (stop or _due(cfg.checkpoint.every_steps, ctx.step)):
-                save_step_checkpoint(ctx)
-            if stop:
-                bar.close()
-                hint = f"dreambooth-kit train --config {ctx.out / 'config.yaml'} train.resume=latest"
-                err = TrainingInterrupted(ctx.step, signals.signum, ctx.last_checkpoint, hint)
-                log.warning("%s", err)
-                raise err
-            t_step = time.perf_counter()
-            if ctx.step >= t.max_steps:
-                break
-        else:
-            epoch, in_epoch = epoch + 1, 0
-    bar.close()
 
 
-def _release_frozen(ctx: LoopState, dataset, encode, latent_cache) -> None:
-    """Without validation nothing needs the frozen text encoder or VAE once every prompt and image
-    is cached: encode them all now and drop both models (SD 2.1: 1.4 GB + 0.3 GB in fp32, about
-    15% of a LoRA run's peak memory on CPU; on a GPU, that much VRAM)."""
+def release_frozen(
+    ctx: LoopState, dataset: DreamBoothDataset, encode: PromptEncoder, latent_cache: LatentCache | None
+) -> None:
+    """Encode every prompt and image now and drop the frozen text encoder and VAE: once all is
+    cached nothing in training needs them (validation does: call this only without it). SD 2.1:
+    1.4 GB + 0.3 GB in fp32, about 15% of a LoRA run's peak memory on CPU; on a GPU, that much VRAM."""
     import gc
 
-    if ctx.cfg.validation.every_steps is not None:
-        return
     dropped = []
     if not encode.trained:
         prompts = [e.instance_prompt for e in dataset.examples] + [
@@ -193,110 +127,188 @@ def _release_frozen(ctx: LoopState, dataset, encode, latent_cache) -> None:
         log.info("cached every prompt/latent; released the frozen %s", " and ".join(dropped))
 
 
+def run(
+    ctx: LoopState,
+    dataloader: DataLoader,
+    sampler: EpochSampler,
+    latent_cache: LatentCache | None,
+    encode: PromptEncoder,
+    position: dict,
+    signals: StopSignals,
+    *,
+    validate: Validate,
+    checkpoint: Checkpoint,
+) -> None:
+    """Train from ``position`` ({"step", "epoch", "batch_in_epoch"}) to ``train.max_steps``.
+    ``validate`` runs every ``validation.every_steps`` steps, ``checkpoint`` every
+    ``checkpoint.every_steps`` applied steps and before stopping on a signal."""
+    from tqdm.auto import tqdm
+
+    acc, t = ctx.accelerator, ctx.cfg.train
+    ctx.step, epoch, in_epoch = position["step"], position["epoch"], position["batch_in_epoch"]
+    ctx.epoch, ctx.batch_in_epoch = epoch, in_epoch
+    bar = tqdm(total=t.max_steps, initial=ctx.step, disable=not acc.is_main_process, desc="train")
+    ctx.unet.train()
+    t_step = time.perf_counter()
+    while ctx.step < t.max_steps:
+        # Global batches consumed this epoch -> sample index to start from (exact resume).
+        sampler.set_position(epoch, in_epoch * t.batch_size * acc.num_processes)
+        for batch in dataloader:
+            in_epoch += 1
+            result = _step(ctx, batch, encode, latent_cache)
+            if result.outcome is StepOutcome.ACCUMULATING:
+                continue
+            ctx.step += 1
+            ctx.step_seconds.append(time.perf_counter() - t_step)  # includes data loading
+            _report(ctx, result, bar)
+            if _due(ctx.cfg.validation.every_steps, ctx.step):
+                validate(ctx)
+            ctx.epoch, ctx.batch_in_epoch = epoch, in_epoch
+            _checkpoint_or_stop(ctx, result.outcome, signals, bar, checkpoint)
+            t_step = time.perf_counter()
+            if ctx.step >= t.max_steps:
+                break
+        else:
+            epoch, in_epoch = epoch + 1, 0
+    bar.close()
+
+
+def _report(ctx: LoopState, result: StepResult, bar: tqdm) -> None:
+    """Count the step with the guard (which raises after too many skipped in a row), then show and
+    log its loss."""
+    acc, t = ctx.accelerator, ctx.cfg.train
+    ctx.guard.record(
+        ctx.step, not result.outcome.skipped, _skip_reason(result, t.gradient_accumulation_steps)
+    )
+    ctx.losses.append(result.loss)
+    lr = ctx.lr_scheduler.get_last_lr()[0]
+    bar.update(1)
+    bar.set_postfix(loss=f"{result.loss:.4f}", lr=f"{lr:.2e}")
+    if result.outcome is not StepOutcome.NONFINITE_LOSS:
+        metrics = {"loss": result.loss, "lr": lr, "step_time": ctx.step_seconds[-1], **result.parts}
+        acc.log(metrics, step=ctx.step)
+    if ctx.step % t.log_every == 0 or ctx.step == t.max_steps:
+        log.info("step %d/%d loss %.4f lr %.2e", ctx.step, t.max_steps, result.loss, lr)
+
+
+def _skip_reason(result: StepResult, accumulation_steps: int) -> str:
+    """What the guard's warning names: ``loss`` (with the micro-batches, under gradient
+    accumulation) or ``gradient`` (also for a GradScaler skip: the scaled gradient overflowed)."""
+    if result.outcome is not StepOutcome.NONFINITE_LOSS:
+        return "gradient"
+    if accumulation_steps == 1:
+        return "loss"
+    bad = result.nonfinite_micro_batches
+    which = f"micro-batch{'es' if len(bad) > 1 else ''} {', '.join(map(str, bad))}"
+    return f"loss in {which} of {result.micro_batches}"
+
+
+def _checkpoint_or_stop(
+    ctx: LoopState, outcome: StepOutcome, signals: StopSignals, bar: tqdm, checkpoint: Checkpoint
+) -> None:
+    """A checkpoint of an applied step when one is due or a stop signal came; then stop on the signal."""
+    stop = signals.signum is not None
+    if outcome is StepOutcome.APPLIED and (stop or _due(ctx.cfg.checkpoint.every_steps, ctx.step)):
+        checkpoint(ctx)
+    if stop:
+        bar.close()
+        hint = f"dreambooth-kit train --config {ctx.out / 'config.yaml'} train.resume=latest"
+        err = TrainingInterrupted(ctx.step, signals.signum, ctx.last_checkpoint, hint)
+        log.warning("%s", err)
+        raise err
+
+
 def _due(every: int | None, step: int) -> bool:
     return every is not None and step % every == 0
 
 
-def _step(ctx: LoopState, batch, encode, latent_cache) -> tuple[float, dict, bool]:
+def _step(ctx: LoopState, batch: dict, encode: PromptEncoder, latent_cache: LatentCache | None) -> StepResult:
     """One micro-batch under accelerate's gradient accumulation; an optimizer step on sync.
-    A non-finite loss or gradient skips the optimizer step (``ctx.last_step_ok = False``)."""
-    acc, t, cfg = ctx.accelerator, ctx.cfg.train, ctx.cfg
-    scheduler, vae = ctx.comps.noise_scheduler, ctx.comps.vae
+    A non-finite loss (in any micro-batch of the window) or gradient skips the optimizer step."""
+    acc = ctx.accelerator
     models = [ctx.unet] + ([ctx.text_encoder] if ctx.text_encoder is not None else [])
     with acc.accumulate(*models):
-        if latent_cache is not None:
-            latents = latent_cache.sample(batch["keys"])
-        else:
-            with torch.no_grad():
-                pixels = batch["pixel_values"].to(acc.device, dtype=next(vae.parameters()).dtype)
-                dist = vae.encode(pixels).latent_dist
-                latents = posterior_sample(dist.mean, dist.logvar) * vae.config.scaling_factor
-        # contiguous: the VAE's conv output can be channels-last, and randn_like follows the
-        # input's memory layout, so the same random stream would land on other elements.
-        latents = latents.float().contiguous()
-        noise = torch.randn_like(latents)
-        if t.noise_offset:
-            noise = noise + t.noise_offset * torch.randn(
-                latents.shape[0], latents.shape[1], 1, 1, device=latents.device
-            )
-        timesteps = torch.randint(
-            0, scheduler.config.num_train_timesteps, (latents.shape[0],), device=latents.device
-        ).long()
-        noisy = scheduler.add_noise(latents, noise, timesteps)
-        cond = encode(batch["prompts"])
-        unet_dtype = (
-            next(p.dtype for p in ctx.unet.parameters() if not p.requires_grad)
-            if (cfg.adapter.type == "lora")
-            else torch.float32
-        )
-        pred = ctx.unet(noisy.to(unet_dtype), timesteps, cond.to(unet_dtype), return_dict=False)[0]
-        target = diffusion_target(scheduler, latents, noise, timesteps)
-        prediction_type = scheduler.config.prediction_type
-        weights = snr_weights(scheduler, timesteps, t.snr_gamma, prediction_type) if t.snr_gamma else None
-        loss, parts = diffusion_loss(
-            pred,
-            target,
-            num_instance=batch["num_instance"],
-            prior_loss_weight=cfg.prior.prior_loss_weight,
-            weights=weights,
-        )
+        loss, parts = _loss(ctx, batch, encode, latent_cache)
         # Every rank must agree, or DDP's gradient all-reduce would wait forever for a rank that
         # skipped backward.
         finite = bool(acc.gather(torch.isfinite(loss.detach()).reshape(1)).all())
+        ctx.micro_batch += 1
         if finite:
             acc.backward(loss)
         else:
-            ctx.bad_cycle = True
-        if acc.sync_gradients:
-            ok = not ctx.bad_cycle
-            if ok:
-                norm = acc.clip_grad_norm_(ctx.params, t.max_grad_norm)
-                if acc.scaler is None and norm is not None and not torch.isfinite(norm):
-                    ok = False  # (an fp16 GradScaler skips such a step itself and lowers its scale)
-            if ok:
-                ctx.optimizer.step()
-                if acc.optimizer_step_was_skipped:
-                    ok = False  # fp16 overflow: GradScaler skipped it; the LR does not advance
-                else:
-                    ctx.lr_scheduler.step()
-            ctx.last_step_ok, ctx.bad_cycle = ok, False
+            ctx.nonfinite_micro_batches.append(ctx.micro_batch)
+        window = (tuple(ctx.nonfinite_micro_batches), ctx.micro_batch)
+        outcome = _optimizer_step(ctx) if acc.sync_gradients else StepOutcome.ACCUMULATING
         ctx.optimizer.zero_grad(set_to_none=True)
-    value = acc.gather(loss.detach().reshape(1)).mean().item() if finite else float("nan")
-    return value, parts, finite
+    if outcome is not StepOutcome.ACCUMULATING:
+        ctx.micro_batch, ctx.nonfinite_micro_batches = 0, []
+    ok = finite and outcome is not StepOutcome.NONFINITE_LOSS
+    value = acc.gather(loss.detach().reshape(1)).mean().item() if ok else float("nan")
+    return StepResult(outcome, value, parts, *window)
 
 
-def _validate(ctx: LoopState) -> None:
-    from diffusers import DPMSolverMultistepScheduler
-
-    from .validation import run_validation
-
+def _optimizer_step(ctx: LoopState) -> StepOutcome:
+    """At the window's last micro-batch: clip, step the optimizer and the LR schedule, or skip."""
     acc = ctx.accelerator
-    if acc.is_main_process:
-        run_validation(
-            ctx.cfg,
-            unet=ctx.unet,
-            text_encoder=ctx.text_encoder or ctx.comps.text_encoder,
-            vae=ctx.comps.vae,
-            tokenizer=ctx.comps.tokenizer,
-            # DPM-Solver++ (2M): good samples in ~25 steps, for epsilon and v-prediction alike.
-            scheduler=DPMSolverMultistepScheduler.from_config(ctx.comps.noise_scheduler.config),
-            step=ctx.step,
-            output_dir=ctx.out,
-            accelerator=acc,
+    if ctx.nonfinite_micro_batches:
+        return StepOutcome.NONFINITE_LOSS
+    norm = acc.clip_grad_norm_(ctx.params, ctx.cfg.train.max_grad_norm)
+    if acc.scaler is None and norm is not None and not torch.isfinite(norm):
+        return (
+            StepOutcome.NONFINITE_GRADIENT
+        )  # (an fp16 GradScaler skips such a step itself, lowering its scale)
+    ctx.optimizer.step()
+    if acc.optimizer_step_was_skipped:
+        return StepOutcome.SCALER_SKIP  # fp16 overflow: GradScaler skipped it; the LR does not advance
+    ctx.lr_scheduler.step()
+    return StepOutcome.APPLIED
+
+
+def _loss(
+    ctx: LoopState, batch: dict, encode: PromptEncoder, latent_cache: LatentCache | None
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """The DreamBooth loss of one micro-batch: noise the latents at random timesteps, predict."""
+    t, cfg = ctx.cfg.train, ctx.cfg
+    scheduler = ctx.comps.noise_scheduler
+    latents = _latents(ctx, batch, latent_cache)
+    noise = torch.randn_like(latents)
+    if t.noise_offset:
+        noise = noise + t.noise_offset * torch.randn(
+            latents.shape[0], latents.shape[1], 1, 1, device=latents.device
         )
-    acc.wait_for_everyone()
-
-
-def save_step_checkpoint(ctx: LoopState) -> Path:
-    """A checkpoint of the current step (every process must call it)."""
-    from .checkpoints import save_checkpoint
-
-    ctx.last_checkpoint = save_checkpoint(
-        ctx.accelerator,
-        ctx.out,
-        ctx.step,
-        extra_state={"epoch": ctx.epoch, "batch_in_epoch": ctx.batch_in_epoch},
-        run_config=ctx.cfg.to_dict(),
-        keep_last=ctx.cfg.checkpoint.keep_last,
+    timesteps = torch.randint(
+        0, scheduler.config.num_train_timesteps, (latents.shape[0],), device=latents.device
+    ).long()
+    noisy = scheduler.add_noise(latents, noise, timesteps)
+    cond = encode(batch["prompts"])
+    unet_dtype = (
+        next(p.dtype for p in ctx.unet.parameters() if not p.requires_grad)
+        if (cfg.adapter.type == "lora")
+        else torch.float32
     )
-    return ctx.last_checkpoint
+    pred = ctx.unet(noisy.to(unet_dtype), timesteps, cond.to(unet_dtype), return_dict=False)[0]
+    target = diffusion_target(scheduler, latents, noise, timesteps)
+    prediction_type = scheduler.config.prediction_type
+    weights = snr_weights(scheduler, timesteps, t.snr_gamma, prediction_type) if t.snr_gamma else None
+    return diffusion_loss(
+        pred,
+        target,
+        num_instance=batch["num_instance"],
+        prior_loss_weight=cfg.prior.prior_loss_weight,
+        weights=weights,
+    )
+
+
+def _latents(ctx: LoopState, batch: dict, latent_cache: LatentCache | None) -> torch.Tensor:
+    """The batch's VAE latents (a fresh posterior sample), from the cache or the VAE itself."""
+    if latent_cache is not None:
+        latents = latent_cache.sample(batch["keys"])
+    else:
+        vae, device = ctx.comps.vae, ctx.accelerator.device
+        with torch.no_grad():
+            pixels = batch["pixel_values"].to(device, dtype=next(vae.parameters()).dtype)
+            dist = vae.encode(pixels).latent_dist
+            latents = posterior_sample(dist.mean, dist.logvar) * vae.config.scaling_factor
+    # contiguous: the VAE's conv output can be channels-last, and randn_like follows the
+    # input's memory layout, so the same random stream would land on other elements.
+    return latents.float().contiguous()

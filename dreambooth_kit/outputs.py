@@ -17,11 +17,15 @@ import logging
 import secrets
 import shutil
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from .config import DreamBoothConfig, save_config
 from .errors import NonFiniteError, UserError
+
+if TYPE_CHECKING:
+    from .loop import LoopState
 
 log = logging.getLogger("dreambooth_kit")
 
@@ -32,8 +36,8 @@ class FinalSaveError(UserError, OSError):
     """The final LoRA/pipeline could not be written; the trained weights are in a checkpoint."""
 
 
-def save_final(run, source: str) -> Path:
-    """``run`` is the loop's state (loop.LoopState) after the last step."""
+def save_final(run: LoopState, source: str) -> Path:
+    """``run`` is the loop's state after the last step."""
     cfg = run.cfg
     final = run.out / ("pipeline" if cfg.adapter.type == "full" else "lora")
     from .checkpoints import CheckpointError
@@ -55,10 +59,9 @@ def save_final(run, source: str) -> Path:
         raise _final_save_error(e, final, checkpoint, run) from e
 
 
-def _final_checkpoint(run) -> Path | None:
+def _final_checkpoint(run: LoopState) -> Path | None:
     """The complete checkpoint of the final step, written now if the loop did not write one."""
-    from .checkpoints import list_checkpoints
-    from .loop import save_step_checkpoint
+    from .checkpoints import list_checkpoints, save_step_checkpoint
 
     done = dict(list_checkpoints(run.out))
     if run.step in done:
@@ -82,7 +85,9 @@ def _reason(error: BaseException, folder: Path) -> str | None:
     return None
 
 
-def _final_save_error(error: BaseException, final: Path, checkpoint: Path | None, run) -> FinalSaveError:
+def _final_save_error(
+    error: BaseException, final: Path, checkpoint: Path | None, run: LoopState
+) -> FinalSaveError:
     reason = _reason(error, final) or f"{type(error).__name__}: {str(error).strip().splitlines()[0]}"
     need = _output_bytes(run)
     try:
@@ -100,7 +105,7 @@ def _final_save_error(error: BaseException, final: Path, checkpoint: Path | None
     )
 
 
-def _no_checkpoint_hint(run) -> str:
+def _no_checkpoint_hint(run: LoopState) -> str:
     from .checkpoints import list_checkpoints
 
     done = list_checkpoints(run.out)
@@ -112,7 +117,7 @@ def _no_checkpoint_hint(run) -> str:
     return f"the final step could not be checkpointed either; {newest}"
 
 
-def _output_bytes(run) -> int:
+def _output_bytes(run: LoopState) -> int:
     """What the final output weighs: the trainable tensors for a LoRA, every model for a pipeline."""
     if run.cfg.adapter.type == "full":
         half = run.cfg.train.save_precision == "fp16"

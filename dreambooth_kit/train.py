@@ -21,9 +21,6 @@ import torch
 from .config import DreamBoothConfig, save_config
 from .errors import MissingExtra, UserError
 from .layout import RunLayout
-
-# The loss functions live beside the step that uses them; re-exported as the public loss API.
-from .loop import diffusion_loss, diffusion_target, snr_weights  # noqa: F401
 from .outputs import LORA_WEIGHTS
 
 log = logging.getLogger("dreambooth_kit")
@@ -77,13 +74,14 @@ def train(cfg: DreamBoothConfig) -> TrainResult:
     """
     from accelerate.utils import set_seed
 
-    from .checkpoints import clean_tmp
+    from .checkpoints import clean_tmp, save_step_checkpoint
     from .guards import StopSignals
-    from .loop import LoopState
+    from .loop import LoopState, prompt_encoder, release_frozen
     from .loop import run as run_loop
     from .models import load_components, resolve_source
     from .outputs import clean_tmp_outputs, save_final
     from .preflight import preflight
+    from .validation import validate_during_training
     from .versions import check_transformers_peft
 
     t0 = time.perf_counter()
@@ -116,8 +114,14 @@ def train(cfg: DreamBoothConfig) -> TrainResult:
         position = _restore(cfg, accelerator, unet, text_encoder, resume_from)
 
         run = LoopState(cfg, accelerator, comps, unet, text_encoder, params, optimizer, lr_scheduler, out)
+        encode = prompt_encoder(run)
+        if cfg.validation.every_steps is None:  # validation samples with the frozen text encoder and VAE
+            release_frozen(run, dataloader.dataset, encode, latent_cache)
         with StopSignals() as signals:
-            run_loop(run, dataloader, sampler, latent_cache, position, signals)
+            run_loop(
+                run, dataloader, sampler, latent_cache, encode, position, signals,
+                validate=validate_during_training, checkpoint=save_step_checkpoint,
+            )  # fmt: skip
 
         final_dir = save_final(run, source.location)
         if cfg.export.formats and accelerator.is_main_process:

@@ -12,6 +12,7 @@ import contextlib
 import random
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -20,6 +21,9 @@ from PIL import Image
 from .config import DreamBoothConfig, concepts_of
 from .inference import generate, save_png
 from .pngmeta import make_grid
+
+if TYPE_CHECKING:
+    from .loop import LoopState
 
 
 @contextlib.contextmanager
@@ -119,6 +123,28 @@ def run_validation(
     make_grid([img for row in rows for img in row], cols=v.num_images).save(folder / "grid.png")
     _log(accelerator, rows, validation_prompts(cfg), v.seed, step)
     return [*paths, folder / "grid.png"]
+
+
+def validate_during_training(run: LoopState) -> None:
+    """The training loop's validation callback: samples from the model at the current step (main
+    process), then every process waits for it."""
+    from diffusers import DPMSolverMultistepScheduler
+
+    acc = run.accelerator
+    if acc.is_main_process:
+        run_validation(
+            run.cfg,
+            unet=run.unet,
+            text_encoder=run.text_encoder or run.comps.text_encoder,
+            vae=run.comps.vae,
+            tokenizer=run.comps.tokenizer,
+            # DPM-Solver++ (2M): good samples in ~25 steps, for epsilon and v-prediction alike.
+            scheduler=DPMSolverMultistepScheduler.from_config(run.comps.noise_scheduler.config),
+            step=run.step,
+            output_dir=run.out,
+            accelerator=acc,
+        )
+    acc.wait_for_everyone()
 
 
 def _log(accelerator, rows: list[list[Image.Image]], prompts: list[str], seed: int, step: int) -> None:
