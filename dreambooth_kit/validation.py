@@ -18,8 +18,8 @@ import torch
 from PIL import Image
 
 from .config import DreamBoothConfig, concepts_of
+from .images import make_grid
 from .inference import generate, save_png
-from .pngmeta import make_grid
 
 
 @contextlib.contextmanager
