@@ -75,8 +75,10 @@ def _cmd_check_data(args) -> int:
 def _cmd_generate(args) -> int:
     from .inference import generate, load_pipeline, regenerate_from_png, save_images
 
-    if args.from_png:
-        result = regenerate_from_png(args.from_png, base=args.base, lora=args.lora or None)
+    # One --lora-scale value applies to every LoRA; None (not given): 1, or with --from-png the PNG's.
+    scale = args.lora_scale[0] if args.lora_scale and len(args.lora_scale) == 1 else args.lora_scale
+    if args.from_png:  # the PNG's LoRAs and scales, unless --lora / --lora-scale replace them
+        result = regenerate_from_png(args.from_png, base=args.base, lora=args.lora or None, lora_scale=scale)
         for p in save_images([result], args.out):
             print(p)
         return 0
@@ -85,7 +87,7 @@ def _cmd_generate(args) -> int:
     pipe = load_pipeline(
         args.base,
         lora=args.lora or None,
-        lora_scale=args.lora_scale if len(args.lora_scale) > 1 else args.lora_scale[0],
+        lora_scale=1.0 if scale is None else scale,
         dtype=args.dtype,
         scheduler=args.scheduler,
         fuse=args.fuse,
@@ -202,7 +204,13 @@ def _add_generate(sub) -> None:
     g.add_argument(
         "--lora", action="append", default=[], help="run_dir/lora or a .safetensors file (repeatable)"
     )
-    g.add_argument("--lora-scale", type=float, nargs="+", default=[1.0])
+    g.add_argument(
+        "--lora-scale",
+        type=float,
+        nargs="+",
+        default=None,
+        help="one per --lora, or one for all (default 1; with --from-png: the scales stored in it)",
+    )
     g.add_argument("--prompt")
     g.add_argument("--negative-prompt", default="")
     g.add_argument("--seed", type=int, default=1557, help="image i uses seed + i")

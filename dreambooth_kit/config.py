@@ -531,6 +531,11 @@ def _concept_fields(cfg: DreamBoothConfig) -> list[tuple[str, ConceptConfig]]:
     return out
 
 
+def mentions_identifier(prompt: str, identifier: str) -> bool:
+    """Whether ``identifier`` is one of the prompt's words, any case ("zwx," counts, "zwxdog" does not)."""
+    return identifier.lower() in re.findall(r"[\w'-]+", prompt.lower())
+
+
 def validate(cfg: DreamBoothConfig, *, check_paths: bool = False) -> list[str]:
     """Cross-field and range checks. Returns every problem (empty list = valid)."""
     p: list[str] = []
@@ -547,7 +552,7 @@ def validate(cfg: DreamBoothConfig, *, check_paths: bool = False) -> list[str]:
         if not c.instance_prompt.strip():
             p.append(f"{inst_key}: required, e.g. 'a photo of zwx dog'")
         if c.identifier and c.instance_prompt:
-            if c.identifier.lower() not in re.findall(r"[\w'-]+", c.instance_prompt.lower()):
+            if not mentions_identifier(c.instance_prompt, c.identifier):
                 p.append(
                     f"{inst_key}: identifier '{c.identifier}' not found in instance prompt "
                     f"{c.instance_prompt!r}; put it in, e.g. 'a photo of {c.identifier} dog'"

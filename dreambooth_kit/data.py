@@ -21,6 +21,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from .errors import UserError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
+CAPTION_EXTENSION = ".txt"  # kohya-style: photo.txt is photo.jpg's prompt (data.use_captions)
 # Decoders PIL may use for our files. Without this list a renamed .tif/.gif/.avif would still be decoded
 # by one of the ~40 other plugins; MPO (iPhone JPEGs) comes through the JPEG plugin.
 _PIL_FORMATS = ("JPEG", "PNG", "WEBP", "BMP")
@@ -79,6 +80,9 @@ class ImageReport:
     images: list[Path] = field(default_factory=list)
     skipped: list[Path] = field(default_factory=list)
     issues: list[ImageIssue] = field(default_factory=list)
+    # With use_captions: usable image -> the caption it trains with (its name.txt); others use the
+    # instance prompt.
+    captions: dict[Path, str] = field(default_factory=dict)
 
     @property
     def errors(self) -> list[ImageIssue]:
@@ -119,12 +123,18 @@ def _resolve_folder(folder: str | Path) -> Path:
     return root
 
 
-def find_images(folder: str | Path) -> tuple[list[Path], list[Path], list[ImageIssue]]:
-    """(candidate images sorted by name, skipped paths, issues). Looks at the folder's top level only."""
+def find_images(
+    folder: str | Path, *, use_captions: bool = False
+) -> tuple[list[Path], list[Path], list[ImageIssue]]:
+    """(candidate images sorted by name, skipped paths, issues). Looks at the folder's top level only.
+
+    With ``use_captions``, a ``name.txt`` beside an image is its caption: neither skipped nor listed
+    here (check_images reports it with its image); one with no image of its name is a warning."""
     root = _resolve_folder(folder)
     images: list[Path] = []
     skipped: list[Path] = []
     issues: list[ImageIssue] = []
+    captions: list[Path] = []
 
     def skip(path: Path, why: str) -> None:
         skipped.append(path)
@@ -152,11 +162,30 @@ def find_images(folder: str | Path) -> tuple[list[Path], list[Path], list[ImageI
                 issues.append(ImageIssue(path, "error", f"{name}: {_not_a_file(path)}"))
         elif ext in _UNSUPPORTED_EXTENSIONS:
             issues.append(ImageIssue(path, "error", f"{name}: {_unsupported_advice(ext)}"))
+        elif use_captions and path.suffix == CAPTION_EXTENSION:  # "a.TXT": read_caption would miss it
+            captions.append(path)
         elif ext in _SIDECAR_EXTENSIONS:
-            skip(path, "caption/metadata file; every image is trained with the instance prompt")
+            why = (
+                "captions are read from name.txt only"
+                if use_captions
+                else "every image is trained with the instance prompt"
+            )
+            skip(path, f"caption/metadata file; {why}")
         else:
             skip(path, f"not an image; accepted: {_ACCEPTED}")
+    stems = {p.stem for p in images}
+    for txt in captions:  # after the loop: "a.txt" sorts before "a.webp"
+        if txt.stem not in stems:
+            skipped.append(txt)
+            issues.append(ImageIssue(txt, "warning", f"{txt.name}: {_orphan_caption(txt)}"))
     return images, skipped, issues
+
+
+def _orphan_caption(txt: Path) -> str:
+    return (
+        f"caption file, but no image of the same name ({txt.stem}.jpg, {txt.stem}.png, ...) is beside it, "
+        "so no image trains with it; name it after its image (photo.jpg -> photo.txt) or delete it"
+    )
 
 
 def _not_a_file(path: Path) -> str:
@@ -295,9 +324,12 @@ def check_images(
     min_count: int = 3,
     max_count: int = 100,
     max_pixels: int | None = None,
+    use_captions: bool = False,
 ) -> ImageReport:
-    """Decode every candidate and collect all problems; raises only when the folder does not exist."""
-    images, skipped, issues = find_images(folder)
+    """Decode every candidate and collect all problems; raises only when the folder does not exist.
+
+    ``use_captions``: each usable image's ``name.txt`` is reported as its caption (``report.captions``)."""
+    images, skipped, issues = find_images(folder, use_captions=use_captions)
     report = ImageReport(_resolve_folder(folder), [], skipped, issues)
     limit = max_pixels if max_pixels is not None else Image.MAX_IMAGE_PIXELS  # None: no limit
     first_by_hash: dict[str, Path] = {}
@@ -315,58 +347,98 @@ def check_images(
         except DataError as e:
             add("error", str(e))
             continue
-        w, h = rgb.size
-        pixels = notes.width * notes.height
-        if limit is not None and pixels > limit / 2:
-            size = f"{notes.width}x{notes.height} = {pixels / 1e6:.1f} MP"
-            add("warning", f"{size}, over half the {limit / 1e6:.1f} MP limit; downscale it to load faster")
-        short = min(w, h)
-        if short < min_size:
-            add("error", f"{w}x{h} is below the {min_size} px minimum side; use a larger photo")
+        problems = _photo_problems(rgb.size, notes, limit, resolution, min_size)
+        for severity, message in problems:
+            add(severity, message)
+        if any(severity == "error" for severity, _ in problems):
             continue
-        if short < resolution:
-            factor = f"{resolution / short:.1f}".removesuffix(".0")
-            why = f"smaller than the training resolution {resolution}: it will be upscaled {factor}x"
-            add("warning", f"{w}x{h} is {why} and look blurry; use photos of {resolution} px or more")
-        if max(w, h) > 2 * short:
-            kept = round(100 * short / max(w, h))
-            add("warning", f"{w}x{h}: the square crop keeps only {kept}% of it; crop it around the subject")
-        if notes.frames > 1:
-            add("warning", f"animated ({notes.frames} frames): only frame 0 is used")
-        if notes.mode == "CMYK":
-            add("warning", "CMYK: converted to RGB without its colour profile; save it as sRGB")
-        if notes.transparent:
-            add("warning", "transparent areas composited on white; export it with the background you want")
-        if notes.mode in _SIXTEEN_BIT_MODES:
-            add("info", "16-bit greyscale: scaled to 8-bit")
-        if notes.exif_error:
-            add("warning", f"EXIF unreadable ({notes.exif_error}); orientation not applied")
+        w, h = rgb.size
         digest = hashlib.sha256(f"{w}x{h}".encode() + rgb.tobytes()).hexdigest()
         if digest in first_by_hash:
             add("warning", f"same pixels as {first_by_hash[digest].name}; duplicates count double")
         else:
             first_by_hash[digest] = path
         report.images.append(path)
+    if use_captions:
+        report.captions = _captions(report.images, issues)
+    count = _count_issue(len(report.images), report.folder, min_count, max_count)
+    issues += [count] if count else []
+    # One order for the reader: by file name, folder-wide issues last (stable: a file's issues keep order).
+    issues.sort(key=lambda i: (i.path == report.folder, i.path.name))
+    return report
 
-    n, root = len(report.images), report.folder
+
+def _photo_problems(
+    size: tuple[int, int], notes: _Notes, limit: int | None, resolution: int, min_size: int
+) -> list[tuple[str, str]]:
+    """(severity, message) for one decoded photo of ``size`` (upright); an error means it is not used."""
+    out: list[tuple[str, str]] = []
+    w, h = size
+    pixels = notes.width * notes.height
+    if limit is not None and pixels > limit / 2:
+        mp = f"{notes.width}x{notes.height} = {pixels / 1e6:.1f} MP"
+        out.append(
+            ("warning", f"{mp}, over half the {limit / 1e6:.1f} MP limit; downscale it to load faster")
+        )
+    short = min(w, h)
+    if short < min_size:
+        out.append(("error", f"{w}x{h} is below the {min_size} px minimum side; use a larger photo"))
+        return out
+    if short < resolution:
+        factor = f"{resolution / short:.1f}".removesuffix(".0")
+        why = f"smaller than the training resolution {resolution}: it will be upscaled {factor}x"
+        out.append(("warning", f"{w}x{h} is {why} and look blurry; use photos of {resolution} px or more"))
+    if max(w, h) > 2 * short:
+        kept = round(100 * short / max(w, h))
+        out.append(
+            ("warning", f"{w}x{h}: the square crop keeps only {kept}% of it; crop it around the subject")
+        )
+    if notes.frames > 1:
+        out.append(("warning", f"animated ({notes.frames} frames): only frame 0 is used"))
+    if notes.mode == "CMYK":
+        out.append(("warning", "CMYK: converted to RGB without its colour profile; save it as sRGB"))
+    if notes.transparent:
+        out.append(
+            ("warning", "transparent areas composited on white; export it with the background you want")
+        )
+    if notes.mode in _SIXTEEN_BIT_MODES:
+        out.append(("info", "16-bit greyscale: scaled to 8-bit"))
+    if notes.exif_error:
+        out.append(("warning", f"EXIF unreadable ({notes.exif_error}); orientation not applied"))
+    return out
+
+
+def _captions(images: list[Path], issues: list[ImageIssue]) -> dict[Path, str]:
+    """Each image's caption (what pair_examples will train it with), reported on its caption file."""
+    captions: dict[Path, str] = {}
+    for image in images:
+        txt = caption_file(image)
+        caption = read_caption(image)
+        if caption is not None:
+            captions[image] = caption
+            issues.append(ImageIssue(txt, "info", f"{txt.name}: caption of {image.name}: {caption!r}"))
+        elif txt.is_file():
+            message = (
+                f"{txt.name} is empty, so {image.name} trains with the instance prompt; "
+                f"write its caption in it or delete it"
+            )
+            issues.append(ImageIssue(txt, "warning", message))
+    return captions
+
+
+def _count_issue(n: int, root: Path, min_count: int, max_count: int) -> ImageIssue | None:
     if n == 0:
-        issues.append(ImageIssue(root, "error", f"0 usable images in {root} (accepted: {_ACCEPTED})"))
-    elif n < min_count:
+        return ImageIssue(root, "error", f"0 usable images in {root} (accepted: {_ACCEPTED})")
+    if n < min_count:
         # Fewer than ~3 views and the model ties the subject to one pose and background.
         advice = "add photos from other angles and places"
-        issues.append(
-            ImageIssue(
-                root, "warning", f"only {n} usable image(s) in {root}, fewer than {min_count}; {advice}"
-            )
+        return ImageIssue(
+            root, "warning", f"only {n} usable image(s) in {root}, fewer than {min_count}; {advice}"
         )
-    elif n > max_count:
+    if n > max_count:
         advice = "all are used, but DreamBooth is meant for a handful of subject photos"
-        issues.append(
-            ImageIssue(root, "warning", f"{n} usable images in {root}, more than {max_count}; {advice}")
-        )
-    # One order for the reader: by file name, folder-wide issues last (stable: a file's issues keep order).
-    issues.sort(key=lambda i: (i.path == root, i.path.name))
-    return report
+        return ImageIssue(root, "warning", f"{n} usable images in {root}, more than {max_count}; {advice}")
+    return None
 
 
 def preprocess(
@@ -414,9 +486,14 @@ class Example:
     class_prompt: str | None = None
 
 
+def caption_file(image: Path) -> Path:
+    """Where ``image``'s caption lives: ``name.txt`` beside ``name.jpg`` (kohya-style)."""
+    return Path(image).with_suffix(CAPTION_EXTENSION)
+
+
 def read_caption(image: Path) -> str | None:
     """``name.txt`` beside ``name.jpg`` (kohya-style), stripped; None if absent or empty."""
-    txt = Path(image).with_suffix(".txt")
+    txt = caption_file(image)
     if not txt.is_file():
         return None
     return txt.read_text(encoding="utf-8", errors="replace").strip() or None

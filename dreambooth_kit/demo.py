@@ -25,8 +25,8 @@ def run_demo(
 ) -> list[str]:
     """Run the demo end to end into ``out``; returns the summary lines it prints."""
     from .config import TOY_MODEL, load_config
+    from .images import make_grid
     from .inference import generate, load_pipeline, save_images
-    from .pngmeta import make_grid
     from .toy import world
     from .toy.evaluate import CONTEXT_PROMPTS
     from .train import train

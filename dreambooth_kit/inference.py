@@ -24,16 +24,9 @@ from PIL import Image
 from ._version import __version__
 from .adapters import LoraMismatchError, load_lora, lora_file
 from .errors import InvalidInput, NonFiniteError
+from .images import make_grid, save_images
 from .models import ModelSource, resolve_model
-from .pngmeta import (
-    GenerationParams,
-    file_hash,
-    lora_hash,
-    make_grid,
-    read_metadata,
-    save_images,
-    save_png,
-)
+from .pngmeta import GenerationParams, file_hash, lora_hash, read_metadata, save_png
 
 __all__ = [
     "GenerationParams",
@@ -135,28 +128,12 @@ def load_pipeline(
     LoRAs into the weights (base speed; unfuse with ``pipe.unfuse_lora()``). ``offload``: "model"
     or "sequential" CPU offload, ``compile=True``: ``torch.compile`` the UNet (both CUDA only).
     On CUDA the UNet also runs channels-last."""
-    from diffusers import StableDiffusionPipeline
-
-    from .models import load_error, set_attention
-
     device = default_device() if device in (None, "auto") else device
     torch_dtype = pick_dtype(device, dtype)
-    if offload not in (None, "model", "sequential"):
-        raise InvalidInput(f"offload={offload!r}: use None, 'model' or 'sequential'")
-    if offload and torch.device(device).type != "cuda":
-        raise InvalidInput(
-            f"offload={offload!r} moves weights between CPU and a CUDA GPU; device is {device}"
-        )
-    if compile and torch.device(device).type != "cuda":
-        # On CPU, compiling the SD UNet takes minutes and gains little; on CUDA it pays back in a
-        # few images (CUDA graphs via mode="reduce-overhead").
-        raise InvalidInput(f"compile=True is for CUDA; device is {device}")
+    _check_placement(device, offload, compile)
     if prediction_type not in (None, "epsilon", "v_prediction"):
         raise InvalidInput(f"prediction_type={prediction_type!r}: use 'epsilon' or 'v_prediction'")
-    loras = [] if lora is None else [lora] if isinstance(lora, (str, Path)) else list(lora)
-    scales = lora_scale if isinstance(lora_scale, list) else [lora_scale] * len(loras)
-    if len(scales) != len(loras):
-        raise InvalidInput(f"lora_scale has {len(scales)} values for {len(loras)} LoRAs; give one per LoRA")
+    loras, scales = _lora_list(lora, lora_scale)
     if isinstance(base, ModelSource):  # a run's model, resolved once: its revision and variant too
         source, load_kw = base.location, base.load_kwargs()
         prediction_type = prediction_type or base.prediction_type
@@ -169,20 +146,7 @@ def load_pipeline(
             single_file_config=str(single_file_config) if single_file_config else None,
             prediction_type=prediction_type,
         )
-    try:
-        pipe = StableDiffusionPipeline.from_pretrained(
-            source, dtype=torch_dtype, safety_checker=None, requires_safety_checker=False, **load_kw
-        )
-    except (OSError, ValueError) as e:
-        raise load_error(source, e) from e
-    pipe.set_progress_bar_config(disable=True)
-    set_attention(pipe.unet, attention)
-    if prediction_type and pipe.scheduler.config.get("prediction_type") != prediction_type:
-        pipe.scheduler = type(pipe.scheduler).from_config(
-            pipe.scheduler.config, prediction_type=prediction_type
-        )
-    if scheduler is not None:
-        set_scheduler(pipe, scheduler)
+    pipe = _load_base(source, torch_dtype, attention, prediction_type, scheduler, load_kw)
     names = [load_lora(pipe, path, f"lora{i}") for i, path in enumerate(loras)]
     if names:
         pipe.set_adapters(names, adapter_weights=scales)
@@ -197,6 +161,66 @@ def load_pipeline(
         "lora_hashes": [lora_hash(f) for f in files],  # hashed once here, not once per image
         "scheduler": scheduler,
     }
+    return _place(pipe, device, offload, compile)
+
+
+def _check_placement(device: str, offload: str | None, compile: bool) -> None:
+    if offload not in (None, "model", "sequential"):
+        raise InvalidInput(f"offload={offload!r}: use None, 'model' or 'sequential'")
+    if offload and torch.device(device).type != "cuda":
+        raise InvalidInput(
+            f"offload={offload!r} moves weights between CPU and a CUDA GPU; device is {device}"
+        )
+    if compile and torch.device(device).type != "cuda":
+        # On CPU, compiling the SD UNet takes minutes and gains little; on CUDA it pays back in a
+        # few images (CUDA graphs via mode="reduce-overhead").
+        raise InvalidInput(f"compile=True is for CUDA; device is {device}")
+
+
+def _lora_list(
+    lora: str | Path | list[str | Path] | None, lora_scale: float | list[float]
+) -> tuple[list[str | Path], list[float]]:
+    """The LoRAs as a list and one scale per LoRA (a single scale applies to all)."""
+    loras = [] if lora is None else [lora] if isinstance(lora, (str, Path)) else list(lora)
+    scales = lora_scale if isinstance(lora_scale, list) else [lora_scale] * len(loras)
+    if len(scales) != len(loras):
+        raise InvalidInput(f"lora_scale has {len(scales)} values for {len(loras)} LoRAs; give one per LoRA")
+    return loras, scales
+
+
+def _load_base(
+    source: str,
+    torch_dtype: torch.dtype,
+    attention: str,
+    prediction_type: str | None,
+    scheduler: str | None,
+    load_kw: dict | None = None,
+):
+    """The base pipeline from a resolved model (``load_kw``: its revision/variant), with its
+    attention and sampler set."""
+    from diffusers import StableDiffusionPipeline
+
+    from .models import load_error, set_attention
+
+    try:
+        pipe = StableDiffusionPipeline.from_pretrained(
+            source, dtype=torch_dtype, safety_checker=None, requires_safety_checker=False, **(load_kw or {})
+        )
+    except (OSError, ValueError) as e:
+        raise load_error(source, e) from e
+    pipe.set_progress_bar_config(disable=True)
+    set_attention(pipe.unet, attention)
+    if prediction_type and pipe.scheduler.config.get("prediction_type") != prediction_type:
+        pipe.scheduler = type(pipe.scheduler).from_config(
+            pipe.scheduler.config, prediction_type=prediction_type
+        )
+    if scheduler is not None:
+        set_scheduler(pipe, scheduler)
+    return pipe
+
+
+def _place(pipe, device: str, offload: str | None, compile: bool):
+    """Offloaded (weights move to the GPU per model or per layer), or moved to ``device``."""
     if offload == "model":
         pipe.enable_model_cpu_offload()
         return pipe
@@ -292,6 +316,18 @@ def _as_image(im: Image.Image, size: tuple[int, int], mode: str) -> Image.Image:
     return im if im.size == size else im.resize(size, Image.Resampling.LANCZOS)
 
 
+class _Job(NamedTuple):
+    """What one ``generate`` call asks of every image it makes (all but the seed)."""
+
+    prompt: str
+    negative_prompt: str | None
+    steps: int
+    guidance_scale: float
+    size: tuple[int, int]  # (width, height)
+    mode: str  # txt2img | img2img | inpaint
+    strength: float  # recorded for img2img/inpaint only
+
+
 def generate(
     pipe,
     prompt: str,
@@ -315,74 +351,79 @@ def generate(
     (white = repaint) for inpainting, all with the same loaded components. ``batch_size`` images go
     through the UNet together: the default 1 makes every image bit-identical to a single-image call
     on CPU (batched matmuls may round differently). Returns ``Generated(image, params)`` tuples."""
-    size = pipe.unet.config.sample_size * pipe.vae_scale_factor
-    if init_image is not None:
-        init_image = _input_image(init_image, "init image")
-    if mask_image is not None:
-        if init_image is None:
-            raise InvalidInput("mask_image needs init_image (the picture to repaint); pass both")
-        mask_image = _input_image(mask_image, "mask image")
-    if init_image is not None and (height is None or width is None):
-        w0, h0 = init_image.size
-        width, height = width or (w0 // 8 * 8), height or (h0 // 8 * 8)
-    height = size if height is None else height
-    width = size if width is None else width
+    init_image, mask_image = _inputs(init_image, mask_image)
+    width, height = _output_size(pipe, init_image, width, height)
     seed_list = _seeds(
         seed, seeds, num_images or (len(seeds) if seeds else len(seed) if isinstance(seed, list) else 1)
     )
     num_images = num_images or len(seed_list)
     mode = "txt2img" if init_image is None else "img2img" if mask_image is None else "inpaint"
     _check_args(height, width, steps, num_images, seed_list, strength if mode != "txt2img" else None)
+    job = _Job(prompt, negative_prompt, steps, guidance_scale, (width, height), mode, strength)
     if mode == "img2img" and int(steps * strength) < 1:
         # No denoising step is left (diffusers refuses to run zero steps): the result is the
         # VAE's reconstruction of the input, which is what strength -> 0 converges to.
-        return _reconstruct(
-            pipe,
-            prompt,
-            negative_prompt,
-            init_image,
-            (width, height),
-            seed_list,
-            steps,
-            guidance_scale,
-            strength,
-        )
+        return _reconstruct(pipe, job, init_image, seed_list)
     runner, extra = _mode_pipeline(pipe, mode, init_image, mask_image, (width, height), strength)
     out: list[Generated] = []
     for start in range(0, num_images, max(1, batch_size)):
-        chunk = seed_list[start : start + batch_size]
-        generators = [torch.Generator("cpu").manual_seed(s) for s in chunk]
-        latents = runner(
-            prompt=[prompt] * len(chunk),
-            negative_prompt=[negative_prompt] * len(chunk) if negative_prompt else None,
-            num_inference_steps=steps,
-            guidance_scale=guidance_scale,
-            generator=generators,
-            output_type="latent",
-            **({"height": height, "width": width} if mode == "txt2img" else extra),
-        ).images
-        arrays = decode_latents(pipe, latents, chunk)
-        for s, arr in zip(chunk, arrays, strict=True):
-            params = _params(
-                pipe, prompt, negative_prompt, s, steps, guidance_scale, (width, height), mode, strength
-            )
-            out.append(Generated(Image.fromarray(arr), params))
+        out += _run_batch(pipe, runner, extra, job, seed_list[start : start + batch_size])
     return out
 
 
-def _params(
-    pipe, prompt, negative_prompt, seed, steps, guidance_scale, size, mode, strength
-) -> GenerationParams:
+def _inputs(init_image, mask_image) -> tuple[Image.Image | None, Image.Image | None]:
+    """The init and mask images, loaded and upright; a mask alone is refused."""
+    if init_image is not None:
+        init_image = _input_image(init_image, "init image")
+    if mask_image is not None:
+        if init_image is None:
+            raise InvalidInput("mask_image needs init_image (the picture to repaint); pass both")
+        mask_image = _input_image(mask_image, "mask image")
+    return init_image, mask_image
+
+
+def _output_size(
+    pipe, init_image: Image.Image | None, width: int | None, height: int | None
+) -> tuple[int, int]:
+    """(width, height): as given, else the init image's (rounded down to the VAE's 8 px blocks),
+    else the model's native size."""
+    if init_image is not None and (height is None or width is None):
+        w0, h0 = init_image.size
+        width, height = width or (w0 // 8 * 8), height or (h0 // 8 * 8)
+    native = pipe.unet.config.sample_size * pipe.vae_scale_factor
+    return (native if width is None else width), (native if height is None else height)
+
+
+def _run_batch(pipe, runner, extra: dict, job: _Job, chunk: list[int]) -> list[Generated]:
+    """The images for the seeds in ``chunk``, through the UNet together."""
+    width, height = job.size
+    generators = [torch.Generator("cpu").manual_seed(s) for s in chunk]
+    latents = runner(
+        prompt=[job.prompt] * len(chunk),
+        negative_prompt=[job.negative_prompt] * len(chunk) if job.negative_prompt else None,
+        num_inference_steps=job.steps,
+        guidance_scale=job.guidance_scale,
+        generator=generators,
+        output_type="latent",
+        **({"height": height, "width": width} if job.mode == "txt2img" else extra),
+    ).images
+    arrays = decode_latents(pipe, latents, chunk)
+    return [
+        Generated(Image.fromarray(arr), _params(pipe, job, s)) for s, arr in zip(chunk, arrays, strict=True)
+    ]
+
+
+def _params(pipe, job: _Job, seed: int) -> GenerationParams:
     meta = getattr(pipe, "_dbk", {})
     sched = meta.get("scheduler")
     return GenerationParams(
-        prompt=prompt,
-        negative_prompt=negative_prompt or "",
+        prompt=job.prompt,
+        negative_prompt=job.negative_prompt or "",
         seed=seed,
-        steps=steps,
-        guidance_scale=guidance_scale,
-        width=size[0],
-        height=size[1],
+        steps=job.steps,
+        guidance_scale=job.guidance_scale,
+        width=job.size[0],
+        height=job.size[1],
         sampler=SCHEDULERS[sched][2] if sched else type(pipe.scheduler).__name__.removesuffix("Scheduler"),
         model=meta.get("model", "unknown"),
         loras=list(meta.get("loras") or []),
@@ -390,28 +431,23 @@ def _params(
         scheduler=sched,
         model_hash=meta.get("model_hash"),
         lora_hashes=list(meta.get("lora_hashes") or []),
-        mode=mode,
-        strength=strength if mode != "txt2img" else None,
+        mode=job.mode,
+        strength=job.strength if job.mode != "txt2img" else None,
         version=__version__,
     )
 
 
-def _reconstruct(pipe, prompt, negative_prompt, init_image, size, seeds, steps, guidance_scale, strength):
+def _reconstruct(pipe, job: _Job, init_image: Image.Image, seeds: list[int]) -> list[Generated]:
+    """img2img with no denoising step left: the VAE's round trip of the init image, for every seed."""
     from diffusers.image_processor import VaeImageProcessor
 
     pixels = (
-        VaeImageProcessor().preprocess(_as_image(init_image, size, "RGB")).to(pipe.device, pipe.vae.dtype)
+        VaeImageProcessor().preprocess(_as_image(init_image, job.size, "RGB")).to(pipe.device, pipe.vae.dtype)
     )
     with torch.no_grad():
         latents = pipe.vae.encode(pixels).latent_dist.mean * pipe.vae.config.scaling_factor
     (arr,) = decode_latents(pipe, latents, seeds[:1])
-    return [
-        Generated(
-            Image.fromarray(arr),
-            _params(pipe, prompt, negative_prompt, s, steps, guidance_scale, size, "img2img", strength),
-        )
-        for s in seeds
-    ]
+    return [Generated(Image.fromarray(arr), _params(pipe, job, s)) for s in seeds]
 
 
 def _mode_pipeline(pipe, mode, init_image, mask_image, size, strength):
@@ -456,12 +492,17 @@ def decode_latents(pipe, latents: torch.Tensor, seeds: list[int]) -> list[np.nda
 
 
 def regenerate_from_png(
-    png: str | Path, *, base: str | None = None, lora: str | Path | list[str | Path] | None = None
+    png: str | Path,
+    *,
+    base: str | None = None,
+    lora: str | Path | list[str | Path] | None = None,
+    lora_scale: float | list[float] | None = None,
 ) -> Generated:
     """Re-create an image from the settings our JSON chunk recorded in it.
 
-    ``base``/``lora`` replace the recorded model/LoRAs (moved files); the recorded scales are kept when
-    as many LoRAs are given as were recorded, else each new LoRA gets scale 1."""
+    ``base``/``lora`` replace the recorded model/LoRAs (moved files); ``lora_scale`` replaces the
+    recorded scales. Without it the recorded scales are kept when as many LoRAs are given as were
+    recorded, else each new LoRA gets scale 1."""
     meta = read_metadata(png)["params"]
     if meta is None:
         raise InvalidInput(
@@ -477,7 +518,9 @@ def regenerate_from_png(
     scales = list(meta.lora_scales)
     if lora is not None:
         loras = [lora] if isinstance(lora, (str, Path)) else list(lora)
-    if len(scales) != len(loras):
+    if lora_scale is not None:
+        scales = lora_scale if isinstance(lora_scale, list) else [lora_scale] * len(loras)
+    elif len(scales) != len(loras):
         scales = [1.0] * len(loras)
     pipe = load_pipeline(base or meta.model, lora=loras or None, lora_scale=scales, scheduler=meta.scheduler)
     return generate(

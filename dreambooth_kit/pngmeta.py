@@ -8,7 +8,6 @@ show their prompt and seed. Its format is loose text, so we also write our own J
 from __future__ import annotations
 
 import json
-import math
 import re
 import types
 import typing
@@ -101,13 +100,14 @@ class GenerationParams:
 
 def _upgrade(d: dict[str, Any]) -> dict[str, Any]:
     """PNGs written before several LoRAs were recorded as lists: one ``lora`` string (several joined
-    with ","), one ``lora_scale``, and a whole-file ``lora_hash`` that A1111 never matches (dropped)."""
+    with "," or ", "), one ``lora_scale``, and a whole-file ``lora_hash`` that A1111 never matches
+    (dropped). The pieces are stripped: " b.safetensors" is not the file the user has."""
     if "lora" in d and "loras" not in d:
         old = d.pop("lora")
         if old is None:
             loras = []
         elif isinstance(old, str) and "," in old and not Path(old).exists():
-            loras = old.split(",")
+            loras = [p.strip() for p in old.split(",") if p.strip()]
         else:
             loras = [old]
         d["loras"] = loras
@@ -230,24 +230,3 @@ def read_metadata(png: str | Path) -> dict[str, Any]:
             ) from e
     info = parse_infotext(text["parameters"]) if "parameters" in text else {}
     return {"params": params, "infotext": info}
-
-
-def save_images(results, folder: str | Path, *, grid: bool = False, prefix: str = "") -> list[Path]:
-    """Save ``generate()`` results as ``{prefix}{seed}.png`` (+ ``grid.png``); returns the paths."""
-    folder = Path(folder)
-    paths = [save_png(r.image, r.params, folder / f"{prefix}{r.params.seed}.png") for r in results]
-    if grid and results:
-        g = folder / f"{prefix}grid.png"
-        make_grid([r.image for r in results]).save(g)
-        paths.append(g)
-    return paths
-
-
-def make_grid(images: list[Image.Image], cols: int | None = None) -> Image.Image:
-    cols = cols or math.ceil(math.sqrt(len(images)))
-    rows = math.ceil(len(images) / cols)
-    w, h = images[0].size
-    grid = Image.new("RGB", (cols * w, rows * h))
-    for i, im in enumerate(images):
-        grid.paste(im, ((i % cols) * w, (i // cols) * h))
-    return grid

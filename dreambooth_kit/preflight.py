@@ -12,8 +12,8 @@ import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .config import ConceptConfig, DreamBoothConfig, concepts_of
-from .data import DataError, ImageIssue, ImageReport, check_images
+from .config import ConceptConfig, DreamBoothConfig, concepts_of, mentions_identifier
+from .data import DataError, ImageIssue, ImageReport, caption_file, check_images
 from .errors import UserError
 
 log = logging.getLogger("dreambooth_kit")
@@ -64,20 +64,8 @@ def check_prompts(
     if p.with_prior_preservation:
         prompts.append(("prior.class_prompt", c.class_prompt))
     for name, prompt in prompts:
-        ids = tokenizer(prompt, truncation=False, add_special_tokens=True).input_ids
-        if len(ids) > MAX_TOKENS:
-            kept = tokenizer.decode(ids[1 : MAX_TOKENS - 1])
-            dropped = tokenizer.decode(ids[MAX_TOKENS - 1 : -1])
-            msg = (
-                f"{name} is {len(ids)} tokens, over CLIP's {MAX_TOKENS}; training would see only "
-                f"{kept!r} and drop {dropped!r}. Shorten it"
-            )
-            if d.allow_truncation:
-                issues.append(
-                    ImageIssue(source, "warning", msg + " (data.allow_truncation=true: truncating)")
-                )
-            else:
-                issues.append(ImageIssue(source, "error", msg + ", or set data.allow_truncation=true"))
+        issue = _token_issue(tokenizer, name, prompt, source, d.allow_truncation)
+        issues += [issue] if issue else []
     ident = c.identifier
     if ident:
         pieces = tokenizer.tokenize(ident)
@@ -109,6 +97,47 @@ def check_prompts(
                     "prompt should describe the generic class, e.g. 'a photo of a dog'",
                 )
             )
+    return issues
+
+
+def _token_issue(
+    tokenizer, name: str, prompt: str, source: Path, allow_truncation: bool
+) -> ImageIssue | None:
+    """An error (a warning with data.allow_truncation) if ``prompt`` is over CLIP's 77 tokens: the
+    text encoder would silently drop the tail, identifier included if it is there."""
+    ids = tokenizer(prompt, truncation=False, add_special_tokens=True).input_ids
+    if len(ids) <= MAX_TOKENS:
+        return None
+    kept = tokenizer.decode(ids[1 : MAX_TOKENS - 1])
+    dropped = tokenizer.decode(ids[MAX_TOKENS - 1 : -1])
+    msg = (
+        f"{name} is {len(ids)} tokens, over CLIP's {MAX_TOKENS}; training would see only "
+        f"{kept!r} and drop {dropped!r}. Shorten it"
+    )
+    if allow_truncation:
+        return ImageIssue(source, "warning", msg + " (data.allow_truncation=true: truncating)")
+    return ImageIssue(source, "error", msg + ", or set data.allow_truncation=true")
+
+
+def check_captions(
+    tokenizer, cfg: DreamBoothConfig, report: ImageReport, concept: ConceptConfig
+) -> list[ImageIssue]:
+    """Each caption (data.use_captions) is its image's prompt, so it gets the instance prompt's checks:
+    CLIP's token limit, and the identifier in it (without it that photo never teaches the identifier)."""
+    issues: list[ImageIssue] = []
+    ident = concept.identifier
+    for image, caption in report.captions.items():
+        txt = caption_file(image)
+        name = f"{txt.name}: the caption of {image.name}"
+        issue = _token_issue(tokenizer, name, caption, txt, cfg.data.allow_truncation)
+        issues += [issue] if issue else []
+        if ident and not mentions_identifier(caption, ident):
+            message = (
+                f"{name}, {caption!r}, lacks the identifier {ident!r}, so this photo would not teach it; "
+                f"put it in (e.g. 'a photo of {ident} ...'), or delete {txt.name} to train "
+                f"{image.name} with the instance prompt"
+            )
+            issues.append(ImageIssue(txt, "error", message))
     return issues
 
 
@@ -177,8 +206,11 @@ def check_output_folders(cfg: DreamBoothConfig) -> None:
 
 
 def _check_instance_folder(key: str, folder: str, cfg: DreamBoothConfig) -> ImageReport:
+    d = cfg.data
     try:
-        return check_images(Path(folder), resolution=cfg.data.resolution, min_size=cfg.data.min_size)
+        return check_images(
+            Path(folder), resolution=d.resolution, min_size=d.min_size, use_captions=d.use_captions
+        )
     except DataError as e:  # the folder itself (missing, a file, a link loop): name the setting too
         raise DataError(f"{key}: {e}") from None
 
@@ -214,9 +246,10 @@ def preflight(
                 issues.append(ImageIssue(Path(out), "error", problem))
     if tokenizer is None and source is not None:
         tokenizer = load_tokenizer_only(source)
-    if tokenizer is not None:
-        for c in concepts:
+    if tokenizer is not None:  # captions are prompts: checked with them
+        for c, r in zip(concepts, reports, strict=True):
             issues += check_prompts(tokenizer, cfg, Path(c.instance_dir), c)
+            issues += check_captions(tokenizer, cfg, r, c)
     issues += check_settings(cfg, prediction_type, folder)
     result = PreflightReport(reports=reports, issues=issues)
     for i in issues:

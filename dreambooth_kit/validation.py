@@ -19,8 +19,8 @@ import torch
 from PIL import Image
 
 from .config import DreamBoothConfig, concepts_of
+from .images import make_grid
 from .inference import generate, save_png
-from .pngmeta import make_grid
 
 if TYPE_CHECKING:
     from .loop import LoopState

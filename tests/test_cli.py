@@ -6,7 +6,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from PIL import Image
+from PIL import Image, PngImagePlugin
 
 from dreambooth_kit.cli import main
 
@@ -97,6 +97,44 @@ def test_generate_command_is_reproducible(tmp_path, tiny_model, capsys):
         assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
     with Image.open(tmp_path / "a" / "10.png") as im:
         assert "Seed: 10" in im.text["parameters"]
+
+
+def test_from_png_of_an_old_two_lora_image_loads_both_with_their_scales(
+    tmp_path, tiny_model, trained_run, capsys
+):
+    """Before: an older PNG that stored its two LoRAs as "a.safetensors, b.safetensors" was read back as
+    "a.safetensors" and " b.safetensors" (no such file): --from-png failed with LoRA not found."""
+    import json
+    import shutil
+    from dataclasses import asdict
+
+    import numpy as np
+
+    from dreambooth_kit.inference import generate, load_pipeline
+    from dreambooth_kit.pngmeta import JSON_KEY, read_metadata
+
+    a = trained_run["result"].lora_path
+    b = shutil.copy(a, tmp_path / "second.safetensors")
+    pipe = load_pipeline(str(tiny_model), lora=[a, b], lora_scale=0.5)
+    ((img, params),) = generate(pipe, "a photo of zwx toy", seed=5, steps=2)
+    old = {k: v for k, v in asdict(params).items() if k not in ("loras", "lora_scales", "lora_hashes")}
+    old |= {"lora": f"{a}, {b}", "lora_scale": 0.5}  # how an older version recorded two LoRAs
+    info = PngImagePlugin.PngInfo()
+    info.add_text(JSON_KEY, json.dumps(old))
+    png = tmp_path / "old.png"
+    img.save(png, pnginfo=info)
+
+    assert main(["generate", "--from-png", str(png), "--out", str(tmp_path / "again")]) == 0
+    (out,) = capsys.readouterr().out.split()
+    again = read_metadata(out)["params"]
+    assert again.loras == [str(a), str(b)] and again.lora_scales == [0.5, 0.5]
+    with Image.open(out) as im:
+        assert np.array_equal(np.asarray(im), np.asarray(img))  # the same image, both LoRAs at 0.5
+    # --lora-scale replaces the recorded scales (it used to be ignored with --from-png).
+    args = ["generate", "--from-png", str(png), "--lora-scale", "0.7", "0.3", "--out", str(tmp_path / "s")]
+    assert main(args) == 0
+    (out,) = capsys.readouterr().out.split()
+    assert read_metadata(out)["params"].lora_scales == [0.7, 0.3]
 
 
 def test_generate_missing_base_path_is_named(tmp_path, capsys):

@@ -22,6 +22,7 @@ from dreambooth_kit.data import (
     collate,
     find_images,
     load_image,
+    pair_examples,
     preprocess,
 )
 
@@ -502,8 +503,6 @@ def test_demo_subject_is_clean():
 
 
 def test_pair_examples_uses_captions_beside_images(tmp_path):
-    from dreambooth_kit.data import pair_examples
-
     a, b = tmp_path / "a.png", tmp_path / "b.png"
     for p in (a, b):
         Image.new("RGB", (40, 40)).save(p)
@@ -511,6 +510,39 @@ def test_pair_examples_uses_captions_beside_images(tmp_path):
     rows = pair_examples([a, b], "a photo of sks toy", use_captions=True)
     assert [r.instance_prompt for r in rows] == ["a photo of sks toy on the moon", "a photo of sks toy"]
     assert [r.instance_prompt for r in pair_examples([a], "p")] == ["p"]  # captions off by default
+
+
+def test_with_use_captions_a_txt_beside_an_image_is_reported_as_its_caption(tmp_path):
+    """Before: every .txt was skipped as "caption/metadata file; every image is trained with the
+    instance prompt", even when data.use_captions trains each image with its .txt."""
+    a, b, c = (_solid(tmp_path, f"{n}.png", color) for n, color in (("a", RED), ("b", GREEN), ("c", BLUE)))
+    (tmp_path / "a.txt").write_text("  a photo of sks toy on the moon \n")
+    (tmp_path / "b.txt").write_text("\n")  # empty: b trains with the instance prompt
+    (tmp_path / "photo 4.txt").write_text("a photo of sks toy")  # no image of that name
+    (tmp_path / "c.caption").write_text("not read: captions are name.txt")
+    report = check_images(tmp_path, resolution=64, use_captions=True)
+    a, b, c = (p.resolve() for p in (a, b, c))
+    assert report.images == [a, b, c] and report.errors == []
+    assert report.captions == {a: "a photo of sks toy on the moon"}
+    assert {p.name for p in report.skipped} == {"photo 4.txt", "c.caption"}
+    assert _by_name(report.issues, "a.txt", "info") == [
+        "a.txt: caption of a.png: 'a photo of sks toy on the moon'"
+    ]
+    assert _by_name(report.issues, "b.txt", "warning") == [
+        "b.txt is empty, so b.png trains with the instance prompt; write its caption in it or delete it"
+    ]
+    (orphan,) = _by_name(report.issues, "photo 4.txt", "warning")
+    assert "no image of the same name (photo 4.jpg, photo 4.png, ...)" in orphan
+    assert _by_name(report.issues, "c.caption", "info") == [
+        "c.caption: skipped (caption/metadata file; captions are read from name.txt only)"
+    ]
+    assert not any("trained with the instance prompt" in i.message for i in report.issues)
+    # What is reported is what training uses.
+    rows = pair_examples(report.images, "a photo of sks toy", use_captions=True)
+    assert {r.instance: r.instance_prompt for r in rows if r.instance in report.captions} == report.captions
+    # Captions off: every .txt is an unused sidecar, as before.
+    off = check_images(tmp_path, resolution=64)
+    assert off.captions == {} and {"a.txt", "b.txt", "photo 4.txt"} <= {p.name for p in off.skipped}
 
 
 def test_epoch_sampler_is_a_pure_function_of_seed_epoch_and_position():

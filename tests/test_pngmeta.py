@@ -13,7 +13,6 @@ from dreambooth_kit.pngmeta import (
     MetadataError,
     lora_hash,
     lora_name,
-    make_grid,
     parse_infotext,
     read_metadata,
     save_png,
@@ -75,12 +74,9 @@ def test_read_metadata_of_a_foreign_png(tmp_path):
     assert read_metadata(tmp_path / "plain.png") == {"params": None, "infotext": {}}
 
 
-def test_lora_name_and_grid():
+def test_lora_name():
     assert lora_name("runs/dog/lora/pytorch_lora_weights.safetensors") == "dog"
     assert lora_name("loras/zwx_v2.safetensors") == "zwx_v2"
-    tiles = [Image.new("RGB", (4, 4), c) for c in ("red", "green", "blue")]
-    g = make_grid(tiles)
-    assert g.size == (8, 8) and g.getpixel((5, 1)) == (0, 128, 0) and g.getpixel((1, 5)) == (0, 0, 255)
 
 
 def test_file_hash_is_sha256_prefix_and_remembered_on_disk(tmp_path):
@@ -186,3 +182,12 @@ def test_settings_written_before_lora_lists_are_read(tmp_path):
     params = read_metadata(_png_with_chunk(tmp_path / "old.png", json.dumps(old)))["params"]
     assert params.loras == ["runs/a/lora/pytorch_lora_weights.safetensors", "b.safetensors"]
     assert params.lora_scales == [0.5, 0.5] and params.lora_hashes == []
+
+
+def test_old_settings_with_loras_joined_by_comma_and_space_give_each_path(tmp_path):
+    """Before: "a.safetensors, b.safetensors" split into "a.safetensors" and " b.safetensors" (a
+    leading space: no such file), so --from-png of a two-LoRA image failed with LoRA not found."""
+    old = {k: v for k, v in GOOD.items() if k not in ("loras", "lora_scales", "lora_hashes")}
+    old |= {"lora": "a.safetensors, b.safetensors", "lora_scale": 0.8}
+    params = read_metadata(_png_with_chunk(tmp_path / "old.png", json.dumps(old)))["params"]
+    assert params.loras == ["a.safetensors", "b.safetensors"] and params.lora_scales == [0.8, 0.8]

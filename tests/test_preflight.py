@@ -104,6 +104,53 @@ def test_long_class_prompt_is_checked_too(tmp_path, photos, tok):
     assert check_prompts(tok, cfg, photos) == []
 
 
+# ------------------------------------------------------------------ captions (data.use_captions)
+
+
+def test_captions_are_checked_like_the_instance_prompt(tmp_path, photos, tok):
+    """Before: with data.use_captions the captions were never token-checked, so a long caption lost
+    its tail (identifier included) silently, and a caption without the identifier trained that
+    photo without it."""
+    (photos / "01.txt").write_text(LONG)
+    (photos / "02.txt").write_text("a photo of a toy on a beach")
+    (photos / "03.txt").write_text("zwx toy, beach, sunset")
+    cfg = _cfg(tmp_path, photos, **{"data.use_captions": True})
+    with pytest.raises(PreflightError) as exc:
+        preflight(cfg, tok, "v_prediction")
+    n = len(tok(LONG, truncation=False).input_ids)
+    long, missing = exc.value.issues
+    assert (long.path, missing.path) == (photos.resolve() / "01.txt", photos.resolve() / "02.txt")
+    assert long.text == (
+        f"{photos.resolve() / '01.txt'}: the caption of 01.jpg is {n} tokens, over CLIP's 77; training "
+        f"would see only {KEPT!r} and drop 'red blue green yellow'. Shorten it, or set "
+        "data.allow_truncation=true"
+    )
+    assert missing.message == (
+        "02.txt: the caption of 02.jpg, 'a photo of a toy on a beach', lacks the identifier 'zwx', so "
+        "this photo would not teach it; put it in (e.g. 'a photo of zwx ...'), or delete 02.txt to train "
+        "02.jpg with the instance prompt"
+    )
+    # As for the instance prompt, data.allow_truncation turns the length error into a warning.
+    (photos / "02.txt").unlink()
+    report = preflight(
+        _cfg(tmp_path, photos, **{"data.use_captions": True, "data.allow_truncation": True}), tok
+    )
+    (warning,) = [i for i in report.warnings if i.path.name == "01.txt"]
+    assert warning.message.endswith("Shorten it (data.allow_truncation=true: truncating)")
+
+
+def test_photo_check_reports_captions_instead_of_skipping_them(tmp_path, photos):
+    """Before: check-data listed every caption as skipped ("every image is trained with the instance
+    prompt") even with data.use_captions on."""
+    (photos / "01.txt").write_text("a photo of zwx toy on a beach")
+    report = preflight(_cfg(tmp_path, photos, **{"data.use_captions": True}), check_folders=False)
+    assert photos.resolve() / "01.txt" not in report.instance.skipped
+    assert report.instance.captions == {photos.resolve() / "01.jpg": "a photo of zwx toy on a beach"}
+    assert [i.message for i in report.instance.infos] == [
+        "01.txt: caption of 01.jpg: 'a photo of zwx toy on a beach'"
+    ]
+
+
 # ------------------------------------------------------------------ identifier quality
 
 
