@@ -38,6 +38,7 @@ COLUMNS = [
     ("subject_fidelity", "subject fidelity ↑"),
     ("subject_rate", "subject rate ↑"),
     ("context_background", "background follows prompt ↑"),
+    ("context_subject_rate", "subject on that background ↑"),
     ("class_subject_rate", "'a ball' is the subject ↓"),
     ("pres", "PRES ↓"),
     ("div", "DIV ↑"),

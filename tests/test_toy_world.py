@@ -51,3 +51,17 @@ def test_subject_photos_vary_and_use_colours_no_word_names():
     cyan = np.abs(arr - world.SUBJECT_TOP).sum(1) < 40
     assert cyan.mean() > 0.02
     assert all(np.abs(np.array(world.SUBJECT_TOP) - c).sum() > 150 for c in world.COLOURS.values())
+
+
+def test_written_photos_name_their_background_on_every_other_caption(tmp_path):
+    """Photos 1, 3, 5 carry a kohya-style caption naming their background (the identifier then binds
+    to the ball, not to the photos' backgrounds); 2 and 4 train with the bare instance prompt."""
+    paths = world.write_subject_photos(tmp_path)
+    scenes = [s for _, s in world.subject_photos()]
+    captions = {
+        p.name: p.with_suffix(".txt").read_text().strip() for p in paths if p.with_suffix(".txt").exists()
+    }
+    assert captions == {
+        paths[i].name: f"a photo of zwx ball on a {scenes[i].background} background" for i in (0, 2, 4)
+    }
+    assert not list(world.write_subject_photos(tmp_path / "bare", captions=False)[0].parent.glob("*.txt"))

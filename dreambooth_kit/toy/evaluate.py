@@ -23,6 +23,7 @@ class Scores:
     context_background: (
         float  # share of "zwx ball on a X background" samples with background X: CLIP-T analog
     )
+    context_subject_rate: float  # share of those samples the detector calls the subject
     class_subject_rate: float  # share of "a ball" samples that are the subject: drift (lower is better)
     pres: float  # mean cosine of "a ball" samples to the subject photos: PRES (lower is better)
     div: float  # mean pairwise 1 - cosine among "a ball" samples: DIV (higher is better)
@@ -66,6 +67,7 @@ def score(
         subject_fidelity=subject_fidelity(judge.features, subject, refs),
         subject_rate=subject_rate(judge, subject),
         context_background=attribute_accuracy(judge, context, expected)["background"],
+        context_subject_rate=subject_rate(judge, context),
         class_subject_rate=subject_rate(judge, cls),
         pres=pres(judge.features, cls, refs),
         div=diversity(judge.features, cls),

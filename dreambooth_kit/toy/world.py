@@ -160,13 +160,23 @@ def subject_photos(n: int = 5, seed: int = 1557) -> list[tuple[Image.Image, Scen
     return [(render(s, seed=seed + i), s) for i, s in enumerate(scenes)]
 
 
-def write_subject_photos(folder: str | Path, n: int = 5, seed: int = 1557) -> list[Path]:
+def write_subject_photos(
+    folder: str | Path, n: int = 5, seed: int = 1557, *, captions: bool = True
+) -> list[Path]:
+    """Write the photos as ``01.png``..; with ``captions``, every other photo gets a kohya-style
+    ``01.txt`` naming its background (``a photo of zwx ball on a sand background``), the others
+    train with the bare instance prompt. Naming what is not the subject keeps the identifier off the
+    five photos' backgrounds: with the bare prompt on all five, a LoRA with prior preservation drew
+    the subject on a prompted new background in 0-19% of samples; captioned, in 100% (2 seeds), while
+    the bare ``a photo of zwx ball`` still draws it (README, "Does it learn?")."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     paths = []
-    for i, (img, _) in enumerate(subject_photos(n, seed)):
+    for i, (img, scene) in enumerate(subject_photos(n, seed)):
         path = folder / f"{i + 1:02d}.png"
         img.save(path)
+        if captions and i % 2 == 0:
+            path.with_suffix(".txt").write_text(caption(scene) + "\n")
         paths.append(path)
     return paths
 
