@@ -30,7 +30,7 @@ _OVERRIDE = re.compile(r"^[A-Za-z_][\w.\[\]]*=")
 
 
 def _cmd_check_data(args) -> int:
-    from .config import load_config
+    from .config import load_config, preflight_spec
     from .models import resolve_source
     from .preflight import load_tokenizer_only, preflight
 
@@ -52,7 +52,7 @@ def _cmd_check_data(args) -> int:
         # Photos only: the default config's prompts and folders are not the user's, and no model
         # (not even its tokenizer) is needed, so this works offline before anything is downloaded.
         cfg = load_config(CHECK_DATA_DEFAULT_CONFIG, overrides)
-        report = preflight(cfg, check_folders=False)
+        report = preflight(preflight_spec(cfg), check_folders=False)
         scope = f" (photos only, checked for {cfg.data.resolution} px training; add --config to check prompts too)"
     else:
         cfg = load_config(args.config, overrides)
@@ -66,7 +66,7 @@ def _cmd_check_data(args) -> int:
                 cfg.model.pretrained,
             )
             scope = " (prompts not checked)"
-        report = preflight(cfg, tokenizer, prediction_type=source.prediction_type)
+        report = preflight(preflight_spec(cfg), tokenizer, prediction_type=source.prediction_type)
     n = sum(len(r.images) for r in report.reports)
     print(f"{n} usable images, {len(report.warnings)} warnings, 0 errors{scope}")
     return 0

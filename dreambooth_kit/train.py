@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from .config import DreamBoothConfig, save_config
+from .config import DreamBoothConfig, preflight_spec, save_config
 from .errors import MissingExtra, UserError
 from .layout import RunLayout
 from .outputs import LORA_WEIGHTS
@@ -91,7 +91,9 @@ def train(cfg: DreamBoothConfig) -> TrainResult:
     with _lock_output_dir(cfg, out, accelerator):
         check_transformers_peft(need_text_encoder_lora=cfg.adapter.train_text_encoder)
         source = resolve_source(cfg.model)  # once: every step below reads this, nothing resolves again
-        report = preflight(cfg, prediction_type=source.prediction_type, source=source.location)
+        report = preflight(
+            preflight_spec(cfg), prediction_type=source.prediction_type, source=source.location
+        )
         _init_trackers(cfg, accelerator)
         set_seed(cfg.train.seed)
         if accelerator.is_main_process:
@@ -161,7 +163,9 @@ def _prepare_output_dir(cfg: DreamBoothConfig) -> Path:
             f"{final.resolve()} already holds a trained {'model' if cfg.adapter.type == 'full' else 'LoRA'}. "
             "Choose another train.output_dir, or set train.overwrite=true to replace it."
         )
-    check_output_folders(cfg)  # a file in the way or no write permission: named before any mkdir
+    check_output_folders(
+        preflight_spec(cfg)
+    )  # a file in the way or no write permission: named before any mkdir
     out.mkdir(parents=True, exist_ok=True)
     return out
 

@@ -118,7 +118,7 @@ def test_missing_lora_path_is_named(tiny_model, tmp_path):
         load_pipeline(str(tiny_model), lora=tmp_path / "nope")
 
 
-# ------------------------------------------------------------------ issue 4
+# ------------------------------------------------------------------ re-creating an image from its PNG, samplers, img2img
 
 
 def _arr(img) -> np.ndarray:

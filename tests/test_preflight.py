@@ -8,6 +8,7 @@ import logging
 import pytest
 from conftest import tiny_cfg
 
+from dreambooth_kit.config import preflight_spec
 from dreambooth_kit.data import DataError
 from dreambooth_kit.preflight import (
     MAX_TOKENS,
@@ -54,7 +55,7 @@ def test_long_prompt_is_an_error_showing_the_dropped_tail(tmp_path, photos, tok)
     assert n > MAX_TOKENS
     cfg = _cfg(tmp_path, photos, **{"data.instance_prompt": LONG})
     with pytest.raises(PreflightError) as exc:
-        preflight(cfg, tok, "v_prediction")
+        preflight(preflight_spec(cfg), tok, "v_prediction")
     (issue,) = exc.value.issues
     assert issue.severity == "error"
     assert issue.message == (
@@ -70,7 +71,7 @@ def test_long_prompt_is_an_error_showing_the_dropped_tail(tmp_path, photos, tok)
 def test_allow_truncation_turns_it_into_a_warning(tmp_path, photos, tok, caplog):
     cfg = _cfg(tmp_path, photos, **{"data.instance_prompt": LONG, "data.allow_truncation": True})
     with caplog.at_level(logging.WARNING, logger="dreambooth_kit"):
-        report = preflight(cfg, tok, "v_prediction")
+        report = preflight(preflight_spec(cfg), tok, "v_prediction")
     assert report.errors == []
     (warning,) = [m for m in _messages(report.issues, "warning") if "tokens, over CLIP's" in m]
     assert "drop 'red blue green yellow'" in warning
@@ -82,9 +83,9 @@ def test_77_tokens_exactly_is_fine_78_is_not(tmp_path, photos, tok):
     fits = "a photo of zwx toy" + " red" * (MAX_TOKENS - 2 - 5)
     assert len(tok(fits).input_ids) == MAX_TOKENS
     cfg = _cfg(tmp_path, photos, **{"data.instance_prompt": fits})
-    assert check_prompts(tok, cfg, photos) == []
+    assert check_prompts(tok, preflight_spec(cfg), photos) == []
     over = _cfg(tmp_path, photos, **{"data.instance_prompt": fits + " red"})
-    (issue,) = check_prompts(tok, over, photos)
+    (issue,) = check_prompts(tok, preflight_spec(over), photos)
     assert issue.severity == "error"
     assert issue.message.startswith("data.instance_prompt is 78 tokens")
     assert "drop 'red'" in issue.message
@@ -92,7 +93,7 @@ def test_77_tokens_exactly_is_fine_78_is_not(tmp_path, photos, tok):
 
 def test_long_class_prompt_is_checked_too(tmp_path, photos, tok):
     cfg = _cfg(tmp_path, photos, **{"prior.class_prompt": "a photo of a toy" + " red" * 80})
-    (issue,) = check_prompts(tok, cfg, photos)
+    (issue,) = check_prompts(tok, preflight_spec(cfg), photos)
     assert issue.severity == "error"
     assert issue.message.startswith("prior.class_prompt is 87 tokens, over CLIP's 77")
     # Without prior preservation the class prompt is not used, so not checked.
@@ -101,7 +102,7 @@ def test_long_class_prompt_is_checked_too(tmp_path, photos, tok):
         photos,
         **{"prior.class_prompt": "a photo of a toy" + " red" * 80, "prior.with_prior_preservation": False},
     )
-    assert check_prompts(tok, cfg, photos) == []
+    assert check_prompts(tok, preflight_spec(cfg), photos) == []
 
 
 # ------------------------------------------------------------------ captions (data.use_captions)
@@ -116,7 +117,7 @@ def test_captions_are_checked_like_the_instance_prompt(tmp_path, photos, tok):
     (photos / "03.txt").write_text("zwx toy, beach, sunset")
     cfg = _cfg(tmp_path, photos, **{"data.use_captions": True})
     with pytest.raises(PreflightError) as exc:
-        preflight(cfg, tok, "v_prediction")
+        preflight(preflight_spec(cfg), tok, "v_prediction")
     n = len(tok(LONG, truncation=False).input_ids)
     long, missing = exc.value.issues
     assert (long.path, missing.path) == (photos.resolve() / "01.txt", photos.resolve() / "02.txt")
@@ -133,7 +134,8 @@ def test_captions_are_checked_like_the_instance_prompt(tmp_path, photos, tok):
     # As for the instance prompt, data.allow_truncation turns the length error into a warning.
     (photos / "02.txt").unlink()
     report = preflight(
-        _cfg(tmp_path, photos, **{"data.use_captions": True, "data.allow_truncation": True}), tok
+        preflight_spec(_cfg(tmp_path, photos, **{"data.use_captions": True, "data.allow_truncation": True})),
+        tok,
     )
     (warning,) = [i for i in report.warnings if i.path.name == "01.txt"]
     assert warning.message.endswith("Shorten it (data.allow_truncation=true: truncating)")
@@ -143,7 +145,9 @@ def test_photo_check_reports_captions_instead_of_skipping_them(tmp_path, photos)
     """Before: check-data listed every caption as skipped ("every image is trained with the instance
     prompt") even with data.use_captions on."""
     (photos / "01.txt").write_text("a photo of zwx toy on a beach")
-    report = preflight(_cfg(tmp_path, photos, **{"data.use_captions": True}), check_folders=False)
+    report = preflight(
+        preflight_spec(_cfg(tmp_path, photos, **{"data.use_captions": True})), check_folders=False
+    )
     assert photos.resolve() / "01.txt" not in report.instance.skipped
     assert report.instance.captions == {photos.resolve() / "01.jpg": "a photo of zwx toy on a beach"}
     assert [i.message for i in report.instance.infos] == [
@@ -155,7 +159,7 @@ def test_photo_check_reports_captions_instead_of_skipping_them(tmp_path, photos)
 
 
 def test_rare_single_token_identifier_passes_quietly(tmp_path, photos, tok):
-    assert check_prompts(tok, _cfg(tmp_path, photos), photos) == []
+    assert check_prompts(tok, preflight_spec(_cfg(tmp_path, photos)), photos) == []
 
 
 def test_identifier_that_splits_warns_with_token_ids(tmp_path, photos, tok, caplog):
@@ -164,7 +168,7 @@ def test_identifier_that_splits_warns_with_token_ids(tmp_path, photos, tok, capl
     ids = tok.convert_tokens_to_ids(pieces)
     assert len(ids) == 4
     with caplog.at_level(logging.WARNING, logger="dreambooth_kit"):
-        report = preflight(cfg, tok, "v_prediction")  # a warning, not an error
+        report = preflight(preflight_spec(cfg), tok, "v_prediction")  # a warning, not an error
     assert report.errors == []
     (warning,) = [m for m in _messages(report.issues, "warning") if "identifier" in m]
     assert warning.startswith(f"identifier 'qzxv' splits into 4 tokens {pieces} (ids {ids})")
@@ -178,7 +182,7 @@ def test_common_word_identifier_warns_with_token_id(tmp_path, photos, tok):
         photos,
         **{"data.identifier": "dog", "data.instance_prompt": "a photo of dog toy"},
     )
-    issues = check_prompts(tok, cfg, photos)
+    issues = check_prompts(tok, preflight_spec(cfg), photos)
     dog_id = tok.convert_tokens_to_ids(["dog</w>"])
     assert [(i.severity, i.message) for i in issues] == [
         (
@@ -191,7 +195,9 @@ def test_common_word_identifier_warns_with_token_id(tmp_path, photos, tok):
 
 def test_common_word_check_ignores_case(tmp_path, photos, tok):
     cfg = _cfg(tmp_path, photos, **{"data.identifier": "Dog", "data.instance_prompt": "a photo of Dog toy"})
-    assert any("is a common word" in m for m in _messages(check_prompts(tok, cfg, photos), "warning"))
+    assert any(
+        "is a common word" in m for m in _messages(check_prompts(tok, preflight_spec(cfg), photos), "warning")
+    )
 
 
 # ------------------------------------------------------------------ class prompt with identifier
@@ -199,7 +205,7 @@ def test_common_word_check_ignores_case(tmp_path, photos, tok):
 
 def test_class_prompt_containing_identifier_warns(tmp_path, photos, tok):
     cfg = _cfg(tmp_path, photos, **{"prior.class_prompt": "a zwx toy"})
-    issues = check_prompts(tok, cfg, photos)
+    issues = check_prompts(tok, preflight_spec(cfg), photos)
     assert [(i.severity, i.message) for i in issues] == [
         (
             "warning",
@@ -207,7 +213,7 @@ def test_class_prompt_containing_identifier_warns(tmp_path, photos, tok):
             "describe the generic class, e.g. 'a photo of a dog'",
         )
     ]
-    report = preflight(cfg, tok, "v_prediction")  # a warning only: training may go on
+    report = preflight(preflight_spec(cfg), tok, "v_prediction")  # a warning only: training may go on
     assert report.errors == []
 
 
@@ -216,7 +222,7 @@ def test_class_prompt_containing_identifier_warns(tmp_path, photos, tok):
 
 def test_768_v_model_trained_at_512_warns(tmp_path, photos, tok):
     cfg = _cfg(tmp_path, photos, **{"model.native_resolution": 768, "data.resolution": 512})
-    report = preflight(cfg, tok, "v_prediction")
+    report = preflight(preflight_spec(cfg), tok, "v_prediction")
     (warning,) = [m for m in _messages(report.issues, "warning") if "v-prediction" in m]
     assert warning.startswith("data.resolution=512 on a 768px v-prediction model")
     assert "broken images" in warning
@@ -230,7 +236,7 @@ def test_768_v_model_trained_at_512_warns(tmp_path, photos, tok):
 )
 def test_no_resolution_warning_otherwise(tmp_path, photos, tok, native, resolution, prediction):
     cfg = _cfg(tmp_path, photos, **{"model.native_resolution": native, "data.resolution": resolution})
-    report = preflight(cfg, tok, prediction)
+    report = preflight(preflight_spec(cfg), tok, prediction)
     assert not [m for m in _messages(report.issues, "warning") if "v-prediction" in m]
 
 
@@ -241,7 +247,7 @@ def test_missing_instance_dir_names_absolute_path(tmp_path, tok, monkeypatch):
     monkeypatch.chdir(tmp_path)
     cfg = _cfg(tmp_path, "my-photos")  # relative on purpose
     with pytest.raises(DataError) as exc:
-        preflight(cfg, tok, "v_prediction")
+        preflight(preflight_spec(cfg), tok, "v_prediction")
     assert str(exc.value) == f"data.instance_dir: image folder not found: {tmp_path.resolve() / 'my-photos'}"
 
 
@@ -299,7 +305,7 @@ def test_several_bad_files_are_all_listed_in_one_error(tmp_path, photos, tok):
     (photos / "cut.jpg").write_bytes(good[: len(good) // 2])
     cfg = _cfg(tmp_path, photos, **{"data.instance_prompt": LONG})
     with pytest.raises(PreflightError) as exc:
-        preflight(cfg, tok, "v_prediction")
+        preflight(preflight_spec(cfg), tok, "v_prediction")
     err = exc.value
     assert str(err).splitlines()[0] == (
         f"preflight: 5 errors in {photos.resolve()}; nothing was loaded or trained"
@@ -319,7 +325,7 @@ def test_several_bad_files_are_all_listed_in_one_error(tmp_path, photos, tok):
 
 
 def test_clean_preflight_returns_the_usable_images(tmp_path, photos, tok):
-    report = preflight(_cfg(tmp_path, photos), tok, "v_prediction")
+    report = preflight(preflight_spec(_cfg(tmp_path, photos)), tok, "v_prediction")
     assert report.errors == []
     assert [p.name for p in report.instance.images] == ["01.jpg", "02.jpg", "03.jpg", "04.jpg", "05.jpg"]
 
@@ -332,7 +338,7 @@ def test_output_and_class_folders_are_checked_with_the_photos(tmp_path, photos, 
     afile.write_text("x")
     cfg = _cfg(tmp_path, photos, **{"train.output_dir": str(afile), "prior.class_dir": str(afile / "cls")})
     with pytest.raises(PreflightError) as exc:
-        preflight(cfg, tok, "v_prediction")
+        preflight(preflight_spec(cfg), tok, "v_prediction")
     assert [i.message for i in exc.value.issues] == [
         f"train.output_dir: {afile} is a file, not a folder; choose another train.output_dir or move the file away",
         f"prior.class_dir: {afile / 'cls'} cannot be created: {afile} is a file, not a folder; "
@@ -340,14 +346,14 @@ def test_output_and_class_folders_are_checked_with_the_photos(tmp_path, photos, 
     ]
     expected = [i.message for i in exc.value.issues]
     with pytest.raises(PreflightError) as exc:
-        check_output_folders(cfg)  # the same, standalone, before anything is created
+        check_output_folders(preflight_spec(cfg))  # the same, standalone, before anything is created
     assert str(exc.value).splitlines() == expected
-    assert preflight(cfg, tok, "v_prediction", check_folders=False).errors == []
+    assert preflight(preflight_spec(cfg), tok, "v_prediction", check_folders=False).errors == []
 
 
 def test_writable_and_not_yet_existing_folders_pass(tmp_path, photos):
     cfg = _cfg(tmp_path, photos, **{"train.output_dir": str(tmp_path / "a" / "b" / "run")})
-    check_output_folders(cfg)  # nothing raised
+    check_output_folders(preflight_spec(cfg))  # nothing raised
     assert not (tmp_path / "a").exists()  # and nothing created
 
 
@@ -355,7 +361,7 @@ def test_issues_are_logged_with_one_level_word(tmp_path, photos, tok, caplog):
     (photos / "bad.jpg").write_text("not a jpeg")
     cfg = _cfg(tmp_path, photos, **{"data.identifier": "dog", "data.instance_prompt": "a photo of dog toy"})
     with caplog.at_level(logging.INFO, logger="dreambooth_kit"), pytest.raises(PreflightError):
-        preflight(cfg, tok, "v_prediction")
+        preflight(preflight_spec(cfg), tok, "v_prediction")
     levels = {r.levelname for r in caplog.records}
     assert {"ERROR", "WARNING"} <= levels
     for r in caplog.records:  # the handler prints the level; the message must not repeat it

@@ -218,7 +218,7 @@ def test_accelerate_launch_runs_two_steps(tmp_path, tiny_model, photos):
     assert "step 2/2" in proc.stderr
 
 
-# ------------------------------------------------------------------ issue 3: modes and features
+# ------------------------------------------------------------------ modes and features
 
 
 def test_full_finetune_saves_a_pipeline_plain_diffusers_loads(tmp_path, tiny_model, photos):
