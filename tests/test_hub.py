@@ -74,6 +74,9 @@ def test_model_card_round_trips_through_huggingface_hub(run, trained_run):
     assert f"| LoRA rank / alpha | {cfg.adapter.rank} / 8 |" in body
     assert "a photo of a toy" in body  # class prompt (prior preservation)
     assert f"| Steps | {cfg.train.max_steps} |" in body and f"| Seed | {cfg.train.seed} |" in body
+    # From the run's model record (model_source.json), never from a second resolution of the model.
+    assert "| Prediction type | v_prediction |" in body
+    assert "model_source.json" not in hub.upload_plan(run)  # it holds local paths
 
 
 def test_model_card_of_local_base_leaks_no_path_and_no_invalid_base_model(run, trained_run):
