@@ -22,6 +22,7 @@ import dataclasses
 import json
 import logging
 import re
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -30,6 +31,7 @@ import torch
 from torch import Tensor
 
 from .atomic import writing, writing_folder
+from .config import ModelConfig
 from .errors import InvalidInput, UserError
 from .layout import RunLayout
 
@@ -131,20 +133,26 @@ def to_kohya(state_dict: dict[str, Tensor], *, alpha: float, rank: int) -> dict[
     return out
 
 
-def kohya_metadata(
-    run_config: dict, *, rank: int, alpha: float, prediction_type: str, resolution: int
-) -> dict[str, str]:
+@dataclass(frozen=True)
+class ExportLabels:
+    """What an export says about its run (kohya ``ss_*`` and ModelSpec metadata), read from the
+    run's typed config by :func:`labels_for` (or given, for a LoRA without its run folder)."""
+
+    base_model: str = ""  # model.pretrained
+    prediction_type: str = "epsilon"
+    resolution: int = 512
+    title: str = "dreambooth-lora"
+    trigger: str = ""  # the identifier(s), else the instance prompt(s)
+    instance_prompt: str = ""
+    rank: int | None = None  # adapter.rank/alpha: used when the LoRA file carries no metadata
+    alpha: float | None = None
+
+
+def kohya_metadata(labels: ExportLabels, *, rank: int, alpha: float) -> dict[str, str]:
     """kohya ``ss_*`` keys plus ModelSpec 1.0 (what A1111/ComfyUI/civitai read). All values are strings
     (safetensors metadata is str -> str)."""
-    cfg = run_config or {}
-    data = cfg.get("data") or {}
-    model = cfg.get("model") or {}
-    train = cfg.get("train") or {}
-    trigger = _trigger_phrase(cfg)
-    v = prediction_type == "v_prediction"
-    title = cfg.get("name") or (
-        Path(train["output_dir"]).name if train.get("output_dir") else "dreambooth-lora"
-    )
+    v = labels.prediction_type == "v_prediction"
+    res = labels.resolution
     meta = {
         "ss_network_module": "networks.lora",
         "ss_network_dim": str(int(rank)),
@@ -153,41 +161,58 @@ def kohya_metadata(
         "ss_base_model_version": "sd_v2",
         # kohya writes ss_v_parameterization for v-prediction models; A1111 uses it for SD2-768.
         "ss_v_parameterization": str(v),
-        "ss_resolution": f"({resolution}, {resolution})",
+        "ss_resolution": f"({res}, {res})",
         # kohya writes the base's file name here; a full local path would leak the user's folders.
-        "ss_sd_model_name": model_file_name(str(model.get("pretrained") or "")),
+        "ss_sd_model_name": model_file_name(labels.base_model),
         "ss_training_comment": "dreambooth_kit DreamBooth LoRA",
         "modelspec.sai_model_spec": "1.0.0",
         "modelspec.architecture": ARCH_V if v else ARCH_EPS,
         "modelspec.implementation": "diffusers",
-        "modelspec.prediction_type": str(prediction_type),
-        "modelspec.resolution": f"{resolution}x{resolution}",
-        "modelspec.title": str(title),
+        "modelspec.prediction_type": str(labels.prediction_type),
+        "modelspec.resolution": f"{res}x{res}",
+        "modelspec.title": labels.title,
         "modelspec.date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
-    if trigger:
-        meta["modelspec.trigger_phrase"] = trigger
-    if data.get("instance_prompt"):
-        meta["ss_instance_prompt"] = str(data["instance_prompt"])
+    if labels.trigger:
+        meta["modelspec.trigger_phrase"] = labels.trigger
+    if labels.instance_prompt:
+        meta["ss_instance_prompt"] = labels.instance_prompt
     return meta
+
+
+def labels_for(lora: Path) -> ExportLabels:
+    """The labels of the run the LoRA belongs to: its ``lora/config.yaml``, else the run's
+    ``config.yaml`` (read and validated as any config); defaults if neither is there."""
+    from .config import concepts_of, load_config
+
+    for cfg_file in (lora.parent / "config.yaml", lora.parent.parent / "config.yaml"):
+        if cfg_file.is_file():
+            cfg = load_config(cfg_file)
+            break
+    else:
+        return ExportLabels()
+    phrases: list[str] = []
+    for c in concepts_of(cfg):
+        phrase = c.identifier or c.instance_prompt
+        if phrase and phrase not in phrases:
+            phrases.append(phrase)
+    out_dir = cfg.train.output_dir
+    return ExportLabels(
+        base_model=cfg.model.pretrained,
+        prediction_type=run_prediction_type(cfg.model),
+        resolution=cfg.data.resolution,
+        title=Path(out_dir).name if out_dir else "dreambooth-lora",
+        trigger=", ".join(phrases),
+        instance_prompt=cfg.data.instance_prompt,
+        rank=cfg.adapter.rank,
+        alpha=cfg.adapter.alpha,
+    )
 
 
 def model_file_name(pretrained: str) -> str:
     """The base model's name without its folder: ``v2-1_512-ema-pruned.safetensors`` for a file,
     ``stable-diffusion-2-1-base`` for a hub id or a local diffusers folder (either slash)."""
     return re.split(r"[\\/]", pretrained.rstrip("\\/"))[-1] if pretrained else ""
-
-
-def _trigger_phrase(cfg: dict) -> str:
-    """The identifier(s) if given, else the instance prompt(s); multi-subject runs join them."""
-    concepts = cfg.get("concepts") or []
-    sources = concepts if concepts else [cfg.get("data") or {}]
-    phrases = []
-    for c in sources:
-        p = c.get("identifier") or c.get("instance_prompt") or ""
-        if p and p not in phrases:
-            phrases.append(str(p))
-    return ", ".join(phrases)
 
 
 # ------------------------------------------------------------------ file I/O
@@ -202,21 +227,18 @@ def _read_lora(path: Path) -> tuple[dict[str, Tensor], dict[str, Any]]:
     return sd, (json.loads(raw) if raw else {})
 
 
-def _rank_alpha(meta: dict[str, Any], prefix: str, run_config: dict) -> tuple[int, float] | None:
+def _rank_alpha(meta: dict[str, Any], prefix: str, labels: ExportLabels) -> tuple[int, float] | None:
     """rank/alpha of one component from the file's adapter metadata, else from the run config."""
     if f"{prefix}.r" in meta:
         r = int(meta[f"{prefix}.r"])
         a = meta.get(f"{prefix}.lora_alpha")
         return r, float(a if a is not None else r)
-    adapter = run_config.get("adapter") or {}
-    if "rank" in adapter:
-        r = int(adapter["rank"])
-        a = adapter.get("alpha")
-        return r, float(a if a is not None else r)
+    if labels.rank is not None:
+        return labels.rank, float(labels.alpha if labels.alpha is not None else labels.rank)
     return None
 
 
-def run_prediction_type(run_config: dict) -> str:
+def run_prediction_type(model: ModelConfig) -> str:
     """The prediction type the run trained with.
 
     ``model.prediction_type`` of its config.yaml first: training records the resolved value there.
@@ -224,23 +246,21 @@ def run_prediction_type(run_config: dict) -> str:
     built-in model, folder, single file, cached hub id, known SD 2.x repo; never the network); last, a
     guess from ``model.native_resolution`` (768 = v), logged, since a wrong label breaks the export's
     images."""
-    model = run_config.get("model") or {}
-    if model.get("prediction_type"):
-        return str(model["prediction_type"])
+    if model.prediction_type:
+        return model.prediction_type
     why = "no model.pretrained"
-    if model.get("pretrained"):
-        from .config import ModelConfig
+    if model.pretrained:
         from .models import resolve_source
 
-        known = {k: v for k, v in model.items() if k in ModelConfig.__dataclass_fields__}
         try:
-            found = resolve_source(ModelConfig(**known)).prediction_type
-        except (OSError, ValueError, RuntimeError, TypeError) as e:  # ModelLoadError is a RuntimeError
-            found, why = None, f"{model['pretrained']}: {e}"
+            found = resolve_source(model).prediction_type
+        except (OSError, ValueError, RuntimeError) as e:  # ModelLoadError is a RuntimeError
+            found, why = None, f"{model.pretrained}: {e}"
+        else:
+            why = f"{model.pretrained}: its scheduler config is not on this machine"
         if found:
             return found
-        why = f"{model['pretrained']}: its scheduler config is not on this machine"
-    guess = "v_prediction" if int(model.get("native_resolution") or 512) >= 768 else "epsilon"
+    guess = "v_prediction" if model.native_resolution >= 768 else "epsilon"
     log.warning(
         "the run's config has no model.prediction_type and the base model's could not be read (%s); "
         "labelling the export %s from model.native_resolution",
@@ -250,18 +270,8 @@ def run_prediction_type(run_config: dict) -> str:
     return guess
 
 
-def _run_config_for(lora: Path) -> dict:
-    """The config.yaml beside the LoRA (``lora/config.yaml``), else the run's (``<run>/config.yaml``)."""
-    import yaml
-
-    for cfg_file in (lora.parent / "config.yaml", lora.parent.parent / "config.yaml"):
-        if cfg_file.is_file():
-            return yaml.safe_load(cfg_file.read_text()) or {}
-    return {}
-
-
 def _map_components(
-    sd: dict[str, Tensor], meta: dict[str, Any], run_config: dict
+    sd: dict[str, Tensor], meta: dict[str, Any], labels: ExportLabels
 ) -> tuple[dict[str, Tensor], dict[str, tuple[int, float]]]:
     """kohya keys of the UNet and text-encoder parts, each mapped with its own rank and alpha."""
     unet_sd, te_sd = _split(sd)
@@ -271,7 +281,7 @@ def _map_components(
     for prefix, part in (("unet", unet_sd), ("text_encoder", te_sd)):
         if not part:
             continue
-        ra = _rank_alpha(meta, prefix, run_config)
+        ra = _rank_alpha(meta, prefix, labels)
         if ra is None:
             # No metadata and no config: diffusers itself would load this at alpha = rank, so that
             # is the faithful export (the rank read from the weights).
@@ -283,13 +293,13 @@ def _map_components(
 
 
 def export_kohya(
-    lora_path: Path, out_path: Path, *, fp16: bool = False, run_config: dict | None = None
+    lora_path: Path, out_path: Path, *, fp16: bool = False, labels: ExportLabels | None = None
 ) -> Path:
     """Write our LoRA (file or its folder) as a kohya/A1111/ComfyUI ``.safetensors`` at ``out_path``.
 
-    rank/alpha come from the file's ``lora_adapter_metadata``; ``run_config`` (for the ModelSpec
-    metadata and the prediction type) defaults to the ``config.yaml`` saved beside the LoRA, else the
-    run's. Written to a temp file in the target folder and renamed, so ``out_path`` is never half-written.
+    rank/alpha come from the file's ``lora_adapter_metadata``; ``labels`` (the ModelSpec metadata and
+    the prediction type) default to those of the ``config.yaml`` saved beside the LoRA, else the
+    run's (:func:`labels_for`). Written to a temp file in the target folder and renamed, so ``out_path`` is never half-written.
     """
     from safetensors.torch import save_file
 
@@ -303,7 +313,7 @@ def export_kohya(
         raise ExportError(f"{out_path}: the kohya export must be a .safetensors file")
     if out_path.resolve() == src.resolve():
         raise ExportError(f"{out_path}: refusing to overwrite the source LoRA with its export")
-    run_config = (_run_config_for(src) if run_config is None else run_config) or {}
+    labels = labels_for(src) if labels is None else labels
 
     try:
         sd, meta = _read_lora(src)
@@ -311,22 +321,14 @@ def export_kohya(
         raise ExportError(
             f"{src}: not a readable .safetensors LoRA ({e}); train again or copy it again"
         ) from e
-    out, ranks = _map_components(sd, meta, run_config)
+    out, ranks = _map_components(sd, meta, labels)
     if not out:
         raise ExportError(f"{src}: contains no LoRA weights")
     if fp16:
         out = {k: v.to(torch.float16) for k, v in out.items()}
 
     rank, alpha = ranks.get("unet") or next(iter(ranks.values()))
-    resolution = int((run_config.get("data") or {}).get("resolution") or 512)
-    metadata = kohya_metadata(
-        run_config,
-        rank=rank,
-        alpha=alpha,
-        prediction_type=run_prediction_type(run_config),
-        resolution=resolution,
-    )
-    metadata["format"] = "pt"
+    metadata = kohya_metadata(labels, rank=rank, alpha=alpha) | {"format": "pt"}
 
     out_path.parent.mkdir(parents=True, exist_ok=True)
     with writing(out_path) as tmp:  # readers see the old file or the whole new one
@@ -358,7 +360,7 @@ def _merged_pipeline(run_dir: Path, *, fp16: bool):
     recorded = ModelSource.read(run_dir)
     usable = recorded is not None and recorded.is_local and recorded.pretrained == cfg.model.pretrained
     source = recorded if usable else resolve_source(cfg.model)
-    source = dataclasses.replace(source, prediction_type=run_prediction_type(cfg.to_dict()))
+    source = dataclasses.replace(source, prediction_type=run_prediction_type(cfg.model))
     pipe = load_pipeline(source, lora=run.lora, fuse=True, device="cpu", dtype="fp32")
     pipe.unload_lora_weights()  # the fused weights stay; the LoRA layers go
     if fp16:

@@ -2,15 +2,21 @@
 
 from __future__ import annotations
 
-import json
-
 import numpy as np
 import pytest
 import torch
 from conftest import tiny_cfg
 from safetensors import safe_open
 
-from dreambooth_kit.export import KOHYA_KEY, ExportError, export_kohya, kohya_metadata, to_kohya
+from dreambooth_kit.export import (
+    KOHYA_KEY,
+    ExportError,
+    ExportLabels,
+    export_kohya,
+    kohya_metadata,
+    labels_for,
+    to_kohya,
+)
 
 
 def _read(path):
@@ -65,12 +71,32 @@ def test_metadata(kohya_file):
 
 
 def test_metadata_epsilon_arch():
-    cfg = {"data": {"instance_prompt": "a photo of sks dog"}, "train": {"output_dir": "/x/my-dog"}}
-    meta = kohya_metadata(cfg, rank=8, alpha=16, prediction_type="epsilon", resolution=512)
+    labels = ExportLabels(prediction_type="epsilon", title="my-dog", trigger="a photo of sks dog")
+    meta = kohya_metadata(labels, rank=8, alpha=16)
     assert meta["modelspec.architecture"] == "stable-diffusion-v2-512/lora"
     assert meta["modelspec.trigger_phrase"] == "a photo of sks dog"
     assert meta["modelspec.title"] == "my-dog"
     assert meta["ss_network_alpha"] == "16.0" and meta["ss_network_dim"] == "8"
+
+
+def test_labels_come_from_the_runs_typed_config(tmp_path, trained_run):
+    """Without an identifier the trigger is the instance prompt; the title is the run folder's name."""
+    import dataclasses
+
+    from dreambooth_kit.config import save_config
+
+    cfg = trained_run["cfg"]
+    cfg = dataclasses.replace(
+        cfg,
+        data=dataclasses.replace(cfg.data, identifier=None),
+        train=dataclasses.replace(cfg.train, output_dir=str(tmp_path / "my-toy")),
+    )
+    (tmp_path / "my-toy" / "lora").mkdir(parents=True)
+    save_config(cfg, tmp_path / "my-toy" / "config.yaml")
+    labels = labels_for(tmp_path / "my-toy" / "lora" / "pytorch_lora_weights.safetensors")
+    assert labels.trigger == "a photo of zwx toy" and labels.title == "my-toy"
+    assert (labels.rank, labels.alpha, labels.resolution) == (4, 8.0, 64)
+    assert labels.prediction_type == "v_prediction"
 
 
 def test_pure_mapping_fixes_diffusers_converter():
@@ -203,9 +229,10 @@ def test_atomic_and_missing_input(trained_run, tmp_path):
 
 
 def test_fp16_and_explicit_config(trained_run, tmp_path):
-    cfg = json.loads(json.dumps(trained_run["cfg"].to_dict()))
-    cfg["model"]["prediction_type"] = "epsilon"
-    out = export_kohya(trained_run["result"].lora_path, tmp_path / "h.safetensors", fp16=True, run_config=cfg)
+    import dataclasses
+
+    labels = dataclasses.replace(labels_for(trained_run["result"].lora_path), prediction_type="epsilon")
+    out = export_kohya(trained_run["result"].lora_path, tmp_path / "h.safetensors", fp16=True, labels=labels)
     sd, meta = _read(out)
     assert {v.dtype for v in sd.values()} == {torch.float16}
     assert meta["modelspec.architecture"] == "stable-diffusion-v2-512/lora"
@@ -314,10 +341,11 @@ def test_v_prediction_run_is_labelled_v(trained_run, tmp_path):
 def test_unreadable_base_falls_back_to_the_native_resolution_and_says_so(caplog):
     import logging
 
+    from dreambooth_kit.config import ModelConfig
     from dreambooth_kit.export import run_prediction_type
 
     with caplog.at_level(logging.WARNING, logger="dreambooth_kit"):
-        pt = run_prediction_type({"model": {"pretrained": "/nowhere/model", "native_resolution": 768}})
+        pt = run_prediction_type(ModelConfig(pretrained="/nowhere/model", native_resolution=768))
     assert pt == "v_prediction" and "labelling the export v_prediction" in caplog.text
 
 
@@ -332,9 +360,7 @@ def test_unreadable_base_falls_back_to_the_native_resolution_and_says_so(caplog)
     ],
 )
 def test_ss_sd_model_name_is_a_name_never_a_local_path(pretrained, name):
-    meta = kohya_metadata(
-        {"model": {"pretrained": pretrained}}, rank=4, alpha=4, prediction_type="epsilon", resolution=512
-    )
+    meta = kohya_metadata(ExportLabels(base_model=pretrained), rank=4, alpha=4)
     assert meta["ss_sd_model_name"] == name
 
 
