@@ -17,6 +17,7 @@ from typing import Any
 
 from PIL import Image, PngImagePlugin, UnidentifiedImageError
 
+from .atomic import writing
 from .errors import InvalidInput
 
 JSON_KEY = "dreambooth_kit"
@@ -197,9 +198,8 @@ def save_png(img: Image.Image, params: GenerationParams, path: str | Path) -> Pa
     info = PngImagePlugin.PngInfo()
     info.add_text("parameters", params.infotext())
     info.add_text(JSON_KEY, json.dumps(asdict(params), sort_keys=True))
-    tmp = path.with_name(f".tmp-{path.name}")
-    img.save(tmp, format="PNG", pnginfo=info)
-    tmp.replace(path)
+    with writing(path) as tmp:
+        img.save(tmp, format="PNG", pnginfo=info)
     return path
 
 
