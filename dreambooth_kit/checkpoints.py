@@ -186,8 +186,8 @@ def save_step_checkpoint(run: LoopState) -> Path:
         run.out,
         run.step,
         extra_state={"epoch": run.epoch, "batch_in_epoch": run.batch_in_epoch},
-        run_config=run.cfg.to_dict(),
-        keep_last=run.cfg.checkpoint.keep_last,
+        run_config=run.settings.config_dict,
+        keep_last=run.settings.checkpoint.keep_last,
     )
     return run.last_checkpoint
 

@@ -513,6 +513,11 @@ def concepts_of(cfg: DreamBoothConfig) -> list[ConceptConfig]:
     return [c for _, c in _concept_fields(cfg)]
 
 
+def validation_prompts(cfg: DreamBoothConfig) -> list[str]:
+    """``validation.prompts``, else each subject's instance prompt."""
+    return list(cfg.validation.prompts) or [c.instance_prompt for c in concepts_of(cfg)]
+
+
 def _concept_fields(cfg: DreamBoothConfig) -> list[tuple[str, ConceptConfig]]:
     d, pr = cfg.data, cfg.prior
     if not cfg.concepts:
@@ -675,11 +680,17 @@ def _range_rows(cfg: DreamBoothConfig) -> list[tuple[str, Any, Any, str]]:
 
 
 def save_config(cfg: DreamBoothConfig, path: str | Path) -> Path:
+    return save_config_dict(cfg.to_dict(), path)
+
+
+def save_config_dict(config: dict[str, Any], path: str | Path) -> Path:
+    """Write ``config`` (a ``DreamBoothConfig.to_dict()``) as the YAML :func:`load_config` reads,
+    atomically: what the run's folder and its LoRA/pipeline folder hold."""
     from .atomic import write_text
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    return write_text(path, yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    return write_text(path, yaml.safe_dump(config, sort_keys=False))
 
 
 @dataclass(frozen=True)

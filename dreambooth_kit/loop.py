@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from .caching import PromptEncoder, posterior_sample
-from .config import DreamBoothConfig
+from .config import AdapterConfig, CheckpointConfig, DataConfig, TrainConfig, ValidationConfig
 from .guards import NonFiniteGuard, TrainingInterrupted
 from .losses import diffusion_loss, diffusion_target, snr_weights
 
@@ -59,11 +59,29 @@ class StepResult:
     micro_batches: int = 1
 
 
+@dataclass(frozen=True)
+class RunSettings:
+    """What the loop, validation, checkpoints and the final save read of the run's config, built once
+    by train(): the sections they use and the values that need the whole config to resolve."""
+
+    train: TrainConfig
+    data: DataConfig
+    adapter: AdapterConfig
+    validation: ValidationConfig
+    checkpoint: CheckpointConfig
+    prior_loss_weight: float
+    validation_prompts: tuple[str, ...]  # validation.prompts, else each subject's instance prompt
+    model_name: str  # model.pretrained, as the PNG metadata of validation samples names it
+    # The resolved config as a dict: each checkpoint's run.json (what a resume is checked against)
+    # and the config.yaml beside the LoRA/pipeline.
+    config_dict: dict
+
+
 @dataclass
 class LoopState:
     """Everything the loop reads and updates (data only; the steps are functions below)."""
 
-    cfg: DreamBoothConfig
+    settings: RunSettings
     accelerator: Accelerator
     comps: SDComponents
     unet: torch.nn.Module  # as prepared by accelerate (wrapped under DDP)
@@ -83,7 +101,7 @@ class LoopState:
     batch_in_epoch: int = 0
 
     def __post_init__(self) -> None:
-        self.guard = NonFiniteGuard(self.cfg.train.max_nonfinite_steps)
+        self.guard = NonFiniteGuard(self.settings.train.max_nonfinite_steps)
 
 
 Validate = Callable[[LoopState], object]  # samples images at the current step
@@ -117,7 +135,7 @@ def release_frozen(
         encode.text_encoder = ctx.comps.text_encoder = None
         dropped.append("text encoder")
     if latent_cache is not None:
-        flips = (False, True) if ctx.cfg.data.random_flip else (False,)
+        flips = (False, True) if ctx.settings.data.random_flip else (False,)
         paths = dict.fromkeys([e.instance for e in dataset.examples] + dataset.class_images)
         latent_cache.fill([(str(p), f) for p in paths for f in flips])
         latent_cache.vae = ctx.comps.vae = None
@@ -144,7 +162,7 @@ def run(
     ``checkpoint.every_steps`` applied steps and before stopping on a signal."""
     from tqdm.auto import tqdm
 
-    acc, t = ctx.accelerator, ctx.cfg.train
+    acc, t = ctx.accelerator, ctx.settings.train
     ctx.step, epoch, in_epoch = position["step"], position["epoch"], position["batch_in_epoch"]
     ctx.epoch, ctx.batch_in_epoch = epoch, in_epoch
     bar = tqdm(total=t.max_steps, initial=ctx.step, disable=not acc.is_main_process, desc="train")
@@ -161,7 +179,7 @@ def run(
             ctx.step += 1
             ctx.step_seconds.append(time.perf_counter() - t_step)  # includes data loading
             _report(ctx, result, bar)
-            if _due(ctx.cfg.validation.every_steps, ctx.step):
+            if _due(ctx.settings.validation.every_steps, ctx.step):
                 validate(ctx)
             ctx.epoch, ctx.batch_in_epoch = epoch, in_epoch
             _checkpoint_or_stop(ctx, result.outcome, signals, bar, checkpoint)
@@ -176,7 +194,7 @@ def run(
 def _report(ctx: LoopState, result: StepResult, bar: tqdm) -> None:
     """Count the step with the guard (which raises after too many skipped in a row), then show and
     log its loss."""
-    acc, t = ctx.accelerator, ctx.cfg.train
+    acc, t = ctx.accelerator, ctx.settings.train
     ctx.guard.record(
         ctx.step, not result.outcome.skipped, _skip_reason(result, t.gradient_accumulation_steps)
     )
@@ -208,7 +226,7 @@ def _checkpoint_or_stop(
 ) -> None:
     """A checkpoint of an applied step when one is due or a stop signal came; then stop on the signal."""
     stop = signals.signum is not None
-    if outcome is StepOutcome.APPLIED and (stop or _due(ctx.cfg.checkpoint.every_steps, ctx.step)):
+    if outcome is StepOutcome.APPLIED and (stop or _due(ctx.settings.checkpoint.every_steps, ctx.step)):
         checkpoint(ctx)
     if stop:
         bar.close()
@@ -252,7 +270,7 @@ def _optimizer_step(ctx: LoopState) -> StepOutcome:
     acc = ctx.accelerator
     if ctx.nonfinite_micro_batches:
         return StepOutcome.NONFINITE_LOSS
-    norm = acc.clip_grad_norm_(ctx.params, ctx.cfg.train.max_grad_norm)
+    norm = acc.clip_grad_norm_(ctx.params, ctx.settings.train.max_grad_norm)
     if acc.scaler is None and norm is not None and not torch.isfinite(norm):
         return (
             StepOutcome.NONFINITE_GRADIENT
@@ -268,7 +286,7 @@ def _loss(
     ctx: LoopState, batch: dict, encode: PromptEncoder, latent_cache: LatentCache | None
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """The DreamBooth loss of one micro-batch: noise the latents at random timesteps, predict."""
-    t, cfg = ctx.cfg.train, ctx.cfg
+    t, s = ctx.settings.train, ctx.settings
     scheduler = ctx.comps.noise_scheduler
     latents = _latents(ctx, batch, latent_cache)
     noise = torch.randn_like(latents)
@@ -283,7 +301,7 @@ def _loss(
     cond = encode(batch["prompts"])
     unet_dtype = (
         next(p.dtype for p in ctx.unet.parameters() if not p.requires_grad)
-        if (cfg.adapter.type == "lora")
+        if (s.adapter.type == "lora")
         else torch.float32
     )
     pred = ctx.unet(noisy.to(unet_dtype), timesteps, cond.to(unet_dtype), return_dict=False)[0]
@@ -294,7 +312,7 @@ def _loss(
         pred,
         target,
         num_instance=batch["num_instance"],
-        prior_loss_weight=cfg.prior.prior_loss_weight,
+        prior_loss_weight=s.prior_loss_weight,
         weights=weights,
     )
 

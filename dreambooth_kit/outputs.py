@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from .config import DreamBoothConfig, save_config
+from .config import AdapterConfig, save_config_dict
 from .errors import NonFiniteError, UserError
 
 if TYPE_CHECKING:
@@ -38,8 +38,8 @@ class FinalSaveError(UserError, OSError):
 
 def save_final(run: LoopState, source: str) -> Path:
     """``run`` is the loop's state after the last step."""
-    cfg = run.cfg
-    final = run.out / ("pipeline" if cfg.adapter.type == "full" else "lora")
+    s = run.settings
+    final = run.out / ("pipeline" if s.adapter.type == "full" else "lora")
     from .checkpoints import CheckpointError
 
     try:
@@ -48,9 +48,18 @@ def save_final(run: LoopState, source: str) -> Path:
         log.warning("%s; writing the final output anyway", e)
         checkpoint = None
     try:
-        if cfg.adapter.type == "full":
-            return save_pipeline(cfg, run.accelerator, run.comps, run.unet, run.text_encoder, run.out, source)
-        return save_lora(cfg, run.accelerator, run.unet, run.text_encoder, run.out)
+        if s.adapter.type == "full":
+            return save_pipeline(
+                s.config_dict,
+                s.train.save_precision,
+                run.accelerator,
+                run.comps,
+                run.unet,
+                run.text_encoder,
+                run.out,
+                source,
+            )
+        return save_lora(s.adapter, s.config_dict, run.accelerator, run.unet, run.text_encoder, run.out)
     except OSError as e:
         raise _final_save_error(e, final, checkpoint, run) from e
     except Exception as e:  # safetensors' SafetensorError wraps "No space left on device (os error 28)"
@@ -66,7 +75,7 @@ def _final_checkpoint(run: LoopState) -> Path | None:
     done = dict(list_checkpoints(run.out))
     if run.step in done:
         return done[run.step]
-    if run.cfg.adapter.type == "full" and run.cfg.checkpoint.every_steps is None:
+    if run.settings.adapter.type == "full" and run.settings.checkpoint.every_steps is None:
         return None
     return save_step_checkpoint(run)
 
@@ -112,15 +121,15 @@ def _no_checkpoint_hint(run: LoopState) -> str:
     newest = (
         f"the newest complete checkpoint is {done[-1][1]} (step {done[-1][0]})" if done else "none was saved"
     )
-    if run.cfg.adapter.type == "full" and run.cfg.checkpoint.every_steps is None:
+    if run.settings.adapter.type == "full" and run.settings.checkpoint.every_steps is None:
         return f"full fine-tunes checkpoint the final step only with checkpoint.every_steps; {newest}"
     return f"the final step could not be checkpointed either; {newest}"
 
 
 def _output_bytes(run: LoopState) -> int:
     """What the final output weighs: the trainable tensors for a LoRA, every model for a pipeline."""
-    if run.cfg.adapter.type == "full":
-        half = run.cfg.train.save_precision == "fp16"
+    if run.settings.adapter.type == "full":
+        half = run.settings.train.save_precision == "fp16"
         models = [run.comps.unet, run.comps.vae, run.comps.text_encoder]
         return sum(p.numel() * (2 if half else 4) for m in models if m is not None for p in m.parameters())
     return sum(p.numel() * 4 for p in run.params)
@@ -164,9 +173,12 @@ def _swap_in(tmp: Path, final: Path) -> Path:
     return final
 
 
-def save_pipeline(cfg, accelerator, comps, unet, text_encoder, out: Path, source: str) -> Path:
+def save_pipeline(
+    config: dict, save_precision: str, accelerator, comps, unet, text_encoder, out: Path, source: str
+) -> Path:
     """Full fine-tune: a complete diffusers pipeline (safetensors) that
-    ``StableDiffusionPipeline.from_pretrained`` loads."""
+    ``StableDiffusionPipeline.from_pretrained`` loads, with the run's ``config`` (a
+    ``to_dict()``) beside it as ``dreambooth_kit_config.yaml``."""
     from diffusers import StableDiffusionPipeline
 
     final = out / "pipeline"
@@ -182,12 +194,12 @@ def save_pipeline(cfg, accelerator, comps, unet, text_encoder, out: Path, source
         source, unet=unet, safety_checker=None, requires_safety_checker=False, **extra
     )
     pipe.scheduler = type(pipe.scheduler).from_config(comps.noise_scheduler.config)
-    dtype = torch.float16 if cfg.train.save_precision == "fp16" else torch.float32
+    dtype = torch.float16 if save_precision == "fp16" else torch.float32
     tmp = _tmp_folder(out, "pipeline")
     try:
         pipe.to(dtype=dtype)
         pipe.save_pretrained(tmp, safe_serialization=True)
-        save_config(cfg, tmp / "dreambooth_kit_config.yaml")
+        save_config_dict(config, tmp / "dreambooth_kit_config.yaml")
         _swap_in(tmp, final)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)  # gone after the swap; the old output after an exchange
@@ -195,9 +207,9 @@ def save_pipeline(cfg, accelerator, comps, unet, text_encoder, out: Path, source
     return final
 
 
-def save_lora(cfg: DreamBoothConfig, accelerator, unet, text_encoder, out: Path) -> Path:
-    """Write ``lora/pytorch_lora_weights.safetensors`` (diffusers format + adapter metadata)
-    and the resolved config beside it."""
+def save_lora(adapter: AdapterConfig, config: dict, accelerator, unet, text_encoder, out: Path) -> Path:
+    """Write ``lora/pytorch_lora_weights.safetensors`` (diffusers format + ``adapter``'s metadata)
+    and the resolved ``config`` (a ``to_dict()``) beside it as ``config.yaml``."""
     from diffusers import StableDiffusionPipeline
 
     from .adapters import lora_metadata, lora_state_dicts
@@ -216,13 +228,11 @@ def save_lora(cfg: DreamBoothConfig, accelerator, unet, text_encoder, out: Path)
             tmp,
             unet_lora_layers=unet_sd,
             text_encoder_lora_layers=te_sd,
-            unet_lora_adapter_metadata=lora_metadata(cfg.adapter),
-            text_encoder_lora_adapter_metadata=lora_metadata(cfg.adapter, text_encoder=True)
-            if te_sd
-            else None,
+            unet_lora_adapter_metadata=lora_metadata(adapter),
+            text_encoder_lora_adapter_metadata=lora_metadata(adapter, text_encoder=True) if te_sd else None,
             safe_serialization=True,
         )
-        save_config(cfg, tmp / "config.yaml")
+        save_config_dict(config, tmp / "config.yaml")
         _swap_in(tmp, lora_dir)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -15,6 +15,7 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -22,6 +23,9 @@ from .config import DreamBoothConfig, preflight_spec, save_config
 from .errors import MissingExtra, UserError
 from .layout import RunLayout
 from .outputs import LORA_WEIGHTS
+
+if TYPE_CHECKING:
+    from .loop import RunSettings
 
 log = logging.getLogger("dreambooth_kit")
 
@@ -115,7 +119,10 @@ def train(cfg: DreamBoothConfig) -> TrainResult:
         )
         position = _restore(cfg, accelerator, unet, text_encoder, resume_from)
 
-        run = LoopState(cfg, accelerator, comps, unet, text_encoder, params, optimizer, lr_scheduler, out)
+        settings = run_settings(cfg)  # after the prediction type is recorded: checkpoints carry it
+        run = LoopState(
+            settings, accelerator, comps, unet, text_encoder, params, optimizer, lr_scheduler, out
+        )
         encode = prompt_encoder(run)
         if cfg.validation.every_steps is None:  # validation samples with the frozen text encoder and VAE
             release_frozen(run, dataloader.dataset, encode, latent_cache)
@@ -515,6 +522,25 @@ def _prepare(accelerator, cfg, unet, text_encoder, optimizer, dataloader, lr_sch
             unet, optimizer, dataloader, lr_scheduler
         )
     return unet, text_encoder, optimizer, dataloader, lr_scheduler
+
+
+def run_settings(cfg: DreamBoothConfig) -> RunSettings:
+    """What the loop, validation, checkpoints and the final save read of ``cfg``, resolved once here:
+    only config, train, hub and the CLI hold the whole config."""
+    from .config import validation_prompts
+    from .loop import RunSettings
+
+    return RunSettings(
+        train=cfg.train,
+        data=cfg.data,
+        adapter=cfg.adapter,
+        validation=cfg.validation,
+        checkpoint=cfg.checkpoint,
+        prior_loss_weight=cfg.prior.prior_loss_weight,
+        validation_prompts=tuple(validation_prompts(cfg)),
+        model_name=cfg.model.pretrained,
+        config_dict=cfg.to_dict(),
+    )
 
 
 # ------------------------------------------------------------------ accelerate launch -m dreambooth_kit.train

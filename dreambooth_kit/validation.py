@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import random
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -18,12 +18,11 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .config import DreamBoothConfig, concepts_of
 from .images import make_grid
 from .inference import generate, save_png
 
 if TYPE_CHECKING:
-    from .loop import LoopState
+    from .loop import LoopState, RunSettings
 
 
 @contextlib.contextmanager
@@ -68,13 +67,8 @@ def _mixed_precision(unet: torch.nn.Module, vae: torch.nn.Module) -> Iterator[No
         del vae.decode
 
 
-def validation_prompts(cfg: DreamBoothConfig) -> list[str]:
-    """``validation.prompts``, else each subject's instance prompt."""
-    return list(cfg.validation.prompts) or [c.instance_prompt for c in concepts_of(cfg)]
-
-
 def run_validation(
-    cfg: DreamBoothConfig,
+    settings: RunSettings,
     *,
     unet,
     text_encoder,
@@ -86,12 +80,13 @@ def run_validation(
     accelerator,
 ) -> list[Path]:
     """Write ``samples/step-NNNNNN/p{j}-{seed}.png`` and ``grid.png`` (rows = prompts, columns =
-    seeds), log them to tensorboard/wandb, and return the paths (grid last). Main process only."""
+    seeds), log them to tensorboard/wandb, and return the paths (grid last). Main process only.
+    ``settings`` gives the prompts, the validation section, the resolution and the model's name."""
     if not accelerator.is_main_process:
         return []
     from diffusers import StableDiffusionPipeline
 
-    v = cfg.validation
+    v = settings.validation
     unet, text_encoder = accelerator.unwrap_model(unet), accelerator.unwrap_model(text_encoder)
     pipe = StableDiffusionPipeline(
         vae=vae,
@@ -105,15 +100,15 @@ def run_validation(
         requires_safety_checker=False,
     )
     pipe.set_progress_bar_config(disable=True)
-    pipe._dbk = {"model": cfg.model.pretrained, "loras": []}  # PNG metadata; the LoRA is in training
-    res = cfg.data.resolution
+    pipe._dbk = {"model": settings.model_name, "loras": []}  # PNG metadata; the LoRA is in training
+    res = settings.data.resolution
     rows: list[list[Image.Image]] = []
     paths: list[Path] = []
     folder = Path(output_dir) / "samples" / f"step-{step:06d}"
     with _preserved_state(unet, text_encoder, vae), _mixed_precision(unet, vae):
         for m in (unet, text_encoder, vae):
             m.eval()
-        for j, prompt in enumerate(validation_prompts(cfg)):
+        for j, prompt in enumerate(settings.validation_prompts):
             out = generate(
                 pipe, prompt, negative_prompt=v.negative_prompt, seed=v.seed, num_images=v.num_images,
                 steps=v.steps, guidance_scale=v.guidance_scale, height=res, width=res,
@@ -121,7 +116,7 @@ def run_validation(
             rows.append([img for img, _ in out])
             paths += [save_png(img, p, folder / f"p{j}-{p.seed}.png") for img, p in out]
     make_grid([img for row in rows for img in row], cols=v.num_images).save(folder / "grid.png")
-    _log(accelerator, rows, validation_prompts(cfg), v.seed, step)
+    _log(accelerator, rows, settings.validation_prompts, v.seed, step)
     return [*paths, folder / "grid.png"]
 
 
@@ -133,7 +128,7 @@ def validate_during_training(run: LoopState) -> None:
     acc = run.accelerator
     if acc.is_main_process:
         run_validation(
-            run.cfg,
+            run.settings,
             unet=run.unet,
             text_encoder=run.text_encoder or run.comps.text_encoder,
             vae=run.comps.vae,
@@ -147,7 +142,7 @@ def validate_during_training(run: LoopState) -> None:
     acc.wait_for_everyone()
 
 
-def _log(accelerator, rows: list[list[Image.Image]], prompts: list[str], seed: int, step: int) -> None:
+def _log(accelerator, rows: list[list[Image.Image]], prompts: Sequence[str], seed: int, step: int) -> None:
     for tracker in accelerator.trackers:
         if tracker.name == "tensorboard":
             for j, row in enumerate(rows):

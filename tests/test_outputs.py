@@ -100,3 +100,19 @@ def test_killed_final_save_leftovers_are_removed_at_the_next_start(tmp_path):
     (tmp_path / "lora").mkdir()
     removed = clean_tmp_outputs(tmp_path)
     assert len(removed) == 3 and sorted(p.name for p in tmp_path.iterdir()) == ["lora"]
+
+
+def test_the_lora_folder_and_each_checkpoint_hold_the_runs_resolved_config(trained_run):
+    """The config beside the LoRA is the run's config.yaml byte for byte, and run.json (what a resume
+    is checked against) holds the same: both as resolved, with the model's prediction type."""
+    import json
+
+    import yaml
+
+    result = trained_run["result"]
+    run_config = (result.output_dir / "config.yaml").read_bytes()
+    assert (result.lora_dir / "config.yaml").read_bytes() == run_config
+    checkpoints = sorted((result.output_dir / "checkpoints").glob("step-*"))
+    assert checkpoints
+    for path in checkpoints:
+        assert json.loads((path / "run.json").read_text()) == yaml.safe_load(run_config), path

@@ -243,6 +243,9 @@ def test_full_finetune_saves_a_pipeline_plain_diffusers_loads(tmp_path, tiny_mod
     assert not list(pipe_dir.rglob("*.bin"))  # safetensors only
     saved = load_file(pipe_dir / "unet" / "diffusion_pytorch_model.safetensors")
     assert all(v.dtype == torch.float16 for v in saved.values())  # train.save_precision=fp16
+    # The resolved run config (prediction type included) travels with the pipeline, byte for byte.
+    run_config = (r.output_dir / "config.yaml").read_bytes()
+    assert (pipe_dir / "dreambooth_kit_config.yaml").read_bytes() == run_config
     pipe = StableDiffusionPipeline.from_pretrained(pipe_dir, dtype=torch.float32)  # fp16 runs on CUDA
     base = UNet2DConditionModel.from_pretrained(tiny_model, subfolder="unet")
     trained, orig = pipe.unet.state_dict(), base.state_dict()

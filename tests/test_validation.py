@@ -14,8 +14,9 @@ from conftest import tiny_cfg
 from PIL import Image
 
 from dreambooth_kit.adapters import add_lora
-from dreambooth_kit.config import AdapterConfig
-from dreambooth_kit.validation import run_validation, validation_prompts
+from dreambooth_kit.config import AdapterConfig, validation_prompts
+from dreambooth_kit.train import run_settings
+from dreambooth_kit.validation import run_validation
 
 PROMPTS = ["a photo of zwx toy", "a zwx toy on a beach", "a drawing of zwx toy"]
 
@@ -56,7 +57,7 @@ def _cfg(tmp_path: Path, tiny_model: Path, photos: Path, prompts=PROMPTS, **over
 
 def _run(cfg, models, accelerator, tmp_path: Path, step: int = 250) -> list[Path]:
     return run_validation(
-        cfg, **vars(models), step=step, output_dir=tmp_path / "run", accelerator=accelerator
+        run_settings(cfg), **vars(models), step=step, output_dir=tmp_path / "run", accelerator=accelerator
     )
 
 
@@ -73,6 +74,7 @@ def test_files_grid_and_png_metadata(tmp_path, tiny_model, photos, models):
         j, seed = path.stem[1:].split("-")
         assert PROMPTS[int(j)] in img.text["parameters"]
         assert f"Seed: {seed}," in img.text["parameters"]
+        assert f"Model: {tiny_model.name}" in img.text["parameters"]  # the base model being trained
     grid = Image.open(paths[-1])
     assert grid.size == (2 * 64, 3 * 64)  # columns = seeds, rows = prompts
     grid_px = np.asarray(grid.convert("RGB"))
@@ -174,7 +176,10 @@ def test_other_processes_return_nothing(tmp_path, tiny_model, photos, models):
 
     cfg = _cfg(tmp_path, tiny_model, photos)
     assert (
-        run_validation(cfg, **vars(models), step=5, output_dir=tmp_path / "run", accelerator=NotMain()) == []
+        run_validation(
+            run_settings(cfg), **vars(models), step=5, output_dir=tmp_path / "run", accelerator=NotMain()
+        )
+        == []
     )
     assert not (tmp_path / "run" / "samples").exists()
 
