@@ -19,7 +19,6 @@ are pruned only after that. A folder without a readable ``COMPLETE.json`` is nev
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import functools
 import json
@@ -33,6 +32,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from .atomic import fsync_tree, publish_folder
 from .errors import UserError
 
 if TYPE_CHECKING:
@@ -262,8 +262,8 @@ def _write_checkpoint(
             (tmp / COMPLETE).write_text(
                 json.dumps({"format": FORMAT_VERSION, "step": step, "files": files}, indent=2)
             )
-            _fsync_tree(tmp)
-            _publish(tmp, final)
+            fsync_tree(tmp)
+            publish_folder(tmp, final)
         except Exception as e:
             error = e
     return _first_failure(gather_object([_describe(error, tmp)])), error
@@ -376,68 +376,6 @@ def _short(error: BaseException, limit: int = 300) -> str:
 
 def _files(folder: Path) -> list[Path]:
     return sorted(p for p in folder.rglob("*") if p.is_file())
-
-
-def _fsync_tree(folder: Path) -> None:
-    # A rename is only durable once the data it points to is: flush every file, then the folders.
-    for path in _files(folder):
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-    for d in sorted({p.parent for p in _files(folder)} | {folder}, key=lambda p: -len(p.parts)):
-        _fsync_dir(d)
-
-
-def _fsync_dir(folder: Path) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:  # Windows cannot open a directory; its renames are not fsync-able anyway
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _publish(tmp: Path, final: Path) -> None:
-    """Rename the finished temporary folder to its final name, replacing an existing one atomically."""
-    if not final.exists():
-        os.rename(tmp, final)
-    elif _exchange(tmp, final):  # now `tmp` holds the replaced checkpoint
-        shutil.rmtree(tmp, ignore_errors=True)
-    else:
-        # os.replace cannot replace a non-empty folder. Without an atomic exchange, move the old one
-        # aside first: a kill between the two renames loses this step, never an earlier one.
-        aside = final.with_name(f".tmp-replaced-{final.name}-{secrets.token_hex(4)}")
-        os.rename(final, aside)
-        try:
-            os.rename(tmp, final)
-        except OSError:
-            os.rename(aside, final)  # put the earlier save back
-            raise
-        shutil.rmtree(aside, ignore_errors=True)
-    _fsync_dir(final.parent)
-
-
-def _exchange(a: Path, b: Path) -> bool:
-    """Atomically swap two folders (Linux renameat2 RENAME_EXCHANGE; Python has no wrapper for it).
-    False where unsupported (other systems, old kernels, some filesystems)."""
-    try:
-        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
-    except (OSError, AttributeError):
-        return False
-    at_fdcwd, rename_exchange = -100, 2
-    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
-    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
-        return True
-    err = ctypes.get_errno()
-    if err in (errno.ENOSYS, errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP):
-        return False
-    raise OSError(err, os.strerror(err), str(a), None, str(b))
 
 
 def _prune(root: Path, keep_last: int | None, *, keep: Path) -> None:

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import errno
 import logging
-import secrets
 import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -158,7 +157,9 @@ def clean_tmp_outputs(out: Path) -> list[Path]:
 def _tmp_folder(out: Path, name: str) -> Path:
     # A random suffix: a folder left by a killed save is never mistaken for this one (clean-up of
     # `.tmp-*` happens at the next start, under the folder lock).
-    tmp = out / f".tmp-{name}-{secrets.token_hex(4)}"
+    from .atomic import temp_path
+
+    tmp = temp_path(out / name)
     tmp.mkdir(parents=True)
     return tmp
 
@@ -166,10 +167,10 @@ def _tmp_folder(out: Path, name: str) -> Path:
 def _swap_in(tmp: Path, final: Path) -> Path:
     """Make ``tmp`` the output ``final`` in one atomic step (an earlier output is replaced only with
     train.overwrite or train.resume, checked before training)."""
-    from .checkpoints import _fsync_tree, _publish
+    from .atomic import fsync_tree, publish_folder
 
-    _fsync_tree(tmp)
-    _publish(tmp, final)
+    fsync_tree(tmp)
+    publish_folder(tmp, final)
     return final
 
 

@@ -15,6 +15,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from dreambooth_kit import atomic
 from dreambooth_kit import checkpoints as ck
 from dreambooth_kit.checkpoints import (
     CheckpointError,
@@ -434,8 +435,8 @@ def test_prune_never_removes_the_checkpoint_just_written(env):
 @pytest.mark.parametrize("exchange", [True, False], ids=["renameat2", "two-renames"])
 def test_resaving_a_step_replaces_it(env, monkeypatch, exchange):
     used = []
-    real = ck._exchange
-    monkeypatch.setattr(ck, "_exchange", lambda a, b: used.append(exchange and real(a, b)) or used[-1])
+    real = atomic.exchange
+    monkeypatch.setattr(atomic, "exchange", lambda a, b: used.append(exchange and real(a, b)) or used[-1])
     _train(env)
     _save(env, 2, marker="old")
     _train(env)
@@ -449,7 +450,7 @@ def test_resaving_a_step_replaces_it(env, monkeypatch, exchange):
 
 
 def test_failed_replacement_puts_the_earlier_save_back(env, monkeypatch):
-    monkeypatch.setattr(ck, "_exchange", lambda a, b: False)
+    monkeypatch.setattr(atomic, "exchange", lambda a, b: False)
     _train(env)
     path = _save(env, 2, marker="old")
     real_rename = os.rename
