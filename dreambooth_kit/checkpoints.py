@@ -25,14 +25,13 @@ import json
 import logging
 import os
 import re
-import secrets
 import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 
-from .atomic import fsync_tree, publish_folder
+from .atomic import fsync_tree, publish_folder, temp_path
 from .errors import UserError
 
 if TYPE_CHECKING:
@@ -222,7 +221,7 @@ def save_checkpoint(
     final = root / name
     main = accelerator.is_main_process
     # Every process must write into the same folder: the main process's random name is shared.
-    tmp = root / gather_object([f".tmp-{name}-{secrets.token_hex(4)}"])[0]
+    tmp = root / gather_object([temp_path(root / name).name])[0]
     try:
         failure, error = _write_checkpoint(accelerator, tmp, final, step, state_text, run_text)
     except BaseException:
@@ -388,7 +387,7 @@ def _prune(root: Path, keep_last: int | None, *, keep: Path) -> None:
             continue
         # Renamed away first (atomic): a kill during the slow delete then leaves a `.tmp-*` folder
         # for clean_tmp, never a `step-*` folder that still looks complete but lost files.
-        aside = path.with_name(f".tmp-pruned-{path.name}-{secrets.token_hex(4)}")
+        aside = temp_path(path, "pruned-")
         try:
             os.rename(path, aside)
             shutil.rmtree(aside)
