@@ -54,7 +54,14 @@ def lora_state_dicts(
     from diffusers.utils import convert_state_dict_to_diffusers
     from peft.utils import get_peft_model_state_dict
 
-    unet_sd = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
+    peft_sd = get_peft_model_state_dict(unet)
+    unet_sd = convert_state_dict_to_diffusers(peft_sd)
+    if any(".lora_A." in k for k in unet_sd) and any(".lora.down." in k for k in unet_sd):
+        # convert_state_dict_to_diffusers respells only the attention layers (to_k.lora.down) and leaves
+        # others (proj_in, ff) in peft's lora_A. diffusers' loader picks one spelling from the first key,
+        # so such a mix loaded without the attention half (measured on the toy config: every to_q/k/v/out
+        # LoRA silently dropped). Then the whole UNet part keeps peft's spelling, which loaders read.
+        unet_sd = peft_sd
     te_sd = None
     if text_encoder is not None and getattr(text_encoder, "peft_config", None):
         te_sd = convert_state_dict_to_diffusers(get_peft_model_state_dict(text_encoder))

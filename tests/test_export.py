@@ -396,3 +396,27 @@ def test_merged_export_of_a_run_trained_on_a_ckpt(trained_run, tiny_model, tmp_p
     assert 'parameterization: "v"' in out.with_suffix(".yaml").read_text()
     _, meta = _read(out)
     assert meta["modelspec.prediction_type"] == "v_prediction"
+
+
+def test_a_lora_beyond_attention_loads_whole_and_exports(tmp_path, tiny_model, photos):
+    """A LoRA on proj_in/proj_out/feed-forward as well as attention (the toy config; kohya's set).
+    Before, the saved file mixed two key spellings (attention as diffusers' old `to_k.lora.down`,
+    the rest as peft's `lora_A`); diffusers picked one from the first key and silently dropped
+    every attention LoRA. Now plain diffusers loads every trained layer, and the kohya export of it
+    renders the same image."""
+    from safetensors.torch import load_file
+
+    from dreambooth_kit.train import train
+
+    targets = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2"]
+    cfg = tiny_cfg(
+        tmp_path, tiny_model, photos, **{"adapter.target_modules": targets, "train.learning_rate": 1e-2}
+    )
+    lora = train(cfg).lora_path
+    saved = {k.removeprefix("unet.").rsplit(".lora", 1)[0] for k in load_file(str(lora))}
+    pipe = _pipe(tiny_model)
+    pipe.load_lora_weights(str(lora.parent), weight_name=lora.name)
+    loaded = {name for name, m in pipe.unet.named_modules() if hasattr(m, "lora_A")}
+    assert loaded == saved
+    assert any(n.endswith("attn1.to_k") for n in loaded) and any(n.endswith("proj_in") for n in loaded)
+    _same_images_as_diffusers_format(tiny_model, lora, export_kohya(lora, tmp_path / "k.safetensors"))
