@@ -16,7 +16,7 @@ import pytest
 from dreambooth_kit.toy import world
 
 # Shortened from configs/toy.yaml (800 steps at 1e-3): 400 steps at 3e-3 learn the subject about as
-# well in half the time (measured: every condition of the README's table holds; subject rate 0.62).
+# well in half the time (measured: subject rate 1.0, on a new background 1.0, like 800 steps at 1e-3).
 STEPS = 400
 LEARNING_RATE = 3e-3
 PER_PROMPT = 8
@@ -60,7 +60,7 @@ def test_the_subject_is_learned(scores):
     model's. (The judge-feature cosine does not separate them: see the README's "Does it learn?")"""
     base, tuned = scores["base"], scores["prior"]
     assert base.subject_rate <= 0.1
-    assert tuned.subject_rate >= base.subject_rate + 0.4  # measured: 0.62 vs 0.0
+    assert tuned.subject_rate >= base.subject_rate + 0.4  # measured: 1.0 vs 0.0
 
 
 def test_the_identifier_binds_the_subject_and_the_class_stays_itself(scores):
@@ -71,9 +71,9 @@ def test_the_identifier_binds_the_subject_and_the_class_stays_itself(scores):
 
 
 def test_prior_preservation_lowers_class_prompt_drift(scores):
-    """Without prior preservation "a photo of a ball" turns into the subject (measured: 7 of 8
+    """Without prior preservation "a photo of a ball" turns into the subject (measured: 8 of 8
     samples); with it, none does. Read by the detector; PRES (the judge-feature cosine to the photos)
-    shows it too, with a smaller gap (measured: 0.79 vs 0.61)."""
+    shows it too, with a smaller gap (measured: 0.82 vs 0.59)."""
     assert scores["no_prior"].class_subject_rate >= scores["prior"].class_subject_rate + 0.4
 
 

@@ -167,8 +167,8 @@ def write_subject_photos(
     ``01.txt`` naming its background (``a photo of zwx ball on a sand background``), the others
     train with the bare instance prompt. Naming what is not the subject keeps the identifier off the
     five photos' backgrounds: with the bare prompt on all five, a LoRA with prior preservation drew
-    the subject on a prompted new background in 0-19% of samples; captioned, in 100% (2 seeds), while
-    the bare ``a photo of zwx ball`` still draws it (README, "Does it learn?")."""
+    the subject on a prompted new background in 0 of 8 samples; captioned, in 8 of 8, while the
+    bare ``a photo of zwx ball`` still draws it (README, "Does it learn?")."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     paths = []
