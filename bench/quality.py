@@ -1,7 +1,7 @@
 """Does it learn? DreamBooth's claims measured in the toy world, as a Markdown table and a PNG grid.
 
-For each condition (the base model; LoRA without / with prior preservation; full fine-tune without /
-with it), over several training seeds: train on the subject's 5 photos with ``configs/toy.yaml``
+For each condition (the base model; LoRA without / with prior preservation, by class images or by the
+base model as teacher; full fine-tune without / with it), over several training seeds: train on the subject's 5 photos with ``configs/toy.yaml``
 (the seed-000 recipe scaled down), sample "a photo of zwx ball" (alone and on each background) and
 "a photo of a ball", and score them with the toy judge (dreambooth_kit/toy/evaluate.py says what each
 number means). Reports what comes out: mean ± spread over seeds.
@@ -23,6 +23,12 @@ CONDITIONS = {
     "base model": None,
     "LoRA no prior": {"adapter.type": "lora", "prior.with_prior_preservation": False},
     "LoRA + prior": {"adapter.type": "lora", "prior.with_prior_preservation": True},
+    # No class images: the frozen base model's own class-prompt predictions are the prior's target.
+    "LoRA + teacher prior": {
+        "adapter.type": "lora",
+        "prior.with_prior_preservation": True,
+        "prior.mode": "teacher",
+    },
     "full no prior": {
         "adapter.type": "full",
         "prior.with_prior_preservation": False,

@@ -85,6 +85,12 @@ class DataConfig:
 @dataclass
 class PriorConfig:
     with_prior_preservation: bool = True
+    # class_images: the paper's prior preservation, trained on images the base model generated for
+    # the class prompt. teacher: no class images; the frozen base model's own prediction for the
+    # class prompt, on the same noisy photo latents, is the target of the LoRA model's (OneTrainer's
+    # "prior prediction"). Saves the class-image generation, which costs more than the training
+    # on CPU or a T4 at 200 images; LoRA only (the frozen base is the LoRA model with it off).
+    mode: Literal["class_images", "teacher"] = "class_images"
     class_prompt: str = ""
     class_dir: str = ""
     num_class_images: int = 100
@@ -569,7 +575,7 @@ def validate(cfg: DreamBoothConfig, *, check_paths: bool = False) -> list[str]:
         if pr.with_prior_preservation:
             if not c.class_prompt.strip():
                 p.append(f"{cls_key}: required with prior.with_prior_preservation, e.g. 'a photo of a dog'")
-            if not c.class_dir:
+            if not c.class_dir and pr.mode == "class_images":
                 p.append(
                     f"{cdir_key}: required with prior.with_prior_preservation (generated images go there)"
                 )
@@ -583,6 +589,11 @@ def validate(cfg: DreamBoothConfig, *, check_paths: bool = False) -> list[str]:
         p.append("adapter.target_modules: at least one module name is needed")
     if not t.output_dir:
         p.append("train.output_dir: required")
+    if pr.with_prior_preservation and pr.mode == "teacher" and a.type == "full":
+        p.append(
+            "prior.mode: teacher needs adapter.type=lora (its target is the LoRA model with the LoRA "
+            "switched off; a full fine-tune keeps no frozen copy); use prior.mode=class_images"
+        )
     if cfg.export.formats and a.type == "full":
         p.append("export.formats: exports are for LoRA runs; a full fine-tune already writes run/pipeline")
     if cfg.concepts and (d.instance_dir or d.identifier):

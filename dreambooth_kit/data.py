@@ -478,12 +478,14 @@ def preprocess(
 
 @dataclass
 class Example:
-    """One training row: an instance image with its prompt, and (prior preservation) a class image."""
+    """One training row: an instance image with its prompt, and (prior preservation) a class image,
+    or (prior.mode=teacher) the class prompt the frozen base model is asked about on this photo."""
 
     instance: Path
     instance_prompt: str
     class_image: Path | None = None
     class_prompt: str | None = None
+    teacher_prompt: str | None = None
 
 
 def caption_file(image: Path) -> Path:
@@ -506,9 +508,11 @@ def pair_examples(
     class_prompt: str | None = None,
     *,
     use_captions: bool = False,
+    teacher_prompt: str | None = None,
 ) -> list[Example]:
     """One subject's rows. As diffusers' example: the count is max(instances, class images), so one
-    epoch covers every class image and instance images repeat (5 photos vs 200 class images)."""
+    epoch covers every class image and instance images repeat (5 photos vs 200 class images).
+    ``teacher_prompt``: every row also carries the class prompt for the teacher prior."""
     if not instance_images:
         raise DataError("no instance images given; run check_images(folder) and pass report.images")
     if class_images is not None and not class_images:
@@ -521,7 +525,7 @@ def pair_examples(
         inst = Path(instance_images[i % len(instance_images)])
         prompt = (read_caption(inst) if use_captions else None) or instance_prompt
         cls = Path(class_images[i % len(class_images)]) if class_images else None
-        rows.append(Example(inst, prompt, cls, class_prompt if cls else None))
+        rows.append(Example(inst, prompt, cls, class_prompt if cls else None, teacher_prompt))
     return rows
 
 
@@ -596,6 +600,8 @@ class DreamBoothDataset(torch.utils.data.Dataset):
         if e.class_image is not None:
             example[f"class_{kind}"] = self._item(e.class_image)
             example["class_prompt"] = e.class_prompt
+        if e.teacher_prompt is not None:
+            example["teacher_prompt"] = e.teacher_prompt
         return example
 
 
@@ -635,6 +641,8 @@ def collate(examples: list[dict], with_prior: bool) -> dict:
         items += [e[f"class_{kind}"] for e in examples]
         prompts += [e["class_prompt"] for e in examples]
     batch: dict = {"prompts": prompts, "num_instance": len(examples)}
+    if "teacher_prompt" in examples[0]:  # prior.mode=teacher: asked on the instance rows' latents
+        batch["teacher_prompts"] = [e["teacher_prompt"] for e in examples]
     if kind == "key":
         batch["keys"] = items
     else:

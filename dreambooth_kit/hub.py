@@ -281,7 +281,8 @@ def _settings(cfg: DreamBoothConfig, concepts) -> list[tuple[str, object]]:
         settings.append(
             (
                 "Prior preservation",
-                f"yes, class prompt {', '.join(f'`{c}`' for c in classes)} (weight {p.prior_loss_weight:g})",
+                f"yes ({'the base model as teacher' if p.mode == 'teacher' else 'class images'}), class prompt "
+                f"{', '.join(f'`{c}`' for c in classes)} (weight {p.prior_loss_weight:g})",
             )
         )
     else:

@@ -17,7 +17,7 @@ import torch
 from .caching import PromptEncoder, posterior_sample
 from .config import AdapterConfig, CheckpointConfig, DataConfig, TrainConfig, ValidationConfig
 from .guards import NonFiniteGuard, TrainingInterrupted
-from .losses import diffusion_loss, diffusion_target, snr_weights
+from .losses import diffusion_loss, diffusion_target, snr_weights, teacher_prior_loss
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
@@ -129,7 +129,7 @@ def release_frozen(
     dropped = []
     if not encode.trained:
         prompts = [e.instance_prompt for e in dataset.examples] + [
-            e.class_prompt for e in dataset.examples if e.class_prompt
+            p for e in dataset.examples for p in (e.class_prompt, e.teacher_prompt) if p
         ]
         encode(prompts)
         encode.text_encoder = ctx.comps.text_encoder = None
@@ -308,13 +308,35 @@ def _loss(
     target = diffusion_target(scheduler, latents, noise, timesteps)
     prediction_type = scheduler.config.prediction_type
     weights = snr_weights(scheduler, timesteps, t.snr_gamma, prediction_type) if t.snr_gamma else None
-    return diffusion_loss(
+    loss, parts = diffusion_loss(
         pred,
         target,
         num_instance=batch["num_instance"],
         prior_loss_weight=s.prior_loss_weight,
         weights=weights,
     )
+    if "teacher_prompts" in batch:
+        prior = _teacher_prior(
+            ctx, noisy.to(unet_dtype), timesteps, encode(batch["teacher_prompts"]), weights
+        )
+        loss = loss + s.prior_loss_weight * prior
+        parts["loss_prior"] = prior.item()
+    return loss, parts
+
+
+def _teacher_prior(ctx: LoopState, noisy, timesteps, cond, weights) -> torch.Tensor:
+    """prior.mode=teacher: the LoRA model's prediction for the class prompt against the frozen base
+    model's, which is the same UNet with its adapters switched off (no second copy in memory)."""
+    cond = cond.to(noisy.dtype)
+    unet = ctx.accelerator.unwrap_model(ctx.unet)
+    with torch.no_grad():
+        unet.disable_adapters()
+        try:
+            teacher = ctx.unet(noisy, timesteps, cond, return_dict=False)[0]
+        finally:
+            unet.enable_adapters()
+    student = ctx.unet(noisy, timesteps, cond, return_dict=False)[0]
+    return teacher_prior_loss(student, teacher, weights=weights)
 
 
 def _latents(ctx: LoopState, batch: dict, latent_cache: LatentCache | None) -> torch.Tensor:

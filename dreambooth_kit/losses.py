@@ -72,3 +72,17 @@ def diffusion_loss(
         loss = instance + prior_loss_weight * prior
         parts["loss_prior"] = prior.item()
     return loss, parts
+
+
+def teacher_prior_loss(
+    student: torch.Tensor, teacher: torch.Tensor, *, weights: torch.Tensor | None = None
+) -> torch.Tensor:
+    """prior.mode=teacher: mean MSE between the LoRA model's prediction for the class prompt and the
+    frozen base model's (the same noisy photo latents and timesteps), in fp32; ``weights`` per
+    sample, as for the instance loss. Zero while the LoRA is still a no-op (B = 0 at init)."""
+    per_sample = F.mse_loss(student.float(), teacher.float().detach(), reduction="none").mean(
+        dim=list(range(1, student.ndim))
+    )
+    if weights is not None:
+        per_sample = per_sample * weights.float()
+    return per_sample.mean()

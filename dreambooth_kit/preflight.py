@@ -161,7 +161,7 @@ def check_settings(spec: PreflightSpec, prediction_type: str | None, source: Pat
 def _folders_to_write(spec: PreflightSpec) -> list[tuple[str, str]]:
     """(config key, folder) of every folder a run creates and writes into."""
     folders = [("train.output_dir", spec.output_dir)]
-    if spec.prior.with_prior_preservation:
+    if spec.prior.with_prior_preservation and spec.prior.mode == "class_images":
         for key, c in spec.subjects:
             folders.append((f"{key}.class_dir" if key != "data" else "prior.class_dir", c.class_dir))
     return [(key, folder) for key, folder in folders if folder]

@@ -341,8 +341,8 @@ def _flat(d: dict, prefix: str = "") -> dict:
 
 def _class_images(cfg: DreamBoothConfig, report, source, accelerator, out: Path):
     """Class images for every concept. Rank 0 generates; the others wait, then read the same files."""
-    if not cfg.prior.with_prior_preservation:
-        return None
+    if not cfg.prior.with_prior_preservation or cfg.prior.mode == "teacher":
+        return None  # teacher: the frozen base model's predictions stand in for class images
     from .config import class_image_spec, concepts_of
     from .prior import ensure_class_images
 
@@ -428,6 +428,7 @@ def _data(cfg: DreamBoothConfig, report, class_sets, comps, accelerator):
     from .data import DreamBoothDataset, EpochSampler, collate, pair_examples
 
     examples = []
+    teacher = cfg.prior.with_prior_preservation and cfg.prior.mode == "teacher"
     for i, (c, r) in enumerate(zip(concepts_of(cfg), report.reports, strict=True)):
         cls = class_sets[i] if class_sets else None
         examples += pair_examples(
@@ -436,6 +437,7 @@ def _data(cfg: DreamBoothConfig, report, class_sets, comps, accelerator):
             cls.images if cls else None,
             c.class_prompt if cls else None,
             use_captions=cfg.data.use_captions,
+            teacher_prompt=c.class_prompt if teacher else None,
         )
     use_cache, why = latent_cache_decision(cfg.data)
     (log.info if use_cache or not cfg.data.cache_latents else log.warning)(

@@ -553,3 +553,10 @@ def test_every_number_in_the_schema_has_a_range(key):
     """A negative billion is out of range for every number we have: each key must say so itself."""
     problems = _problems("tiny.yaml", [f"{key}=-1000000000"])
     assert any(p.startswith(f"{key}: ") for p in problems), problems
+
+
+def test_teacher_prior_needs_a_lora_and_no_class_dir():
+    cfg = load_config("tiny.yaml", ["prior.mode=teacher", "prior.class_dir="])
+    assert cfg.prior.mode == "teacher"  # class_dir is not needed: no class images are made
+    with pytest.raises(ConfigError, match="prior.mode: teacher needs adapter.type=lora"):
+        load_config("tiny.yaml", ["prior.mode=teacher", "adapter.type=full"])

@@ -75,3 +75,18 @@ def test_min_snr_weights_v_prediction_divides_by_snr_plus_one():
     assert torch.allclose(w_v, torch.minimum(snr, torch.full_like(snr, 5.0)) / (snr + 1))
     assert torch.allclose(w_eps, torch.minimum(snr, torch.full_like(snr, 5.0)) / snr)
     assert (w_v < 1).all()  # at t=990 the epsilon weight is 1, the v weight is SNR/(SNR+1)
+
+
+def test_teacher_prior_loss_is_the_mse_to_the_frozen_prediction():
+    from dreambooth_kit.losses import teacher_prior_loss
+
+    teacher = torch.zeros(2, 4, 2, 2)
+    student = torch.zeros(2, 4, 2, 2, requires_grad=True)
+    assert teacher_prior_loss(student, teacher).item() == 0.0  # an untrained LoRA adds nothing
+    moved = student + torch.tensor([1.0, 2.0]).view(2, 1, 1, 1)  # per-sample MSE 1 and 4
+    assert teacher_prior_loss(moved, teacher).item() == pytest.approx(2.5)
+    assert teacher_prior_loss(moved, teacher, weights=torch.tensor([1.0, 0.0])).item() == pytest.approx(0.5)
+    # The gradient reaches the student only: the teacher is a fixed target.
+    teacher_live = torch.ones(2, 4, 2, 2, requires_grad=True)
+    teacher_prior_loss(moved, teacher_live).backward()
+    assert student.grad is not None and teacher_live.grad is None

@@ -459,3 +459,51 @@ def test_accelerate_launch_cpu_with_two_processes_is_refused(tmp_path, tiny_mode
     assert proc.returncode != 0
     assert "starts ONE process" in proc.stderr and "ACCELERATE_USE_CPU=1 torchrun" in proc.stderr
     assert not out.exists() and not (tmp_path / "cls").exists()
+
+
+# ------------------------------------------------------------------ prior.mode=teacher
+
+
+def test_teacher_prior_makes_no_class_images_and_targets_the_frozen_base(
+    tmp_path, tiny_model, photos, monkeypatch
+):
+    """prior.mode=teacher: no class images; the prior term compares the LoRA model's class-prompt
+    prediction with the base model's on the same inputs. The base's is the same UNet with its
+    adapters off, checked here against a separately loaded copy of the base UNet."""
+    from diffusers import UNet2DConditionModel
+
+    import dreambooth_kit.loop as loop_mod
+
+    base = UNet2DConditionModel.from_pretrained(tiny_model, subfolder="unet").eval()
+    unet_file = tiny_model / "unet" / "diffusion_pytorch_model.safetensors"
+    before = unet_file.read_bytes()
+    calls = []
+    real_forward = loop_mod._teacher_prior
+
+    def spy(ctx, noisy, timesteps, cond, weights):
+        with torch.no_grad():
+            expected = base(noisy.float(), timesteps, cond.float(), return_dict=False)[0]
+        seen = {}
+        real_loss = loop_mod.teacher_prior_loss
+
+        def capture(student, teacher, *, weights=None):
+            seen["student"], seen["teacher"] = student.detach(), teacher.detach()
+            return real_loss(student, teacher, weights=weights)
+
+        monkeypatch.setattr(loop_mod, "teacher_prior_loss", capture)
+        prior = real_forward(ctx, noisy, timesteps, cond, weights)
+        monkeypatch.setattr(loop_mod, "teacher_prior_loss", real_loss)
+        calls.append((prior.item(), torch.allclose(seen["teacher"], expected, atol=1e-5), seen))
+        return prior
+
+    monkeypatch.setattr(loop_mod, "_teacher_prior", spy)
+    cfg = tiny_cfg(tmp_path, tiny_model, photos, **{"prior.mode": "teacher", "train.learning_rate": 1e-2})
+    result = train(cfg)
+    assert result.class_images_generated == 0 and not (tmp_path / "class_images").exists()
+    assert len(calls) == cfg.train.max_steps
+    assert calls[0][0] == 0.0  # step 1: the LoRA is still a no-op (B = 0), student == teacher
+    assert calls[-1][0] > 0.0  # then the subject pulls the class prompt away and the term pushes back
+    assert all(matches for _, matches, _ in calls)  # the target is the base model's own prediction
+    assert not torch.allclose(calls[-1][2]["student"], calls[-1][2]["teacher"])
+    assert unet_file.read_bytes() == before  # the base weights are untouched
+    assert result.lora_path.exists()
