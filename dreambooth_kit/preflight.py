@@ -15,16 +15,13 @@ from pathlib import Path
 from .config import ConceptConfig, PreflightSpec, mentions_identifier
 from .data import DataError, ImageIssue, ImageReport, caption_file, check_images
 from .errors import UserError
+from .identifier import COMMON_WORDS, KNOWN_MEANINGS
 
 log = logging.getLogger("dreambooth_kit")
 
 MAX_TOKENS = 77  # CLIP's context: 75 prompt tokens + <start> + <end>
 
-# Words too common to serve as an identifier: the LoRA would rewrite their meaning everywhere.
-_COMMON = set(
-    "a an the of in on at with and or photo picture dog cat man woman person boy girl car house "
-    "style art red blue green black white big small new old good one two".split()
-)
+FIND_HINT = "`dreambooth-kit identifier --class <noun>` lists rare single tokens for your model"
 
 
 class PreflightError(UserError, ValueError):
@@ -76,16 +73,25 @@ def check_prompts(
                     source,
                     "warning",
                     f"identifier {ident!r} splits into {len(pieces)} tokens {pieces} (ids {ids}); a rare "
-                    "single-token word binds more cleanly (e.g. 'sks', 'ohwx')",
+                    f"single-token word binds more cleanly ({FIND_HINT})",
                 )
             )
-        if ident.lower() in _COMMON:
+        if ident.lower() in COMMON_WORDS:
             issues.append(
                 ImageIssue(
                     source,
                     "warning",
                     f"identifier {ident!r} is a common word (token ids {ids}); training will change its "
-                    "meaning in every prompt. Use a rare token such as 'sks'",
+                    f"meaning in every prompt. Use a rare token: {FIND_HINT}",
+                )
+            )
+        if ident.lower() in KNOWN_MEANINGS:
+            issues.append(
+                ImageIssue(
+                    source,
+                    "warning",
+                    f"identifier {ident!r} already means {KNOWN_MEANINGS[ident.lower()]}; the subject "
+                    f"then mixes with that. {FIND_HINT}",
                 )
             )
         if p.with_prior_preservation and ident.lower() in c.class_prompt.lower().split():

@@ -172,7 +172,7 @@ def test_identifier_that_splits_warns_with_token_ids(tmp_path, photos, tok, capl
     assert report.errors == []
     (warning,) = [m for m in _messages(report.issues, "warning") if "identifier" in m]
     assert warning.startswith(f"identifier 'qzxv' splits into 4 tokens {pieces} (ids {ids})")
-    assert "'sks'" in warning
+    assert "dreambooth-kit identifier --class" in warning
     assert any(f"(ids {ids})" in r.getMessage() and r.levelno == logging.WARNING for r in caplog.records)
 
 
@@ -188,7 +188,8 @@ def test_common_word_identifier_warns_with_token_id(tmp_path, photos, tok):
         (
             "warning",
             f"identifier 'dog' is a common word (token ids {dog_id}); training will change its meaning "
-            "in every prompt. Use a rare token such as 'sks'",
+            "in every prompt. Use a rare token: `dreambooth-kit identifier --class <noun>` lists rare single "
+            "tokens for your model",
         )
     ]
 
