@@ -317,24 +317,31 @@ def _loss(
     )
     if "teacher_prompts" in batch:
         prior = _teacher_prior(
-            ctx, noisy.to(unet_dtype), timesteps, encode(batch["teacher_prompts"]), weights
+            ctx, noisy.to(unet_dtype), timesteps, encode, batch["teacher_prompts"], weights
         )
         loss = loss + s.prior_loss_weight * prior
         parts["loss_prior"] = prior.item()
     return loss, parts
 
 
-def _teacher_prior(ctx: LoopState, noisy, timesteps, cond, weights) -> torch.Tensor:
+def _teacher_prior(ctx: LoopState, noisy, timesteps, encode: PromptEncoder, prompts, weights) -> torch.Tensor:
     """prior.mode=teacher: the LoRA model's prediction for the class prompt against the frozen base
-    model's, which is the same UNet with its adapters switched off (no second copy in memory)."""
-    cond = cond.to(noisy.dtype)
-    unet = ctx.accelerator.unwrap_model(ctx.unet)
+    model's, which is the same UNet (and, with a text-encoder LoRA, the same text encoder) with its
+    adapters switched off: no second copy in memory."""
+    models = [ctx.accelerator.unwrap_model(ctx.unet)]
+    if encode.trained and ctx.text_encoder is not None:
+        models.append(ctx.accelerator.unwrap_model(ctx.text_encoder))
     with torch.no_grad():
-        unet.disable_adapters()
+        for m in models:
+            m.disable_adapters()
         try:
+            cond = encode(prompts).to(noisy.dtype)
             teacher = ctx.unet(noisy, timesteps, cond, return_dict=False)[0]
         finally:
-            unet.enable_adapters()
+            for m in models:
+                m.enable_adapters()
+    if len(models) > 1:  # the student's conditioning goes through the text-encoder LoRA, with grad
+        cond = encode(prompts).to(noisy.dtype)
     student = ctx.unet(noisy, timesteps, cond, return_dict=False)[0]
     return teacher_prior_loss(student, teacher, weights=weights)
 

@@ -480,8 +480,9 @@ def test_teacher_prior_makes_no_class_images_and_targets_the_frozen_base(
     calls = []
     real_forward = loop_mod._teacher_prior
 
-    def spy(ctx, noisy, timesteps, cond, weights):
+    def spy(ctx, noisy, timesteps, encode, prompts, weights):
         with torch.no_grad():
+            cond = encode(prompts)  # a frozen text encoder here: the base model's conditioning
             expected = base(noisy.float(), timesteps, cond.float(), return_dict=False)[0]
         seen = {}
         real_loss = loop_mod.teacher_prior_loss
@@ -491,7 +492,7 @@ def test_teacher_prior_makes_no_class_images_and_targets_the_frozen_base(
             return real_loss(student, teacher, weights=weights)
 
         monkeypatch.setattr(loop_mod, "teacher_prior_loss", capture)
-        prior = real_forward(ctx, noisy, timesteps, cond, weights)
+        prior = real_forward(ctx, noisy, timesteps, encode, prompts, weights)
         monkeypatch.setattr(loop_mod, "teacher_prior_loss", real_loss)
         calls.append((prior.item(), torch.allclose(seen["teacher"], expected, atol=1e-5), seen))
         return prior
@@ -507,3 +508,42 @@ def test_teacher_prior_makes_no_class_images_and_targets_the_frozen_base(
     assert not torch.allclose(calls[-1][2]["student"], calls[-1][2]["teacher"])
     assert unet_file.read_bytes() == before  # the base weights are untouched
     assert result.lora_path.exists()
+
+
+def test_teacher_prior_with_a_text_encoder_lora_asks_the_base_text_encoder(
+    tmp_path, tiny_model, photos, monkeypatch
+):
+    """With adapter.train_text_encoder the class prompt's conditioning also goes through a LoRA; the
+    teacher must see the base text encoder's, so both models' adapters are off for it."""
+    from diffusers import UNet2DConditionModel
+    from transformers import AutoTokenizer, CLIPTextModel
+
+    import dreambooth_kit.loop as loop_mod
+
+    tok = AutoTokenizer.from_pretrained(tiny_model, subfolder="tokenizer")
+    base_te = CLIPTextModel.from_pretrained(tiny_model, subfolder="text_encoder").eval()
+    base_unet = UNet2DConditionModel.from_pretrained(tiny_model, subfolder="unet").eval()
+    real_loss, checked = loop_mod.teacher_prior_loss, []
+    state = {}
+
+    def spy(ctx, noisy, timesteps, encode, prompts, weights):
+        ids = tok(prompts, padding="max_length", max_length=tok.model_max_length, truncation=True,
+                  return_tensors="pt").input_ids  # fmt: skip
+        with torch.no_grad():
+            state["expected"] = base_unet(noisy.float(), timesteps, base_te(ids)[0], return_dict=False)[0]
+        return real(ctx, noisy, timesteps, encode, prompts, weights)
+
+    def capture(student, teacher, *, weights=None):
+        checked.append(torch.allclose(teacher.float(), state["expected"], atol=1e-5))
+        return real_loss(student, teacher, weights=weights)
+
+    real = loop_mod._teacher_prior
+    monkeypatch.setattr(loop_mod, "_teacher_prior", spy)
+    monkeypatch.setattr(loop_mod, "teacher_prior_loss", capture)
+    overrides = {
+        "prior.mode": "teacher",
+        "adapter.train_text_encoder": True,
+        "adapter.init_lora_weights": False,  # random B: both LoRAs change outputs from step 1
+    }
+    train(tiny_cfg(tmp_path, tiny_model, photos, **overrides))
+    assert checked and all(checked)
