@@ -15,6 +15,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .errors import InvalidInput
+
 # Words too common to serve as an identifier: the LoRA would rewrite their meaning everywhere.
 COMMON_WORDS = frozenset(
     "a an the of in on at with and or photo picture dog cat man woman person boy girl car house "
@@ -61,17 +63,17 @@ def prediction_change(components, class_noun: str, words: list[str], *, seeds: i
     """For each word: the mean squared difference between the UNet's prediction for
     ``a photo of <word> <class>`` and for ``a photo of a <class>`` over ``seeds`` fixed noise inputs
     at :data:`TIMESTEPS`."""
-    tok, te, unet = components.tokenizer, components.text_encoder, components.unet
+    from .caching import PromptEncoder
+
+    unet = components.unet
+    encode = PromptEncoder(components.tokenizer, components.text_encoder, trained=False, device="cpu")
     size = unet.config.sample_size
     g = torch.Generator().manual_seed(0)
     x = torch.randn(seeds * len(TIMESTEPS), unet.config.in_channels, size, size, generator=g)
     t = torch.tensor(TIMESTEPS * seeds)
 
     def predict(prompt: str) -> torch.Tensor:
-        ids = tok(prompt, padding="max_length", max_length=tok.model_max_length, truncation=True,
-                  return_tensors="pt").input_ids  # fmt: skip
-        emb = te(ids)[0].expand(x.shape[0], -1, -1)
-        return unet(x, t, emb, return_dict=False)[0]
+        return unet(x, t, encode([prompt]).expand(x.shape[0], -1, -1), return_dict=False)[0]
 
     base = predict(f"a photo of a {class_noun}")
     return [float(((predict(f"a photo of {w} {class_noun}") - base) ** 2).mean()) for w in words]
@@ -87,6 +89,12 @@ def find_identifiers(
 
     components = load_components(model)
     words = [w for w in single_token_words(components.tokenizer) if w[0] != class_noun.lower()]
+    if not words:
+        raise InvalidInput(
+            f"the tokenizer of {getattr(model, 'pretrained', model)} has no single-token word of 3-5 letters "
+            "that is not common; give another --model, or choose an identifier by hand and let "
+            "check-data check it"
+        )
     if len(words) > pool:
         step = len(words) / pool
         words = [words[int(i * step)] for i in range(pool)]

@@ -76,6 +76,19 @@ def _checkpoint(d: Path, step: int, seconds: float, model, opt, sched, **extra) 
     _save_ckpt(d / "ckpt.pt", state | extra | {"step": step, "seconds": seconds})
 
 
+def _optimise(loss, opt, sched, d: Path, name: str, step: int, steps: int, seconds: float, model) -> None:
+    """One optimizer step of a stage, its progress line every 50 steps and its checkpoint every
+    CHECKPOINT_EVERY steps and at the end."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    sched.step()
+    if (step + 1) % 50 == 0:
+        _log(f"{name} step {step + 1}/{steps} loss {loss.item():.4f}")
+    if (step + 1) % CHECKPOINT_EVERY == 0 or step + 1 == steps:
+        _checkpoint(d, step + 1, seconds, model, opt, sched)
+
+
 def _resume(d: Path, name: str, model, opt, sched) -> tuple[int, float, dict | None]:
     """(step, seconds so far, the checkpoint) from ``d/ckpt.pt``, its states loaded; (0, 0, None) if none."""
     ck = _load_ckpt(d / "ckpt.pt")
@@ -146,14 +159,7 @@ def stage_vae(out: Path, steps: int, seed: int) -> dict:
         rec = vae.decode(dist.sample()).sample
         kl = dist.kl().mean() / (3 * 32 * 32)
         loss = F.l1_loss(rec, x) + F.mse_loss(rec, x) + 1e-6 * kl
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-        if (step + 1) % 50 == 0:
-            _log(f"vae step {step + 1}/{steps} loss {loss.item():.4f}")
-        if (step + 1) % CHECKPOINT_EVERY == 0 or step + 1 == steps:
-            _checkpoint(d, step + 1, seconds + time.perf_counter() - t0, vae, opt, sched)
+        _optimise(loss, opt, sched, d, "vae", step, steps, seconds + time.perf_counter() - t0, vae)
     seconds += time.perf_counter() - t0
     vae.eval()
     with torch.no_grad():  # SD chose 0.18215 = 1 / std of its latents; the same rule here
@@ -207,14 +213,7 @@ def stage_decoder(out: Path, steps: int, seed: int) -> dict:
             z = vae.encode(x).latent_dist.sample()
         rec = vae.decode(z).sample
         loss = F.l1_loss(rec, x) + F.mse_loss(rec, x)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-        if (step + 1) % 50 == 0:
-            _log(f"decoder step {step + 1}/{steps} loss {loss.item():.4f}")
-        if (step + 1) % CHECKPOINT_EVERY == 0 or step + 1 == steps:
-            _checkpoint(d, step + 1, seconds + time.perf_counter() - t0, vae, opt, sched)
+        _optimise(loss, opt, sched, d, "decoder", step, steps, seconds + time.perf_counter() - t0, vae)
     seconds += time.perf_counter() - t0
     save_file({k: v.contiguous() for k, v in vae.state_dict().items()}, str(d / "vae.safetensors"))
     return _finish(d, {"steps": steps, "seconds": round(seconds, 1), "seed": seed})
