@@ -142,13 +142,13 @@ def _load_lora_hook(
 ) -> None:
     found = _lora_models(accelerator, models, prepared)
     for _, name, model in found:
-        _load_lora_file(model, Path(input_dir).resolve() / (name + LORA_SUFFIX))
+        load_lora_file(model, Path(input_dir).resolve() / (name + LORA_SUFFIX))
     # This list is a copy made by load_state: popping keeps accelerate's model files aligned.
     for i, _, _ in reversed(found):
         prepared.pop(i)
 
 
-def _load_lora_file(model: torch.nn.Module, path: Path) -> None:
+def load_lora_file(model: torch.nn.Module, path: Path) -> None:
     from peft.utils import set_peft_model_state_dict
     from safetensors.torch import load_file
 

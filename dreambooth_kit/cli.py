@@ -161,6 +161,28 @@ def _cmd_identifier(args) -> int:
     return 0
 
 
+def _cmd_evaluate(args) -> int:
+    """DreamBooth's metrics for each checkpoint of a run, and the best one."""
+    from .evaluate import METRICS, evaluate
+
+    r = evaluate(
+        args.run, checkpoints=args.checkpoints, prompts=args.prompts, seeds=args.seeds,
+        photos=args.photos, overrides=args.overrides,
+    )  # fmt: skip
+    shown = [m for m in METRICS if any(row[m] is not None for row in r.rows)]
+    print(f"{'checkpoint':<12} {'step':>6}  " + "  ".join(f"{m:>16}" for m in shown))
+    for row in r.rows:
+        cells = "  ".join(f"{'' if row[m] is None else f'{row[m]:.3f}':>16}" for m in shown)
+        print(f"{row['checkpoint']:<12} {row['step']:>6}  {cells}")
+    print(f"images: {r.made} generated, {r.reused} reused from {r.folder / 'images'}")
+    if r.best is not None:
+        print(f"best: {r.best['checkpoint']} (step {r.best['step']}): {r.reason}")
+    else:
+        print(r.reason)
+    print("written: " + ", ".join(str(p) for p in r.files.values()))
+    return 0
+
+
 def _cmd_demo(args) -> int:
     """Offline end to end: tiny model -> checks -> class images -> LoRA with prior -> seeded images."""
     from .demo import run_demo
@@ -185,6 +207,7 @@ def build_parser() -> argparse.ArgumentParser:
         _add_export,
         _add_push,
         _add_identifier,
+        _add_evaluate,
         _add_demo,
         _add_build_tiny,
     ):
@@ -300,6 +323,21 @@ def _add_identifier(sub) -> None:
     i.add_argument("--seeds", type=int, default=4, help="noise inputs per timestep")
     i.add_argument("--allow-pickle", action="store_true", help="as model.allow_pickle")
     i.set_defaults(func=_cmd_identifier)
+
+
+def _add_evaluate(sub) -> None:
+    e = sub.add_parser("evaluate", help="DreamBooth's metrics for each checkpoint of a run; names the best")
+    e.add_argument("--run", required=True, help="the run's folder (its train.output_dir)")
+    e.add_argument(
+        "--checkpoints", default="all", help="all, latest, or a comma list: step-000400,800,final,base"
+    )
+    e.add_argument("--prompts", default=None, help="paper, toy or a prompt file (default: evaluate.prompts)")
+    e.add_argument("--seeds", type=int, default=None, help="images per prompt (default: evaluate.seeds)")
+    e.add_argument("--photos", default=None, help="the subject's photos, if no longer at data.instance_dir")
+    e.add_argument(
+        "overrides", nargs="*", default=[], help="evaluate.KEY=VALUE, e.g. evaluate.subject_encoder=DIR"
+    )
+    e.set_defaults(func=_cmd_evaluate)
 
 
 def _add_demo(sub) -> None:

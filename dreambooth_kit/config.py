@@ -196,6 +196,39 @@ class ValidationConfig:
     seed: int = 1557
     steps: int = 25
     guidance_scale: float = 7.5
+    # Also score each validation step with the evaluate section's prompts, seeds and encoders (the
+    # numbers of `dreambooth-kit evaluate`), logged as scalars eval/<metric> and to
+    # eval/validation_metrics.csv. Costs (prompts + 1) x evaluate.seeds + evaluate.class_images
+    # images per validation.
+    metrics: bool = False
+
+
+@dataclass
+class EvaluateConfig:
+    """`dreambooth-kit evaluate`: which images are generated per checkpoint and what scores them."""
+
+    # Image encoders: a Hub id, a local folder, or "toy-judge" (the toy world's judge, for
+    # builtin:toy-sd2). The subject encoder gives subject fidelity, PRES and DIV (DINO ViT-S/16 in
+    # DreamBooth's paper); the prompt encoder CLIP-I and CLIP-T (a CLIP model: ViT-B/32 as here, or
+    # openai/clip-vit-large-patch14).
+    subject_encoder: str = "facebook/dino-vits16"
+    prompt_encoder: str = "openai/clip-vit-base-patch32"
+    # "paper": recontextualisation, accessorisation and property prompts (live subjects or objects);
+    # "toy": the toy world's (the subject alone and on each background); or a text file, one prompt
+    # per line with {subject} ("zwx dog") and {class} ("dog").
+    prompts: str = "paper"
+    seeds: int = 4  # images per prompt: seeds seed .. seed + seeds - 1, the same for every prompt
+    class_images: int = 16  # class-prompt samples per checkpoint, for PRES
+    seed: int = 0
+    steps: int = 25  # DPM-Solver++ (2M) steps
+    guidance_scale: float = 7.5
+    negative_prompt: str = ""
+    # Best checkpoint: the earliest whose subject fidelity is within this of the highest seen and
+    # whose PRES is within this of the lowest seen (cosine units).
+    tolerance: float = 0.02
+    class_noun: str | None = None  # None = the word(s) after the identifier in the instance prompt
+    live_subject: bool | None = None  # None = guessed from the class noun (dog, cat, ...)
+    base: bool = True  # also score the base model, as step 0
 
 
 @dataclass
@@ -218,6 +251,7 @@ class DreamBoothConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     validation: ValidationConfig = field(default_factory=ValidationConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
+    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
     # Several subjects in one run; when set, data.instance_dir/instance_prompt/identifier and
     # prior.class_prompt/class_dir are taken from each concept instead.
     concepts: list[ConceptConfig] = field(default_factory=list)
@@ -555,6 +589,8 @@ def validate(cfg: DreamBoothConfig, *, check_paths: bool = False) -> list[str]:
         p.append(f"version: {cfg.version} is not supported (this toolkit reads version {CONFIG_VERSION})")
     if d.resolution <= 0 or d.resolution % 8:
         p.append(f"data.resolution: {d.resolution} must be a positive multiple of 8 (the VAE downsamples 8x)")
+    if cfg.validation.metrics and cfg.validation.every_steps is None:
+        p.append("validation.metrics: true needs validation.every_steps (the steps it scores at)")
     for where, c in _concept_fields(cfg):
         inst_key = f"{where}.instance_prompt" if where else "data.instance_prompt"
         dir_key = f"{where}.instance_dir" if where else "data.instance_dir"
@@ -684,6 +720,12 @@ def _range_rows(cfg: DreamBoothConfig) -> list[tuple[str, Any, Any, str]]:
         ("validation.seed", v.seed, _seed_ok, _SEED_RULE),
         ("validation.steps", v.steps, _at_least_1, ">= 1"),
         ("validation.guidance_scale", v.guidance_scale, _not_negative, ">= 0 (7.5 is usual)"),
+        ("evaluate.seeds", cfg.evaluate.seeds, lambda x: x >= 2, ">= 2 (DIV compares images of one prompt)"),
+        ("evaluate.class_images", cfg.evaluate.class_images, _at_least_1, ">= 1"),
+        ("evaluate.seed", cfg.evaluate.seed, _seed_ok, _SEED_RULE),
+        ("evaluate.steps", cfg.evaluate.steps, _at_least_1, ">= 1"),
+        ("evaluate.guidance_scale", cfg.evaluate.guidance_scale, _not_negative, ">= 0 (7.5 is usual)"),
+        ("evaluate.tolerance", cfg.evaluate.tolerance, _not_negative, ">= 0 (0.02 is the default)"),
     ]  # fmt: skip
     for i, c in enumerate(cfg.concepts):
         rows.append((f"concepts[{i}].num_class_images", c.num_class_images, _at_least_1, ">= 1 (or null)"))
@@ -766,3 +808,51 @@ def num_class_images(cfg: DreamBoothConfig, n_instance: int) -> int:
     if cfg.prior.class_images_per_instance is not None:
         return cfg.prior.class_images_per_instance * max(n_instance, 1)
     return cfg.prior.num_class_images
+
+
+@dataclass(frozen=True)
+class EvalSpec:
+    """What `evaluate` and validation metrics read of a run's config: the evaluate section and the
+    subject it scores (identifier, class noun, class prompt, photos), at the training resolution."""
+
+    settings: EvaluateConfig
+    identifier: str
+    class_noun: str
+    class_prompt: str  # the class-prompt samples PRES is measured on
+    photos: Path  # the subject's photos: what subject fidelity and PRES compare with
+    resolution: int
+
+
+def eval_spec(cfg: DreamBoothConfig, concept: int = 0) -> EvalSpec:
+    """The :class:`EvalSpec` of subject ``concept`` (0: the only one, or ``concepts[0]``). The class
+    noun is ``evaluate.class_noun``, else the words after the identifier in the instance prompt
+    ("a photo of zwx dog" -> "dog")."""
+    fields = _concept_fields(cfg)
+    if not 0 <= concept < len(fields):
+        raise ConfigError(f"evaluate: subject {concept} does not exist; this run has {len(fields)}")
+    where, c = fields[concept]
+    key = where or "data"
+    if not c.identifier:
+        raise ConfigError(
+            f"{key}.identifier is not set: evaluate needs the rare word that names the subject "
+            f"(e.g. 'zwx' in {c.instance_prompt!r}); set it in the config or with {key}.identifier=..."
+        )
+    noun = cfg.evaluate.class_noun
+    if not noun:
+        words = c.instance_prompt.split()
+        lowered = [w.lower().strip(",.") for w in words]
+        after = words[lowered.index(c.identifier.lower()) + 1 :] if c.identifier.lower() in lowered else []
+        noun = " ".join(after).strip(" ,.")
+    if not noun:
+        raise ConfigError(
+            f"evaluate: no class word follows {c.identifier!r} in {key}.instance_prompt "
+            f"{c.instance_prompt!r}; set evaluate.class_noun (e.g. evaluate.class_noun=dog)"
+        )
+    return EvalSpec(
+        settings=cfg.evaluate,
+        identifier=c.identifier,
+        class_noun=noun,
+        class_prompt=c.class_prompt or f"a photo of a {noun}",
+        photos=Path(c.instance_dir),
+        resolution=cfg.data.resolution,
+    )

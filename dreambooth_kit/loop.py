@@ -99,6 +99,8 @@ class LoopState:
     last_checkpoint: Path | None = None
     epoch: int = 0  # the data position, saved with each checkpoint for an exact resume
     batch_in_epoch: int = 0
+    # validation.metrics: evaluate's scorer (evaluate.ValidationScorer), on the main process only
+    scorer: Callable | None = None
 
     def __post_init__(self) -> None:
         self.guard = NonFiniteGuard(self.settings.train.max_nonfinite_steps)

@@ -51,10 +51,30 @@ def _unit(features, what: str) -> torch.Tensor:
 
 def mean_cosine(a, b) -> float:
     """Mean cosine similarity over every pair (one row of ``a``, one row of ``b``)."""
+    return float(row_cosines(a, b).mean())
+
+
+def row_cosines(a, b) -> torch.Tensor:
+    """Each row of ``a``'s mean cosine with the rows of ``b``: one number per generated image, whose
+    spread gives the standard error of :func:`mean_cosine`."""
     x, y = _unit(a, "mean_cosine a"), _unit(b, "mean_cosine b")
     if x.shape[1] != y.shape[1]:
         raise InvalidInput(f"mean_cosine: feature sizes differ ({x.shape[1]} vs {y.shape[1]})")
-    return float((x @ y.T).mean())
+    return (x @ y.T).mean(1)
+
+
+def standard_error(values) -> float:
+    """Standard error of the mean of ``values`` (sample std / sqrt(n)); 0 for a single value."""
+    v = torch.as_tensor(values, dtype=torch.float64).reshape(-1)
+    return float(v.std(unbiased=True) / v.numel() ** 0.5) if v.numel() > 1 else 0.0
+
+
+def mean_paired_cosine(a, b) -> float:
+    """Mean cosine of row i of ``a`` with row i of ``b`` (an image with its own prompt: CLIP-T)."""
+    x, y = _unit(a, "mean_paired_cosine a"), _unit(b, "mean_paired_cosine b")
+    if x.shape != y.shape:
+        raise InvalidInput(f"mean_paired_cosine: shapes differ ({tuple(x.shape)} vs {tuple(y.shape)})")
+    return float((x * y).sum(1).mean())
 
 
 def mean_pairwise_distance(features) -> float:

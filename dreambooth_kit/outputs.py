@@ -211,19 +211,23 @@ def save_pipeline(
 def save_lora(adapter: AdapterConfig, config: dict, accelerator, unet, text_encoder, out: Path) -> Path:
     """Write ``lora/pytorch_lora_weights.safetensors`` (diffusers format + ``adapter``'s metadata)
     and the resolved ``config`` (a ``to_dict()``) beside it as ``config.yaml``."""
+    accelerator.wait_for_everyone()
+    if not accelerator.is_main_process:
+        return out / "lora"
+    te = accelerator.unwrap_model(text_encoder) if text_encoder else None
+    return write_lora(adapter, config, accelerator.unwrap_model(unet), te, out / "lora")
+
+
+def write_lora(adapter: AdapterConfig, config: dict, unet, text_encoder, lora_dir: Path) -> Path:
+    """The LoRA of peft-adapted ``unet`` (and ``text_encoder``) as the folder ``lora_dir``, written
+    beside it and swapped in: the final LoRA of a run, or a checkpoint's (`evaluate`'s best)."""
     from diffusers import StableDiffusionPipeline
 
     from .adapters import lora_metadata, lora_state_dicts
 
-    lora_dir = out / "lora"
-    accelerator.wait_for_everyone()
-    if not accelerator.is_main_process:
-        return lora_dir
-    unet_sd, te_sd = lora_state_dicts(
-        accelerator.unwrap_model(unet), accelerator.unwrap_model(text_encoder) if text_encoder else None
-    )
+    unet_sd, te_sd = lora_state_dicts(unet, text_encoder)
     refuse_non_finite({**unet_sd, **(te_sd or {})}, "LoRA")
-    tmp = _tmp_folder(out, "lora")
+    tmp = _tmp_folder(lora_dir.parent, lora_dir.name)
     try:
         StableDiffusionPipeline.save_lora_weights(
             tmp,

@@ -98,6 +98,7 @@ def train(cfg: DreamBoothConfig) -> TrainResult:
         report = preflight(
             preflight_spec(cfg), prediction_type=source.prediction_type, source=source.location
         )
+        scorer = _validation_scorer(cfg, accelerator)  # before any model: a missing encoder fails now
         _init_trackers(cfg, accelerator)
         set_seed(cfg.train.seed)
         if accelerator.is_main_process:
@@ -121,8 +122,9 @@ def train(cfg: DreamBoothConfig) -> TrainResult:
 
         settings = run_settings(cfg)  # after the prediction type is recorded: checkpoints carry it
         run = LoopState(
-            settings, accelerator, comps, unet, text_encoder, params, optimizer, lr_scheduler, out
-        )
+            settings, accelerator, comps, unet, text_encoder, params, optimizer, lr_scheduler, out,
+            scorer=scorer,
+        )  # fmt: skip
         encode = prompt_encoder(run)
         if cfg.validation.every_steps is None:  # validation samples with the frozen text encoder and VAE
             release_frozen(run, dataloader.dataset, encode, latent_cache)
@@ -524,6 +526,16 @@ def _prepare(accelerator, cfg, unet, text_encoder, optimizer, dataloader, lr_sch
             unet, optimizer, dataloader, lr_scheduler
         )
     return unet, text_encoder, optimizer, dataloader, lr_scheduler
+
+
+def _validation_scorer(cfg: DreamBoothConfig, accelerator):
+    """validation.metrics: evaluate's scorer with its encoders loaded (main process only)."""
+    if not (cfg.validation.metrics and accelerator.is_main_process):
+        return None
+    from .config import eval_spec
+    from .evaluate import validation_scorer
+
+    return validation_scorer(eval_spec(cfg))
 
 
 def run_settings(cfg: DreamBoothConfig) -> RunSettings:

@@ -84,23 +84,9 @@ def run_validation(
     ``settings`` gives the prompts, the validation section, the resolution and the model's name."""
     if not accelerator.is_main_process:
         return []
-    from diffusers import StableDiffusionPipeline
-
     v = settings.validation
     unet, text_encoder = accelerator.unwrap_model(unet), accelerator.unwrap_model(text_encoder)
-    pipe = StableDiffusionPipeline(
-        vae=vae,
-        text_encoder=text_encoder,
-        tokenizer=tokenizer,
-        unet=unet,
-        # A private copy: set_timesteps mutates the scheduler, and the caller's must stay as it is.
-        scheduler=type(scheduler).from_config(scheduler.config),
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
-    pipe.set_progress_bar_config(disable=True)
-    pipe._dbk = {"model": settings.model_name, "loras": []}  # PNG metadata; the LoRA is in training
+    pipe = training_pipeline(unet, text_encoder, vae, tokenizer, scheduler, settings.model_name)
     res = settings.data.resolution
     rows: list[list[Image.Image]] = []
     paths: list[Path] = []
@@ -120,12 +106,48 @@ def run_validation(
     return [*paths, folder / "grid.png"]
 
 
+def training_pipeline(unet, text_encoder, vae, tokenizer, scheduler, model_name: str):
+    """A pipeline around the models being trained (unwrapped), for sampling during training."""
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        # A private copy: set_timesteps mutates the scheduler, and the caller's must stay as it is.
+        scheduler=type(scheduler).from_config(scheduler.config),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    pipe._dbk = {"model": model_name, "loras": []}  # PNG metadata; the LoRA is in training
+    return pipe
+
+
+def score_during_training(run: LoopState, scheduler) -> dict:
+    """`evaluate`'s numbers for the model at this step (``run.scorer``), with training's RNG and
+    module modes restored afterwards, as for the samples."""
+    acc = run.accelerator
+    unet = acc.unwrap_model(run.unet)
+    text_encoder = acc.unwrap_model(run.text_encoder or run.comps.text_encoder)
+    vae = run.comps.vae
+    pipe = training_pipeline(unet, text_encoder, vae, run.comps.tokenizer, scheduler, run.settings.model_name)
+    with _preserved_state(unet, text_encoder, vae), _mixed_precision(unet, vae):
+        for m in (unet, text_encoder, vae):
+            m.eval()
+        return run.scorer(pipe, run.step, acc, run.out)
+
+
 def validate_during_training(run: LoopState) -> None:
     """The training loop's validation callback: samples from the model at the current step (main
     process), then every process waits for it."""
     from diffusers import DPMSolverMultistepScheduler
 
     acc = run.accelerator
+    # DPM-Solver++ (2M): good samples in ~25 steps, for epsilon and v-prediction alike.
+    scheduler = DPMSolverMultistepScheduler.from_config(run.comps.noise_scheduler.config)
     if acc.is_main_process:
         run_validation(
             run.settings,
@@ -133,12 +155,13 @@ def validate_during_training(run: LoopState) -> None:
             text_encoder=run.text_encoder or run.comps.text_encoder,
             vae=run.comps.vae,
             tokenizer=run.comps.tokenizer,
-            # DPM-Solver++ (2M): good samples in ~25 steps, for epsilon and v-prediction alike.
-            scheduler=DPMSolverMultistepScheduler.from_config(run.comps.noise_scheduler.config),
+            scheduler=scheduler,
             step=run.step,
             output_dir=run.out,
             accelerator=acc,
         )
+        if run.scorer is not None:
+            score_during_training(run, scheduler)
     acc.wait_for_everyone()
 
 
