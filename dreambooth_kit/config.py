@@ -829,13 +829,15 @@ def eval_spec(cfg: DreamBoothConfig, concept: int = 0) -> EvalSpec:
     ("a photo of zwx dog" -> "dog")."""
     fields = _concept_fields(cfg)
     if not 0 <= concept < len(fields):
-        raise ConfigError(f"evaluate: subject {concept} does not exist; this run has {len(fields)}")
+        raise ConfigError([f"evaluate: subject {concept} does not exist; this run has {len(fields)}"])
     where, c = fields[concept]
     key = where or "data"
     if not c.identifier:
         raise ConfigError(
-            f"{key}.identifier is not set: evaluate needs the rare word that names the subject "
-            f"(e.g. 'zwx' in {c.instance_prompt!r}); set it in the config or with {key}.identifier=..."
+            [
+                f"{key}.identifier is not set: evaluate needs the rare word that names the subject "
+                f"(e.g. 'zwx' in {c.instance_prompt!r}); set it in the config or with {key}.identifier=..."
+            ]
         )
     noun = cfg.evaluate.class_noun
     if not noun:
@@ -845,8 +847,10 @@ def eval_spec(cfg: DreamBoothConfig, concept: int = 0) -> EvalSpec:
         noun = " ".join(after).strip(" ,.")
     if not noun:
         raise ConfigError(
-            f"evaluate: no class word follows {c.identifier!r} in {key}.instance_prompt "
-            f"{c.instance_prompt!r}; set evaluate.class_noun (e.g. evaluate.class_noun=dog)"
+            [
+                f"evaluate: no class word follows {c.identifier!r} in {key}.instance_prompt "
+                f"{c.instance_prompt!r}; set evaluate.class_noun (e.g. evaluate.class_noun=dog)"
+            ]
         )
     return EvalSpec(
         settings=cfg.evaluate,

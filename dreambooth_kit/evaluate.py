@@ -36,8 +36,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .config import EvalSpec
+from .config import AdapterConfig, EvalSpec
 from .errors import UserError
+from .models import ModelSource
 from .prompt_sets import EvalPrompt
 
 log = logging.getLogger("dreambooth_kit")
@@ -269,18 +270,29 @@ def _named(found: list[Target], which: str) -> list[Target]:
     return out
 
 
-def load_target(target: Target, source, run_cfg) -> object:
+@dataclass(frozen=True)
+class RunWeights:
+    """What loading a run's targets needs: the base model, the LoRA's shape, and the run's config
+    (a ``to_dict()``, written beside the best checkpoint's LoRA)."""
+
+    source: ModelSource
+    adapter: AdapterConfig
+    config: dict
+
+
+def load_target(target: Target, run: RunWeights) -> object:
     """A pipeline for ``target``: the base, the base with a checkpoint's LoRA or weights, or the
     final LoRA/pipeline (loaded as users load it)."""
     from .inference import load_pipeline
 
-    if target.kind == "final" and run_cfg.adapter.type == "full":
+    source = run.source
+    if target.kind == "final" and run.adapter.type == "full":
         return load_pipeline(str(target.path), scheduler=SAMPLER)
     if target.kind == "final":
         return load_pipeline(source, lora=target.path, scheduler=SAMPLER)
     pipe = load_pipeline(source, scheduler=SAMPLER)
     if target.kind == "checkpoint":
-        _load_checkpoint_weights(pipe, target.path, run_cfg.adapter)
+        _load_checkpoint_weights(pipe, target.path, run.adapter)
     return pipe
 
 
@@ -333,7 +345,7 @@ def best_checkpoint(rows: Sequence[dict], tolerance: float) -> tuple[dict | None
     def near(r: dict, ref: dict, metric: str) -> bool:
         gap = abs(r[metric] - ref[metric])
         noise = 2 * ((r.get(metric + "_se") or 0) ** 2 + (ref.get(metric + "_se") or 0) ** 2) ** 0.5
-        return gap <= max(tolerance, noise)
+        return gap <= max(tolerance, noise) + 1e-9  # rows hold 4 decimals: 0.81 - 0.79 is 0.02
 
     ok = [r for r in cands if near(r, top, "subject_fidelity") and near(r, low, "pres")]
     seen = (
@@ -420,10 +432,13 @@ def evaluate(
     )
     refs = load_photos(Path(photos) if photos else spec.photos)
     encoders = load_encoders(cfg.evaluate.subject_encoder, cfg.evaluate.prompt_encoder)
-    return _evaluate_targets(run / EVAL, targets, plan, encoders, refs, source, cfg)
+    weights = RunWeights(source, cfg.adapter, cfg.to_dict())
+    return _evaluate_targets(run / EVAL, targets, plan, encoders, refs, weights, cfg.evaluate.tolerance)
 
 
-def _evaluate_targets(folder: Path, targets, plan: EvalPlan, encoders, refs, source, cfg) -> EvalResult:
+def _evaluate_targets(
+    folder: Path, targets, plan: EvalPlan, encoders, refs, run: RunWeights, tolerance: float
+) -> EvalResult:
     """Each target's row: from metrics.csv when its settings match, else generated and scored (the
     csv is rewritten after each target, so an interruption keeps what was done)."""
     csv_path = folder / "metrics.csv"
@@ -431,13 +446,13 @@ def _evaluate_targets(folder: Path, targets, plan: EvalPlan, encoders, refs, sou
     settings_of = {}
     result = EvalResult([], None, "", folder)
     for t in targets:
-        fp = t.fingerprint(json.dumps(source.to_dict(), sort_keys=True))
+        fp = t.fingerprint(json.dumps(run.source.to_dict(), sort_keys=True))
         settings = settings_of[t.name] = f"{fp}-{plan.fingerprint(encoders.names)}"
         done = next((r for r in old if r["checkpoint"] == t.name and r["settings"] == settings), None)
         if done is not None:
             result.rows.append(done)
             continue
-        pipe = load_target(t, source, cfg)
+        pipe = load_target(t, run)
         images = make_images(pipe, plan, folder / "images" / f"{t.name}-{fp}")
         del pipe
         n = sum(map(len, images.by_prompt)) + len(images.class_images)
@@ -450,19 +465,19 @@ def _evaluate_targets(folder: Path, targets, plan: EvalPlan, encoders, refs, sou
         write_rows(csv_path, old)
         log.info("evaluate: %s scored (%d images, %d new)", t.name, n, images.made)
     result.rows.sort(key=lambda r: r["step"])
-    result.best, result.reason = best_checkpoint(result.rows, cfg.evaluate.tolerance)
+    result.best, result.reason = best_checkpoint(result.rows, tolerance)
     best = next((t for t in targets if result.best and t.name == result.best["checkpoint"]), None)
-    if best is not None and best.kind == "checkpoint" and cfg.adapter.type == "lora":
-        result.files["best_lora"] = export_best_lora(best, source, cfg, folder / BEST_LORA)
+    if best is not None and best.kind == "checkpoint" and run.adapter.type == "lora":
+        result.files["best_lora"] = export_best_lora(best, run, folder / BEST_LORA)
     result.files |= {
         "csv": write_rows(csv_path, old),
-        "report": _write_report(folder / "report.md", result, plan, encoders.names, cfg),
+        "report": _write_report(folder / "report.md", result, plan, encoders.names),
         "plot": plot(result.rows, folder / "metrics.png", best=result.best),
     }
     return result
 
 
-def export_best_lora(target: Target, source, cfg, dest: Path) -> Path:
+def export_best_lora(target: Target, run: RunWeights, dest: Path) -> Path:
     """The checkpoint's LoRA as a diffusers LoRA folder (what `generate`, A1111 after `export` and
     `load_lora_weights` read), with the run's config beside it. Written again only when the best
     checkpoint changed (its name and weights hash are in ``dest/checkpoint.json``)."""
@@ -473,14 +488,14 @@ def export_best_lora(target: Target, source, cfg, dest: Path) -> Path:
     record = dest / "checkpoint.json"
     if record.is_file() and json.loads(record.read_text()) == stamp:
         return dest
-    pipe = load_target(target, source, cfg)
-    te = pipe.text_encoder if cfg.adapter.train_text_encoder else None
-    write_lora(cfg.adapter, cfg.to_dict(), pipe.unet, te, dest)
+    pipe = load_target(target, run)
+    te = pipe.text_encoder if run.adapter.train_text_encoder else None
+    write_lora(run.adapter, run.config, pipe.unet, te, dest)
     write_json(record, stamp)
     return dest
 
 
-def _write_report(path: Path, result: EvalResult, plan: EvalPlan, encoders: str, cfg) -> Path:
+def _write_report(path: Path, result: EvalResult, plan: EvalPlan, encoders: str) -> Path:
     from .atomic import write_text
 
     shown = [m for m in METRICS if any(r[m] is not None for r in result.rows)]

@@ -127,7 +127,7 @@ def test_unknown_key_without_close_match_has_no_suggestion():
 def test_unknown_section():
     (problem,) = _problems("tiny.yaml", ["trian.max_steps=3"])
     assert problem == (
-        "trian: unknown key; did you mean 'train'? (valid: version, model, data, prior, adapter, train, checkpoint, validation, export, concepts)"
+        "trian: unknown key; did you mean 'train'? (valid: version, model, data, prior, adapter, train, checkpoint, validation, export, evaluate, concepts)"
     )
 
 
@@ -374,6 +374,7 @@ def test_save_load_round_trip(tmp_path):
         "checkpoint",
         "validation",
         "export",
+        "evaluate",
         "concepts",
     }
     assert raw["train"]["learning_rate"] == 3e-5
@@ -560,3 +561,23 @@ def test_teacher_prior_needs_a_lora_and_no_class_dir():
     assert cfg.prior.mode == "teacher"  # class_dir is not needed: no class images are made
     with pytest.raises(ConfigError, match="prior.mode: teacher needs adapter.type=lora"):
         load_config("tiny.yaml", ["prior.mode=teacher", "adapter.type=full"])
+
+
+def test_eval_spec_takes_the_class_noun_after_the_identifier_and_names_what_is_missing():
+    from dreambooth_kit.config import eval_spec
+
+    spec = eval_spec(load_config("tiny.yaml"))
+    assert (spec.identifier, spec.class_noun, spec.class_prompt) == ("zwx", "toy", "a photo of a toy")
+    assert eval_spec(load_config("tiny.yaml", ["evaluate.class_noun=robot"])).class_noun == "robot"
+    with pytest.raises(ConfigError, match="no class word follows 'zwx'.*evaluate.class_noun"):
+        eval_spec(load_config("tiny.yaml", ["data.instance_prompt=a photo of zwx"]))
+    with pytest.raises(ConfigError, match="data.identifier is not set"):
+        eval_spec(load_config("tiny.yaml", ["data.identifier=null"]))
+
+
+def test_validation_metrics_need_validation_steps_and_evaluate_ranges_are_checked():
+    assert _problems("tiny.yaml", ["validation.metrics=true"]) == [
+        "validation.metrics: true needs validation.every_steps (the steps it scores at)"
+    ]
+    (problem,) = _problems("tiny.yaml", ["evaluate.seeds=1"])
+    assert problem.startswith("evaluate.seeds: 1") and "DIV" in problem

@@ -20,6 +20,7 @@ from dreambooth_kit.toy import world
 STEPS = 400
 LEARNING_RATE = 3e-3
 PER_PROMPT = 8
+CHECKPOINT_EVERY = 200  # for `evaluate --checkpoints all`: the base model, step 200 and step 400
 
 pytestmark = pytest.mark.slow
 
@@ -45,13 +46,15 @@ def scores(tmp_path_factory):
     for name, prior in (("prior", True), ("no_prior", False)):
         cfg = load_config(
             "toy.yaml",
-            {**common, "train.output_dir": str(out / name), "prior.with_prior_preservation": prior},
-        )
+            {**common, "train.output_dir": str(out / name), "prior.with_prior_preservation": prior,
+             "checkpoint.every_steps": CHECKPOINT_EVERY, "checkpoint.keep_last": None},
+        )  # fmt: skip
         runs[name] = train(cfg).lora_dir
     result = {"base": score(TOY_MODEL, judge=judge, per_prompt=PER_PROMPT)}
     for name, lora in runs.items():
         result[name] = score(TOY_MODEL, lora=lora, judge=judge, per_prompt=PER_PROMPT)
     print({k: v.__dict__ for k, v in result.items()})  # shown with -s: the numbers behind the margins
+    result["runs"] = {name: lora.parent for name, lora in runs.items()}
     return result
 
 
@@ -82,3 +85,32 @@ def test_the_subject_follows_the_prompt_into_new_backgrounds(scores):
     tuned = scores["prior"]
     assert tuned.context_background >= 0.5  # chance is 0.25 (four backgrounds); base: 1.0
     assert tuned.context_subject_rate >= scores["base"].context_subject_rate + 0.4  # measured: 1.0 vs 0.0
+
+
+def test_evaluate_names_a_best_checkpoint_within_tolerance_and_its_numbers_mean_something(scores):
+    """`evaluate --checkpoints all` on the prior run (checkpoints at 200 and 400 steps), scored by
+    the toy judge (configs/toy.yaml's evaluate section): the table, report and plot are written,
+    the trained checkpoints draw the subject where the base model never does, and the best
+    checkpoint's subject fidelity and PRES are both within the documented tolerance (0.02, or twice
+    the standard error of the gap) of the best seen."""
+    from dreambooth_kit.evaluate import best_checkpoint, evaluate
+
+    run = scores["runs"]["prior"]
+    r = evaluate(run, checkpoints="all", seeds=2)
+    print(r.rows, r.best["checkpoint"], r.reason)
+    assert [x["checkpoint"] for x in r.rows] == ["base", "step-000200", "step-000400"]
+    base, trained = r.rows[0], r.rows[1:]
+    for x in trained:
+        assert x["subject_rate"] >= base["subject_rate"] + 0.4  # measured: 1.0 vs 0.0
+        assert x["subject_fidelity"] >= base["subject_fidelity"] + 0.05  # measured: ~0.78 vs 0.60
+        assert x["prompt_fidelity"] >= 0.5  # the prompted background; chance is 0.25
+    best = r.best
+    assert best["checkpoint"] != "base" and "within noise of both" in r.reason
+    top = max(trained, key=lambda x: x["subject_fidelity"])
+    low = min(trained, key=lambda x: x["pres"])
+    for metric, ref in (("subject_fidelity", top), ("pres", low)):
+        noise = 2 * (best[metric + "_se"] ** 2 + ref[metric + "_se"] ** 2) ** 0.5
+        assert abs(best[metric] - ref[metric]) <= max(0.02, noise) + 1e-9
+    assert best_checkpoint(r.rows, 0.02)[0] is best
+    for name in ("metrics.csv", "report.md", "metrics.png", "best-lora/pytorch_lora_weights.safetensors"):
+        assert (run / "eval" / name).is_file()
