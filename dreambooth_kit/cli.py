@@ -174,7 +174,10 @@ def _cmd_evaluate(args) -> int:
     for row in r.rows:
         cells = "  ".join(f"{'' if row[m] is None else f'{row[m]:.3f}':>16}" for m in shown)
         print(f"{row['checkpoint']:<12} {row['step']:>6}  {cells}")
-    print(f"images: {r.made} generated, {r.reused} reused from {r.folder / 'images'}")
+    print(
+        f"images: {r.made} generated, {r.reused} reused from {r.folder / 'images'}; "
+        f"{r.cached_rows} rows already in metrics.csv"
+    )
     if r.best is not None:
         print(f"best: {r.best['checkpoint']} (step {r.best['step']}): {r.reason}")
     else:

@@ -155,6 +155,15 @@ def test_noise_widens_the_tolerance_and_without_any_candidate_the_tradeoff_is_na
     assert best["checkpoint"] == "b" and "no checkpoint is within noise" in reason  # 0.33 vs 0.30
 
 
+def test_pres_below_the_base_models_is_not_better():
+    """Class samples that are neither the class nor the subject score a low PRES too (toy world,
+    100 steps without prior preservation: 0.20 against the base model's 0.58): not a better prior."""
+    rows = [row("base", 0, 0.60, 0.58), row("s100", 100, 0.66, 0.20), row("s200", 200, 0.80, 0.59)]
+    best, reason = ev.best_checkpoint(rows, tolerance=0.02)
+    assert best["checkpoint"] == "s200" and best["pres"] == 0.59  # the row itself, not the floored one
+    assert "never below the base model's" in reason
+
+
 # ------------------------------------------------------------------ encoders
 
 
@@ -273,10 +282,16 @@ def test_an_interrupted_evaluation_resumes_with_only_the_missing_images(
     assert (r.made, r.reused) == (4 + 6, 2)  # base's row came from metrics.csv, its images unread
     assert (resumed / "eval" / "metrics.csv").read_text() == (whole / "eval" / "metrics.csv").read_text()
     again = ev.evaluate(resumed, overrides=overrides)
-    assert (again.made, again.reused) == (0, 0)  # every row came from metrics.csv
+    assert (again.made, again.reused, again.cached_rows) == (0, 0, 3)  # every row from metrics.csv
+    fewer = tmp_path / "fewer"
+    fewer.mkdir()
+    for p in sorted((run.parent / "photos").glob("*.jpg"))[:2]:
+        shutil.copy(p, fewer)
+    other = ev.evaluate(resumed, photos=fewer, overrides=overrides)
+    assert (other.made, other.cached_rows) == (0, 0)  # other photos: scored again, on the same images
     changed = ev.evaluate(resumed, overrides=[*overrides, "evaluate.steps=3"])
     assert changed.made == 3 * 6
-    assert len(ev.read_rows(resumed / "eval" / "metrics.csv")) == 6  # both settings' rows kept
+    assert len(ev.read_rows(resumed / "eval" / "metrics.csv")) == 9  # rows of all three settings kept
 
 
 def test_evaluate_refuses_what_it_cannot_score(run_with_checkpoints, encoders_dir, tmp_path):

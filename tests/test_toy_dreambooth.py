@@ -96,7 +96,7 @@ def test_evaluate_names_a_best_checkpoint_within_tolerance_and_its_numbers_mean_
     from dreambooth_kit.evaluate import best_checkpoint, evaluate
 
     run = scores["runs"]["prior"]
-    r = evaluate(run, checkpoints="all", seeds=2)
+    r = evaluate(run, checkpoints="all", seeds=2, overrides=["evaluate.class_images=8"])
     print(r.rows, r.best["checkpoint"], r.reason)
     assert [x["checkpoint"] for x in r.rows] == ["base", "step-000200", "step-000400"]
     base, trained = r.rows[0], r.rows[1:]
