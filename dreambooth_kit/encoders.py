@@ -56,36 +56,37 @@ class Encoders:
         return f"{self.subject.name} + {self.prompt.name}"
 
 
-class HubImageEncoder:
+class _HfEncoder:
+    """A transformers model and its processor, run on ``images`` in batches of :data:`_BATCH`."""
+
+    def __init__(self, name: str, model, processor, device: str):
+        self.name, self.model, self.processor, self.device = name, model.eval().to(device), processor, device
+
+    @torch.no_grad()
+    def image_features(self, images: Sequence) -> torch.Tensor:
+        out = []
+        for i in range(0, len(images), _BATCH):
+            px = self.processor(images=list(images[i : i + _BATCH]), return_tensors="pt")["pixel_values"]
+            out.append(self._embed(px.to(self.device, self.model.dtype)).float().cpu())
+        return torch.cat(out)
+
+    def _embed(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class HubImageEncoder(_HfEncoder):
     """A transformers vision model (DINO, or any ViT): the CLS token of the last layer, as the
     DreamBooth paper's DINO metric uses."""
 
-    def __init__(self, name: str, model, processor, device: str):
-        self.name, self.model, self.processor, self.device = name, model.eval().to(device), processor, device
-
-    @torch.no_grad()
-    def image_features(self, images: Sequence) -> torch.Tensor:
-        out = []
-        for i in range(0, len(images), _BATCH):
-            px = self.processor(images=list(images[i : i + _BATCH]), return_tensors="pt")["pixel_values"]
-            hidden = self.model(pixel_values=px.to(self.device, self.model.dtype)).last_hidden_state
-            out.append(hidden[:, 0].float().cpu())
-        return torch.cat(out)
+    def _embed(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return self.model(pixel_values=pixel_values).last_hidden_state[:, 0]
 
 
-class ClipEncoder:
+class ClipEncoder(_HfEncoder):
     """A CLIP model: projected image embeddings (CLIP-I) and image-text cosine (CLIP-T)."""
 
-    def __init__(self, name: str, model, processor, device: str):
-        self.name, self.model, self.processor, self.device = name, model.eval().to(device), processor, device
-
-    @torch.no_grad()
-    def image_features(self, images: Sequence) -> torch.Tensor:
-        out = []
-        for i in range(0, len(images), _BATCH):
-            px = self.processor(images=list(images[i : i + _BATCH]), return_tensors="pt")["pixel_values"]
-            out.append(_pooled(self.model.get_image_features(pixel_values=px.to(self.device))))
-        return torch.cat(out)
+    def _embed(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return _pooled(self.model.get_image_features(pixel_values=pixel_values))
 
     @torch.no_grad()
     def text_features(self, texts: Sequence[str]) -> torch.Tensor:
