@@ -350,3 +350,29 @@ def test_validation_metrics_are_evaluates_numbers_logged_during_training(
         assert float(during[m]) == pytest.approx(after[m], abs=1e-4)
     # ...and they are the LoRA's numbers, not the base model's (measured: DIV 0.013 vs 0.022).
     assert max(abs(base[m] - after[m]) for m in metrics) > 5e-3
+
+
+def test_full_fine_tune_checkpoints_are_scored_with_their_weights(tmp_path, tiny_model, photos, encoders_dir):
+    """A full fine-tune's checkpoints hold accelerate's model file (the whole UNet): evaluate loads it
+    into the base pipeline, so a checkpoint's images differ from the base model's; the final
+    pipeline is scored too when no checkpoint has its step."""
+    from dreambooth_kit.train import train
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a photo of {subject}\n")
+    over = {"adapter.type": "full", "train.max_steps": 2, "train.learning_rate": 1e-3,
+            "checkpoint.every_steps": 1, "checkpoint.keep_last": 1}  # fmt: skip
+    train(tiny_cfg(tmp_path, tiny_model, photos, **over))
+    run = tmp_path / "run"
+    r = ev.evaluate(run, overrides=eval_overrides(encoders_dir, prompts))
+    assert [x["checkpoint"] for x in r.rows] == ["base", "step-000002"]
+    base, step2 = (next((run / "eval" / "images").glob(f"{n}-*")) for n in ("base", "step-000002"))
+    assert all(p.read_bytes() != (step2 / p.name).read_bytes() for p in base.glob("*.png"))
+    assert "best_lora" not in r.files  # a full fine-tune's result is its pipeline folder
+    shutil.rmtree(run / "checkpoints")
+    (final,) = [
+        x for x in ev.evaluate(run, overrides=eval_overrides(encoders_dir, prompts)).rows if x["step"]
+    ]
+    assert final["checkpoint"] == "final" and final["step"] == 2
+    # The final pipeline is the step-2 weights (saved fp32): the same images, the same numbers.
+    assert final["subject_fidelity"] == pytest.approx(r.rows[1]["subject_fidelity"], abs=2e-4)
