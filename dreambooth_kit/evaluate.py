@@ -420,6 +420,7 @@ def evaluate(
     longer at the run's ``data.instance_dir``."""
     from .config import eval_spec, load_config
     from .encoders import load_encoders
+    from .inference import default_device
     from .layout import RunLayout
     from .models import ModelSource
 
@@ -441,7 +442,9 @@ def evaluate(
         run, checkpoints, adapter_type=cfg.adapter.type, max_steps=cfg.train.max_steps, base=cfg.evaluate.base
     )
     refs = load_photos(Path(photos) if photos else spec.photos)
-    encoders = load_encoders(cfg.evaluate.subject_encoder, cfg.evaluate.prompt_encoder)
+    encoders = load_encoders(
+        cfg.evaluate.subject_encoder, cfg.evaluate.prompt_encoder, device=default_device()
+    )
     weights = RunWeights(source, cfg.adapter, cfg.to_dict())
     return _evaluate_targets(run / EVAL, targets, plan, encoders, refs, weights, cfg.evaluate.tolerance)
 
@@ -603,7 +606,9 @@ class ValidationScorer:
 def validation_scorer(spec: EvalSpec) -> ValidationScorer:
     """Loaded before training starts, so a missing encoder or photo folder fails at once."""
     from .encoders import load_encoders
+    from .inference import default_device
 
     s = spec.settings
     photos = load_photos(spec.photos)
-    return ValidationScorer(plan_for(spec), load_encoders(s.subject_encoder, s.prompt_encoder), photos)
+    encoders = load_encoders(s.subject_encoder, s.prompt_encoder, device=default_device())
+    return ValidationScorer(plan_for(spec), encoders, photos)

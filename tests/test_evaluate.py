@@ -336,7 +336,7 @@ def test_validation_metrics_are_evaluates_numbers_logged_during_training(
         "train.report_to": "tensorboard", "checkpoint.every_steps": 2, "adapter.init_lora_weights": False,
     }  # fmt: skip
     cfg = tiny_cfg(tmp_path, tiny_model, photos, **over)
-    train(cfg)
+    result = train(cfg)
     run = tmp_path / "run"
     lines = (run / "eval" / "validation_metrics.csv").read_text().splitlines()
     assert lines[0].startswith("step,subject_fidelity") and len(lines) == 2
@@ -350,6 +350,10 @@ def test_validation_metrics_are_evaluates_numbers_logged_during_training(
         assert float(during[m]) == pytest.approx(after[m], abs=1e-4)
     # ...and they are the LoRA's numbers, not the base model's (measured: DIV 0.013 vs 0.022).
     assert max(abs(base[m] - after[m]) for m in metrics) > 5e-3
+    # Scoring leaves training as it found it: the same losses as a run without validation.
+    plain = {k: v for k, v in over.items() if not k.startswith("validation.")}
+    plain["train.output_dir"] = str(tmp_path / "plain")
+    assert train(tiny_cfg(tmp_path, tiny_model, photos, **plain)).losses == result.losses
 
 
 def test_full_fine_tune_checkpoints_are_scored_with_their_weights(tmp_path, tiny_model, photos, encoders_dir):
