@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -113,6 +114,8 @@ def ensure_class_images(
     device: str | None = None,
     dtype: str | torch.dtype | None = "auto",
     is_main_process: bool = True,
+    shard: tuple[int, int] = (0, 1),
+    sync: Callable[[], object] = lambda: None,
 ) -> ClassImages:
     """Make sure ``spec.folder`` (``prior.class_dir``) holds the class images ``spec`` asks for, made
     with the run's base model ``source`` (its revision and variant too).
@@ -121,34 +124,62 @@ def ensure_class_images(
     * A manifest with another recipe -> an error naming the differing fields, unless
       ``prior.regenerate`` (then our ``class-*.png`` files are moved to ``replaced-<n>/``, never deleted).
     * Otherwise only the missing ``class-{i:05d}.png`` indices are generated.
+
+    Several processes (``shard`` = (rank, number of processes), ``sync`` = a barrier such as
+    ``accelerator.wait_for_everyone``) share the generation: every process calls this, the missing
+    images are cut into batches of ``prior.sample_batch_size`` and process r generates batches r,
+    r + n, ... Image i is still seed + i in the same batch as with one process, so the set is the
+    same for any process count (bit for bit at equal threads per process). The main process alone
+    cleans up, checks the recipe and writes the manifest.
     """
     from .data import find_images
 
     folder = Path(spec.folder)
     want = spec.count
-    folder.mkdir(parents=True, exist_ok=True)
-    if is_main_process:
-        for stale in folder.glob(".tmp-*"):  # leftovers of a killed run: never a valid image
-            stale.unlink()
     recipe = _recipe(spec, source)
-    _check_recipe(folder, recipe, regenerate=spec.regenerate and is_main_process)
-
-    existing, _skipped, _issues = find_images(folder)
+    existing = _look(folder, recipe, regenerate=spec.regenerate, is_main_process=is_main_process, sync=sync)
     if len(existing) >= want:
         chosen = existing[:want]  # sorted: deterministic choice, e.g. 100 of 300
         log.info("class images: using %d of %d in %s (none generated)", want, len(existing), folder)
         return ClassImages(folder, chosen, generated=0, reused=len(chosen))
 
     missing, seeds = _missing_indices({f.name for f in existing}, want - len(existing), spec.seed)
-    if is_main_process and missing:
+    rank, n_proc = shard
+    batches = [missing[i : i + spec.batch_size] for i in range(0, len(missing), spec.batch_size)]
+    mine = [i for batch in batches[rank::n_proc] for i in batch]
+    if mine:
         log.info(
-            "class images: generating %d (have %d, want %d) in %s", len(missing), len(existing), want, folder
-        )
-        _generate(spec, source, folder, missing, recipe, seeds, len(existing), device=device, dtype=dtype)
+            "class images: generating %d of %d missing (have %d, want %d) in %s",
+            len(mine), len(missing), len(existing), want, folder,
+        )  # fmt: skip
+        _generate(spec, source, folder, mine, recipe if is_main_process else None, seeds, len(existing),
+                  device=device, dtype=dtype)  # fmt: skip
+    sync()  # every process's share is written
     if is_main_process:
         _write_manifest(folder, recipe, seeds)
     final, _s, _i = find_images(folder)
     return ClassImages(folder, final[:want], generated=len(missing), reused=len(existing))
+
+
+def _look(
+    folder: Path, recipe: dict[str, Any], *, regenerate: bool, is_main_process: bool, sync
+) -> list[Path]:
+    """The images already in ``folder``. The main process first removes leftovers and checks (or
+    with ``regenerate`` moves aside) an earlier recipe; every process lists the folder before any
+    process writes to it."""
+    from .data import find_images
+
+    if is_main_process:
+        folder.mkdir(parents=True, exist_ok=True)
+        for stale in folder.glob(".tmp-*"):  # leftovers of a killed run: never a valid image
+            stale.unlink()
+        _check_recipe(folder, recipe, regenerate=regenerate)
+    sync()
+    if not is_main_process:
+        _check_recipe(folder, recipe, regenerate=False)
+    existing, _skipped, _issues = find_images(folder)
+    sync()
+    return existing
 
 
 def _check_recipe(folder: Path, recipe: dict[str, Any], *, regenerate: bool) -> None:
@@ -191,7 +222,8 @@ def _missing_indices(have: set[str], n_missing: int, base_seed: int) -> tuple[li
 
 def _generate(spec, source, folder: Path, missing, recipe, seeds, n_existing: int, *, device, dtype) -> None:
     """Generate the ``missing`` indices in batches; the manifest is written after every batch (a kill
-    loses one batch) and a Ctrl-C leaves every finished image and no partial file."""
+    loses one batch; ``recipe`` None: not by this process) and a Ctrl-C leaves every finished image
+    and no partial file."""
     from .inference import generate, load_pipeline, save_png
 
     pipe = load_pipeline(source, device=device, dtype=dtype)  # already resolved (single files too)
@@ -214,12 +246,14 @@ def _generate(spec, source, folder: Path, missing, recipe, seeds, n_existing: in
             for j, (img, params) in zip(idx, results, strict=True):
                 save_png(img, params, folder / f"class-{j:05d}.png")
                 written += 1
-            _write_manifest(folder, recipe, seeds)
+            if recipe is not None:
+                _write_manifest(folder, recipe, seeds)
     except KeyboardInterrupt:
         # save_png writes through .tmp-<name> and a rename: a Ctrl-C mid-write leaves only that.
         for partial in folder.glob(".tmp-*"):
             partial.unlink(missing_ok=True)
-        _write_manifest(folder, recipe, seeds)
+        if recipe is not None:
+            _write_manifest(folder, recipe, seeds)
         raise ClassImagesInterrupted(folder.resolve(), written, n_existing + written, spec.count) from None
     finally:
         del pipe

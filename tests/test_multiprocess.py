@@ -1,0 +1,55 @@
+"""Training in two processes on CPU through the documented command (gloo process group):
+``ACCELERATE_USE_CPU=1 torchrun --nproc_per_node 2 -m dreambooth_kit.train --config ...``."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+pytestmark = pytest.mark.slow
+
+
+def launch(n: int, tmp_path, tiny_model, photos, name: str, *extra: str) -> subprocess.CompletedProcess:
+    """The README's multi-process command with ``n`` processes, one thread each (torchrun's default
+    for several processes, set here for one too: equal threads give equal float rounding)."""
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}",
+        "-m", "dreambooth_kit.train", "--config", "tiny.yaml",
+        f"model.pretrained={tiny_model}", f"data.instance_dir={photos}",
+        f"prior.class_dir={tmp_path / name / 'class_images'}", "prior.num_class_images=4",
+        "prior.sample_batch_size=2", "prior.sample_steps=2", f"train.output_dir={tmp_path / name / 'run'}",
+        "train.max_steps=2", "checkpoint.every_steps=2", *extra,
+    ]  # fmt: skip
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+def test_two_processes_share_class_images_and_write_one_run(tmp_path, tiny_model, photos):
+    """Class images: each process generates its share of the batches (2 of 4 here), and the set is
+    byte-identical in pixels to a one-process run's (image i is seed + i in the same batch of 2).
+    The run is written once: one LoRA, one checkpoint holding both processes' RNG states."""
+    one = launch(1, tmp_path, tiny_model, photos, "one")
+    two = launch(2, tmp_path, tiny_model, photos, "two")
+    assert "generating 4 of 4 missing" in one.stderr
+    assert two.stderr.count("generating 2 of 4 missing") == 2  # both processes, 2 images each
+    files = sorted(p.name for p in (tmp_path / "one" / "class_images").glob("class-*.png"))
+    assert files == [f"class-{i:05d}.png" for i in range(4)]
+    for name in files:
+        a, b = (np.asarray(Image.open(tmp_path / d / "class_images" / name)) for d in ("one", "two"))
+        assert np.array_equal(a, b), name
+    assert (tmp_path / "two" / "class_images" / "manifest.json").is_file()
+    run = tmp_path / "two" / "run"
+    assert (run / "lora" / "pytorch_lora_weights.safetensors").is_file()
+    (ckpt,) = (run / "checkpoints").iterdir()
+    assert sorted(p.name for p in ckpt.glob("random_states_*.pkl")) == [
+        "random_states_0.pkl",
+        "random_states_1.pkl",
+    ]
+    assert not list(run.glob("**/.tmp-*"))
