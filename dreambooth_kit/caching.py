@@ -59,18 +59,24 @@ class LatentCache:
             if k not in self.store:
                 self.store[k] = self._encode(k)
 
-    def sample(self, keys: list[tuple[str, bool]]) -> torch.Tensor:
-        """A fresh posterior sample per key, scaled like the uncached path."""
+    def sample(self, keys: list[tuple[str, bool]], randn=None) -> torch.Tensor:
+        """A fresh posterior sample per key, scaled like the uncached path (``randn``: see
+        :func:`posterior_sample`)."""
         self.fill(keys)
         mean = torch.stack([self.store[(str(k[0]), bool(k[1]))][0] for k in keys])
         logvar = torch.stack([self.store[(str(k[0]), bool(k[1]))][1] for k in keys])
-        return posterior_sample(mean, logvar) * self.scaling_factor
+        return posterior_sample(mean, logvar, randn) * self.scaling_factor
 
 
-def posterior_sample(mean: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
+def posterior_sample(mean: torch.Tensor, logvar: torch.Tensor, randn=None) -> torch.Tensor:
     """``mean + std * N(0, 1)``, what ``latent_dist.sample()`` computes; the cached and uncached
-    paths both call this, so they draw the same random numbers in the same order."""
-    noise = torch.randn(mean.shape, device=mean.device, dtype=torch.float32)
+    paths both call this, so they draw the same random numbers in the same order. ``randn(shape,
+    device)`` draws the N(0, 1) (the training loop's draws are the same for any process count);
+    default ``torch.randn``."""
+    if randn is None:
+        noise = torch.randn(mean.shape, device=mean.device, dtype=torch.float32)
+    else:
+        noise = randn(mean.shape, mean.device)
     return mean.float() + torch.exp(0.5 * logvar.float()) * noise
 
 

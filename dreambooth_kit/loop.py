@@ -284,21 +284,51 @@ def _optimizer_step(ctx: LoopState) -> StepOutcome:
     return StepOutcome.APPLIED
 
 
+@dataclass(frozen=True)
+class BatchRows:
+    """Where this process's rows sit in the batch that all processes train on together, so that its
+    random draws (posterior sample, noise, timesteps) are those rows of ONE draw for the whole batch.
+
+    Every process holds the same RNG state (the same seed, and the same draws every step), draws the
+    tensor for all processes' rows in one-process order (instances of process 0, 1, ..., then their
+    class images) and keeps its own rows. With accelerate's sharded loader process r's k-th batch
+    is batch k * n + r of the sampler, so n processes at batch b see the examples and the random
+    numbers of one process at batch n * b: the same training, up to float rounding (tested with 2
+    processes). With one process the rows are 0..N-1 and the draws are what torch.randn(N, ...)
+    gives, as before."""
+
+    rows: torch.Tensor  # indices into the all-process batch
+    total: int
+
+    @classmethod
+    def of(cls, n_local: int, num_instance: int, rank: int, world: int) -> BatchRows:
+        n_class = n_local - num_instance
+        inst = rank * num_instance + torch.arange(num_instance)
+        klass = world * num_instance + rank * n_class + torch.arange(n_class)
+        return cls(torch.cat([inst, klass]), n_local * world)
+
+    def randn(self, shape, device) -> torch.Tensor:
+        full = torch.randn((self.total, *shape[1:]), device=device, dtype=torch.float32)
+        return full[self.rows.to(full.device)]
+
+    def randint(self, high: int, device) -> torch.Tensor:
+        full = torch.randint(0, high, (self.total,), device=device).long()
+        return full[self.rows.to(full.device)]
+
+
 def _loss(
     ctx: LoopState, batch: dict, encode: PromptEncoder, latent_cache: LatentCache | None
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """The DreamBooth loss of one micro-batch: noise the latents at random timesteps, predict."""
     t, s = ctx.settings.train, ctx.settings
     scheduler = ctx.comps.noise_scheduler
-    latents = _latents(ctx, batch, latent_cache)
-    noise = torch.randn_like(latents)
+    acc = ctx.accelerator
+    rows = BatchRows.of(len(batch["prompts"]), batch["num_instance"], acc.process_index, acc.num_processes)
+    latents = _latents(ctx, batch, latent_cache, rows)
+    noise = rows.randn(latents.shape, latents.device)
     if t.noise_offset:
-        noise = noise + t.noise_offset * torch.randn(
-            latents.shape[0], latents.shape[1], 1, 1, device=latents.device
-        )
-    timesteps = torch.randint(
-        0, scheduler.config.num_train_timesteps, (latents.shape[0],), device=latents.device
-    ).long()
+        noise = noise + t.noise_offset * rows.randn((*latents.shape[:2], 1, 1), latents.device)
+    timesteps = rows.randint(scheduler.config.num_train_timesteps, latents.device)
     noisy = scheduler.add_noise(latents, noise, timesteps)
     cond = encode(batch["prompts"])
     unet_dtype = (
@@ -348,16 +378,16 @@ def _teacher_prior(ctx: LoopState, noisy, timesteps, encode: PromptEncoder, prom
     return teacher_prior_loss(student, teacher, weights=weights)
 
 
-def _latents(ctx: LoopState, batch: dict, latent_cache: LatentCache | None) -> torch.Tensor:
+def _latents(ctx: LoopState, batch: dict, latent_cache: LatentCache | None, rows: BatchRows) -> torch.Tensor:
     """The batch's VAE latents (a fresh posterior sample), from the cache or the VAE itself."""
     if latent_cache is not None:
-        latents = latent_cache.sample(batch["keys"])
+        latents = latent_cache.sample(batch["keys"], rows.randn)
     else:
         vae, device = ctx.comps.vae, ctx.accelerator.device
         with torch.no_grad():
             pixels = batch["pixel_values"].to(device, dtype=next(vae.parameters()).dtype)
             dist = vae.encode(pixels).latent_dist
-            latents = posterior_sample(dist.mean, dist.logvar) * vae.config.scaling_factor
+            latents = posterior_sample(dist.mean, dist.logvar, rows.randn) * vae.config.scaling_factor
     # contiguous: the VAE's conv output can be channels-last, and randn_like follows the
     # input's memory layout, so the same random stream would land on other elements.
     return latents.float().contiguous()

@@ -63,3 +63,25 @@ def test_each_micro_batch_returns_its_outcome(tmp_path, tiny_model, photos, monk
     assert not any(o.skipped for o in (A, OK)) and all(
         o.skipped for o in (NAN, StepOutcome.NONFINITE_GRADIENT, StepOutcome.SCALER_SKIP)
     )
+
+
+def test_batch_rows_place_each_process_in_the_one_process_batch():
+    """Process r of n at batch b holds instance rows r*b.. and class rows n*b + r*b.. of the batch one
+    process at n*b would hold; its draws are those rows of one draw for all (and, alone, torch's own)."""
+    import torch
+
+    from dreambooth_kit.loop import BatchRows
+
+    assert BatchRows.of(4, 2, 1, 2).rows.tolist() == [2, 3, 6, 7]  # 2 instances + 2 class rows each
+    assert BatchRows.of(4, 2, 0, 2).rows.tolist() == [0, 1, 4, 5]
+    torch.manual_seed(0)
+    whole = torch.randn(8, 3)
+    parts = []
+    for rank in (0, 1):
+        torch.manual_seed(0)  # every process holds the same RNG state
+        parts.append(BatchRows.of(4, 2, rank, 2).randn((4, 3), "cpu"))
+    assert torch.equal(torch.cat([parts[0][:2], parts[1][:2], parts[0][2:], parts[1][2:]]), whole)
+    torch.manual_seed(1)
+    alone = BatchRows.of(3, 3, 0, 1).randint(1000, "cpu")
+    torch.manual_seed(1)
+    assert torch.equal(alone, torch.randint(0, 1000, (3,)))
