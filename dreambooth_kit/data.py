@@ -614,18 +614,25 @@ class EpochSampler(torch.utils.data.Sampler):
     trained on without decoding them.
     """
 
-    def __init__(self, n: int, seed: int) -> None:
+    def __init__(self, n: int, seed: int, multiple: int = 1) -> None:
         self.n, self.seed, self.epoch, self.start = n, seed, 0, 0
+        # Several processes: each epoch is filled up to a multiple of processes x batch with its own
+        # first rows, as accelerate would fill the last batches, but here, so that a resumed epoch
+        # is filled with the same rows as the uninterrupted one (accelerate fills from wherever the
+        # resumed iteration starts).
+        self.length = -(-n // multiple) * multiple if n else 0
 
     def set_position(self, epoch: int, start: int) -> None:
-        self.epoch, self.start = epoch, min(start, self.n)
+        self.epoch, self.start = epoch, min(start, self.length)
 
     def __iter__(self):
         g = torch.Generator().manual_seed(self.seed + self.epoch)
-        return iter(torch.randperm(self.n, generator=g)[self.start :].tolist())
+        order = torch.randperm(self.n, generator=g).tolist()
+        order += [order[i % self.n] for i in range(self.length - self.n)]
+        return iter(order[self.start :])
 
     def __len__(self) -> int:
-        return self.n - self.start
+        return self.length - self.start
 
 
 def collate(examples: list[dict], with_prior: bool) -> dict:

@@ -460,7 +460,10 @@ def _data(cfg: DreamBoothConfig, report, class_sets, comps, accelerator):
         random_flip=cfg.data.random_flip,
         latents=use_cache,
     )
-    sampler = EpochSampler(len(ds), cfg.train.seed)
+    # One process: the last batch of an epoch may be smaller. Several: epochs are filled to whole
+    # batches of every process (see EpochSampler).
+    world = accelerator.num_processes
+    sampler = EpochSampler(len(ds), cfg.train.seed, cfg.train.batch_size * world if world > 1 else 1)
     dataloader = torch.utils.data.DataLoader(
         ds,
         batch_size=cfg.train.batch_size,

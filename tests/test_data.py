@@ -593,3 +593,15 @@ def test_issue_text_has_the_full_path_and_no_severity(tmp_path):
     assert issue.text == f"{tmp_path / 'x.jpg'}: too small"
     assert str(issue) == f"WARNING {tmp_path / 'x.jpg'}: too small"
     assert ImageIssue(tmp_path, "error", "0 usable images").text == "0 usable images"
+
+
+def test_epoch_sampler_fills_epochs_to_whole_batches_of_every_process_and_resumes_the_same():
+    from dreambooth_kit.data import EpochSampler
+
+    alone = EpochSampler(5, seed=3)
+    assert len(alone) == 5 and sorted(alone) == [0, 1, 2, 3, 4]  # one process: nothing repeated
+    two = EpochSampler(5, seed=3, multiple=2)
+    order = list(two)
+    assert len(order) == 6 and order[:5] == list(alone) and order[5] == order[0]
+    two.set_position(0, 2)
+    assert list(two) == order[2:]  # a resumed epoch ends with the same filling

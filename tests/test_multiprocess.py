@@ -14,11 +14,9 @@ from PIL import Image
 pytestmark = pytest.mark.slow
 
 
-def launch(n: int, tmp_path, tiny_model, photos, name: str, *extra: str) -> subprocess.CompletedProcess:
-    """The README's multi-process command with ``n`` processes, one thread each (torchrun's default
-    for several processes, set here for one too: equal threads give equal float rounding)."""
-    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
-    cmd = [
+def launch_command(n: int, tmp_path, tiny_model, photos, name: str, *extra: str) -> list[str]:
+    """The README's multi-process command with ``n`` processes on the tiny model."""
+    return [
         sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}",
         "-m", "dreambooth_kit.train", "--config", "tiny.yaml",
         f"model.pretrained={tiny_model}", f"data.instance_dir={photos}",
@@ -26,6 +24,13 @@ def launch(n: int, tmp_path, tiny_model, photos, name: str, *extra: str) -> subp
         "prior.sample_batch_size=2", "prior.sample_steps=2", f"train.output_dir={tmp_path / name / 'run'}",
         "train.max_steps=2", "checkpoint.every_steps=2", *extra,
     ]  # fmt: skip
+
+
+def launch(n: int, tmp_path, tiny_model, photos, name: str, *extra: str) -> subprocess.CompletedProcess:
+    """Run it to the end, one thread per process (torchrun's default for several processes, set
+    here for one too: equal threads give equal float rounding)."""
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
+    cmd = launch_command(n, tmp_path, tiny_model, photos, name, *extra)
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc
@@ -61,8 +66,8 @@ def test_two_processes_at_batch_1_train_as_one_process_at_batch_2(tmp_path, tiny
     own (loop.BatchRows): so 2 processes at batch 1 see the examples and random numbers of 1 process
     at batch 2, and DDP's gradient mean is that batch's. The LoRAs agree to float rounding, far
     below what the 2 steps changed (LoRA B starts at 0: B is the update itself). Within an epoch:
-    at its end, when the photo count is not a multiple of processes x batch, accelerate repeats
-    examples to fill the last batch where one process trains on a smaller one."""
+    at its end, when the photo count is not a multiple of processes x batch, the epoch is filled
+    with its first rows where one process trains on a smaller last batch."""
     import torch
     from safetensors.torch import load_file
 
@@ -82,3 +87,57 @@ def test_two_processes_at_batch_1_train_as_one_process_at_batch_2(tmp_path, tiny
     # all-reduce for weights whose gradient is near 0). With each process drawing its own random
     # numbers instead the gap is 4.0e-02: whole steps in other directions.
     assert gap <= 0.01 * update
+
+
+def test_sigterm_to_torchrun_checkpoints_both_processes_and_the_resume_is_exact(tmp_path, tiny_model, photos):
+    """SIGTERM to torchrun's agent, which forwards it to both processes: they stop at the same step
+    (the gated 4th, as in test_resume), write one checkpoint with both RNG states and exit; the
+    resumed 2-process run ends with the LoRA of an uninterrupted 2-process run, bit for bit. The 6
+    steps cross an epoch end (5 photos, 2 x 1 per step): the filled last batch must be the same
+    after the resume (accelerate's own filling, from the resumed iteration's first rows, was not)."""
+    import shutil
+    import signal
+
+    import torch
+    from safetensors.torch import load_file
+    from test_resume import _env
+
+    steps = (
+        "train.max_steps=6",
+        "train.log_every=1",
+        "train.learning_rate=1e-2",
+        "checkpoint.every_steps=null",
+    )
+    launch(2, tmp_path, tiny_model, photos, "straight", *steps)
+    shutil.copytree(tmp_path / "straight" / "class_images", tmp_path / "cut" / "class_images")
+    env = {**_env(tmp_path), "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
+    cmd = launch_command(2, tmp_path, tiny_model, photos, "cut", *steps)
+    proc = subprocess.Popen(
+        cmd, stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env, cwd=tmp_path
+    )
+    lines, gated, received = [], 0, 0
+    for line in proc.stderr:  # events, not times: both processes at the gate, then both signalled
+        lines.append(line)
+        gated += "dbk-test: gate reached" in line
+        if gated == 2 and received == 0 and "gate reached" in line:
+            os.kill(proc.pid, signal.SIGTERM)
+        received += "received SIGTERM" in line
+        if received == 2:
+            (tmp_path / "go").touch()
+            break
+    out, err = proc.communicate(timeout=300)
+    log = "".join(lines) + err + out
+    run = tmp_path / "cut" / "run"
+    ckpts = sorted((run / "checkpoints").glob("step-*"))
+    assert [c.name for c in ckpts] == ["step-000004"], log[-3000:]
+    assert sorted(p.name for p in ckpts[0].glob("random_states_*.pkl")) == [
+        "random_states_0.pkl",
+        "random_states_1.pkl",
+    ]
+    assert not (run / "lora").exists()
+    launch(2, tmp_path, tiny_model, photos, "cut", *steps, "train.resume=latest")
+    a, b = (
+        load_file(tmp_path / d / "run" / "lora" / "pytorch_lora_weights.safetensors")
+        for d in ("straight", "cut")
+    )
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
