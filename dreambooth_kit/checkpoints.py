@@ -184,7 +184,11 @@ def save_step_checkpoint(run: LoopState) -> Path:
         run.accelerator,
         run.out,
         run.step,
-        extra_state={"epoch": run.epoch, "batch_in_epoch": run.batch_in_epoch},
+        extra_state={
+            "epoch": run.epoch,
+            "batch_in_epoch": run.batch_in_epoch,
+            "processes": run.accelerator.num_processes,
+        },
         run_config=run.settings.config_dict,
         keep_last=run.settings.checkpoint.keep_last,
     )
@@ -584,6 +588,29 @@ def _normalized(tree: dict, dotted: str) -> Any:
 
 def _fmt(value: Any) -> str:
     return "null" if value is None else json.dumps(value) if isinstance(value, (str, list)) else str(value)
+
+
+def check_process_count(path: str | os.PathLike, processes: int, *, force: bool) -> None:
+    """Refuse to resume with another number of processes than the checkpoint was written by (its
+    ``state.json`` says; checkpoints from before it was recorded are not checked). The data
+    position is counted in batches of all processes, and an epoch is filled to whole batches of
+    every process, so another count continues on other examples and random numbers than the
+    uninterrupted run would: not an exact resume. With ``force`` a warning instead."""
+    try:
+        saved = json.loads((Path(path) / STATE).read_text()).get("processes")
+    except (OSError, ValueError, AttributeError):
+        return  # load_checkpoint reports an unreadable state.json
+    if saved is None or saved == processes:
+        return
+    msg = (
+        f"checkpoint {path} was written by {saved} processes, this run has {processes}: the data "
+        f"order and random numbers would then differ from the uninterrupted run's. Resume with "
+        f"{saved} processes (torchrun --nproc_per_node {saved} / accelerate launch --num_processes "
+        f"{saved}), or set train.resume_force=true to continue anyway"
+    )
+    if not force:
+        raise CheckpointError(msg)
+    log.warning("%s (train.resume_force=true: continuing)", msg)
 
 
 def check_compatible(path: str | os.PathLike, run_config: dict, *, force: bool) -> None:

@@ -191,13 +191,14 @@ def _resume_point(cfg: DreamBoothConfig, out: Path) -> Path | None:
 def _restore(cfg, accelerator, unet, text_encoder, path: Path | None) -> dict:
     """Register how checkpoints hold the trained weights, then load one if resuming.
     Returns the data position: {"step", "epoch", "batch_in_epoch"}."""
-    from .checkpoints import load_checkpoint, register_lora_hooks
+    from .checkpoints import check_process_count, load_checkpoint, register_lora_hooks
 
     if cfg.adapter.type == "lora":  # checkpoints hold the LoRA only, never the frozen base
         models = {"unet": unet} | ({"text_encoder": text_encoder} if text_encoder is not None else {})
         register_lora_hooks(accelerator, models)
     if path is None:
         return {"step": 0, "epoch": 0, "batch_in_epoch": 0}
+    check_process_count(path, accelerator.num_processes, force=cfg.train.resume_force)
     state = load_checkpoint(accelerator, path)
     log.info("resumed from %s at step %d", path, state["step"])
     return state

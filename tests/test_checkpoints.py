@@ -604,3 +604,18 @@ def test_missing_rng_file_warns_and_training_state_still_loads(env, caplog):
     assert len(warnings) == 1
     assert "random_states_0.pkl" in warnings[0].getMessage()
     assert "not bit-identically" in warnings[0].getMessage()
+
+
+def test_resume_with_another_process_count_is_refused_with_the_fix(tmp_path, caplog):
+    import json
+
+    from dreambooth_kit.checkpoints import CheckpointError, check_process_count
+
+    (tmp_path / "state.json").write_text(json.dumps({"step": 4, "processes": 2}))
+    check_process_count(tmp_path, 2, force=False)  # the same count: fine
+    with pytest.raises(CheckpointError, match="written by 2 processes, this run has 1.*--nproc_per_node 2"):
+        check_process_count(tmp_path, 1, force=False)
+    check_process_count(tmp_path, 1, force=True)
+    assert "train.resume_force=true: continuing" in caplog.text
+    (tmp_path / "state.json").write_text(json.dumps({"step": 4}))  # written before the count was kept
+    check_process_count(tmp_path, 1, force=False)

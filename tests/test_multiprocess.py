@@ -135,6 +135,10 @@ def test_sigterm_to_torchrun_checkpoints_both_processes_and_the_resume_is_exact(
         "random_states_1.pkl",
     ]
     assert not (run / "lora").exists()
+    plain = launch_command(1, tmp_path, tiny_model, photos, "cut", *steps, "train.resume=latest")[5:]
+    one = subprocess.run([sys.executable, *plain],  # one process, as `python -m dreambooth_kit.train`
+                         env={**os.environ, "ACCELERATE_USE_CPU": "1"}, capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert one.returncode == 2 and "written by 2 processes, this run has 1" in one.stderr, one.stderr[-2000:]
     launch(2, tmp_path, tiny_model, photos, "cut", *steps, "train.resume=latest")
     a, b = (
         load_file(tmp_path / d / "run" / "lora" / "pytorch_lora_weights.safetensors")
