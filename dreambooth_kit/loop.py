@@ -207,7 +207,8 @@ def _report(ctx: LoopState, result: StepResult, bar: tqdm) -> None:
     if result.outcome is not StepOutcome.NONFINITE_LOSS:
         metrics = {"loss": result.loss, "lr": lr, "step_time": ctx.step_seconds[-1], **result.parts}
         acc.log(metrics, step=ctx.step)
-    if ctx.step % t.log_every == 0 or ctx.step == t.max_steps:
+    if acc.is_main_process and (ctx.step % t.log_every == 0 or ctx.step == t.max_steps):
+        # Several processes: one line per step, with the main process's loss (its share of the batch).
         log.info("step %d/%d loss %.4f lr %.2e", ctx.step, t.max_steps, result.loss, lr)
 
 

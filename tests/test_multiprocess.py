@@ -39,9 +39,11 @@ def launch(n: int, tmp_path, tiny_model, photos, name: str, *extra: str) -> subp
 def test_two_processes_share_class_images_and_write_one_run(tmp_path, tiny_model, photos):
     """Class images: each process generates its share of the batches (2 of 4 here), and the set is
     byte-identical in pixels to a one-process run's (image i is seed + i in the same batch of 2).
-    The run is written once: one LoRA, one checkpoint holding both processes' RNG states."""
+    The run is written once: one LoRA, one checkpoint holding both processes' RNG states, one log
+    line per step and one set of validation samples."""
     one = launch(1, tmp_path, tiny_model, photos, "one")
-    two = launch(2, tmp_path, tiny_model, photos, "two")
+    val = ("validation.every_steps=2", "validation.num_images=1", "validation.steps=2")
+    two = launch(2, tmp_path, tiny_model, photos, "two", *val)
     assert "generating 4 of 4 missing" in one.stderr
     assert two.stderr.count("generating 2 of 4 missing") == 2  # both processes, 2 images each
     files = sorted(p.name for p in (tmp_path / "one" / "class_images").glob("class-*.png"))
@@ -58,6 +60,9 @@ def test_two_processes_share_class_images_and_write_one_run(tmp_path, tiny_model
         "random_states_1.pkl",
     ]
     assert not list(run.glob("**/.tmp-*"))
+    # Logged and sampled once, by the main process.
+    assert two.stderr.count("step 2/2") == 1, two.stderr[-2000:]
+    assert sorted(p.name for p in (run / "samples" / "step-000002").iterdir()) == ["grid.png", "p0-1557.png"]
 
 
 def test_two_processes_at_batch_1_train_as_one_process_at_batch_2(tmp_path, tiny_model, photos):
