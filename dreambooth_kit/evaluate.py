@@ -168,13 +168,15 @@ def _prompt_images(pipe, plan: EvalPlan, prompt: str, seeds: list[int], folder: 
 
 def score(plan: EvalPlan, encoders, photos: Sequence, images: Images) -> dict[str, float | None]:
     """The metrics of one target's images (see the module's table)."""
-    from .metrics import diversity, mean_cosine, rate, row_cosines, standard_error
+    from .metrics import mean_cosine, mean_pairwise_distance, rate, row_cosines, standard_error
 
     flat = [img for row in images.by_prompt for img in row]
     scored = [p.scored for p, row in zip(plan.prompts, images.by_prompt, strict=True) for _ in row]
     sub = encoders.subject.image_features
     refs = sub(list(photos))
-    fidelity = row_cosines(sub(flat), refs)  # one value per image: the mean and its noise
+    feats = sub(flat)  # encoded once: fidelity over all images, DIV within each prompt's rows
+    per_prompt = feats.split([len(r) for r in images.by_prompt])
+    fidelity = row_cosines(feats, refs)  # one value per image: the mean and its noise
     drift = row_cosines(sub(images.class_images), refs)  # PRES, image by image
     clip_refs = encoders.prompt.image_features(list(photos))
     row: dict[str, float | None] = {
@@ -182,7 +184,7 @@ def score(plan: EvalPlan, encoders, photos: Sequence, images: Images) -> dict[st
         "clip_i": mean_cosine(encoders.prompt.image_features(flat), clip_refs),
         "prompt_fidelity": encoders.prompt.prompt_fidelity(flat, scored),
         "pres": float(drift.mean()),
-        "div": sum(diversity(sub, r) for r in images.by_prompt) / len(images.by_prompt),
+        "div": sum(mean_pairwise_distance(f) for f in per_prompt) / len(per_prompt),
         "subject_rate": None,
         "subject_fidelity_se": standard_error(fidelity),
         "pres_se": standard_error(drift),
