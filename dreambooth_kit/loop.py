@@ -273,6 +273,10 @@ def _optimizer_step(ctx: LoopState) -> StepOutcome:
     acc = ctx.accelerator
     if ctx.nonfinite_micro_batches:
         return StepOutcome.NONFINITE_LOSS
+    if _under_deepspeed(acc):
+        # accelerate's backward() already ran DeepSpeed's step (it clips with the recipe's
+        # gradient_clipping and, under fp16, skips overflowing steps itself): nothing to check here.
+        return StepOutcome.SCALER_SKIP if acc.optimizer_step_was_skipped else _advance(ctx)
     norm = acc.clip_grad_norm_(ctx.params, ctx.settings.train.max_grad_norm)
     if acc.scaler is None and norm is not None and not torch.isfinite(norm):
         return (
@@ -281,8 +285,18 @@ def _optimizer_step(ctx: LoopState) -> StepOutcome:
     ctx.optimizer.step()
     if acc.optimizer_step_was_skipped:
         return StepOutcome.SCALER_SKIP  # fp16 overflow: GradScaler skipped it; the LR does not advance
+    return _advance(ctx)
+
+
+def _advance(ctx: LoopState) -> StepOutcome:
     ctx.lr_scheduler.step()
     return StepOutcome.APPLIED
+
+
+def _under_deepspeed(acc: Accelerator) -> bool:
+    from accelerate.utils import DistributedType
+
+    return acc.distributed_type == DistributedType.DEEPSPEED
 
 
 @dataclass(frozen=True)

@@ -91,6 +91,7 @@ def train(cfg: DreamBoothConfig) -> TrainResult:
     t0 = time.perf_counter()
     accelerator = _make_accelerator(cfg, Path(cfg.train.output_dir))
     check_launch(accelerator)  # before anything is written: a wrong launch trains twice into one folder
+    check_deepspeed(accelerator, cfg.adapter.type, cfg.adapter.train_text_encoder, cfg.train)
     out = _prepare_output_dir(cfg)
     with _lock_output_dir(cfg, out, accelerator):
         check_transformers_peft(need_text_encoder_lora=cfg.adapter.train_text_encoder)
@@ -229,7 +230,8 @@ def _make_accelerator(cfg: DreamBoothConfig, out: Path):
         log_with=log_with,
         project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(RunLayout(out).logs)),
     )
-    if t.mixed_precision == "fp16" and accelerator.device.type == "cpu":
+    deepspeed = accelerator.state.deepspeed_plugin is not None  # it owns precision (its own fp16)
+    if t.mixed_precision == "fp16" and accelerator.device.type == "cpu" and not deepspeed:
         _fp16_amp_on_cpu(accelerator)
     return accelerator
 
@@ -272,6 +274,12 @@ def check_launch(accelerator, env: dict | None = None) -> None:
         world = int(env.get("WORLD_SIZE", "1"))
     except ValueError:
         world = 1
+    if world > 1 and accelerator.num_processes != world and accelerator.state.deepspeed_plugin is not None:
+        raise LaunchError(
+            f"launched as {world} DeepSpeed processes but accelerate runs {accelerator.num_processes}: "
+            "accelerate joins a DeepSpeed process group only on GPUs (one process per GPU). Without "
+            "GPUs, DeepSpeed runs as one process: --num_processes 1"
+        )
     if world > 1 and accelerator.num_processes != world:
         raise LaunchError(
             f"launched as {world} processes (WORLD_SIZE={world}) but accelerate runs "
@@ -288,6 +296,51 @@ def check_launch(accelerator, env: dict | None = None) -> None:
             "`accelerate launch --cpu --num_processes N` starts ONE process (accelerate's CPU launcher "
             "does not start more). For N processes on CPU use: ACCELERATE_USE_CPU=1 torchrun "
             "--nproc_per_node N -m dreambooth_kit.train --config ...; for one process drop --num_processes"
+        )
+
+
+def check_deepspeed(accelerator, adapter_type: str, train_text_encoder: bool, t) -> None:
+    """Refuse, before anything is written, what a DeepSpeed launch (the accelerate config's
+    ``distributed_type: DEEPSPEED``) would train wrongly or not at all; no-op otherwise.
+
+    - LoRA: DeepSpeed saves the whole engine (the frozen base too) at every checkpoint, and a LoRA's
+      optimizer state is ~1% of the UNet's, so ZeRO has nothing to split: the multi-GPU recipe is
+      the one for LoRA.
+    - The text encoder: accelerate puts one model in a DeepSpeed engine; a second one fails deep in
+      prepare().
+    - ZeRO stage 3 splits the weights themselves; validation, the final save and the exports read
+      whole weights from the model.
+    - Gradient accumulation: accelerate takes the DeepSpeed config's count and silently drops ours
+      (measured: train.gradient_accumulation_steps=2 under a config of 1 trained as 1).
+    """
+    plugin = accelerator.state.deepspeed_plugin
+    if plugin is None:
+        return
+    if adapter_type != "full":
+        raise LaunchError(
+            "DeepSpeed is for adapter.type=full: a LoRA's optimizer state is small (ZeRO saves nothing) "
+            "and DeepSpeed's checkpoints would hold the whole frozen base model. For LoRA launch with "
+            "configs/accelerate/multi_gpu.yaml (or single_gpu.yaml)"
+        )
+    if train_text_encoder:
+        raise LaunchError(
+            "DeepSpeed trains one model per run (accelerate's DeepSpeed integration prepares one): set "
+            "adapter.train_text_encoder=false, or launch with configs/accelerate/multi_gpu.yaml to "
+            "train the text encoder too"
+        )
+    stage = plugin.deepspeed_config.get("zero_optimization", {}).get("stage", 0)
+    if stage not in (0, 1, 2):
+        raise LaunchError(
+            f"DeepSpeed ZeRO stage {stage} splits the weights themselves, which validation and the final "
+            "save read whole: set zero_stage: 2 in the accelerate config "
+            "(configs/accelerate/deepspeed_zero2_offload.yaml)"
+        )
+    theirs = plugin.deepspeed_config.get("gradient_accumulation_steps")
+    if theirs not in ("auto", t.gradient_accumulation_steps):
+        raise LaunchError(
+            f"the accelerate config's gradient_accumulation_steps is {theirs} but "
+            f"train.gradient_accumulation_steps is {t.gradient_accumulation_steps}: DeepSpeed would use "
+            "its own. Set both to the same number"
         )
 
 

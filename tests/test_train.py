@@ -3,6 +3,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -207,7 +208,7 @@ def test_8bit_adam_without_bitsandbytes_is_explained(tmp_path, tiny_model, photo
 def test_accelerate_launch_runs_two_steps(tmp_path, tiny_model, photos):
     out = tmp_path / "run"
     cmd = [
-        sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(REPO / "accelerate_config.yaml"),
+        sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(REPO / "configs" / "accelerate" / "single_gpu.yaml"),
         "-m", "dreambooth_kit.train", "--config", "tiny.yaml",
         f"model.pretrained={tiny_model}", f"data.instance_dir={photos}", f"prior.class_dir={tmp_path / 'cls'}",
         "prior.num_class_images=2", "prior.sample_steps=1", f"train.output_dir={out}", "train.max_steps=2",
@@ -399,8 +400,13 @@ def test_output_dir_that_is_a_file_is_named_before_anything_is_created(tmp_path,
 
 
 class _Acc:
-    def __init__(self, n: int):
+    """What check_launch/check_deepspeed read of an Accelerator: the process count and, under a
+    DeepSpeed launch, the plugin's config (as accelerate builds it from the accelerate config)."""
+
+    def __init__(self, n: int, deepspeed: dict | None = None):
         self.num_processes = n
+        plugin = None if deepspeed is None else SimpleNamespace(deepspeed_config=deepspeed)
+        self.state = SimpleNamespace(deepspeed_plugin=plugin)
 
 
 @pytest.mark.parametrize(
@@ -421,6 +427,41 @@ def test_launch_mismatch_is_refused_with_the_right_command(env, n, expect):
     else:
         with pytest.raises(LaunchError, match=expect):
             check_launch(_Acc(n), env)
+
+
+def test_several_deepspeed_processes_without_gpus_are_refused_with_the_reason():
+    """accelerate joins a DeepSpeed process group through a GPU backend only: on CPU each of 2
+    processes runs alone (measured with accelerate launch --num_processes 2 and the ZeRO-2 recipe)."""
+    from dreambooth_kit.train import LaunchError, check_launch
+
+    with pytest.raises(LaunchError, match="DeepSpeed runs as one process: --num_processes 1"):
+        check_launch(_Acc(1, deepspeed={}), {"WORLD_SIZE": "2", "RANK": "0"})
+
+
+_ZERO2 = {"zero_optimization": {"stage": 2}, "gradient_accumulation_steps": 1}
+
+
+@pytest.mark.parametrize(
+    "adapter, te, ds, accumulate, expect",
+    [
+        ("full", False, _ZERO2, 1, None),
+        ("full", False, {**_ZERO2, "gradient_accumulation_steps": "auto"}, 4, None),
+        ("lora", False, _ZERO2, 1, "DeepSpeed is for adapter.type=full.*multi_gpu.yaml"),
+        ("full", True, _ZERO2, 1, "set adapter.train_text_encoder=false"),
+        ("full", False, {**_ZERO2, "zero_optimization": {"stage": 3}}, 1, "ZeRO stage 3 .* zero_stage: 2"),
+        ("full", False, _ZERO2, 2, "gradient_accumulation_steps is 1 but train.gradient_accumulation_steps is 2"),
+    ],
+)  # fmt: skip
+def test_deepspeed_launches_that_would_train_wrongly_are_refused(adapter, te, ds, accumulate, expect):
+    from dreambooth_kit.train import LaunchError, check_deepspeed
+
+    t = SimpleNamespace(gradient_accumulation_steps=accumulate)
+    check_deepspeed(_Acc(1), "lora", True, t)  # no DeepSpeed: nothing to check
+    if expect is None:
+        check_deepspeed(_Acc(1, deepspeed=ds), adapter, te, t)
+    else:
+        with pytest.raises(LaunchError, match=expect):
+            check_deepspeed(_Acc(1, deepspeed=ds), adapter, te, t)
 
 
 @pytest.mark.slow
