@@ -208,7 +208,7 @@ def _report(ctx: LoopState, result: StepResult, bar: tqdm) -> None:
         metrics = {"loss": result.loss, "lr": lr, "step_time": ctx.step_seconds[-1], **result.parts}
         acc.log(metrics, step=ctx.step)
     if acc.is_main_process and (ctx.step % t.log_every == 0 or ctx.step == t.max_steps):
-        # Several processes: one line per step, with the main process's loss (its share of the batch).
+        # Several processes: one line per step, with the loss averaged over all processes' rows.
         log.info("step %d/%d loss %.4f lr %.2e", ctx.step, t.max_steps, result.loss, lr)
 
 
@@ -264,8 +264,16 @@ def _step(ctx: LoopState, batch: dict, encode: PromptEncoder, latent_cache: Late
     if outcome is not StepOutcome.ACCUMULATING:
         ctx.micro_batch, ctx.nonfinite_micro_batches = 0, []
     ok = finite and outcome is not StepOutcome.NONFINITE_LOSS
-    value = acc.gather(loss.detach().reshape(1)).mean().item() if ok else float("nan")
+    value, parts = _mean_over_processes(acc, loss, parts) if ok else (float("nan"), parts)
     return StepResult(outcome, value, parts, *window)
+
+
+def _mean_over_processes(acc: Accelerator, loss: torch.Tensor, parts: dict[str, float]):
+    """The loss and its parts averaged over processes, in one all-gather: with equal rows in every
+    process this is the loss of the whole batch, as one process at the summed batch size logs it."""
+    local = torch.tensor([[loss.item(), *parts.values()]], device=loss.device)
+    mean = acc.gather(local).mean(0).tolist()
+    return mean[0], dict(zip(parts, mean[1:], strict=True))
 
 
 def _optimizer_step(ctx: LoopState) -> StepOutcome:

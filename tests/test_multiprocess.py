@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 
@@ -77,9 +78,14 @@ def test_two_processes_at_batch_1_train_as_one_process_at_batch_2(tmp_path, tiny
     import torch
     from safetensors.torch import load_file
 
-    common = ("train.learning_rate=1e-2",)
-    launch(1, tmp_path, tiny_model, photos, "one", "train.batch_size=2", *common)
-    launch(2, tmp_path, tiny_model, photos, "two", "train.batch_size=1", *common)
+    common = ("train.learning_rate=1e-2", "train.log_every=1")
+    logs = [
+        launch(1, tmp_path, tiny_model, photos, "one", "train.batch_size=2", *common).stderr,
+        launch(2, tmp_path, tiny_model, photos, "two", "train.batch_size=1", *common).stderr,
+    ]
+    # The logged loss is the whole batch's: the mean over both processes' rows (one all-gather).
+    losses = [[float(x) for x in re.findall(r"step \d/2 loss ([0-9.]+)", log)] for log in logs]
+    assert len(losses[0]) == 2 and losses[0] == pytest.approx(losses[1], abs=2e-4), losses
     one, two = (
         load_file(tmp_path / d / "run" / "lora" / "pytorch_lora_weights.safetensors") for d in ("one", "two")
     )
