@@ -309,6 +309,11 @@ def _load_checkpoint_weights(pipe, folder: Path, adapter) -> None:
     from .checkpoints import LORA_SUFFIX, load_lora_file
 
     if adapter.type == "full":
+        if not (folder / "model.safetensors").is_file():  # scoring the base weights as this step: never
+            raise EvaluateError(
+                f"{folder} holds no model.safetensors (the trained UNet): it cannot be scored; "
+                "leave it out with --checkpoints"
+            )
         for name, model in (("model", pipe.unet), ("model_1", pipe.text_encoder)):
             if (folder / f"{name}.safetensors").is_file():
                 model.load_state_dict(load_file(folder / f"{name}.safetensors"))

@@ -192,11 +192,18 @@ def _resume_point(cfg: DreamBoothConfig, out: Path) -> Path | None:
 def _restore(cfg, accelerator, unet, text_encoder, path: Path | None) -> dict:
     """Register how checkpoints hold the trained weights, then load one if resuming.
     Returns the data position: {"step", "epoch", "batch_in_epoch"}."""
-    from .checkpoints import check_process_count, load_checkpoint, register_lora_hooks
+    from .checkpoints import (
+        check_process_count,
+        load_checkpoint,
+        register_deepspeed_weights_hook,
+        register_lora_hooks,
+    )
 
     if cfg.adapter.type == "lora":  # checkpoints hold the LoRA only, never the frozen base
         models = {"unet": unet} | ({"text_encoder": text_encoder} if text_encoder is not None else {})
         register_lora_hooks(accelerator, models)
+    elif accelerator.state.deepspeed_plugin is not None:
+        register_deepspeed_weights_hook(accelerator)
     if path is None:
         return {"step": 0, "epoch": 0, "batch_in_epoch": 0}
     check_process_count(path, accelerator.num_processes, force=cfg.train.resume_force)
@@ -310,6 +317,7 @@ def check_deepspeed(accelerator, adapter_type: str, train_text_encoder: bool, t)
       prepare().
     - ZeRO stage 3 splits the weights themselves; validation, the final save and the exports read
       whole weights from the model.
+    - 8-bit Adam under optimizer offload: DeepSpeed runs its own CPU Adam there.
     - Gradient accumulation: accelerate takes the DeepSpeed config's count and silently drops ours
       (measured: train.gradient_accumulation_steps=2 under a config of 1 trained as 1).
     """
@@ -334,6 +342,13 @@ def check_deepspeed(accelerator, adapter_type: str, train_text_encoder: bool, t)
             f"DeepSpeed ZeRO stage {stage} splits the weights themselves, which validation and the final "
             "save read whole: set zero_stage: 2 in the accelerate config "
             "(configs/accelerate/deepspeed_zero2_offload.yaml)"
+        )
+    offload = plugin.deepspeed_config.get("zero_optimization", {}).get("offload_optimizer", {})
+    if t.use_8bit_adam and offload.get("device", "none") != "none":
+        raise LaunchError(
+            "train.use_8bit_adam=true under DeepSpeed's optimizer offload: the offloaded optimizer is "
+            "DeepSpeed's CPU Adam (its state in CPU RAM, where 8-bit Adam saves nothing). Set "
+            "train.use_8bit_adam=false"
         )
     theirs = plugin.deepspeed_config.get("gradient_accumulation_steps")
     if theirs not in ("auto", t.gradient_accumulation_steps):

@@ -373,6 +373,10 @@ def test_full_fine_tune_checkpoints_are_scored_with_their_weights(tmp_path, tiny
     base, step2 = (next((run / "eval" / "images").glob(f"{n}-*")) for n in ("base", "step-000002"))
     assert all(p.read_bytes() != (step2 / p.name).read_bytes() for p in base.glob("*.png"))
     assert "best_lora" not in r.files  # a full fine-tune's result is its pipeline folder
+    # A checkpoint without its weights file is refused, never scored as the base model.
+    (run / "checkpoints" / "step-000002" / "model.safetensors").rename(tmp_path / "moved.safetensors")
+    with pytest.raises(ev.EvaluateError, match="step-000002 holds no model.safetensors"):
+        ev.evaluate(run, overrides=eval_overrides(encoders_dir, prompts))
     shutil.rmtree(run / "checkpoints")
     (final,) = [
         x for x in ev.evaluate(run, overrides=eval_overrides(encoders_dir, prompts)).rows if x["step"]

@@ -168,6 +168,7 @@ def test_deepspeed_zero2_offload_recipe_trains_saves_and_resumes_on_cpu(tmp_path
     per step, and a resumed run computes it with pow(), 1 float rounding apart (its cpu_adam.h)."""
     import shutil
 
+    import torch
     from diffusers import StableDiffusionPipeline
     from safetensors.torch import load_file
 
@@ -177,10 +178,14 @@ def test_deepspeed_zero2_offload_recipe_trains_saves_and_resumes_on_cpu(tmp_path
 
     def run(name: str, *extra: str) -> subprocess.CompletedProcess:
         cmd = launch_command(1, tmp_path, tiny_model, photos, name, "adapter.type=full", "train.max_steps=3",
-                             "checkpoint.keep_last=2", "train.learning_rate=1e-3", *extra)[5:]  # fmt: skip
+                             "checkpoint.keep_last=2", "train.learning_rate=1e-3", "validation.every_steps=2",
+                             "validation.num_images=1", "validation.steps=2", *extra)[5:]  # fmt: skip
         cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(recipe), *cmd]
         return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900, cwd=tmp_path)
 
+    lora = run("lora", "adapter.type=lora")  # the last value of a key wins
+    assert lora.returncode and "error: DeepSpeed is for adapter.type=full" in lora.stderr, lora.stderr[-3000:]
+    assert not (tmp_path / "lora").exists()  # refused before anything is written
     straight = run("straight")
     assert straight.returncode == 0, straight.stderr[-3000:]
     out = tmp_path / "straight" / "run"
@@ -193,6 +198,10 @@ def test_deepspeed_zero2_offload_recipe_trains_saves_and_resumes_on_cpu(tmp_path
     moved = max((trained[k].float() - base[k].float()).abs().max() for k in base)
     assert moved > 1e-4, "DeepSpeed's steps did not change the UNet"
     StableDiffusionPipeline.from_pretrained(out / "pipeline")  # the gathered save loads in plain diffusers
+    # Each checkpoint also holds the UNet's weights in safetensors, as without DeepSpeed (evaluate
+    # reads them; DeepSpeed's own copy is a torch pickle): the last one is the final UNet.
+    last = load_file(out / "checkpoints" / "step-000003" / "model.safetensors")
+    assert last.keys() == trained.keys() and all(torch.equal(last[k], trained[k]) for k in last)
 
     cut = tmp_path / "cut" / "run"
     shutil.copytree(

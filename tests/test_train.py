@@ -438,24 +438,29 @@ def test_several_deepspeed_processes_without_gpus_are_refused_with_the_reason():
         check_launch(_Acc(1, deepspeed={}), {"WORLD_SIZE": "2", "RANK": "0"})
 
 
-_ZERO2 = {"zero_optimization": {"stage": 2}, "gradient_accumulation_steps": 1}
+_ZERO2 = {
+    "zero_optimization": {"stage": 2, "offload_optimizer": {"device": "cpu"}},
+    "gradient_accumulation_steps": 1,
+}
 
 
 @pytest.mark.parametrize(
-    "adapter, te, ds, accumulate, expect",
+    "adapter, te, ds, accumulate, adam8, expect",
     [
-        ("full", False, _ZERO2, 1, None),
-        ("full", False, {**_ZERO2, "gradient_accumulation_steps": "auto"}, 4, None),
-        ("lora", False, _ZERO2, 1, "DeepSpeed is for adapter.type=full.*multi_gpu.yaml"),
-        ("full", True, _ZERO2, 1, "set adapter.train_text_encoder=false"),
-        ("full", False, {**_ZERO2, "zero_optimization": {"stage": 3}}, 1, "ZeRO stage 3 .* zero_stage: 2"),
-        ("full", False, _ZERO2, 2, "gradient_accumulation_steps is 1 but train.gradient_accumulation_steps is 2"),
+        ("full", False, _ZERO2, 1, False, None),
+        ("full", False, {**_ZERO2, "gradient_accumulation_steps": "auto"}, 4, False, None),
+        ("full", False, {**_ZERO2, "zero_optimization": {"stage": 2}}, 1, True, None),  # no offload
+        ("lora", False, _ZERO2, 1, False, "DeepSpeed is for adapter.type=full.*multi_gpu.yaml"),
+        ("full", True, _ZERO2, 1, False, "set adapter.train_text_encoder=false"),
+        ("full", False, {**_ZERO2, "zero_optimization": {"stage": 3}}, 1, False, "ZeRO stage 3 .* zero_stage: 2"),
+        ("full", False, _ZERO2, 1, True, "Set train.use_8bit_adam=false"),
+        ("full", False, _ZERO2, 2, False, "gradient_accumulation_steps is 1 but train.gradient_accumulation_steps is 2"),
     ],
 )  # fmt: skip
-def test_deepspeed_launches_that_would_train_wrongly_are_refused(adapter, te, ds, accumulate, expect):
+def test_deepspeed_launches_that_would_train_wrongly_are_refused(adapter, te, ds, accumulate, adam8, expect):
     from dreambooth_kit.train import LaunchError, check_deepspeed
 
-    t = SimpleNamespace(gradient_accumulation_steps=accumulate)
+    t = SimpleNamespace(gradient_accumulation_steps=accumulate, use_8bit_adam=adam8)
     check_deepspeed(_Acc(1), "lora", True, t)  # no DeepSpeed: nothing to check
     if expect is None:
         check_deepspeed(_Acc(1, deepspeed=ds), adapter, te, t)
