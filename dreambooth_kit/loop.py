@@ -16,7 +16,7 @@ import torch
 
 from .caching import PromptEncoder, posterior_sample
 from .config import AdapterConfig, CheckpointConfig, DataConfig, TrainConfig, ValidationConfig
-from .guards import NonFiniteGuard, TrainingInterrupted
+from .guards import NonFiniteGuard, NonFiniteLossError, TrainingInterrupted
 from .losses import diffusion_loss, diffusion_target, snr_weights, teacher_prior_loss
 
 if TYPE_CHECKING:
@@ -256,6 +256,8 @@ def _step(ctx: LoopState, batch: dict, encode: PromptEncoder, latent_cache: Late
         ctx.micro_batch += 1
         if finite:
             acc.backward(loss)
+        elif _under_deepspeed(acc) and acc.gradient_accumulation_steps > 1:
+            _deepspeed_cannot_skip(ctx)
         else:
             ctx.nonfinite_micro_batches.append(ctx.micro_batch)
         window = (tuple(ctx.nonfinite_micro_batches), ctx.micro_batch)
@@ -299,6 +301,19 @@ def _optimizer_step(ctx: LoopState) -> StepOutcome:
 def _advance(ctx: LoopState) -> StepOutcome:
     ctx.lr_scheduler.step()
     return StepOutcome.APPLIED
+
+
+def _deepspeed_cannot_skip(ctx: LoopState) -> None:
+    """DeepSpeed counts micro-batches in its own step, which accelerate's backward() runs: leaving
+    one out would shift its accumulation window against ours for the rest of the run (steps applied
+    mid-window, the LR schedule off by one). So under DeepSpeed with accumulation a non-finite
+    micro-batch stops the run, with nothing written from these weights."""
+    raise NonFiniteLossError(
+        f"non-finite loss at step {ctx.step + 1} under DeepSpeed with gradient accumulation, where a "
+        "micro-batch cannot be skipped. No model was written from these weights. Resume from the "
+        "last checkpoint (train.resume=latest), with a lower train.learning_rate or "
+        "train.mixed_precision=bf16"
+    )
 
 
 def _under_deepspeed(acc: Accelerator) -> bool:

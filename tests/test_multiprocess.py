@@ -214,3 +214,39 @@ def test_deepspeed_zero2_offload_recipe_trains_saves_and_resumes_on_cpu(tmp_path
     gap = max((again[k].float() - trained[k].float()).abs().max() for k in trained)
     print(f"DeepSpeed: 3 steps moved the UNet by {moved:.3e}; resumed vs uninterrupted {gap:.3e}")
     assert gap <= 1e-6 < moved
+
+
+# Loaded into the trainer through PYTHONPATH: every loss from the 3rd micro-batch on is NaN.
+NAN_FROM_THIRD = """
+import torch.nn.functional as F
+_mse, _calls = F.mse_loss, [0]
+def _nan_later(*a, **k):
+    _calls[0] += 1
+    return _mse(*a, **k) * (float("nan") if _calls[0] >= 3 else 1.0)
+F.mse_loss = _nan_later
+"""
+
+
+def test_deepspeed_with_accumulation_stops_on_a_non_finite_loss(tmp_path, tiny_model, photos):
+    """Under DeepSpeed, accelerate's backward() runs DeepSpeed's step, which counts micro-batches
+    itself: skipping a non-finite one (what happens without DeepSpeed) would shift its accumulation
+    window against ours. With accumulation the run stops instead, naming why, and writes no model."""
+    pytest.importorskip("deepspeed")
+    recipe = (REPO / "configs" / "accelerate" / "deepspeed_zero2_offload.yaml").read_text()
+    assert "gradient_accumulation_steps: 1\n" in recipe
+    config = tmp_path / "zero2_accumulate2.yaml"
+    config.write_text(recipe.replace("gradient_accumulation_steps: 1\n", "gradient_accumulation_steps: 2\n"))
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(NAN_FROM_THIRD)
+    env = {k: v for k, v in os.environ.items() if k != "ACCELERATE_USE_CPU"}
+    env["PYTHONPATH"] = f"{site}{os.pathsep}{REPO}"
+    args = launch_command(1, tmp_path, tiny_model, photos, "nan", "adapter.type=full", "train.max_steps=3",
+                          "train.gradient_accumulation_steps=2", "checkpoint.every_steps=null")[5:]  # fmt: skip
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config), *args]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900, cwd=tmp_path)
+    assert proc.returncode, proc.stderr[-3000:]
+    assert "error: non-finite loss at step 2 under DeepSpeed with gradient accumulation" in proc.stderr, (
+        proc.stderr[-3000:]
+    )
+    assert not (tmp_path / "nan" / "run" / "pipeline").exists()
