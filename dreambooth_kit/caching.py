@@ -43,7 +43,8 @@ class LatentCache:
         self.encodes = 0  # VAE encoder calls (tests count them)
 
     def _encode(self, key: tuple[str, bool]) -> tuple[torch.Tensor, torch.Tensor]:
-        from .data import load_image, preprocess
+        from .data import load_image
+        from .dataset import preprocess
 
         path, flip = key
         pixels = preprocess(load_image(Path(path)), self.size, flip=flip)[None]

@@ -31,7 +31,6 @@ _OVERRIDE = re.compile(r"^[A-Za-z_][\w.\[\]]*=")
 
 def _cmd_check_data(args) -> int:
     from .config import load_config, preflight_spec
-    from .models import resolve_source
     from .preflight import load_tokenizer_only, preflight
 
     folders = [a for a in args.args if not _OVERRIDE.match(a)]
@@ -55,6 +54,8 @@ def _cmd_check_data(args) -> int:
         report = preflight(preflight_spec(cfg), check_folders=False)
         scope = f" (photos only, checked for {cfg.data.resolution} px training; add --config to check prompts too)"
     else:
+        from .models import resolve_source  # torch: only where the model's settings are checked
+
         cfg = load_config(args.config, overrides)
         source = resolve_source(cfg.model)
         tokenizer = load_tokenizer_only(source.location, local_only=True)  # never a download
@@ -186,6 +187,35 @@ def _cmd_evaluate(args) -> int:
     return 0
 
 
+def _cmd_class_images(args) -> int:
+    """List the class-image store's entries, or delete the ones asked for."""
+    import time
+
+    from .class_store import ClassStore, store_root
+
+    root = store_root(args.store)
+    if root is None:
+        raise InvalidInput("--store off: no store to look at; give a folder or leave --store out")
+    store = ClassStore(root)
+    if args.action == "list":
+        entries = store.entries()
+        for e in entries:
+            age = (time.time() - e.last_used) / 86400
+            print(f"{e.key}  {e.images} images  {e.bytes / 1e6:.1f} MB  last used {age:.1f} days ago  "
+                  f"{e.recipe.get('prompt')!r} {e.recipe.get('size')} px, {e.recipe.get('steps')} steps")  # fmt: skip
+        total = sum(e.bytes for e in entries) / 1e6
+        print(f"{len(entries)} entries, {sum(e.images for e in entries)} images, {total:.1f} MB in {root}")
+        return 0
+    if not (args.key or args.older_than is not None or args.all):
+        raise InvalidInput(
+            "class-images prune deletes only what it is asked for: give --key KEY, --older-than DAYS or --all"
+        )
+    gone = store.prune(keys=args.key or [], older_than_days=args.older_than, everything=args.all)
+    print(f"deleted {len(gone)} entries, {sum(e.images for e in gone)} images, "
+          f"{sum(e.bytes for e in gone) / 1e6:.1f} MB from {root}")  # fmt: skip
+    return 0
+
+
 def _cmd_demo(args) -> int:
     """Offline end to end: tiny model -> checks -> class images -> LoRA with prior -> seeded images."""
     from .demo import run_demo
@@ -211,6 +241,7 @@ def build_parser() -> argparse.ArgumentParser:
         _add_push,
         _add_identifier,
         _add_evaluate,
+        _add_class_images,
         _add_demo,
         _add_build_tiny,
     ):
@@ -341,6 +372,18 @@ def _add_evaluate(sub) -> None:
         "overrides", nargs="*", default=[], help="evaluate.KEY=VALUE, e.g. evaluate.subject_encoder=DIR"
     )
     e.set_defaults(func=_cmd_evaluate)
+
+
+def _add_class_images(sub) -> None:
+    c = sub.add_parser("class-images", help="list or prune the class-image store shared between runs")
+    c.add_argument("action", choices=["list", "prune"])
+    c.add_argument("--store", default="auto", help="the store folder (default: prior.store's auto)")
+    c.add_argument("--key", action="append", help="prune: this entry (repeatable; `list` shows keys)")
+    c.add_argument(
+        "--older-than", type=float, default=None, metavar="DAYS", help="prune: entries unused this long"
+    )
+    c.add_argument("--all", action="store_true", help="prune: every entry")
+    c.set_defaults(func=_cmd_class_images)
 
 
 def _add_demo(sub) -> None:

@@ -104,6 +104,9 @@ class PriorConfig:
     # None = train.seed. Class image i uses seed + i, so a rerun regenerates exactly the same files.
     seed: int | None = None
     regenerate: bool = False
+    # Class images shared between runs (a second dog reuses the first one's): "auto" is
+    # $DREAMBOOTH_KIT_CLASS_STORE, else class_images/ in the cache folder; "off", or a folder.
+    store: str = "auto"
 
 
 @dataclass
@@ -694,6 +697,7 @@ def _range_rows(cfg: DreamBoothConfig) -> list[tuple[str, Any, Any, str]]:
         ("prior.guidance_scale", pr.guidance_scale, _not_negative, ">= 0 (7.5 is usual)"),
         ("prior.sample_batch_size", pr.sample_batch_size, _at_least_1, ">= 1"),
         ("prior.seed", pr.seed, _seed_ok, _SEED_RULE + " or null"),
+        ("prior.store", pr.store, lambda x: bool(x.strip()), '"auto", "off" or a folder'),
         ("adapter.rank", a.rank, _at_least_1, ">= 1"),
         ("adapter.alpha", a.alpha, _positive, "> 0 (or null for alpha = rank)"),
         ("adapter.dropout", a.dropout, lambda x: 0 <= x < 1, "in [0, 1)"),
@@ -784,10 +788,13 @@ class ClassImageSpec:
     size: int  # data.resolution: the training size, not the model's native size (768 for SD 2.1)
     seed: int  # image i uses seed + i
     regenerate: bool
+    store: Path | None = None  # the class-image store's folder; None: no store
 
 
 def class_image_spec(cfg: DreamBoothConfig, concept: ConceptConfig, n_instance: int) -> ClassImageSpec:
     """:class:`ClassImageSpec` of one concept (``n_instance``: its photo count, for per-instance counts)."""
+    from .class_store import store_root
+
     p = cfg.prior
     return ClassImageSpec(
         folder=Path(concept.class_dir),
@@ -800,6 +807,7 @@ def class_image_spec(cfg: DreamBoothConfig, concept: ConceptConfig, n_instance: 
         size=cfg.data.resolution,
         seed=p.seed if p.seed is not None else cfg.train.seed,
         regenerate=p.regenerate,
+        store=store_root(p.store),
     )
 
 

@@ -1,4 +1,7 @@
-"""Instance/class images: find them, check them all before any model loads, load them one way, batch them.
+"""Instance/class images: find them, check them all before any model loads, load them one way.
+
+No torch here: `dreambooth-kit check-data` runs this alone, in a fraction of a second (turning
+images into training batches is dataset.py).
 
 Every image that reaches training goes through `load_image`, and `check_images` runs that same decoder,
 so what preflight accepts is exactly what the trainer will see: no image passes the check and then
@@ -15,7 +18,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .errors import UserError
@@ -236,7 +238,7 @@ class _Notes:
     exif_error: str = ""
 
 
-def _to_rgb(img: Image.Image) -> tuple[Image.Image, bool]:
+def to_rgb(img: Image.Image) -> tuple[Image.Image, bool]:
     """Any PIL mode -> RGB uint8; returns (image, had transparent pixels)."""
     mode = img.mode
     if mode in _SIXTEEN_BIT_MODES:
@@ -303,7 +305,7 @@ def _decode(path: Path, max_pixels: int | None = None) -> tuple[Image.Image, _No
             oriented = ImageOps.exif_transpose(img)
         except Exception as e:  # broken EXIF should not cost the user a good photo
             oriented, notes.exif_error = img.copy(), str(e)
-    rgb, notes.transparent = _to_rgb(oriented)
+    rgb, notes.transparent = to_rgb(oriented)
     return rgb, notes
 
 
@@ -441,53 +443,6 @@ def _count_issue(n: int, root: Path, min_count: int, max_count: int) -> ImageIss
     return None
 
 
-def preprocess(
-    img: Image.Image,
-    size: int,
-    *,
-    center_crop: bool = True,
-    flip: bool = False,
-    crop_offset: tuple[float, float] | None = None,
-) -> torch.Tensor:
-    """Short side to `size`, square crop, optional mirror -> float CHW tensor in [-1, 1].
-
-    crop_offset = (fx, fy) in [0, 1] places the crop within the slack (0.5, 0.5 = centre); without it a
-    non-centre crop draws the offset from torch's global RNG."""
-    if img.mode != "RGB":
-        img = _to_rgb(img)[0]  # never a bare convert("RGB"): see _to_rgb
-    if crop_offset is None:
-        crop_offset = (0.5, 0.5) if center_crop else (float(torch.rand(())), float(torch.rand(())))
-    fx, fy = float(crop_offset[0]), float(crop_offset[1])  # float: int.is_integer() needs Python 3.12
-    if not (0.0 <= fx <= 1.0 and 0.0 <= fy <= 1.0):
-        raise ValueError(f"crop_offset must be within [0, 1], got {crop_offset}")
-    w, h = img.size
-    side = min(w, h)
-    left, top = fx * (w - side), fy * (h - side)
-    box = (left, top, left + side, top + side)
-    if side == size and left.is_integer() and top.is_integer():
-        out = img.crop(tuple(int(v) for v in box))  # already the right size: no resampling blur
-    else:
-        # Resampling just the crop box = "resize short side, then crop", in one pass over fewer pixels.
-        resample = Image.Resampling.LANCZOS if side > size else Image.Resampling.BICUBIC
-        out = img.resize((size, size), resample, box=box)
-    if flip:
-        out = out.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-    arr = np.array(out, dtype=np.uint8)  # a writable copy: torch.from_numpy warns on read-only arrays
-    return torch.from_numpy(arr).permute(2, 0, 1).contiguous().float().div_(127.5).sub_(1.0)
-
-
-@dataclass
-class Example:
-    """One training row: an instance image with its prompt, and (prior preservation) a class image,
-    or (prior.mode=teacher) the class prompt the frozen base model is asked about on this photo."""
-
-    instance: Path
-    instance_prompt: str
-    class_image: Path | None = None
-    class_prompt: str | None = None
-    teacher_prompt: str | None = None
-
-
 def caption_file(image: Path) -> Path:
     """Where ``image``'s caption lives: ``name.txt`` beside ``name.jpg`` (kohya-style)."""
     return Path(image).with_suffix(CAPTION_EXTENSION)
@@ -499,159 +454,3 @@ def read_caption(image: Path) -> str | None:
     if not txt.is_file():
         return None
     return txt.read_text(encoding="utf-8", errors="replace").strip() or None
-
-
-def pair_examples(
-    instance_images: list[Path],
-    instance_prompt: str,
-    class_images: list[Path] | None = None,
-    class_prompt: str | None = None,
-    *,
-    use_captions: bool = False,
-    teacher_prompt: str | None = None,
-) -> list[Example]:
-    """One subject's rows. As diffusers' example: the count is max(instances, class images), so one
-    epoch covers every class image and instance images repeat (5 photos vs 200 class images).
-    ``teacher_prompt``: every row also carries the class prompt for the teacher prior."""
-    if not instance_images:
-        raise DataError("no instance images given; run check_images(folder) and pass report.images")
-    if class_images is not None and not class_images:
-        raise DataError("class_images is empty; generate class images first or pass None")
-    if class_images and not class_prompt:
-        raise DataError("class_images given without a class_prompt")
-    n = max(len(instance_images), len(class_images or []))
-    rows = []
-    for i in range(n):
-        inst = Path(instance_images[i % len(instance_images)])
-        prompt = (read_caption(inst) if use_captions else None) or instance_prompt
-        cls = Path(class_images[i % len(class_images)]) if class_images else None
-        rows.append(Example(inst, prompt, cls, class_prompt if cls else None, teacher_prompt))
-    return rows
-
-
-class DreamBoothDataset(torch.utils.data.Dataset):
-    """Rows of instance (+ class) images, decoded lazily per item.
-
-    With ``latents=True`` items carry ``(path, flip)`` keys instead of pixels, for a latent cache;
-    the flip is drawn from the same RNG either way, so cached and uncached runs see the same data.
-    """
-
-    def __init__(
-        self,
-        instance_images: list[Path],
-        instance_prompt: str,
-        size: int,
-        *,
-        class_images: list[Path] | None = None,
-        class_prompt: str | None = None,
-        center_crop: bool = True,
-        random_flip: bool = False,
-    ) -> None:
-        examples = pair_examples(instance_images, instance_prompt, class_images, class_prompt)
-        self._init(examples, size, center_crop=center_crop, random_flip=random_flip, latents=False)
-
-    @classmethod
-    def from_examples(
-        cls,
-        examples: list[Example],
-        size: int,
-        *,
-        center_crop: bool = True,
-        random_flip: bool = False,
-        latents: bool = False,
-    ) -> DreamBoothDataset:
-        if not examples:
-            raise DataError("no training rows; every concept needs at least one usable image")
-        if len({e.class_image is None for e in examples}) > 1:
-            raise DataError("either every concept has class images (prior preservation) or none has")
-        self = cls.__new__(cls)
-        self._init(examples, size, center_crop=center_crop, random_flip=random_flip, latents=latents)
-        return self
-
-    def _init(self, examples, size, *, center_crop, random_flip, latents) -> None:
-        if latents and not center_crop:
-            raise DataError("latent caching needs center crops: a random crop changes pixels every epoch")
-        self.examples = examples
-        self.size = size
-        self.center_crop = center_crop
-        self.random_flip = random_flip
-        self.latents = latents
-        self.instance_images = [e.instance for e in examples]
-        self.class_images = [e.class_image for e in examples if e.class_image is not None]
-
-    def __len__(self) -> int:
-        return len(self.examples)
-
-    def _item(self, path: Path):
-        # torch's global RNG (not random/numpy): accelerate's set_seed seeds it, and DataLoader workers
-        # derive their seeds from it, so crops and flips repeat run to run.
-        offset = None if self.center_crop else (float(torch.rand(())), float(torch.rand(())))
-        flip = self.random_flip and bool(torch.rand(()) < 0.5)
-        if self.latents:
-            return (str(path), flip)
-        return preprocess(load_image(path), self.size, flip=flip, crop_offset=offset)
-
-    def __getitem__(self, index: int) -> dict:
-        if not 0 <= index < len(self.examples):
-            raise IndexError(index)
-        e = self.examples[index]
-        kind = "key" if self.latents else "pixels"
-        example: dict = {f"instance_{kind}": self._item(e.instance), "instance_prompt": e.instance_prompt}
-        if e.class_image is not None:
-            example[f"class_{kind}"] = self._item(e.class_image)
-            example["class_prompt"] = e.class_prompt
-        if e.teacher_prompt is not None:
-            example["teacher_prompt"] = e.teacher_prompt
-        return example
-
-
-class EpochSampler(torch.utils.data.Sampler):
-    """A shuffled order per epoch from (seed, epoch) alone, startable mid-epoch.
-
-    A resumed run must see exactly the batches an uninterrupted run would. torch's RandomSampler
-    draws its permutation from the global RNG when an epoch starts, which a resume cannot replay;
-    here the order is a pure function of (seed, epoch), and ``set_position`` skips the rows already
-    trained on without decoding them.
-    """
-
-    def __init__(self, n: int, seed: int, multiple: int = 1) -> None:
-        self.n, self.seed, self.epoch, self.start = n, seed, 0, 0
-        # Several processes: each epoch is filled up to a multiple of processes x batch with its own
-        # first rows, as accelerate would fill the last batches, but here, so that a resumed epoch
-        # is filled with the same rows as the uninterrupted one (accelerate fills from wherever the
-        # resumed iteration starts).
-        self.length = -(-n // multiple) * multiple if n else 0
-
-    def set_position(self, epoch: int, start: int) -> None:
-        self.epoch, self.start = epoch, min(start, self.length)
-
-    def __iter__(self):
-        g = torch.Generator().manual_seed(self.seed + self.epoch)
-        order = torch.randperm(self.n, generator=g).tolist()
-        order += [order[i % self.n] for i in range(self.length - self.n)]
-        return iter(order[self.start :])
-
-    def __len__(self) -> int:
-        return self.length - self.start
-
-
-def collate(examples: list[dict], with_prior: bool) -> dict:
-    """Instance rows first, then class rows, so the loss can split the batch at `num_instance`.
-
-    Pixel items give ``pixel_values``; latent-cache items give ``keys`` ((path, flip) pairs)."""
-    kind = "key" if "instance_key" in examples[0] else "pixels"
-    items = [e[f"instance_{kind}"] for e in examples]
-    prompts = [e["instance_prompt"] for e in examples]
-    if with_prior:
-        if any(f"class_{kind}" not in e for e in examples):
-            raise DataError("with_prior=True but the dataset has no class images")
-        items += [e[f"class_{kind}"] for e in examples]
-        prompts += [e["class_prompt"] for e in examples]
-    batch: dict = {"prompts": prompts, "num_instance": len(examples)}
-    if "teacher_prompt" in examples[0]:  # prior.mode=teacher: asked on the instance rows' latents
-        batch["teacher_prompts"] = [e["teacher_prompt"] for e in examples]
-    if kind == "key":
-        batch["keys"] = items
-    else:
-        batch["pixel_values"] = torch.stack(items).to(memory_format=torch.contiguous_format).float()
-    return batch

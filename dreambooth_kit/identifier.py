@@ -13,8 +13,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
-
 from .errors import InvalidInput
 
 # Words too common to serve as an identifier: the LoRA would rewrite their meaning everywhere.
@@ -58,11 +56,12 @@ def single_token_words(tokenizer, *, min_len: int = 3, max_len: int = 5) -> list
     return sorted(words, key=lambda w: w[1])
 
 
-@torch.no_grad()
 def prediction_change(components, class_noun: str, words: list[str], *, seeds: int = 4) -> list[float]:
     """For each word: the mean squared difference between the UNet's prediction for
     ``a photo of <word> <class>`` and for ``a photo of a <class>`` over ``seeds`` fixed noise inputs
     at :data:`TIMESTEPS`."""
+    import torch  # here, not at the top: preflight (check-data) reads this module's word lists
+
     from .caching import PromptEncoder
 
     unet = components.unet
@@ -75,8 +74,9 @@ def prediction_change(components, class_noun: str, words: list[str], *, seeds: i
     def predict(prompt: str) -> torch.Tensor:
         return unet(x, t, encode([prompt]).expand(x.shape[0], -1, -1), return_dict=False)[0]
 
-    base = predict(f"a photo of a {class_noun}")
-    return [float(((predict(f"a photo of {w} {class_noun}") - base) ** 2).mean()) for w in words]
+    with torch.no_grad():
+        base = predict(f"a photo of a {class_noun}")
+        return [float(((predict(f"a photo of {w} {class_noun}") - base) ** 2).mean()) for w in words]
 
 
 def find_identifiers(

@@ -26,7 +26,7 @@ if TYPE_CHECKING:
     from tqdm.auto import tqdm
 
     from .caching import LatentCache
-    from .data import DreamBoothDataset, EpochSampler
+    from .dataset import DreamBoothDataset, EpochSampler
     from .guards import StopSignals
     from .models import SDComponents
 

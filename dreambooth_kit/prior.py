@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,7 +51,13 @@ class ClassImages:
     folder: Path
     images: list[Path]  # exactly the number asked for, sorted
     generated: int  # how many this call made
-    reused: int
+    reused: int  # already in the folder
+    from_store: int = 0  # copied from the class-image store
+
+
+# Class images are drawn with the model's own scheduler (as the diffusers example draws them); the
+# store keys on it, so images drawn another way are never mixed in.
+SAMPLER = "model"
 
 
 def _recipe(spec: ClassImageSpec, source: ModelSource) -> dict[str, Any]:
@@ -123,7 +130,9 @@ def ensure_class_images(
     * More usable images than needed -> the first N in sorted order, nothing generated.
     * A manifest with another recipe -> an error naming the differing fields, unless
       ``prior.regenerate`` (then our ``class-*.png`` files are moved to ``replaced-<n>/``, never deleted).
-    * Otherwise only the missing ``class-{i:05d}.png`` indices are generated.
+    * Otherwise the missing ``class-{i:05d}.png`` indices are copied from the class-image store
+      (``spec.store``: images of the same recipe and seed that an earlier run made), and only the
+      rest generated; every image generated goes into the store.
 
     Several processes (``shard`` = (rank, number of processes), ``sync`` = a barrier such as
     ``accelerator.wait_for_everyone``) share the generation: every process calls this, the missing
@@ -144,6 +153,12 @@ def ensure_class_images(
         return ClassImages(folder, chosen, generated=0, reused=len(chosen))
 
     missing, seeds = _missing_indices({f.name for f in existing}, want - len(existing), spec.seed)
+    store = _Store.open(spec, source, recipe)
+    if store and is_main_process:
+        store.copy_into(folder, missing, spec.seed)
+    sync()  # every process sees the copies before it takes its share of the rest
+    copied = [i for i in missing if (folder / _name(i)).is_file()]
+    missing = [i for i in missing if i not in set(copied)]
     rank, n_proc = shard
     batches = [missing[i : i + spec.batch_size] for i in range(0, len(missing), spec.batch_size)]
     mine = [i for batch in batches[rank::n_proc] for i in batch]
@@ -152,13 +167,54 @@ def ensure_class_images(
             "class images: generating %d of %d missing (have %d, want %d) in %s",
             len(mine), len(missing), len(existing), want, folder,
         )  # fmt: skip
-        _generate(spec, source, folder, mine, recipe if is_main_process else None, seeds, len(existing),
-                  device=device, dtype=dtype)  # fmt: skip
+        _generate(spec, source, folder, mine, recipe if is_main_process else None, seeds,
+                  len(existing) + len(copied), device=device, dtype=dtype, keep=store)  # fmt: skip
     sync()  # every process's share is written
     if is_main_process:
         _write_manifest(folder, recipe, seeds)
     final, _s, _i = find_images(folder)
-    return ClassImages(folder, final[:want], generated=len(missing), reused=len(existing))
+    return ClassImages(folder, final[:want], len(missing), len(existing), from_store=len(copied))
+
+
+def _name(i: int) -> str:
+    return f"class-{i:05d}.png"
+
+
+@dataclass
+class _Store:
+    """The class-image store (:mod:`dreambooth_kit.class_store`) as one run's generation uses it."""
+
+    store: Any  # ClassStore
+    recipe: dict[str, Any]  # the store's key: the run's recipe, the model by content, the sampler
+
+    @classmethod
+    def open(cls, spec: ClassImageSpec, source: ModelSource, recipe: dict[str, Any]) -> _Store | None:
+        from .class_store import ClassStore, model_identity
+
+        if spec.store is None:
+            return None
+        return cls(ClassStore(spec.store), {**recipe, "model": model_identity(source), "sampler": SAMPLER})
+
+    def copy_into(self, folder: Path, missing: list[int], base_seed: int) -> int:
+        """Copy the stored images of ``missing`` indices into ``folder`` (through a temp file and a
+        rename each); returns how many."""
+        from .atomic import writing
+
+        found = self.store.find(self.recipe, [base_seed + i for i in missing])
+        for i in missing:
+            if base_seed + i in found:
+                with writing(folder / _name(i)) as tmp:
+                    shutil.copyfile(found[base_seed + i], tmp)
+        if found:
+            self.store.touch(self.recipe)
+            log.info(
+                "class images: %d of %d missing copied from the store (%s)",
+                len(found), len(missing), self.store.folder(self.recipe),
+            )  # fmt: skip
+        return len(found)
+
+    def __call__(self, index: int, seed: int, image: Path) -> None:
+        self.store.put(self.recipe, seed, image)
 
 
 def _look(
@@ -220,10 +276,12 @@ def _missing_indices(have: set[str], n_missing: int, base_seed: int) -> tuple[li
     return missing, {f"class-{k:05d}.png": base_seed + k for k in range(i)}
 
 
-def _generate(spec, source, folder: Path, missing, recipe, seeds, n_existing: int, *, device, dtype) -> None:
+def _generate(
+    spec, source, folder: Path, missing, recipe, seeds, n_existing: int, *, device, dtype, keep=None
+) -> None:
     """Generate the ``missing`` indices in batches; the manifest is written after every batch (a kill
     loses one batch; ``recipe`` None: not by this process) and a Ctrl-C leaves every finished image
-    and no partial file."""
+    and no partial file. ``keep(index, seed, path)``, if given, gets every image written (the store)."""
     from .inference import generate, load_pipeline, save_png
 
     pipe = load_pipeline(source, device=device, dtype=dtype)  # already resolved (single files too)
@@ -244,8 +302,10 @@ def _generate(spec, source, folder: Path, missing, recipe, seeds, n_existing: in
                 batch_size=spec.batch_size,
             )
             for j, (img, params) in zip(idx, results, strict=True):
-                save_png(img, params, folder / f"class-{j:05d}.png")
+                save_png(img, params, folder / _name(j))
                 written += 1
+                if keep is not None:
+                    keep(j, spec.seed + j, folder / _name(j))
             if recipe is not None:
                 _write_manifest(folder, recipe, seeds)
     except KeyboardInterrupt:

@@ -504,7 +504,7 @@ def _data(cfg: DreamBoothConfig, report, class_sets, comps, accelerator):
     """Rows from every concept (captions if asked), a resumable sampler, and the latent cache."""
     from .caching import LatentCache, latent_cache_decision
     from .config import concepts_of
-    from .data import DreamBoothDataset, EpochSampler, collate, pair_examples
+    from .dataset import DreamBoothDataset, EpochSampler, collate, pair_examples
 
     examples = []
     teacher = cfg.prior.with_prior_preservation and cfg.prior.mode == "teacher"

@@ -26,6 +26,13 @@ def _cache_dir(tmp_path_factory):
     yield d
 
 
+@pytest.fixture(autouse=True)
+def _class_store(tmp_path, monkeypatch):
+    # prior.store=auto: each test (and the trainers it starts) gets its own class-image store, so
+    # no test reuses another's class images.
+    monkeypatch.setenv("DREAMBOOTH_KIT_CLASS_STORE", str(tmp_path / "class-store"))
+
+
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory) -> Path:
     from dreambooth_kit.tiny import build_tiny_sd2

@@ -502,3 +502,17 @@ def test_known_transformers_noise_is_silenced_and_other_warnings_are_not(tmp_pat
 
     keep = logging.LogRecord("transformers", logging.WARNING, "", 0, "some other warning", None, None)
     assert _DropKnownNoise().filter(keep)
+
+
+@pytest.mark.parametrize("args", [["--help"], ["check-data", "PHOTOS"], ["class-images", "list"]])
+def test_commands_that_need_no_model_start_without_torch(args, photos, tmp_path):
+    """`--help`, `check-data PHOTOS` and `class-images list` import neither torch nor diffusers
+    (~2 s of imports): they answer in a fraction of a second."""
+    code = (
+        "import sys\nfrom dreambooth_kit.cli import main\n"
+        f"try:\n    main({[str(photos) if a == 'PHOTOS' else a for a in args]!r})\nexcept SystemExit:\n    pass\n"
+        "print(sorted(m for m in ('torch', 'diffusers', 'transformers') if m in sys.modules))"
+    )
+    env = {**os.environ, "DREAMBOOTH_KIT_CLASS_STORE": str(tmp_path / "store")}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
+    assert out.stdout.strip().splitlines()[-1] == "[]", out.stdout + out.stderr

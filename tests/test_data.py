@@ -13,18 +13,9 @@ import pytest
 import torch
 from PIL import Image, ImageFile
 
-from dreambooth_kit import data
-from dreambooth_kit.data import (
-    DataError,
-    DreamBoothDataset,
-    ImageIssue,
-    check_images,
-    collate,
-    find_images,
-    load_image,
-    pair_examples,
-    preprocess,
-)
+from dreambooth_kit import dataset
+from dreambooth_kit.data import DataError, ImageIssue, check_images, find_images, load_image
+from dreambooth_kit.dataset import DreamBoothDataset, collate, pair_examples, preprocess
 
 DEMO = Path(__file__).resolve().parents[1] / "dreambooth_kit" / "demo_subject"
 RED, GREEN, BLUE, YELLOW = (255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 0)
@@ -486,7 +477,7 @@ def test_dataset_randomness_follows_torch_seed(tmp_path):
 def test_dataset_decodes_lazily(tmp_path, monkeypatch):
     inst, _ = _three_and_five(tmp_path)
     calls: list[Path] = []
-    monkeypatch.setattr(data, "load_image", lambda p: calls.append(Path(p)) or Image.new("RGB", (48, 48)))
+    monkeypatch.setattr(dataset, "load_image", lambda p: calls.append(Path(p)) or Image.new("RGB", (48, 48)))
     ds = DreamBoothDataset(inst, "p", 32)
     assert calls == []
     ds[2]
@@ -546,7 +537,7 @@ def test_with_use_captions_a_txt_beside_an_image_is_reported_as_its_caption(tmp_
 
 
 def test_epoch_sampler_is_a_pure_function_of_seed_epoch_and_position():
-    from dreambooth_kit.data import EpochSampler
+    from dreambooth_kit.dataset import EpochSampler
 
     s = EpochSampler(7, seed=3)
     e0 = list(s)
@@ -596,7 +587,7 @@ def test_issue_text_has_the_full_path_and_no_severity(tmp_path):
 
 
 def test_epoch_sampler_fills_epochs_to_whole_batches_of_every_process_and_resumes_the_same():
-    from dreambooth_kit.data import EpochSampler
+    from dreambooth_kit.dataset import EpochSampler
 
     alone = EpochSampler(5, seed=3)
     assert len(alone) == 5 and sorted(alone) == [0, 1, 2, 3, 4]  # one process: nothing repeated

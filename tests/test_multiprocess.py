@@ -24,7 +24,7 @@ def launch_command(n: int, tmp_path, tiny_model, photos, name: str, *extra: str)
         f"model.pretrained={tiny_model}", f"data.instance_dir={photos}",
         f"prior.class_dir={tmp_path / name / 'class_images'}", "prior.num_class_images=4",
         "prior.sample_batch_size=2", "prior.sample_steps=2", f"train.output_dir={tmp_path / name / 'run'}",
-        "train.max_steps=2", "checkpoint.every_steps=2", *extra,
+        "train.max_steps=2", "checkpoint.every_steps=2", "prior.store=off", *extra,
     ]  # fmt: skip
 
 

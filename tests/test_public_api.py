@@ -75,3 +75,10 @@ def test_the_version_has_one_source():
     assert (
         'version = { attr = "dreambooth_kit._version.__version__" }' in (ROOT / "pyproject.toml").read_text()
     )
+
+
+def test_every_public_name_is_importable_and_listed():
+    """The names load on first use (dreambooth_kit/__init__.py); __all__ lists exactly them."""
+    assert set(dreambooth_kit.__all__) == {"__version__", *dreambooth_kit._PUBLIC}
+    for name in dreambooth_kit.__all__:
+        assert getattr(dreambooth_kit, name) is not None

@@ -1,0 +1,173 @@
+"""The class-image store: class images shared between runs, keyed by how they were made.
+
+A second subject of the same class (a second dog) asks for the same class images as the first:
+the same base model, prompt, negative prompt, size, sampler, steps, guidance and seeds. Generating
+them again is the largest single cost of a run (the seed-000 recipe: 120 images x 50 sampler steps x
+2 UNet evaluations with guidance, against 800 x 2 for training). The store keeps every class image
+a run generates under ``<store>/<key>/seed-<seed>.png``, where ``key`` is a hash of that recipe, and
+a later run with the same recipe copies them into its ``prior.class_dir`` instead of generating.
+
+- Written only through a temp file and a rename: a killed run leaves no partial image, and two
+  runs filling the same entry at once each publish whole files (the same seed gives the same
+  image, so whichever rename lands last changes nothing).
+- Nothing is deleted unless asked: ``dreambooth-kit class-images prune``.
+- The base model is identified by content where it is on disk (a hash of its weight files, read
+  once per machine), by id + revision + variant on the Hub: a local folder retrained in place is
+  another model.
+- Image i of a run is seed + i wherever it comes from; the store only skips making it again. An
+  image generated in a batch of another size may differ from this run's own by float rounding
+  (within 2/255 on CPU), never by more.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .errors import UserError
+
+log = logging.getLogger("dreambooth_kit")
+
+RECIPE = "recipe.json"
+# What makes two class images interchangeable. "images" (the per-run index -> seed map) and the
+# model's path are not: the seed is in the file name and the model is identified by its content.
+STORE_KEYS = ("model", "prompt", "negative_prompt", "size", "sampler", "steps", "guidance_scale")
+
+
+class ClassStoreError(UserError, RuntimeError):
+    """A store command that cannot do what was asked; the message names the entry or the flag."""
+
+
+def default_root() -> Path:
+    from .cache import cache_root
+
+    return cache_root() / "class_images"
+
+
+def store_root(setting: str | None) -> Path | None:
+    """``prior.store``: "auto" ($DREAMBOOTH_KIT_CLASS_STORE if set, e.g. a Google Drive folder on
+    Colab, else the cache folder's class_images/), "off" (no store), or a folder."""
+    if setting == "auto":
+        setting = os.environ.get("DREAMBOOTH_KIT_CLASS_STORE") or str(default_root())
+    if setting in (None, "off"):
+        return None
+    return Path(setting).expanduser()
+
+
+def model_identity(source) -> str:
+    """The base model by content on disk (the hash of its weight files, remembered per machine:
+    hashing a 5 GB model costs seconds once), else by Hub id + revision + variant."""
+    from .hashing import sha256_file
+
+    if source.sha256:  # a single file, hashed when resolved
+        return f"sha256:{source.sha256}"
+    folder = Path(source.location)
+    if not folder.is_dir():
+        return f"hub:{source.pretrained}@{source.revision or 'main'}:{source.variant or ''}"
+    digest = hashlib.sha256()
+    for path in sorted(p for p in folder.rglob("*") if p.is_file() and not p.name.startswith(".")):
+        if path.suffix in {".safetensors", ".bin", ".json", ".txt"}:
+            digest.update(f"{path.relative_to(folder).as_posix()}={sha256_file(path)}\n".encode())
+    return f"folder:{digest.hexdigest()}"
+
+
+def store_recipe(recipe: dict[str, Any]) -> dict[str, Any]:
+    return {k: recipe[k] for k in STORE_KEYS}
+
+
+def entry_key(recipe: dict[str, Any]) -> str:
+    text = json.dumps(store_recipe(recipe), sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def seed_file(seed: int) -> str:
+    return f"seed-{seed:010d}.png"
+
+
+@dataclass
+class Entry:
+    key: str
+    folder: Path
+    recipe: dict[str, Any]
+    images: int
+    bytes: int
+    last_used: float  # seconds since the epoch (recipe.json's modification time)
+
+
+class ClassStore:
+    """One store folder. Safe to share between processes and runs (see the module docstring)."""
+
+    def __init__(self, root: Path):
+        self.root = Path(root)
+
+    def folder(self, recipe: dict[str, Any]) -> Path:
+        return self.root / entry_key(recipe)
+
+    def find(self, recipe: dict[str, Any], seeds: list[int]) -> dict[int, Path]:
+        """The stored image of each seed that has one."""
+        folder = self.folder(recipe)
+        found = {s: folder / seed_file(s) for s in seeds}
+        return {s: p for s, p in found.items() if p.is_file()}
+
+    def put(self, recipe: dict[str, Any], seed: int, image: Path) -> None:
+        """Copy ``image`` in as ``seed``'s, through a temp file and a rename."""
+        from .atomic import writing
+
+        folder = self.folder(recipe)
+        folder.mkdir(parents=True, exist_ok=True)
+        self.touch(recipe)
+        with writing(folder / seed_file(seed)) as tmp:
+            shutil.copyfile(image, tmp)
+
+    def touch(self, recipe: dict[str, Any]) -> None:
+        """Write (or refresh) the entry's recipe.json; its time is the entry's last use."""
+        from .atomic import write_json
+
+        folder = self.folder(recipe)
+        folder.mkdir(parents=True, exist_ok=True)
+        write_json(folder / RECIPE, store_recipe(recipe), indent=2, sort_keys=True)
+
+    def entries(self) -> list[Entry]:
+        out = []
+        for folder in sorted(p for p in self.root.glob("*") if (p / RECIPE).is_file()):
+            images = list(folder.glob("seed-*.png"))
+            try:
+                recipe = json.loads((folder / RECIPE).read_text(encoding="utf-8"))
+            except (OSError, ValueError):
+                recipe = {}
+            out.append(
+                Entry(
+                    folder.name,
+                    folder,
+                    recipe,
+                    len(images),
+                    sum(p.stat().st_size for p in images),
+                    (folder / RECIPE).stat().st_mtime,
+                )  # fmt: skip
+            )
+        return out
+
+    def prune(
+        self, *, keys: list[str] = (), older_than_days: float | None = None, everything: bool = False
+    ) -> list[Entry]:
+        """Delete the entries asked for (by key, by last use, or all); returns what was deleted."""
+        entries = self.entries()
+        unknown = sorted(set(keys) - {e.key for e in entries})
+        if unknown:
+            raise ClassStoreError(
+                f"no store entry {', '.join(unknown)} in {self.root}; `dreambooth-kit class-images list` shows them"
+            )
+        cutoff = None if older_than_days is None else time.time() - older_than_days * 86400
+        chosen = [
+            e for e in entries if everything or e.key in keys or (cutoff is not None and e.last_used < cutoff)
+        ]
+        for e in chosen:
+            shutil.rmtree(e.folder)
+        return chosen
