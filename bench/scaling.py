@@ -18,15 +18,15 @@ Usage: python bench/scaling.py [--cases lora-64,lora-256,full-64] [--steps N]
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
+
+from _harness import child_result, parse_args
 
 REPO = Path(__file__).resolve().parents[1]
 CASES = {  # name: (adapter type, resolution, warm-up steps, timed steps)
@@ -87,21 +87,12 @@ def _launch(name: str, procs: int, threads: int, steps: int | None, workdir: Pat
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={procs}"]
     cmd += [__file__, "--one", name, "--workdir", str(workdir)]
     cmd += ["--steps", str(steps)] if steps else []
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
-    line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
-    if proc.returncode or line is None:
-        print(f"{name} x{procs}: failed\n{proc.stderr[-2000:]}", file=sys.stderr)
-        return None
-    return json.loads(line[7:]) | {"threads": threads}
+    row = child_result(cmd, f"{name} x{procs}", env)
+    return row and row | {"threads": threads}
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--cases", default=",".join(CASES))
-    ap.add_argument("--steps", type=int, default=None, help="timed steps per row (default per case)")
-    ap.add_argument("--workdir", default=None, help="keep the built model here (default: a temp dir)")
-    ap.add_argument("--one", help=argparse.SUPPRESS)
-    args = ap.parse_args()
+    args = parse_args(__doc__, ",".join(CASES), "timed steps per row (default per case)")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="dbk-scaling-"))
     if args.one:

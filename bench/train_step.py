@@ -22,16 +22,16 @@ Reference (diffusers' train_dreambooth_lora.py on this machine kind, same recipe
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import resource
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
+
+from _harness import child_result, parse_args
 
 REPO = Path(__file__).resolve().parents[1]
 REFERENCE = {"tiny": (0.10, 0.69), "sd21-512": (23.75, 11.96)}
@@ -150,12 +150,8 @@ def run_case(name: str, timed: int | None, workdir: Path) -> dict:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--cases", default="tiny,tiny-nocache,base-tiny,sd21-512,sd21-512-nocache,base-sd21-512")
-    ap.add_argument("--steps", type=int, default=None, help="timed steps per case (default per case)")
-    ap.add_argument("--workdir", default=None, help="keep built models here (default: a temp dir)")
-    ap.add_argument("--one", help=argparse.SUPPRESS)
-    args = ap.parse_args()
+    cases = "tiny,tiny-nocache,base-tiny,sd21-512,sd21-512-nocache,base-sd21-512"
+    args = parse_args(__doc__, cases, "timed steps per case (default per case)")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="dbk-bench-"))
     workdir.mkdir(parents=True, exist_ok=True)
@@ -167,12 +163,8 @@ def main() -> None:
         for name in args.cases.split(","):
             cmd = [sys.executable, __file__, "--one", name, "--workdir", str(workdir)]
             cmd += ["--steps", str(args.steps)] if args.steps else []
-            proc = subprocess.run(cmd, capture_output=True, text=True)
-            line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
-            if proc.returncode or line is None:
-                print(f"{name}: failed\n{proc.stderr[-2000:]}", file=sys.stderr)
-                continue
-            rows.append(json.loads(line[7:]))
+            row = child_result(cmd, name)
+            rows += [row] if row else []
     finally:
         if not args.workdir:
             shutil.rmtree(workdir, ignore_errors=True)

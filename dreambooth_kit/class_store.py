@@ -51,12 +51,13 @@ def default_root() -> Path:
     return cache_root() / "class_images"
 
 
-def store_root(setting: str | None) -> Path | None:
+def store_root(setting: str | bool | None) -> Path | None:
     """``prior.store``: "auto" ($DREAMBOOTH_KIT_CLASS_STORE if set, e.g. a Google Drive folder on
-    Colab, else the cache folder's class_images/), "off" (no store), or a folder."""
-    if setting == "auto":
+    Colab, else the cache folder's class_images/), "off" (no store), or a folder. YAML's booleans:
+    false is "off", true "auto" (a bare ``off`` in YAML is false)."""
+    if setting is True or setting == "auto":
         setting = os.environ.get("DREAMBOOTH_KIT_CLASS_STORE") or str(default_root())
-    if setting in (None, "off"):
+    if setting in (None, False, "off", "false"):
         return None
     return Path(setting).expanduser()
 

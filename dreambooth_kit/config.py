@@ -106,7 +106,8 @@ class PriorConfig:
     regenerate: bool = False
     # Class images shared between runs (a second dog reuses the first one's): "auto" is
     # $DREAMBOOTH_KIT_CLASS_STORE, else class_images/ in the cache folder; "off", or a folder.
-    store: str = "auto"
+    # YAML reads a bare off/false as the boolean false: that means "off" too (true: "auto").
+    store: str | bool = "auto"
 
 
 @dataclass
@@ -697,7 +698,7 @@ def _range_rows(cfg: DreamBoothConfig) -> list[tuple[str, Any, Any, str]]:
         ("prior.guidance_scale", pr.guidance_scale, _not_negative, ">= 0 (7.5 is usual)"),
         ("prior.sample_batch_size", pr.sample_batch_size, _at_least_1, ">= 1"),
         ("prior.seed", pr.seed, _seed_ok, _SEED_RULE + " or null"),
-        ("prior.store", pr.store, lambda x: bool(x.strip()), '"auto", "off" or a folder'),
+        ("prior.store", pr.store, lambda x: isinstance(x, bool) or bool(x.strip()), '"auto", "off" or a folder'),
         ("adapter.rank", a.rank, _at_least_1, ">= 1"),
         ("adapter.alpha", a.alpha, _positive, "> 0 (or null for alpha = rank)"),
         ("adapter.dropout", a.dropout, lambda x: 0 <= x < 1, "in [0, 1)"),

@@ -62,6 +62,11 @@ def test_a_changed_recipe_does_not_reuse_the_store(tmp_path, tiny_model, photos,
 
 
 def test_store_off_generates_and_writes_no_store(tmp_path, tiny_model, photos):
+    from dreambooth_kit.config import class_image_spec, concepts_of, load_config
+
+    for value in ("off", "false"):  # YAML reads off and false as false: "off" as well
+        cfg = load_config("tiny.yaml", [f"prior.store={value}"])
+        assert class_image_spec(cfg, concepts_of(cfg)[0], 5).store is None, value
     ensure(_cfg(tmp_path, tiny_model, photos, "a", **{"prior.store": "off"}))
     again = ensure(_cfg(tmp_path, tiny_model, photos, "b", **{"prior.store": "off"}))
     assert again.generated == 4 and not (tmp_path / "store").exists()
