@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 import time
 
 import numpy as np
@@ -68,6 +69,7 @@ def main() -> None:
     results = {}
     for sched, steps in ROWS:
         images, per_image = draw(sched, steps, args.n)
+        print(f"{sched or 'ddpm (own)'} {steps}: {per_image:.4f} s/image", file=sys.stderr, flush=True)
         feats = judge.features(images)
         is_ball = judge.predict(images)["class"] == "ball"
         results[(sched, steps)] = (feats, is_ball.mean(), np.sqrt(is_ball.mean() * (1 - is_ball.mean()) / len(images)),

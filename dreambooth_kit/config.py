@@ -21,6 +21,7 @@ from typing import Any, Literal
 import yaml
 
 from .errors import UserError
+from .schedulers import SCHEDULERS
 
 CONFIG_VERSION = 1
 TINY_MODEL = "builtin:tiny-sd2"
@@ -98,7 +99,13 @@ class PriorConfig:
     class_images_per_instance: int | None = None
     prior_loss_weight: float = 1.0
     negative_prompt: str = ""
-    sample_steps: int = 25
+    # Class images: DPM-Solver++ 2M at 15 steps. Measured on the toy world against the diffusers
+    # example's 50 steps of the model's own scheduler (PNDM for SD 2.1-base, DDIM for SD 2.1): class
+    # correctness and diversity equal within noise from 10 steps up, and at 15 steps the pictures
+    # are as close to 50 DPM++ steps as PNDM's and DDIM's 50 are (judge-feature drift 0.006 vs
+    # 0.005/0.006), at a third of PNDM-50's time (bench/class_sampler.py). null: the model's own.
+    sampler: str | None = "dpmpp_2m"
+    sample_steps: int = 15
     guidance_scale: float = 7.5
     sample_batch_size: int = 4
     # None = train.seed. Class image i uses seed + i, so a rerun regenerates exactly the same files.
@@ -698,6 +705,7 @@ def _range_rows(cfg: DreamBoothConfig) -> list[tuple[str, Any, Any, str]]:
         ("prior.guidance_scale", pr.guidance_scale, _not_negative, ">= 0 (7.5 is usual)"),
         ("prior.sample_batch_size", pr.sample_batch_size, _at_least_1, ">= 1"),
         ("prior.seed", pr.seed, _seed_ok, _SEED_RULE + " or null"),
+        ("prior.sampler", pr.sampler, lambda x: x in SCHEDULERS, f"one of {', '.join(SCHEDULERS)} (or null: the model's own)"),
         ("prior.store", pr.store, lambda x: isinstance(x, bool) or bool(x.strip()), '"auto", "off" or a folder'),
         ("adapter.rank", a.rank, _at_least_1, ">= 1"),
         ("adapter.alpha", a.alpha, _positive, "> 0 (or null for alpha = rank)"),
@@ -789,6 +797,7 @@ class ClassImageSpec:
     size: int  # data.resolution: the training size, not the model's native size (768 for SD 2.1)
     seed: int  # image i uses seed + i
     regenerate: bool
+    sampler: str | None = None  # a SCHEDULERS name; None: the model's own scheduler
     store: Path | None = None  # the class-image store's folder; None: no store
 
 
@@ -808,6 +817,7 @@ def class_image_spec(cfg: DreamBoothConfig, concept: ConceptConfig, n_instance: 
         size=cfg.data.resolution,
         seed=p.seed if p.seed is not None else cfg.train.seed,
         regenerate=p.regenerate,
+        sampler=p.sampler,
         store=store_root(p.store),
     )
 

@@ -27,6 +27,7 @@ from .errors import InvalidInput, NonFiniteError
 from .images import make_grid, save_images
 from .models import ModelSource, resolve_model
 from .pngmeta import GenerationParams, file_hash, lora_hash, read_metadata, save_png
+from .schedulers import SCHEDULERS
 
 __all__ = [
     "GenerationParams",
@@ -43,20 +44,6 @@ __all__ = [
 ]
 
 log = logging.getLogger("dreambooth_kit")
-
-# our name -> (diffusers class, extra config, A1111's sampler name)
-SCHEDULERS: dict[str, tuple[str, dict, str]] = {
-    "dpmpp_2m": (
-        "DPMSolverMultistepScheduler",
-        {"algorithm_type": "dpmsolver++", "solver_order": 2},
-        "DPM++ 2M",
-    ),
-    "ddim": ("DDIMScheduler", {}, "DDIM"),
-    "euler_a": ("EulerAncestralDiscreteScheduler", {}, "Euler a"),
-    "euler": ("EulerDiscreteScheduler", {}, "Euler"),
-    "ddpm": ("DDPMScheduler", {}, "DDPM"),
-    "pndm": ("PNDMScheduler", {"skip_prk_steps": True}, "PLMS"),
-}
 
 
 class Generated(NamedTuple):

@@ -55,11 +55,6 @@ class ClassImages:
     from_store: int = 0  # copied from the class-image store
 
 
-# Class images are drawn with the model's own scheduler (as the diffusers example draws them); the
-# store keys on it, so images drawn another way are never mixed in.
-SAMPLER = "model"
-
-
 def _recipe(spec: ClassImageSpec, source: ModelSource) -> dict[str, Any]:
     return {
         "base_model": source.pretrained,
@@ -68,6 +63,7 @@ def _recipe(spec: ClassImageSpec, source: ModelSource) -> dict[str, Any]:
         "variant": source.variant,
         "prompt": spec.prompt,
         "negative_prompt": spec.negative_prompt,
+        "sampler": spec.sampler,
         "steps": spec.steps,
         "guidance_scale": spec.guidance_scale,
         "size": spec.size,
@@ -76,7 +72,8 @@ def _recipe(spec: ClassImageSpec, source: ModelSource) -> dict[str, Any]:
 
 
 # revision/variant: another revision of a hub model is another model (a manifest without them, from
-# before they were recorded, reads as None: the default revision and variant).
+# before they were recorded, reads as None: the default revision and variant). sampler: a manifest
+# from before it was recorded reads as None, the model's own scheduler, which is what drew them.
 _RECIPE_KEYS_THAT_MATTER = (
     "base_model",
     "revision",
@@ -84,6 +81,7 @@ _RECIPE_KEYS_THAT_MATTER = (
     "prompt",
     "negative_prompt",
     "size",
+    "sampler",
     "steps",
     "guidance_scale",
 )
@@ -185,7 +183,7 @@ class _Store:
     """The class-image store (:mod:`dreambooth_kit.class_store`) as one run's generation uses it."""
 
     store: Any  # ClassStore
-    recipe: dict[str, Any]  # the store's key: the run's recipe, the model by content, the sampler
+    recipe: dict[str, Any]  # the store's key: the run's recipe with the model by content
 
     @classmethod
     def open(cls, spec: ClassImageSpec, source: ModelSource, recipe: dict[str, Any]) -> _Store | None:
@@ -193,7 +191,7 @@ class _Store:
 
         if spec.store is None:
             return None
-        return cls(ClassStore(spec.store), {**recipe, "model": model_identity(source), "sampler": SAMPLER})
+        return cls(ClassStore(spec.store), {**recipe, "model": model_identity(source)})
 
     def copy_into(self, folder: Path, missing: list[int], base_seed: int) -> int:
         """Copy the stored images of ``missing`` indices into ``folder`` (through a temp file and a
@@ -252,7 +250,13 @@ def _check_recipe(folder: Path, recipe: dict[str, Any], *, regenerate: bool) -> 
         raise ClassImageError(
             f"{folder}: class images were made with a different recipe ({detail}). Mixing them "
             "would train the prior on two classes. Set prior.regenerate=true to regenerate "
-            "(the old images are moved aside, not deleted), or use another prior.class_dir."
+            "(the old images are moved aside, not deleted), or use another prior.class_dir"
+            + (
+                f"; or keep these with prior.sampler={_yaml(manifest.get('sampler'))} and "
+                f"prior.sample_steps={manifest.get('steps')}, the recipe they were made with."
+                if set(changed) <= {"sampler", "steps"}
+                else "."
+            )
         )
     log.warning("class images in %s: recipe changed (%s); regenerating", folder, detail)
     n = 1
@@ -262,6 +266,10 @@ def _check_recipe(folder: Path, recipe: dict[str, Any], *, regenerate: bool) -> 
     aside.mkdir()
     for f in sorted(folder.glob("class-*.png")) + [folder / MANIFEST]:
         f.rename(aside / f.name)
+
+
+def _yaml(value) -> str:
+    return "null" if value is None else str(value)
 
 
 def _missing_indices(have: set[str], n_missing: int, base_seed: int) -> tuple[list[int], dict[str, int]]:
@@ -284,7 +292,8 @@ def _generate(
     and no partial file. ``keep(index, seed, path)``, if given, gets every image written (the store)."""
     from .inference import generate, load_pipeline, save_png
 
-    pipe = load_pipeline(source, device=device, dtype=dtype)  # already resolved (single files too)
+    # already resolved (single files too); sampler None keeps the model's own scheduler
+    pipe = load_pipeline(source, device=device, dtype=dtype, scheduler=spec.sampler)
     written = 0
     try:
         for start in range(0, len(missing), spec.batch_size):

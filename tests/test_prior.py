@@ -190,3 +190,24 @@ def test_another_model_revision_is_another_recipe(tmp_path, tiny_model, photos):
     other = _cfg(tmp_path, tiny_model, photos, **{"prior.num_class_images": 2, "model.revision": "v2"})
     with pytest.raises(ClassImageError, match="revision: None -> 'v2'"):
         ensure(other, 5)
+
+
+def test_class_images_use_prior_sampler_and_an_older_recipe_is_named(tmp_path, tiny_model, photos):
+    """prior.sampler (default DPM-Solver++ 2M) draws the class images and is part of the recipe: a
+    folder whose manifest predates it (made with the model's own scheduler) is refused with the
+    settings that keep it."""
+    res = ensure(_cfg(tmp_path, tiny_model, photos, **{"prior.num_class_images": 2}), 5)
+    with Image.open(res.images[0]) as im:
+        assert "Sampler: DPM++ 2M" in im.text["parameters"]
+    manifest = json.loads((res.folder / MANIFEST).read_text())
+    assert manifest["sampler"] == "dpmpp_2m"
+    del manifest["sampler"]  # as written before prior.sampler existed
+    (res.folder / MANIFEST).write_text(json.dumps(manifest))
+    with pytest.raises(
+        ClassImageError, match=r"sampler: None -> 'dpmpp_2m'.*prior.sampler=null and prior.sample_steps=2"
+    ):
+        ensure(_cfg(tmp_path, tiny_model, photos, **{"prior.num_class_images": 2}), 5)
+    own = ensure(
+        _cfg(tmp_path, tiny_model, photos, **{"prior.num_class_images": 2, "prior.sampler": None}), 5
+    )
+    assert own.generated == 0
