@@ -122,8 +122,8 @@ class ClassStore:
         from .atomic import writing
 
         folder = self.folder(recipe)
-        folder.mkdir(parents=True, exist_ok=True)
-        self.touch(recipe)
+        if not (folder / RECIPE).is_file():  # once per entry, not per image: a run touches it on use
+            self.touch(recipe)
         with writing(folder / seed_file(seed)) as tmp:
             shutil.copyfile(image, tmp)
 
