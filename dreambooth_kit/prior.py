@@ -184,6 +184,7 @@ class _Store:
 
     store: Any  # ClassStore
     recipe: dict[str, Any]  # the store's key: the run's recipe with the model by content
+    used: bool = False  # this run has marked the entry as used (its last use, for prune --older-than)
 
     @classmethod
     def open(cls, spec: ClassImageSpec, source: ModelSource, recipe: dict[str, Any]) -> _Store | None:
@@ -213,6 +214,9 @@ class _Store:
 
     def __call__(self, index: int, seed: int, image: Path) -> None:
         self.store.put(self.recipe, seed, image)
+        if not self.used:
+            self.store.touch(self.recipe)
+            self.used = True
 
 
 def _look(
