@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import secrets
+from collections.abc import Callable
 from pathlib import Path
 from typing import NamedTuple
 
@@ -23,6 +24,7 @@ from PIL import Image
 
 from ._version import __version__
 from .adapters import LoraMismatchError, load_lora, lora_file
+from .batching import BatchSizer, check_batch_size, probe_for, run_batches
 from .errors import InvalidInput, NonFiniteError
 from .images import make_grid, save_images
 from .models import ModelSource, resolve_model
@@ -330,14 +332,18 @@ def generate(
     init_image: Image.Image | str | Path | None = None,
     strength: float = 0.75,
     mask_image: Image.Image | str | Path | None = None,
-    batch_size: int = 1,
+    batch_size: int | str = 1,
+    on_batch: Callable[[list[Generated]], object] | None = None,
 ) -> list[Generated]:
     """Generate images; image i uses seed ``seeds[i]`` (a list ``seed``, or ``seed + i``).
 
     txt2img by default; ``init_image`` (+ ``strength``) for img2img; ``init_image`` + ``mask_image``
     (white = repaint) for inpainting, all with the same loaded components. ``batch_size`` images go
     through the UNet together: the default 1 makes every image bit-identical to a single-image call
-    on CPU (batched matmuls may round differently). Returns ``Generated(image, params)`` tuples."""
+    on CPU (batched matmuls may round differently); "auto" is the largest batch that fits in memory,
+    measured (:mod:`dreambooth_kit.batching`), and halved on an out-of-memory error. The prompts are
+    encoded once for all batches. ``on_batch`` gets each batch's results as soon as they are made.
+    Returns ``Generated(image, params)`` tuples."""
     init_image, mask_image = _inputs(init_image, mask_image)
     width, height = _output_size(pipe, init_image, width, height)
     seed_list = _seeds(
@@ -352,10 +358,29 @@ def generate(
         # VAE's reconstruction of the input, which is what strength -> 0 converges to.
         return _reconstruct(pipe, job, init_image, seed_list)
     runner, extra = _mode_pipeline(pipe, mode, init_image, mask_image, (width, height), strength)
+    embeds = _encode_prompts(runner, job)
+    sizer = BatchSizer(check_batch_size(batch_size, "batch_size"), probe_for(pipe._execution_device))
+    hint = "use a smaller height/width, dtype='fp16', or load_pipeline(..., offload='model')"
     out: list[Generated] = []
-    for start in range(0, num_images, max(1, batch_size)):
-        out += _run_batch(pipe, runner, extra, job, seed_list[start : start + batch_size])
+    for made in run_batches(
+        seed_list, lambda chunk: _run_batch(pipe, runner, extra, embeds, job, chunk), sizer, hint
+    ):
+        out += made
+        if on_batch is not None:
+            on_batch(made)
     return out
+
+
+def _encode_prompts(runner, job: _Job) -> dict[str, torch.Tensor]:
+    """The prompt's (and, under guidance, the negative prompt's) text embeddings for one image, computed
+    once: the pipeline would run the frozen text encoder again for every batch. ``_run_batch`` repeats
+    them to the batch; at batch 1 that is exactly what the pipeline computes itself."""
+    guided = job.guidance_scale > 1 and runner.unet.config.time_cond_proj_dim is None
+    with torch.no_grad():
+        cond, uncond = runner.encode_prompt(
+            job.prompt, runner._execution_device, 1, guided, job.negative_prompt or None
+        )
+    return {"prompt_embeds": cond} | ({"negative_prompt_embeds": uncond} if guided else {})
 
 
 def _inputs(init_image, mask_image) -> tuple[Image.Image | None, Image.Image | None]:
@@ -381,17 +406,19 @@ def _output_size(
     return (native if width is None else width), (native if height is None else height)
 
 
-def _run_batch(pipe, runner, extra: dict, job: _Job, chunk: list[int]) -> list[Generated]:
-    """The images for the seeds in ``chunk``, through the UNet together."""
+def _run_batch(
+    pipe, runner, extra: dict, embeds: dict[str, torch.Tensor], job: _Job, chunk: list[int]
+) -> list[Generated]:
+    """The images for the seeds in ``chunk``, through the UNet together (``embeds``: one image's
+    prompt embeddings, repeated to the batch)."""
     width, height = job.size
     generators = [torch.Generator("cpu").manual_seed(s) for s in chunk]
     latents = runner(
-        prompt=[job.prompt] * len(chunk),
-        negative_prompt=[job.negative_prompt] * len(chunk) if job.negative_prompt else None,
         num_inference_steps=job.steps,
         guidance_scale=job.guidance_scale,
         generator=generators,
         output_type="latent",
+        **{k: v.repeat(len(chunk), 1, 1) for k, v in embeds.items()},
         **({"height": height, "width": width} if job.mode == "txt2img" else extra),
     ).images
     arrays = decode_latents(pipe, latents, chunk)

@@ -79,15 +79,15 @@ def test_interrupted_generation_leaves_only_whole_images_in_the_store(
     file is left; the rerun takes them from the store and generates the rest."""
     import dreambooth_kit.inference as inference
 
-    real, calls = inference.generate, []
+    real, calls = inference._run_batch, []
 
-    def interrupted(*a, **k):
+    def interrupted(*a, **k):  # one UNet batch
         calls.append(1)
         if len(calls) == 2:
             raise KeyboardInterrupt
         return real(*a, **k)
 
-    monkeypatch.setattr(inference, "generate", interrupted)
+    monkeypatch.setattr(inference, "_run_batch", interrupted)
     with pytest.raises(ClassImagesInterrupted):
         ensure(_cfg(tmp_path, tiny_model, photos, "a"))
     store = tmp_path / "store"
@@ -95,7 +95,7 @@ def test_interrupted_generation_leaves_only_whole_images_in_the_store(
     assert not [f for f in files if f.startswith(".tmp-")], files
     stored = sorted(store.rglob("seed-*.png"))
     assert len(stored) == 2 and all(_pixels(p).shape == (64, 64, 3) for p in stored)
-    monkeypatch.setattr(inference, "generate", real)
+    monkeypatch.setattr(inference, "_run_batch", real)
     again = ensure(_cfg(tmp_path, tiny_model, photos, "b"))
     assert (again.generated, again.from_store) == (2, 2)
 

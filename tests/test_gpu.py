@@ -46,3 +46,21 @@ def test_isolated_inf_gradient_is_skipped_under_fp16(tmp_path, tiny_model, photo
         tiny_cfg(tmp_path, tiny_model, photos, **{"train.mixed_precision": "fp16", "train.max_steps": 4})
     )
     assert r.skipped_steps == [2] and r.steps == 4
+
+
+def test_auto_batch_size_measures_cuda_memory(tiny_model, caplog):
+    """On CUDA "auto" reads torch.cuda's peak of the one-image batch and the free memory: the tiny
+    model's image costs MBs, so the rest go at the cap, 16, seeded as at batch 1."""
+    import numpy as np
+
+    from dreambooth_kit.inference import generate, load_pipeline
+
+    pipe = load_pipeline(str(tiny_model))
+    sizes: list[int] = []
+    with caplog.at_level("INFO", logger="dreambooth_kit"):
+        out = generate(pipe, "a photo of a toy", seed=0, num_images=20, steps=2, batch_size="auto",
+                       on_batch=lambda b: sizes.append(len(b)))  # fmt: skip
+    assert sizes == [1, 16, 3] and "batch size auto: 16 images per batch" in caplog.text
+    single = generate(pipe, "a photo of a toy", seeds=[7], steps=2)[0].image
+    diff = np.abs(np.asarray(out[7].image, dtype=int) - np.asarray(single, dtype=int))
+    assert diff.max() <= 8  # fp16 batched kernels round differently from one image's
