@@ -107,7 +107,9 @@ class PriorConfig:
     sampler: str | None = "dpmpp_2m"
     sample_steps: int = 15
     guidance_scale: float = 7.5
-    sample_batch_size: int = 4
+    # Images per batch: "auto" is the largest batch that fits, measured on the device (at most 16;
+    # an out-of-memory error halves it). A number fixes it.
+    sample_batch_size: int | Literal["auto"] = "auto"
     # None = train.seed. Class image i uses seed + i, so a rerun regenerates exactly the same files.
     seed: int | None = None
     regenerate: bool = False
@@ -306,7 +308,10 @@ def _coerce_union(value: Any, args: tuple, where: str) -> Any:
             return _coerce(value, arg, where)
         except ValueError as e:
             errors.append(str(e))
-    raise ValueError(errors[0] if errors else f"{where}: cannot be null")
+    if not errors:
+        raise ValueError(f"{where}: cannot be null")
+    # every alternative's own rule, e.g. "expected an integer, got 'Auto'; or 'Auto' is not one of ['auto']"
+    raise ValueError("; or ".join([errors[0]] + [e.removeprefix(f"{where}: ") for e in errors[1:]]))
 
 
 def _coerce_literal(value: Any, args: tuple, where: str) -> Any:
@@ -703,7 +708,8 @@ def _range_rows(cfg: DreamBoothConfig) -> list[tuple[str, Any, Any, str]]:
         ("prior.prior_loss_weight", pr.prior_loss_weight if prior else None, _not_negative, ">= 0"),
         ("prior.sample_steps", pr.sample_steps, _at_least_1, ">= 1"),
         ("prior.guidance_scale", pr.guidance_scale, _not_negative, ">= 0 (7.5 is usual)"),
-        ("prior.sample_batch_size", pr.sample_batch_size, _at_least_1, ">= 1"),
+        ("prior.sample_batch_size", pr.sample_batch_size, lambda x: x == "auto" or x >= 1,
+         '>= 1, or "auto" (the largest batch that fits)'),
         ("prior.seed", pr.seed, _seed_ok, _SEED_RULE + " or null"),
         ("prior.sampler", pr.sampler, lambda x: x in SCHEDULERS, f"one of {', '.join(SCHEDULERS)} (or null: the model's own)"),
         ("prior.store", pr.store, lambda x: isinstance(x, bool) or bool(x.strip()), '"auto", "off" or a folder'),
@@ -793,7 +799,7 @@ class ClassImageSpec:
     negative_prompt: str
     steps: int
     guidance_scale: float
-    batch_size: int
+    batch_size: int | str  # or "auto"
     size: int  # data.resolution: the training size, not the model's native size (768 for SD 2.1)
     seed: int  # image i uses seed + i
     regenerate: bool

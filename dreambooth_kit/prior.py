@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from .batching import AUTO, AUTO_MAX
 from .config import ClassImageSpec
 from .errors import UserError
 from .models import ModelSource
@@ -136,8 +137,9 @@ def ensure_class_images(
     ``accelerator.wait_for_everyone``) share the generation: every process calls this, the missing
     images are cut into batches of ``prior.sample_batch_size`` and process r generates batches r,
     r + n, ... Image i is still seed + i in the same batch as with one process, so the set is the
-    same for any process count (bit for bit at equal threads per process). The main process alone
-    cleans up, checks the recipe and writes the manifest.
+    same for any process count (bit for bit at equal threads per process). With "auto" the units are
+    16 images (the largest auto batch) and each process sizes its batches from its own memory. The
+    main process alone cleans up, checks the recipe and writes the manifest.
     """
     from .data import find_images
 
@@ -157,9 +159,7 @@ def ensure_class_images(
     sync()  # every process sees the copies before it takes its share of the rest
     copied = [i for i in missing if (folder / _name(i)).is_file()]
     missing = [i for i in missing if i not in set(copied)]
-    rank, n_proc = shard
-    batches = [missing[i : i + spec.batch_size] for i in range(0, len(missing), spec.batch_size)]
-    mine = [i for batch in batches[rank::n_proc] for i in batch]
+    mine = _my_share(missing, spec.batch_size, *shard)
     if mine:
         log.info(
             "class images: generating %d of %d missing (have %d, want %d) in %s",
@@ -172,6 +172,14 @@ def ensure_class_images(
         _write_manifest(folder, recipe, seeds)
     final, _s, _i = find_images(folder)
     return ClassImages(folder, final[:want], len(missing), len(existing), from_store=len(copied))
+
+
+def _my_share(missing: list[int], batch_size: int | str, rank: int, n_proc: int) -> list[int]:
+    """Process ``rank``'s indices: ``missing`` cut into units of ``batch_size`` (with "auto", of the
+    largest auto batch, as each process sizes its own batches from its own memory), units r, r + n, ..."""
+    unit = AUTO_MAX if batch_size == AUTO else int(batch_size)
+    units = [missing[i : i + unit] for i in range(0, len(missing), unit)]
+    return [i for batch in units[rank::n_proc] for i in batch]
 
 
 def _name(i: int) -> str:
@@ -299,28 +307,31 @@ def _generate(
     # already resolved (single files too); sampler None keeps the model's own scheduler
     pipe = load_pipeline(source, device=device, dtype=dtype, scheduler=spec.sampler)
     written = 0
+
+    def save(batch) -> None:  # each batch as soon as it is made: a kill loses at most one batch
+        nonlocal written
+        for made in batch:
+            j = made.params.seed - spec.seed  # image j has seed spec.seed + j
+            save_png(made.image, made.params, folder / _name(j))
+            written += 1
+            if keep is not None:
+                keep(j, spec.seed + j, folder / _name(j))
+        if recipe is not None:
+            _write_manifest(folder, recipe, seeds)
+
     try:
-        for start in range(0, len(missing), spec.batch_size):
-            idx = missing[start : start + spec.batch_size]
-            results = generate(
-                pipe,
-                spec.prompt,
-                negative_prompt=spec.negative_prompt,
-                seeds=[spec.seed + j for j in idx],
-                num_images=len(idx),
-                steps=spec.steps,
-                guidance_scale=spec.guidance_scale,
-                height=spec.size,
-                width=spec.size,
-                batch_size=spec.batch_size,
-            )
-            for j, (img, params) in zip(idx, results, strict=True):
-                save_png(img, params, folder / _name(j))
-                written += 1
-                if keep is not None:
-                    keep(j, spec.seed + j, folder / _name(j))
-            if recipe is not None:
-                _write_manifest(folder, recipe, seeds)
+        generate(
+            pipe,
+            spec.prompt,
+            negative_prompt=spec.negative_prompt,
+            seeds=[spec.seed + j for j in missing],
+            steps=spec.steps,
+            guidance_scale=spec.guidance_scale,
+            height=spec.size,
+            width=spec.size,
+            batch_size=spec.batch_size,
+            on_batch=save,
+        )
     except KeyboardInterrupt:
         # save_png writes through .tmp-<name> and a rename: a Ctrl-C mid-write leaves only that.
         for partial in folder.glob(".tmp-*"):

@@ -211,3 +211,55 @@ def test_class_images_use_prior_sampler_and_an_older_recipe_is_named(tmp_path, t
         _cfg(tmp_path, tiny_model, photos, **{"prior.num_class_images": 2, "prior.sampler": None}), 5
     )
     assert own.generated == 0
+
+
+def test_class_images_back_off_on_out_of_memory(tmp_path, tiny_model, photos, monkeypatch, caplog):
+    """A batch that does not fit is retried smaller: every image is still made once, with its seed."""
+    import torch
+    from diffusers import UNet2DConditionModel
+
+    real_forward = UNet2DConditionModel.forward
+
+    def small_gpu(self, sample, *a, **k):  # room for one image (2 rows with guidance)
+        if sample.shape[0] > 2:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 1.00 GiB")
+        return real_forward(self, sample, *a, **k)
+
+    monkeypatch.setattr(UNet2DConditionModel, "forward", small_gpu)
+    cfg = _cfg(tmp_path, tiny_model, photos, **{"prior.num_class_images": 5, "prior.sample_batch_size": 4})
+    with caplog.at_level("WARNING", logger="dreambooth_kit"):
+        res = ensure(cfg, 5)
+    assert res.generated == 5 and [p.name for p in res.images] == [f"class-0000{i}.png" for i in range(5)]
+    assert "retrying with 2" in caplog.text and "retrying with 1" in caplog.text
+    for i, p in enumerate(res.images):
+        with Image.open(p) as im:
+            assert f"Seed: {1557 + i}," in im.text["parameters"]
+
+
+def test_auto_batch_size_measures_on_this_machine(tmp_path, tiny_model, photos, caplog):
+    cfg = _cfg(
+        tmp_path, tiny_model, photos, **{"prior.num_class_images": 3, "prior.sample_batch_size": "auto"}
+    )
+    with caplog.at_level("INFO", logger="dreambooth_kit"):
+        res = ensure(cfg, 5)
+    assert res.generated == 3 and len(res.images) == 3
+    from dreambooth_kit.batching import LinuxRamProbe
+
+    if LinuxRamProbe.available():  # the tiny model's image costs MBs: the cap, 16, is what fits
+        assert "batch size auto: 16 images per batch" in caplog.text
+
+
+@pytest.mark.parametrize(
+    ("batch_size", "rank", "n", "want"),
+    [
+        (2, 0, 2, [0, 1, 4, 5]),  # batches r, r + n, ...: a batch is what it is with one process
+        (2, 1, 2, [2, 3, 6]),
+        ("auto", 0, 2, list(range(16))),  # units of the largest auto batch: sizes may differ by process
+        ("auto", 1, 2, list(range(16, 20))),
+    ],
+)
+def test_processes_share_the_missing_images(batch_size, rank, n, want):
+    from dreambooth_kit.prior import _my_share
+
+    missing = list(range(7)) if batch_size == 2 else list(range(20))
+    assert _my_share(missing, batch_size, rank, n) == want
