@@ -5,8 +5,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import shutil
 import subprocess
 import sys
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
 
 
 def parse_args(doc: str, cases: str, steps_help: str) -> argparse.Namespace:
@@ -27,3 +32,27 @@ def child_result(cmd: list[str], label: str, env: dict | None = None) -> dict | 
         print(f"{label}: failed\n{proc.stderr[-2000:]}", file=sys.stderr)
         return None
     return json.loads(line[7:])
+
+
+def run_cases(
+    script: str, args: argparse.Namespace, run_case: Callable[[str, int | None, Path], dict]
+) -> list[dict]:
+    """Every case of ``args.cases`` in a child process of ``script`` (``--one CASE``), sharing a work
+    folder (a temp one unless --workdir); their results, in order. In the child (``args.one``) this
+    runs ``run_case(name, steps, workdir)``, prints its RESULT line and returns []."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    workdir = Path(args.workdir or tempfile.mkdtemp(prefix="dbk-bench-"))
+    workdir.mkdir(parents=True, exist_ok=True)
+    if args.one:
+        print("RESULT " + json.dumps(run_case(args.one, args.steps, workdir)))
+        return []
+    rows: list[dict] = []
+    try:
+        for name in args.cases.split(","):
+            cmd = [sys.executable, script, "--one", name, "--workdir", str(workdir)]
+            cmd += ["--steps", str(args.steps)] if args.steps else []
+            rows += [r for r in [child_result(cmd, name)] if r]
+    finally:
+        if not args.workdir:
+            shutil.rmtree(workdir, ignore_errors=True)
+    return rows

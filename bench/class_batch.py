@@ -15,15 +15,10 @@ Usage: python bench/class_batch.py [--cases tiny,toy,sd21-512] [--steps N]
 
 from __future__ import annotations
 
-import json
-import os
-import shutil
-import sys
-import tempfile
 import time
 from pathlib import Path
 
-from _harness import child_result, parse_args
+from _harness import parse_args, run_cases
 
 CASES = {
     # name: (model, size, steps, images per row (None: one batch), batch sizes)
@@ -71,21 +66,9 @@ def run_case(name: str, steps: int | None, workdir: Path) -> dict:
 
 def main() -> None:
     args = parse_args(__doc__, "tiny,toy", "sampler steps per image (default per case)")
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    workdir = Path(args.workdir or tempfile.mkdtemp(prefix="dbk-bench-"))
-    workdir.mkdir(parents=True, exist_ok=True)
+    results = run_cases(__file__, args, run_case)
     if args.one:
-        print("RESULT " + json.dumps(run_case(args.one, args.steps, workdir)))
         return
-    results = []
-    try:
-        for name in args.cases.split(","):
-            cmd = [sys.executable, __file__, "--one", name, "--workdir", str(workdir)]
-            cmd += ["--steps", str(args.steps)] if args.steps else []
-            results += [r for r in [child_result(cmd, name)] if r]
-    finally:
-        if not args.workdir:
-            shutil.rmtree(workdir, ignore_errors=True)
     print(f"\n{'case':<9} {'device':<6} {'steps':>5} {'batch':>5} {'s/image':>8} {'peak GiB':>8}")
     for r in results:
         for row in r["rows"]:

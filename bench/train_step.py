@@ -22,16 +22,13 @@ Reference (diffusers' train_dreambooth_lora.py on this machine kind, same recipe
 
 from __future__ import annotations
 
-import json
 import os
 import resource
 import shutil
 import statistics
-import sys
-import tempfile
 from pathlib import Path
 
-from _harness import child_result, parse_args
+from _harness import parse_args, run_cases
 
 REPO = Path(__file__).resolve().parents[1]
 REFERENCE = {"tiny": (0.10, 0.69), "sd21-512": (23.75, 11.96)}
@@ -152,22 +149,9 @@ def run_case(name: str, timed: int | None, workdir: Path) -> dict:
 def main() -> None:
     cases = "tiny,tiny-nocache,base-tiny,sd21-512,sd21-512-nocache,base-sd21-512"
     args = parse_args(__doc__, cases, "timed steps per case (default per case)")
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    workdir = Path(args.workdir or tempfile.mkdtemp(prefix="dbk-bench-"))
-    workdir.mkdir(parents=True, exist_ok=True)
+    rows = run_cases(__file__, args, run_case)
     if args.one:
-        print("RESULT " + json.dumps(run_case(args.one, args.steps, workdir)))
         return
-    rows = []
-    try:
-        for name in args.cases.split(","):
-            cmd = [sys.executable, __file__, "--one", name, "--workdir", str(workdir)]
-            cmd += ["--steps", str(args.steps)] if args.steps else []
-            row = child_result(cmd, name)
-            rows += [row] if row else []
-    finally:
-        if not args.workdir:
-            shutil.rmtree(workdir, ignore_errors=True)
     print(f"\n{'case':<17} {'steps':>5} {'s/step':>8} {'ref s/step':>10} {'peak RSS GB':>11} {'ref GB':>7}")
     for r in rows:
         ref = REFERENCE.get(r["case"].removeprefix("base-"))
