@@ -21,11 +21,16 @@ by 16 above, and a killed run loses at most one batch).
   everything else on it (Colab's own processes, the data loader).
 * Elsewhere (MPS, CPU on other systems): no measurement; batches of :data:`UNMEASURED` with the same
   back-off on an out-of-memory error.
+
+Measuring resets the peak counters it reads, once per ``generate`` call with "auto" and never with a
+fixed batch size: torch.cuda's peak statistics, and on Linux VmHWM, which ``getrusage``'s
+``ru_maxrss`` also reports.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import re
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -37,7 +42,7 @@ log = logging.getLogger("dreambooth_kit")
 
 AUTO = "auto"
 AUTO_MAX = 16
-UNMEASURED = 4  # the fixed default before "auto" existed; 2 images fit on any GPU that runs SD 2.1
+UNMEASURED = 4  # the fixed default before "auto" existed (an out-of-memory error still halves it)
 CUDA_MARGIN = 0.9
 RAM_MARGIN = 0.5
 
@@ -73,6 +78,7 @@ def is_out_of_memory(err: BaseException) -> bool:
 class MemoryProbe:
     """No measurement: the base for devices we cannot measure."""
 
+    measurable = False
     margin = 0.0
 
     def reset(self) -> None:
@@ -90,6 +96,7 @@ class MemoryProbe:
 
 
 class CudaProbe(MemoryProbe):
+    measurable = True
     margin = CUDA_MARGIN
 
     def __init__(self, device):
@@ -114,6 +121,7 @@ class CudaProbe(MemoryProbe):
 
 
 class LinuxRamProbe(MemoryProbe):
+    measurable = True
     margin = RAM_MARGIN
     STATUS, CLEAR, MEMINFO = Path("/proc/self/status"), Path("/proc/self/clear_refs"), Path("/proc/meminfo")
 
@@ -122,9 +130,12 @@ class LinuxRamProbe(MemoryProbe):
 
     @classmethod
     def available(cls) -> bool:
-        try:
-            cls.CLEAR.write_text("5")  # resets VmHWM to the current VmRSS (Linux >= 4.0)
-            return cls._kib(cls.STATUS, "VmHWM") > 0 and cls._kib(cls.MEMINFO, "MemAvailable") > 0
+        try:  # writing "5" to clear_refs resets VmHWM (Linux >= 4.0): only reset() does it
+            return (
+                os.access(cls.CLEAR, os.W_OK)
+                and cls._kib(cls.STATUS, "VmHWM") > 0
+                and cls._kib(cls.MEMINFO, "MemAvailable") > 0
+            )
         except (OSError, AttributeError, ValueError):
             return False
 
@@ -161,7 +172,7 @@ class BatchSizer:
     def __init__(self, batch_size: int | str, probe: MemoryProbe | None = None, what: str = "images"):
         self.auto = batch_size == AUTO
         self.probe, self.what = probe or MemoryProbe(), what
-        measurable = self.auto and type(self.probe) is not MemoryProbe
+        measurable = self.auto and self.probe.measurable
         self.size = (1 if measurable else UNMEASURED) if self.auto else int(batch_size)
         self.measuring = measurable  # the next batch is the measured one
 

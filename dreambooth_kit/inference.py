@@ -359,7 +359,8 @@ def generate(
         return _reconstruct(pipe, job, init_image, seed_list)
     runner, extra = _mode_pipeline(pipe, mode, init_image, mask_image, (width, height), strength)
     embeds = _encode_prompts(runner, job)
-    sizer = BatchSizer(check_batch_size(batch_size, "batch_size"), probe_for(pipe._execution_device))
+    size = check_batch_size(batch_size, "batch_size")
+    sizer = BatchSizer(size, probe_for(pipe._execution_device) if size == "auto" else None)
     hint = "use a smaller height/width, dtype='fp16', or load_pipeline(..., offload='model')"
     out: list[Generated] = []
     for made in run_batches(

@@ -24,6 +24,7 @@ GIB = 2**30
 class FakeProbe(MemoryProbe):
     """A device where one image costs ``per_image`` bytes and ``free`` bytes are free."""
 
+    measurable = True
     margin = 0.5
 
     def __init__(self, per_image: int, free: int):
@@ -148,3 +149,19 @@ def test_generate_auto_encodes_the_prompt_once_and_matches_batch_one(tiny_model,
     single = generate(pipe, "a photo of a dog", seeds=[9], steps=2)
     diff = np.abs(np.asarray(auto[4].image, dtype=int) - np.asarray(single[0].image, dtype=int))
     assert diff.max() <= 2  # batched matmuls may round differently: within 2/255
+
+
+def test_a_fixed_batch_size_measures_nothing(tiny_model, monkeypatch):
+    """Measuring resets the process's peak counters (VmHWM, which ru_maxrss reports; torch.cuda's
+    peak): only "auto" may do that."""
+    from dreambooth_kit.inference import generate, load_pipeline
+
+    def no_probe(device):
+        raise AssertionError("a memory probe was made for a fixed batch size")
+
+    monkeypatch.setattr("dreambooth_kit.inference.probe_for", no_probe)
+    monkeypatch.setattr(LinuxRamProbe, "reset", lambda self: no_probe(None))
+    out = generate(
+        load_pipeline(str(tiny_model)), "a photo of a dog", seed=1, num_images=3, steps=1, batch_size=2
+    )
+    assert len(out) == 3
