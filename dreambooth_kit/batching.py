@@ -51,7 +51,12 @@ R = TypeVar("R")
 
 
 class OutOfMemory(UserError, RuntimeError):
-    """Even one image does not fit; the message says what to lower."""
+    """Even one image does not fit; the message says what to lower (``what``: the failure alone,
+    for callers that name their own settings instead)."""
+
+    def __init__(self, what: str, hint: str):
+        self.what = what
+        super().__init__(f"{what}; {hint}")
 
 
 def check_batch_size(value: object, field: str) -> int | str:
@@ -197,7 +202,7 @@ class BatchSizer:
         what to lower."""
         self.probe.release()
         if n <= 1:
-            raise OutOfMemory(f"out of memory with a single image ({err}); {hint}")
+            raise OutOfMemory(f"out of memory with a single image ({err})", hint)
         self.size = max(1, n // 2)
         log.warning("out of memory with %d %s per batch: retrying with %d", n, self.what, self.size)
 

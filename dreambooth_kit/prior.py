@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from .batching import AUTO, AUTO_MAX
+from .batching import AUTO, AUTO_MAX, OutOfMemory
 from .config import ClassImageSpec
 from .errors import UserError
 from .models import ModelSource
@@ -332,6 +332,14 @@ def _generate(
             batch_size=spec.batch_size,
             on_batch=save,
         )
+    except OutOfMemory as e:  # generate() names its own arguments; a run's user needs the settings
+        if recipe is not None:
+            _write_manifest(folder, recipe, seeds)
+        raise ClassImageError(
+            f"class images for {folder}: {e.what}. The {written} made are kept. Lower "
+            f"data.resolution (class images are made at the training size, {spec.size} px), or set "
+            "prior.mode=teacher (no class images), or put class images made elsewhere in prior.class_dir"
+        ) from None
     except KeyboardInterrupt:
         # save_png writes through .tmp-<name> and a rename: a Ctrl-C mid-write leaves only that.
         for partial in folder.glob(".tmp-*"):

@@ -263,3 +263,19 @@ def test_processes_share_the_missing_images(batch_size, rank, n, want):
 
     missing = list(range(7)) if batch_size == 2 else list(range(20))
     assert _my_share(missing, batch_size, rank, n) == want
+
+
+def test_class_images_that_never_fit_name_the_settings(tmp_path, tiny_model, photos, monkeypatch):
+    import torch
+    from diffusers import UNet2DConditionModel
+
+    def no_memory(self, *a, **k):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 1.00 GiB")
+
+    monkeypatch.setattr(UNet2DConditionModel, "forward", no_memory)
+    cfg = _cfg(tmp_path, tiny_model, photos, **{"prior.num_class_images": 2})
+    with pytest.raises(
+        ClassImageError,
+        match=r"out of memory with a single image.*data\.resolution.*64 px.*prior\.mode=teacher",
+    ):
+        ensure(cfg, 5)
