@@ -38,7 +38,11 @@ log = logging.getLogger("dreambooth_kit")
 RECIPE = "recipe.json"
 # What makes two class images interchangeable. "images" (the per-run index -> seed map) and the
 # model's path are not: the seed is in the file name and the model is identified by its content.
-STORE_KEYS = ("model", "prompt", "negative_prompt", "size", "sampler", "steps", "guidance_scale")
+# The prediction type is part of it: the same weights read as epsilon or as v draw other images, and
+# an entry made before it was recorded is keyed without it, so it is never served again.
+STORE_KEYS = (
+    "model", "prediction_type", "prompt", "negative_prompt", "size", "sampler", "steps", "guidance_scale"
+)  # fmt: skip
 
 
 class ClassStoreError(UserError, RuntimeError):

@@ -67,7 +67,12 @@ def _cmd_check_data(args) -> int:
                 cfg.model.pretrained,
             )
             scope = " (prompts not checked)"
-        report = preflight(preflight_spec(cfg), tokenizer, prediction_type=source.prediction_type)
+        report = preflight(
+            preflight_spec(cfg),
+            tokenizer,
+            prediction_type=source.prediction_type,
+            native_resolution=source.native_resolution,
+        )
     n = sum(len(r.images) for r in report.reports)
     print(f"{n} usable images, {len(report.warnings)} warnings, 0 errors{scope}")
     return 0

@@ -58,8 +58,10 @@ class ModelConfig:
     # For a single-file checkpoint: a local diffusers folder to take configs and tokenizer from
     # (None = the bundled SD 2.1 configs + the tokenizer from the local Hugging Face cache).
     single_file_config: str | None = None
-    # The resolution the model was trained at (512 for 2-1-base, 768 for 2-1); used for preflight.
-    native_resolution: int = 512
+    # The resolution the model was trained at (512 for 2-1-base, 768 for 2-1), for preflight. None =
+    # read from the model (its UNet and VAE configs, or the known SD 2.x repos); set it only to
+    # override the model (the run's log says so when they differ).
+    native_resolution: int | None = None
 
 
 @dataclass
@@ -697,8 +699,8 @@ def _range_rows(cfg: DreamBoothConfig) -> list[tuple[str, Any, Any, str]]:
     ck, v = cfg.checkpoint, cfg.validation
     prior = pr.with_prior_preservation
     rows: list[tuple[str, Any, Any, str]] = [
-        ("model.native_resolution", m.native_resolution, lambda x: x > 0 and x % 8 == 0,
-         "a positive multiple of 8 (512 for 2-1-base, 768 for 2-1)"),
+        ("model.native_resolution", m.native_resolution, lambda x: x is None or (x > 0 and x % 8 == 0),
+         "a positive multiple of 8 (512 for 2-1-base, 768 for 2-1), or null: the model's own"),
         ("data.min_size", d.min_size, _at_least_1, ">= 1"),
         ("data.num_workers", d.num_workers, _not_negative, ">= 0 (0 = load images in the training process)"),
         ("prior.num_class_images", pr.num_class_images if prior else None, _at_least_1,
@@ -775,7 +777,7 @@ class PreflightSpec:
     prior: PriorConfig
     subjects: tuple[tuple[str, ConceptConfig], ...]  # ("data" or "concepts[i]", the filled concept)
     output_dir: str
-    native_resolution: int
+    native_resolution: int | None  # model.native_resolution: None = the model's (preflight is told it)
 
 
 def preflight_spec(cfg: DreamBoothConfig) -> PreflightSpec:

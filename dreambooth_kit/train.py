@@ -97,7 +97,10 @@ def train(cfg: DreamBoothConfig) -> TrainResult:
         check_transformers_peft(need_text_encoder_lora=cfg.adapter.train_text_encoder)
         source = resolve_source(cfg.model)  # once: every step below reads this, nothing resolves again
         report = preflight(
-            preflight_spec(cfg), prediction_type=source.prediction_type, source=source.location
+            preflight_spec(cfg),
+            prediction_type=source.prediction_type,
+            native_resolution=source.native_resolution,
+            source=source.location,
         )
         scorer = _validation_scorer(cfg, accelerator)  # before any model: a missing encoder fails now
         _init_trackers(cfg, accelerator)

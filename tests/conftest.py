@@ -53,7 +53,6 @@ def tiny_cfg(tmp_path: Path, model: Path, photos: Path, **overrides):
 
     base = {
         "model.pretrained": str(model),
-        "model.native_resolution": 64,
         "data.instance_dir": str(photos),
         "prior.class_dir": str(tmp_path / "class_images"),
         "prior.num_class_images": 4,

@@ -53,7 +53,15 @@ def test_a_second_run_with_the_same_recipe_reuses_the_store(tmp_path, tiny_model
     assert ClassStore(tmp_path / "store").entries()[0].images == 6
 
 
-@pytest.mark.parametrize("change", [{"prior.class_prompt": "a photo of a cat"}, {"prior.sample_steps": 3}])
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"prior.class_prompt": "a photo of a cat"},
+        {"prior.sample_steps": 3},
+        # The same weights read as epsilon draw other images than as v (the tiny model's own type).
+        {"model.prediction_type": "epsilon"},
+    ],
+)
 def test_a_changed_recipe_does_not_reuse_the_store(tmp_path, tiny_model, photos, change):
     ensure(_cfg(tmp_path, tiny_model, photos, "a"))
     other = ensure(_cfg(tmp_path, tiny_model, photos, "b", **change))

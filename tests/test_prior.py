@@ -279,3 +279,32 @@ def test_class_images_that_never_fit_name_the_settings(tmp_path, tiny_model, pho
         match=r"out of memory with a single image.*data\.resolution.*64 px.*prior\.mode=teacher",
     ):
         ensure(cfg, 5)
+
+
+def test_another_prediction_type_is_another_recipe(tmp_path, tiny_model, photos):
+    """Before, the recipe left out the prediction type: class images drawn with the model read as
+    epsilon (a 768-v single file loaded without model.prediction_type) were reused silently after the
+    user set model.prediction_type=v_prediction."""
+    cfg = _cfg(
+        tmp_path, tiny_model, photos, **{"prior.num_class_images": 1, "model.prediction_type": "epsilon"}
+    )
+    assert read_manifest(ensure(cfg, 5).folder)["prediction_type"] == "epsilon"
+    fixed = _cfg(tmp_path, tiny_model, photos, **{"prior.num_class_images": 1})  # the model's own: v
+    with pytest.raises(ClassImageError, match="prediction_type: 'epsilon' -> 'v_prediction'"):
+        ensure(fixed, 5)
+
+
+def test_a_manifest_without_a_prediction_type_is_a_changed_recipe(tmp_path, tiny_model, photos):
+    """A manifest from before the prediction type was recorded cannot say which type drew the
+    images: it is refused like any other changed recipe, and prior.regenerate replaces it."""
+    cfg = _cfg(tmp_path, tiny_model, photos, **{"prior.num_class_images": 1})
+    folder = ensure(cfg, 5).folder
+    m = json.loads((folder / MANIFEST).read_text())
+    del m["prediction_type"]
+    (folder / MANIFEST).write_text(json.dumps(m))
+    with pytest.raises(ClassImageError, match="prediction_type: None -> 'v_prediction'"):
+        ensure(cfg, 5)
+    again = ensure(
+        _cfg(tmp_path, tiny_model, photos, **{"prior.num_class_images": 1, "prior.regenerate": True}), 5
+    )
+    assert again.generated == 1 and (folder / "replaced-1" / "class-00000.png").is_file()
