@@ -26,6 +26,8 @@ from .schedulers import SCHEDULERS
 CONFIG_VERSION = 1
 TINY_MODEL = "builtin:tiny-sd2"
 TOY_MODEL = "builtin:toy-sd2"  # pretrained on the toy world (dreambooth_kit/toy): a model with a real prior
+# The five photos of a toy robot shipped inside the package: tiny.yaml trains on them as shipped.
+DEMO_PHOTOS = "builtin:demo-subject"
 # numpy's legacy seeding (which accelerate's set_seed calls) takes 0 .. 2**32 - 1 only.
 MAX_SEED = 2**32 - 1
 
@@ -558,11 +560,49 @@ def load_config(
                 continue
             key, raw = item.split("=", 1)
             _set_dotted(tree, key.strip(), _parse_raw(raw.strip()))
-    cfg = _build(DreamBoothConfig, tree, "", problems)
+    cfg = _expand_paths(_build(DreamBoothConfig, tree, "", problems))
     problems += validate(cfg, check_paths=validate_paths)
     if problems:
         raise ConfigError(problems)
     return cfg
+
+
+def _path(value, *, keep: tuple = ()):
+    """One path setting: ``~`` expanded (a folder literally named ``~`` is never what was meant) and
+    :data:`DEMO_PHOTOS` the package's photo folder; ``keep`` values (``latest``, ``auto``) as they are."""
+    if not isinstance(value, str) or not value or value in keep:
+        return value
+    if value == DEMO_PHOTOS:
+        return str(resources.files("dreambooth_kit") / "demo_subject")
+    return str(Path(value).expanduser()) if value.startswith("~") else value
+
+
+def _expand_paths(cfg: DreamBoothConfig) -> DreamBoothConfig:
+    """Every setting that names a file or folder, read the same way (see :func:`_path`): before,
+    ``~`` was expanded in model.pretrained and prior.store and taken literally elsewhere."""
+    r = dataclasses.replace
+    return r(
+        cfg,
+        model=r(
+            cfg.model,
+            pretrained=_path(cfg.model.pretrained),
+            single_file_config=_path(cfg.model.single_file_config),
+        ),
+        data=r(cfg.data, instance_dir=_path(cfg.data.instance_dir)),
+        prior=r(
+            cfg.prior,
+            class_dir=_path(cfg.prior.class_dir),
+            store=_path(cfg.prior.store, keep=("auto", "off", "false")),
+        ),
+        train=r(
+            cfg.train,
+            output_dir=_path(cfg.train.output_dir),
+            resume=_path(cfg.train.resume, keep=("latest",)),
+        ),
+        concepts=[
+            r(c, instance_dir=_path(c.instance_dir), class_dir=_path(c.class_dir)) for c in cfg.concepts
+        ],
+    )
 
 
 def concepts_of(cfg: DreamBoothConfig) -> list[ConceptConfig]:
@@ -599,6 +639,10 @@ def mentions_identifier(prompt: str, identifier: str) -> bool:
     return identifier.lower() in re.findall(r"[\w'-]+", prompt.lower())
 
 
+def _same_folder(a: str, b: str) -> bool:
+    return Path(a).expanduser().resolve() == Path(b).expanduser().resolve()
+
+
 def validate(cfg: DreamBoothConfig, *, check_paths: bool = False) -> list[str]:
     """Cross-field and range checks. Returns every problem (empty list = valid)."""
     p: list[str] = []
@@ -632,6 +676,12 @@ def validate(cfg: DreamBoothConfig, *, check_paths: bool = False) -> list[str]:
             if not c.class_dir and pr.mode == "class_images":
                 p.append(
                     f"{cdir_key}: required with prior.with_prior_preservation (generated images go there)"
+                )
+            if c.class_dir and c.instance_dir and _same_folder(c.class_dir, c.instance_dir):
+                p.append(
+                    f"{cdir_key}: is {dir_key} ({c.class_dir}); class images would be written among "
+                    "your photos and trained on as the subject. Use another folder, e.g. "
+                    f"{Path(c.class_dir).parent / 'class_images'}"
                 )
             if c.class_prompt.strip() and c.class_prompt.strip() == c.instance_prompt.strip():
                 p.append(

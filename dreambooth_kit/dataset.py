@@ -88,11 +88,26 @@ def pair_examples(
     return rows
 
 
+def augmentation(seed: int, epoch: int, index: int, slot: int, *, center_crop: bool, random_flip: bool):
+    """The crop offset (None: centre) and flip of one image: a pure function of (seed, epoch, row
+    index, slot: 0 the instance image, 1 the class image), like the sampler's order.
+
+    Not torch's global RNG: accelerate's loader fetches one batch ahead, so a checkpoint's saved
+    RNG state already held the next batch's draws and a resumed run flipped and cropped other
+    images than the uninterrupted one. Here a resumed run draws exactly what it would have."""
+    rng = np.random.default_rng([seed, epoch, index, slot])
+    offset = None if center_crop else (float(rng.random()), float(rng.random()))
+    flip = random_flip and bool(rng.random() < 0.5)
+    return offset, flip
+
+
 class DreamBoothDataset(torch.utils.data.Dataset):
     """Rows of instance (+ class) images, decoded lazily per item.
 
+    Items are asked for as ``(epoch, index)`` (what :class:`EpochSampler` yields), or a bare index
+    (epoch 0): crops and flips come from :func:`augmentation` of (``seed``, epoch, index).
     With ``latents=True`` items carry ``(path, flip)`` keys instead of pixels, for a latent cache;
-    the flip is drawn from the same RNG either way, so cached and uncached runs see the same data.
+    the flip is the same either way, so cached and uncached runs see the same data.
     """
 
     def __init__(
@@ -105,9 +120,10 @@ class DreamBoothDataset(torch.utils.data.Dataset):
         class_prompt: str | None = None,
         center_crop: bool = True,
         random_flip: bool = False,
+        seed: int = 0,
     ) -> None:
         examples = pair_examples(instance_images, instance_prompt, class_images, class_prompt)
-        self._init(examples, size, center_crop=center_crop, random_flip=random_flip, latents=False)
+        self._init(examples, size, center_crop=center_crop, random_flip=random_flip, latents=False, seed=seed)
 
     @classmethod
     def from_examples(
@@ -118,16 +134,19 @@ class DreamBoothDataset(torch.utils.data.Dataset):
         center_crop: bool = True,
         random_flip: bool = False,
         latents: bool = False,
+        seed: int = 0,
     ) -> DreamBoothDataset:
         if not examples:
             raise DataError("no training rows; every concept needs at least one usable image")
         if len({e.class_image is None for e in examples}) > 1:
             raise DataError("either every concept has class images (prior preservation) or none has")
         self = cls.__new__(cls)
-        self._init(examples, size, center_crop=center_crop, random_flip=random_flip, latents=latents)
+        self._init(
+            examples, size, center_crop=center_crop, random_flip=random_flip, latents=latents, seed=seed
+        )
         return self
 
-    def _init(self, examples, size, *, center_crop, random_flip, latents) -> None:
+    def _init(self, examples, size, *, center_crop, random_flip, latents, seed) -> None:
         if latents and not center_crop:
             raise DataError("latent caching needs center crops: a random crop changes pixels every epoch")
         self.examples = examples
@@ -135,29 +154,33 @@ class DreamBoothDataset(torch.utils.data.Dataset):
         self.center_crop = center_crop
         self.random_flip = random_flip
         self.latents = latents
+        self.seed = seed
         self.instance_images = [e.instance for e in examples]
         self.class_images = [e.class_image for e in examples if e.class_image is not None]
 
     def __len__(self) -> int:
         return len(self.examples)
 
-    def _item(self, path: Path):
-        # torch's global RNG (not random/numpy): accelerate's set_seed seeds it, and DataLoader workers
-        # derive their seeds from it, so crops and flips repeat run to run.
-        offset = None if self.center_crop else (float(torch.rand(())), float(torch.rand(())))
-        flip = self.random_flip and bool(torch.rand(()) < 0.5)
+    def _item(self, path: Path, epoch: int, index: int, slot: int):
+        offset, flip = augmentation(
+            self.seed, epoch, index, slot, center_crop=self.center_crop, random_flip=self.random_flip
+        )
         if self.latents:
             return (str(path), flip)
-        return preprocess(load_image(path), self.size, flip=flip, crop_offset=offset)
+        return preprocess(load_image(path), self.size, flip=flip, crop_offset=offset or (0.5, 0.5))
 
-    def __getitem__(self, index: int) -> dict:
+    def __getitem__(self, key: int | tuple[int, int]) -> dict:
+        epoch, index = key if isinstance(key, tuple) else (0, key)
         if not 0 <= index < len(self.examples):
             raise IndexError(index)
         e = self.examples[index]
         kind = "key" if self.latents else "pixels"
-        example: dict = {f"instance_{kind}": self._item(e.instance), "instance_prompt": e.instance_prompt}
+        example: dict = {
+            f"instance_{kind}": self._item(e.instance, epoch, index, 0),
+            "instance_prompt": e.instance_prompt,
+        }
         if e.class_image is not None:
-            example[f"class_{kind}"] = self._item(e.class_image)
+            example[f"class_{kind}"] = self._item(e.class_image, epoch, index, 1)
             example["class_prompt"] = e.class_prompt
         if e.teacher_prompt is not None:
             example["teacher_prompt"] = e.teacher_prompt
@@ -170,7 +193,8 @@ class EpochSampler(torch.utils.data.Sampler):
     A resumed run must see exactly the batches an uninterrupted run would. torch's RandomSampler
     draws its permutation from the global RNG when an epoch starts, which a resume cannot replay;
     here the order is a pure function of (seed, epoch), and ``set_position`` skips the rows already
-    trained on without decoding them.
+    trained on without decoding them. It yields ``(epoch, index)``: the dataset draws each row's
+    crop and flip from them (see :func:`augmentation`).
     """
 
     def __init__(self, n: int, seed: int, multiple: int = 1) -> None:
@@ -188,7 +212,7 @@ class EpochSampler(torch.utils.data.Sampler):
         g = torch.Generator().manual_seed(self.seed + self.epoch)
         order = torch.randperm(self.n, generator=g).tolist()
         order += [order[i % self.n] for i in range(self.length - self.n)]
-        return iter(order[self.start :])
+        return iter([(self.epoch, i) for i in order[self.start :]])
 
     def __len__(self) -> int:
         return self.length - self.start

@@ -531,6 +531,7 @@ def _data(cfg: DreamBoothConfig, report, class_sets, comps, accelerator):
         center_crop=cfg.data.center_crop,
         random_flip=cfg.data.random_flip,
         latents=use_cache,
+        seed=cfg.train.seed,
     )
     # One process: the last batch of an epoch may be smaller. Several: epochs are filled to whole
     # batches of every process (see EpochSampler).

@@ -15,6 +15,34 @@ from pathlib import Path  # noqa: E402
 import pytest  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
+
+# A test's time limit catches hangs; it is never a speed assertion. A unit test that takes 300 s
+# hangs. An end-to-end test (marked slow, or using a shared trained fixture, which the first test to
+# ask for it pays for: the toy-world fixture trains 400 steps, 57 s on 2 quiet cores and over 300 s
+# on a shared one) and a subprocess that trains get 45 minutes: half of CI's 90, so a real hang
+# still ends with its traceback inside CI's time.
+UNIT_TIMEOUT = 300
+E2E_TIMEOUT = 2700
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if item.get_closest_marker("timeout") is None and is_end_to_end(item):
+            item.add_marker(pytest.mark.timeout(E2E_TIMEOUT))
+
+
+def is_end_to_end(item) -> bool:
+    """Marked slow, or using a fixture shared by a module or the session (built once, paid by the
+    first test that asks: a trained run, a built model)."""
+    shared = any(
+        d.scope in ("module", "session", "package")
+        for defs in item._fixtureinfo.name2fixturedefs.values()
+        for d in defs
+        if not d.argname.startswith("_")  # the autouse session cache folder costs nothing
+    )
+    return item.get_closest_marker("slow") is not None or shared
+
+
 DEMO_PHOTOS = REPO / "dreambooth_kit" / "demo_subject"
 
 

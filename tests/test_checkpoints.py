@@ -14,6 +14,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from conftest import E2E_TIMEOUT
 
 from dreambooth_kit import atomic
 from dreambooth_kit import checkpoints as ck
@@ -387,7 +388,7 @@ def test_real_ulimit_f_during_a_save(tmp_path):
         [sys.executable, "-c", _ULIMIT_SCRIPT, str(tmp_path / "run")],
         capture_output=True,
         text=True,
-        timeout=120,
+        timeout=E2E_TIMEOUT,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     message, steps = proc.stdout.strip().splitlines()

@@ -8,7 +8,7 @@ import sys
 
 import numpy as np
 import pytest
-from conftest import REPO, tiny_cfg
+from conftest import E2E_TIMEOUT, REPO, tiny_cfg
 from PIL import Image
 
 from dreambooth_kit.class_store import ClassStore, ClassStoreError
@@ -137,7 +137,7 @@ def test_two_runs_filling_the_store_at_once_do_not_corrupt_it(tmp_path, tiny_mod
         for name in ("a", "b")
     ]
     for p in procs:
-        out, err = p.communicate(timeout=600)
+        out, err = p.communicate(timeout=E2E_TIMEOUT)
         assert p.returncode == 0, err[-3000:]
     store = tmp_path / "store"
     assert not list(store.rglob(".tmp-*"))

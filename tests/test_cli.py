@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import E2E_TIMEOUT
 from PIL import Image, PngImagePlugin
 
 from dreambooth_kit.cli import main
@@ -153,7 +154,7 @@ def test_demo_command_end_to_end(tmp_path):
         [*cmd, "demo", "--out", str(tmp_path / "demo"), "--steps", "3"],
         capture_output=True,
         text=True,
-        timeout=300,
+        timeout=E2E_TIMEOUT,
         env=env,
         cwd=tmp_path,
     )
@@ -301,7 +302,7 @@ def test_output_dir_without_write_permission(tmp_path, photos):
             [*prefix, sys.executable, "-m", "dreambooth_kit", "train", "--config", "tiny.yaml",
              f"data.instance_dir={photos}", f"train.output_dir={locked / 'run'}",
              f"prior.class_dir={tmp_path / 'cls'}"],
-            capture_output=True, text=True, timeout=120, env={**os.environ, "HF_HUB_OFFLINE": "1"},
+            capture_output=True, text=True, timeout=E2E_TIMEOUT, env={**os.environ, "HF_HUB_OFFLINE": "1"},
         )  # fmt: skip
     finally:
         locked.chmod(0o755)
@@ -475,7 +476,7 @@ def test_check_data_with_hub_config_skips_prompts_when_tokenizer_not_local(photo
 def test_log_lines_carry_the_level_once(photos):
     proc = subprocess.run(
         [sys.executable, "-m", "dreambooth_kit", "check-data", str(photos)],
-        capture_output=True, text=True, timeout=120, env={**os.environ, "HF_HUB_OFFLINE": "1"},
+        capture_output=True, text=True, timeout=E2E_TIMEOUT, env={**os.environ, "HF_HUB_OFFLINE": "1"},
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr
     lines = proc.stderr.splitlines()
@@ -492,7 +493,7 @@ def test_known_transformers_noise_is_silenced_and_other_warnings_are_not(tmp_pat
     proc = subprocess.run(
         [sys.executable, "-m", "dreambooth_kit", "generate", "--base", str(tiny_model), "--prompt", "x",
          "--steps", "1", "--n", "1", "--height", "32", "--width", "32", "--out", str(tmp_path)],
-        capture_output=True, text=True, timeout=120, env={**os.environ, "HF_HUB_OFFLINE": "1"},
+        capture_output=True, text=True, timeout=E2E_TIMEOUT, env={**os.environ, "HF_HUB_OFFLINE": "1"},
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "requires torchvision" not in proc.stderr

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 
 import pytest
 import yaml
@@ -76,6 +77,38 @@ def test_tiny_config_uses_builtin_model():
     assert cfg.data.resolution == 64
     assert cfg.train.learning_rate == 1e-3
     assert cfg.adapter.alpha == 8.0 and cfg.adapter.rank == 4
+
+
+def test_tiny_config_as_shipped_trains_on_the_packaged_photos(tmp_path, monkeypatch):
+    """Before, tiny.yaml pointed at data/demo_subject, a folder of the checkout that no longer
+    exists: `dreambooth-kit train --config tiny.yaml` failed on a fresh clone and from any folder."""
+    monkeypatch.chdir(tmp_path)  # not the checkout: the photos come from the installed package
+    cfg = load_config("tiny.yaml", validate_paths=True)
+    photos = Path(cfg.data.instance_dir)
+    assert photos.is_absolute() and sorted(p.name for p in photos.glob("*.jpg"))[:1] == ["01.jpg"]
+
+
+def test_a_home_relative_path_is_expanded_in_every_path_setting(monkeypatch, tmp_path):
+    """Before, ~ was expanded in model.pretrained and prior.store and taken literally (a folder
+    named '~' in the working directory) in the others."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    keys = ["data.instance_dir", "prior.class_dir", "train.output_dir", "train.resume", "prior.store",
+            "model.single_file_config"]  # fmt: skip
+    cfg = load_config("tiny.yaml", {k: f"~/{k}" for k in keys})
+    for key in keys:
+        section, name = key.split(".")
+        assert getattr(getattr(cfg, section), name) == str(tmp_path / key), key
+    assert load_config("tiny.yaml", {"train.resume": "latest"}).train.resume == "latest"
+
+
+def test_class_dir_equal_to_the_photo_folder_is_refused(tmp_path):
+    photos = tmp_path / "photos"
+    with pytest.raises(
+        ConfigError, match=r"prior.class_dir: is data.instance_dir .*trained on as the subject"
+    ):
+        load_config(
+            "tiny.yaml", {"data.instance_dir": str(photos), "prior.class_dir": f"{tmp_path}/x/../photos"}
+        )
 
 
 def test_seed000_recipe_is_expressible():

@@ -459,19 +459,27 @@ def test_dataset_argument_errors(tmp_path):
         DreamBoothDataset(inst, "p", 32, class_images=cls)
 
 
-def test_dataset_randomness_follows_torch_seed(tmp_path):
+def test_dataset_augmentation_is_a_pure_function_of_seed_epoch_and_index(tmp_path):
+    """Crops and flips no longer come from torch's global RNG: accelerate's loader fetches a batch
+    ahead, so the RNG state a checkpoint saved already held the next batch's draws and a resume with
+    random flips or crops was not exact. Now the same (seed, epoch, index) gives the same pixels
+    whatever the global RNG did, and epochs differ."""
     arr = np.zeros((40, 80, 3), np.uint8)
     arr[:, :, 0] = np.arange(80, dtype=np.uint8)[None, :] * 3  # horizontal ramp: crops and flips differ
     Image.fromarray(arr).save(tmp_path / "ramp.png")
-    ds = DreamBoothDataset([tmp_path / "ramp.png"], "p", 32, center_crop=False, random_flip=True)
+    ds = DreamBoothDataset([tmp_path / "ramp.png"], "p", 32, center_crop=False, random_flip=True, seed=7)
 
-    def draw() -> list[torch.Tensor]:
-        torch.manual_seed(7)
-        return [ds[0]["instance_pixels"] for _ in range(8)]
+    def draw(global_seed: int) -> list[torch.Tensor]:
+        torch.manual_seed(global_seed)
+        return [ds[(epoch, 0)]["instance_pixels"] for epoch in range(8)]
 
-    first, second = draw(), draw()
+    first, second = draw(1), draw(2)
     assert all(torch.equal(a, b) for a, b in zip(first, second, strict=True))
-    assert len({tuple(t[0, 0].tolist()) for t in first}) > 1  # the crops/flips really vary
+    assert len({tuple(t[0, 0].tolist()) for t in first}) > 1  # the crops/flips really vary by epoch
+    other_seed = DreamBoothDataset(
+        [tmp_path / "ramp.png"], "p", 32, center_crop=False, random_flip=True, seed=8
+    )
+    assert any(not torch.equal(other_seed[(e, 0)]["instance_pixels"], first[e]) for e in range(8))
 
 
 def test_dataset_decodes_lazily(tmp_path, monkeypatch):
@@ -543,7 +551,8 @@ def test_epoch_sampler_is_a_pure_function_of_seed_epoch_and_position():
     e0 = list(s)
     s.set_position(1, 0)
     e1 = list(s)
-    assert sorted(e0) == list(range(7)) and e0 != e1
+    assert {e for e, _ in e0} == {0} and {e for e, _ in e1} == {1}  # each row says its epoch
+    assert sorted(i for _, i in e0) == list(range(7)) and [i for _, i in e0] != [i for _, i in e1]
     s.set_position(0, 4)
     assert list(s) == e0[4:] and len(s) == 3
     assert list(EpochSampler(7, seed=3)) == e0
@@ -590,7 +599,7 @@ def test_epoch_sampler_fills_epochs_to_whole_batches_of_every_process_and_resume
     from dreambooth_kit.dataset import EpochSampler
 
     alone = EpochSampler(5, seed=3)
-    assert len(alone) == 5 and sorted(alone) == [0, 1, 2, 3, 4]  # one process: nothing repeated
+    assert len(alone) == 5 and sorted(i for _, i in alone) == [0, 1, 2, 3, 4]  # one process: nothing repeated
     two = EpochSampler(5, seed=3, multiple=2)
     order = list(two)
     assert len(order) == 6 and order[:5] == list(alone) and order[5] == order[0]

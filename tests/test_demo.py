@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import REPO
+from conftest import E2E_TIMEOUT, REPO
 
 from dreambooth_kit.demo import demo_photos
 
@@ -26,13 +26,13 @@ def test_installed_wheel_runs_the_demo_in_an_empty_folder(tmp_path):
     pip = [sys.executable, "-m", "pip", "-q"]
     build = subprocess.run(
         [*pip, "wheel", "--no-deps", "--no-build-isolation", "-w", str(wheels), str(REPO)],
-        capture_output=True, text=True, timeout=300,
+        capture_output=True, text=True, timeout=E2E_TIMEOUT,
     )  # fmt: skip
     assert build.returncode == 0, build.stderr[-2000:]
     (wheel,) = wheels.glob("dreambooth_kit-*.whl")
     install = subprocess.run(
         [*pip, "install", "--no-deps", "--no-index", "--target", str(target), str(wheel)],
-        capture_output=True, text=True, timeout=300,
+        capture_output=True, text=True, timeout=E2E_TIMEOUT,
     )  # fmt: skip
     assert install.returncode == 0, install.stderr[-2000:]
     # The installed copy, not this checkout: PYTHONPATH puts it before the editable install.
@@ -40,7 +40,7 @@ def test_installed_wheel_runs_the_demo_in_an_empty_folder(tmp_path):
     code = "import dreambooth_kit.cli as c, sys; print(c.__file__); sys.exit(c.main(sys.argv[1:]))"
     proc = subprocess.run(
         [sys.executable, "-c", code, "demo", "--steps", "2"],
-        capture_output=True, text=True, timeout=300, cwd=empty, env=env,
+        capture_output=True, text=True, timeout=E2E_TIMEOUT, cwd=empty, env=env,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.splitlines()[0].startswith(str(target))

@@ -10,7 +10,7 @@ import sys
 
 import numpy as np
 import pytest
-from conftest import REPO
+from conftest import E2E_TIMEOUT, REPO
 from PIL import Image
 
 pytestmark = pytest.mark.slow
@@ -33,7 +33,7 @@ def launch(n: int, tmp_path, tiny_model, photos, name: str, *extra: str) -> subp
     here for one too: equal threads give equal float rounding)."""
     env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
     cmd = launch_command(n, tmp_path, tiny_model, photos, name, *extra)
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=E2E_TIMEOUT, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc
 
@@ -169,7 +169,7 @@ def test_sigterm_to_torchrun_checkpoints_both_processes_and_the_resume_is_exact(
         if received == 2:
             (tmp_path / "go").touch()
             break
-    out, err = proc.communicate(timeout=300)
+    out, err = proc.communicate(timeout=E2E_TIMEOUT)
     log = "".join(lines) + err + out
     run = tmp_path / "cut" / "run"
     ckpts = sorted((run / "checkpoints").glob("step-*"))
@@ -181,7 +181,7 @@ def test_sigterm_to_torchrun_checkpoints_both_processes_and_the_resume_is_exact(
     assert not (run / "lora").exists()
     plain = launch_command(1, tmp_path, tiny_model, photos, "cut", *steps, "train.resume=latest")[5:]
     one = subprocess.run([sys.executable, *plain],  # one process, as `python -m dreambooth_kit.train`
-                         env={**os.environ, "ACCELERATE_USE_CPU": "1"}, capture_output=True, text=True, timeout=600)  # fmt: skip
+                         env={**os.environ, "ACCELERATE_USE_CPU": "1"}, capture_output=True, text=True, timeout=E2E_TIMEOUT)  # fmt: skip
     assert one.returncode == 2 and "written by 2 processes, this run has 1" in one.stderr, one.stderr[-2000:]
     launch(2, tmp_path, tiny_model, photos, "cut", *steps, "train.resume=latest")
     a, b = (
@@ -213,7 +213,7 @@ def test_deepspeed_zero2_offload_recipe_trains_saves_and_resumes_on_cpu(tmp_path
                              "checkpoint.keep_last=2", "train.learning_rate=1e-3", "validation.every_steps=2",
                              "validation.num_images=1", "validation.steps=2", *extra)[5:]  # fmt: skip
         cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(recipe), *cmd]
-        return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900, cwd=tmp_path)
+        return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=E2E_TIMEOUT, cwd=tmp_path)
 
     lora = run("lora", "adapter.type=lora")  # the last value of a key wins
     assert lora.returncode and "error: DeepSpeed is for adapter.type=full" in lora.stderr, lora.stderr[-3000:]
@@ -276,7 +276,7 @@ def test_deepspeed_with_accumulation_stops_on_a_non_finite_loss(tmp_path, tiny_m
     args = launch_command(1, tmp_path, tiny_model, photos, "nan", "adapter.type=full", "train.max_steps=3",
                           "train.gradient_accumulation_steps=2", "checkpoint.every_steps=null")[5:]  # fmt: skip
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config), *args]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900, cwd=tmp_path)
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=E2E_TIMEOUT, cwd=tmp_path)
     assert proc.returncode, proc.stderr[-3000:]
     assert "error: non-finite loss at step 2 under DeepSpeed with gradient accumulation" in proc.stderr, (
         proc.stderr[-3000:]

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+from conftest import E2E_TIMEOUT
 
 NOTEBOOK = Path(__file__).resolve().parents[1] / "notebooks" / "dreambooth_sd21_colab.ipynb"
 
@@ -32,7 +33,7 @@ def test_notebook_runs_headless_in_tiny_mode(tmp_path):
         i + 1, nbformat.v4.new_code_cell(f"TINY = True\nOUTPUT_DIR = {str(out)!r}\nMAX_STEPS = 2")
     )
     NotebookClient(
-        nb, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}
+        nb, timeout=E2E_TIMEOUT, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}
     ).execute()
     assert (out / "lora" / "pytorch_lora_weights.safetensors").exists()
     assert len(list((out / "outputs").glob("*.png"))) == 2

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO
+from conftest import E2E_TIMEOUT, REPO
 from safetensors.torch import load_file
 
 # Loaded into the child through PYTHONPATH: the 4th training step (the 4th loss) says "gate reached"
@@ -69,7 +69,7 @@ def _run_until_step(cmd: list[str], env: dict, cwd: Path, step: int, sig: int, t
         elif sent and f"received {signal.Signals(sig).name}" in line:
             Path(env["DBK_TEST_GO"]).touch()
             break
-    out, err = proc.communicate(timeout=300)  # a hang guard only: nothing waits on it to pass
+    out, err = proc.communicate(timeout=E2E_TIMEOUT)  # a hang guard only: nothing waits on it to pass
     return proc.returncode, "".join(lines) + err + out
 
 
@@ -90,7 +90,7 @@ def straight(tmp_path_factory, tiny_model):
     out = tmp / "run"
     cmd = [sys.executable, "-m", "dreambooth_kit.train", *_args(tmp, tiny_model, photos, out, 6)]
     proc = subprocess.run(
-        cmd, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=300
+        cmd, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=E2E_TIMEOUT
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return {"lora": _lora(out), "photos": photos, "cls": tmp / "cls"}
@@ -119,7 +119,7 @@ def test_signal_checkpoints_then_resume_is_bit_identical(tmp_path, tiny_model, s
         capture_output=True,
         text=True,
         env={**os.environ, "HF_HUB_OFFLINE": "1"},
-        timeout=300,
+        timeout=E2E_TIMEOUT,
     )
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"resumed from {ckpts[-1]}" in resumed.stderr
@@ -148,3 +148,31 @@ def test_sigterm_to_accelerate_launcher_reaches_the_trainer(tmp_path, tiny_model
     assert [c.name for c in ckpts] == ["step-000004"], log[-2000:]
     assert (ckpts[-1] / "COMPLETE.json").exists()
     assert "interrupted at step 4" in log, log[-2000:]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "augment",
+    [{"data.random_flip": True}, {"data.random_flip": True, "data.center_crop": False}],
+    ids=["flips", "flips+random-crops"],
+)
+def test_resume_with_random_flips_and_crops_is_bit_identical(tmp_path, tiny_model, photos, augment):
+    """Before, flips and crop offsets came from torch's global RNG and accelerate's loader fetches
+    one batch ahead: the RNG state a checkpoint saved already held the next batch's draws, so a
+    resumed run flipped and cropped other images (and drew other noise) than the uninterrupted one.
+    6 steps straight against 3 steps, then a resume to 6 (an epoch boundary at step 5)."""
+    from conftest import tiny_cfg
+
+    from dreambooth_kit.train import train
+
+    def cfg(name: str, steps: int, **kw):
+        over = {**augment, "prior.class_dir": str(tmp_path / "cls"), "train.learning_rate": 1e-2,
+                "train.output_dir": str(tmp_path / name), "train.max_steps": steps, **kw}  # fmt: skip
+        return tiny_cfg(tmp_path, tiny_model, photos, **over)
+
+    straight = train(cfg("straight", 6))
+    train(cfg("resumed", 3))
+    resumed = train(cfg("resumed", 6, **{"train.resume": "latest"}))
+    assert resumed.losses == straight.losses[3:]
+    a, b = _lora(straight.output_dir), _lora(resumed.output_dir)
+    assert all(torch.equal(a[k], b[k]) for k in a), "resumed LoRA differs from the uninterrupted run"

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, tiny_cfg
+from conftest import E2E_TIMEOUT, REPO, tiny_cfg
 from safetensors.torch import load_file
 
 from dreambooth_kit.runlock import HOLDER_NAME, FolderInUse, FolderLock
@@ -87,7 +87,7 @@ def test_second_training_into_one_folder_is_refused_and_the_first_lora_is_intact
             seen["second"] = subprocess.run(
                 [sys.executable, "-m", "dreambooth_kit", "train", "--config", str(tmp_path / "run" / "config.yaml"),
                  "train.learning_rate=0.5"],
-                capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=300,
+                capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=E2E_TIMEOUT,
             )  # fmt: skip
         return out
 

@@ -8,7 +8,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-from conftest import REPO, tiny_cfg
+from conftest import E2E_TIMEOUT, REPO, tiny_cfg
 from safetensors import safe_open
 from safetensors.torch import load_file
 
@@ -213,7 +213,7 @@ def test_accelerate_launch_runs_two_steps(tmp_path, tiny_model, photos):
         f"model.pretrained={tiny_model}", f"data.instance_dir={photos}", f"prior.class_dir={tmp_path / 'cls'}",
         "prior.num_class_images=2", "prior.sample_steps=1", f"train.output_dir={out}", "train.max_steps=2",
     ]  # fmt: skip
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240, cwd=tmp_path)
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=E2E_TIMEOUT, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert (out / "lora" / "pytorch_lora_weights.safetensors").exists()
     assert "step 2/2" in proc.stderr
@@ -484,7 +484,7 @@ def test_torchrun_without_accelerate_use_cpu_is_refused_before_anything_is_writt
         f"data.instance_dir={photos}", f"prior.class_dir={tmp_path / 'cls'}", f"train.output_dir={out}",
         "train.max_steps=1",
     ]  # fmt: skip
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240, cwd=tmp_path, env=env)
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=E2E_TIMEOUT, cwd=tmp_path, env=env)
     assert proc.returncode != 0
     assert "launched as 2 processes (WORLD_SIZE=2) but accelerate runs 1" in proc.stderr, proc.stderr[-3000:]
     assert "ACCELERATE_USE_CPU=1 torchrun --nproc_per_node 2 -m dreambooth_kit.train" in proc.stderr
@@ -501,7 +501,7 @@ def test_accelerate_launch_cpu_with_two_processes_is_refused(tmp_path, tiny_mode
         f"data.instance_dir={photos}", f"prior.class_dir={tmp_path / 'cls'}", f"train.output_dir={out}",
         "train.max_steps=1",
     ]  # fmt: skip
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240, cwd=tmp_path)
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=E2E_TIMEOUT, cwd=tmp_path)
     assert proc.returncode != 0
     assert "starts ONE process" in proc.stderr and "ACCELERATE_USE_CPU=1 torchrun" in proc.stderr
     assert not out.exists() and not (tmp_path / "cls").exists()
