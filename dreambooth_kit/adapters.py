@@ -65,6 +65,7 @@ def lora_state_dicts(
     te_sd = None
     if text_encoder is not None and getattr(text_encoder, "peft_config", None):
         te_sd = convert_state_dict_to_diffusers(get_peft_model_state_dict(text_encoder))
+        te_sd = {_with_text_model(k): v for k, v in te_sd.items()}
     # Saved in fp32 whatever the training precision: the file is small (a few MB at r=4) and
     # loaders cast to the pipeline's dtype.
     unet_sd = {k: v.detach().float().cpu().contiguous() for k, v in unet_sd.items()}
@@ -73,9 +74,34 @@ def lora_state_dicts(
     return unet_sd, te_sd
 
 
+def _with_text_model(key: str) -> str:
+    """CLIPTextModel's module path as every other stack spells it: transformers 5 flattened the class
+    (``encoder.layers.0…``), transformers 4 and SD 2.x checkpoints keep ``text_model.encoder.layers.0…``.
+    Without that level, diffusers 0.32 + transformers 4.54 raises IndexError on our file and diffusers
+    0.39 + transformers 4.57 + peft 0.21 fails on meta tensors; with it both load the text-encoder half,
+    and diffusers 0.42 + transformers 5 still does (its loader maps the level away, as for hub models)."""
+    return key if key.startswith("text_model.") else f"text_model.{key}"
+
+
+# The LoraConfig fields of peft 0.17 (our lowest peft). diffusers >= 0.34 builds ``LoraConfig(**metadata)``
+# from a file's metadata and fails on any field the installed peft lacks ("LoraConfig class could not be
+# instantiated"): peft 0.21's full to_dict() has 41 fields, 9 of them unknown to peft 0.17 and 5 to
+# peft 0.18. The ones dropped are at their defaults here (lora_config sets only rank, alpha, dropout,
+# init and targets), so every peft builds the same LoraConfig from what is kept.
+_PORTABLE_LORA_FIELDS = frozenset(
+    "alpha_pattern auto_mapping base_model_name_or_path bias corda_config eva_config exclude_modules "
+    "fan_in_fan_out inference_mode init_lora_weights layer_replication layers_pattern layers_to_transform "
+    "loftq_config lora_alpha lora_bias lora_dropout megatron_config megatron_core modules_to_save peft_type "
+    "qalora_group_size r rank_pattern revision runtime_config target_modules target_parameters task_type "
+    "trainable_token_indices use_dora use_qalora use_rslora".split()
+)
+
+
 def lora_metadata(cfg: AdapterConfig, *, text_encoder: bool = False) -> dict[str, Any]:
-    """The LoraConfig as a dict: without it an alpha != rank LoRA reloads at the wrong scale."""
-    return lora_config(cfg, text_encoder=text_encoder).to_dict()
+    """The LoraConfig as a dict: without it an alpha != rank LoRA reloads at the wrong scale. Only the
+    fields every peft we support reads (see ``_PORTABLE_LORA_FIELDS``); the others are defaults."""
+    full = lora_config(cfg, text_encoder=text_encoder).to_dict()
+    return {k: v for k, v in full.items() if k in _PORTABLE_LORA_FIELDS}
 
 
 # ------------------------------------------------------------------ loading LoRAs into a pipeline
