@@ -12,6 +12,12 @@ SD 2.x is fixed here by hand, each fix commented where it is made:
 
 The mapping is pure functions over state dicts; ``export_kohya`` does the file I/O.
 
+The merged diffusers folder is written as transformers 4.x reads it too (:func:`readable_by_transformers4`):
+the text encoder's weights keyed ``text_model.…`` and the tokenizer's ``vocab.json``/``merges.txt`` beside
+transformers 5's ``tokenizer.json``. Without them diffusers 0.32 + transformers 4.54 and 0.39 + 4.57 fail
+to load the folder at all (the slow CLIPTokenizer finds no vocabulary file), and with only the tokenizer
+fixed they would load a randomly initialised text encoder with a warning.
+
 Every export labels the model with the prediction type the run trained with (:func:`run_prediction_type`):
 a v-prediction LoRA labelled epsilon loads in A1111/ComfyUI with the wrong sampler parameterization.
 """
@@ -41,6 +47,7 @@ KOHYA_KEY = re.compile(r"^lora_(unet|te)_[a-z0-9_]+\.(lora_down\.weight|lora_up\
 
 ARCH_EPS = "stable-diffusion-v2-512/lora"
 ARCH_V = "stable-diffusion-v2-768-v/lora"
+SOURCE_HASH_KEY = "dreambooth_kit.source_lora_hash"  # kohya export metadata: the LoRA it was made from
 
 
 class ExportError(InvalidInput):
@@ -304,6 +311,7 @@ def export_kohya(
     from safetensors.torch import save_file
 
     from .adapters import lora_file
+    from .pngmeta import lora_hash
 
     src = lora_file(lora_path)
     if not src.exists():
@@ -329,6 +337,9 @@ def export_kohya(
 
     rank, alpha = ranks.get("unet") or next(iter(ranks.values()))
     metadata = kohya_metadata(labels, rank=rank, alpha=alpha) | {"format": "pt"}
+    # Which LoRA this is the export of (its A1111 hash): `generate` names this file in a PNG's
+    # infotext only while it is the export of the very LoRA that made the image (installed_lora).
+    metadata[SOURCE_HASH_KEY] = lora_hash(src)
 
     out_path.parent.mkdir(parents=True, exist_ok=True)
     with writing(out_path) as tmp:  # readers see the old file or the whole new one
@@ -376,7 +387,45 @@ def export_merged_diffusers(run_dir: Path, out_dir: Path, *, fp16: bool = False)
     pipe = _merged_pipeline(run_dir, fp16=fp16)
     with writing_folder(out_dir) as tmp:
         pipe.save_pretrained(tmp, safe_serialization=True)
+        readable_by_transformers4(tmp, pipe.tokenizer)
     return out_dir
+
+
+def readable_by_transformers4(folder: Path, tokenizer) -> None:
+    """Make a diffusers folder saved under transformers 5 loadable by transformers 4.x as well; 5.x
+    reads the result exactly as before (it maps ``text_model.`` away, as for every SD 2.x hub model).
+
+    - ``text_encoder/*.safetensors``: keys ``text_model.…``. transformers 5 saves CLIPTextModel flat
+      (``encoder.layers.0…``); 4.x's class has a ``text_model`` level and initialises every flat key
+      at random, with only a warning.
+    - ``tokenizer/vocab.json`` + ``merges.txt``: 5.x saves ``tokenizer.json`` only; diffusers loads
+      the ``CLIPTokenizer`` that model_index.json names, which in 4.x is the slow tokenizer reading
+      these two files (without them: TypeError, the folder does not load). Written by the tokenizers
+      library from the same BPE model, so both tokenizers give the same ids."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    te_dir = Path(folder) / "text_encoder"
+    for f in sorted(te_dir.glob("*.safetensors")):
+        with safe_open(str(f), framework="pt") as h:
+            meta = h.metadata() or {}
+            sd = {k: h.get_tensor(k) for k in h.keys()}
+        if all(k.startswith("text_model.") for k in sd):
+            continue
+        save_file({_text_model_key(k): v for k, v in sd.items()}, str(f), metadata=meta | {"format": "pt"})
+    index = te_dir / "model.safetensors.index.json"
+    if index.is_file():  # a sharded text encoder: the index names every key's shard
+        data = json.loads(index.read_text())
+        data["weight_map"] = {_text_model_key(k): v for k, v in data["weight_map"].items()}
+        index.write_text(json.dumps(data, indent=2))
+    tok_dir = Path(folder) / "tokenizer"
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if tok_dir.is_dir() and backend is not None and not (tok_dir / "vocab.json").exists():
+        backend.model.save(str(tok_dir))  # tokenizers' BPE writes vocab.json and merges.txt
+
+
+def _text_model_key(key: str) -> str:
+    return key if key.startswith("text_model.") else f"text_model.{key}"
 
 
 def export_single_file(run_dir: Path, out_path: Path, *, fp16: bool = False) -> Path:
@@ -401,7 +450,7 @@ def run_exports(
     written = []
     for fmt in dict.fromkeys(formats):
         if fmt == "kohya":
-            written.append(export_kohya(lora, out / f"{run_dir.resolve().name}_kohya.safetensors", fp16=fp16))
+            written.append(export_kohya(lora, out / kohya_export_name(run_dir), fp16=fp16))
         elif fmt == "merged-diffusers":
             written.append(export_merged_diffusers(run_dir, out / "merged-diffusers", fp16=fp16))
         elif fmt == "single-file":
@@ -411,3 +460,33 @@ def run_exports(
         else:
             raise ExportError(f"export format {fmt!r}: use kohya, merged-diffusers or single-file")
     return written
+
+
+def kohya_export_name(run_dir: Path) -> str:
+    """The kohya export's file name, ``<run>_kohya.safetensors``: what A1111 users install and name."""
+    return f"{Path(run_dir).resolve().name}_kohya.safetensors"
+
+
+def installed_lora(lora: Path, loaded_hash: str) -> Path:
+    """The file A1111 users install for the LoRA file ``lora`` (A1111 hash ``loaded_hash``): the run's
+    kohya export (``<run>/export/<run>_kohya.safetensors``) when ``lora`` is the run's final LoRA and
+    the export was made from exactly this file, else ``lora`` itself.
+
+    An export of an earlier training of the same folder, or one written before exports recorded their
+    source (``SOURCE_HASH_KEY``), is not named: its weights may differ from the ones that made the
+    image. ``dreambooth-kit export`` writes it again."""
+    from safetensors import safe_open
+
+    lora = Path(lora)
+    run_dir = lora.parent.parent
+    if lora != RunLayout(run_dir).lora_weights:  # a checkpoint's or evaluate's best LoRA: no export
+        return lora
+    kohya = RunLayout(run_dir).export / kohya_export_name(run_dir)
+    if not kohya.is_file():
+        return lora
+    try:
+        with safe_open(str(kohya), framework="pt") as f:
+            source = (f.metadata() or {}).get(SOURCE_HASH_KEY)
+    except Exception:  # a damaged export is not named; it does not stop generation either
+        return lora
+    return kohya if source == loaded_hash else lora

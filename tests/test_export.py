@@ -169,11 +169,20 @@ def test_alpha_equal_rank_would_differ(tiny_model, trained_run, tmp_path):
         )
 
 
-def test_text_encoder_lora(tmp_path, tiny_model, photos):
+@pytest.fixture(scope="module")
+def te_run(tiny_model, tmp_path_factory):
+    """A 1-step run that trains the text encoder too, shared read-only."""
+    import shutil
+
+    from conftest import DEMO_PHOTOS
+
     from dreambooth_kit.train import train
 
+    tmp = tmp_path_factory.mktemp("te-run")
+    photos = tmp / "photos"
+    shutil.copytree(DEMO_PHOTOS, photos)
     cfg = tiny_cfg(
-        tmp_path,
+        tmp,
         tiny_model,
         photos,
         **{
@@ -183,7 +192,11 @@ def test_text_encoder_lora(tmp_path, tiny_model, photos):
             "prior.with_prior_preservation": False,
         },
     )
-    lora = train(cfg).lora_path
+    return train(cfg)
+
+
+def test_text_encoder_lora(tmp_path, tiny_model, te_run):
+    lora = te_run.lora_path
     out = export_kohya(lora, tmp_path / "te.safetensors", fp16=True)
     sd, _ = _read(out)
     assert any(k.startswith("lora_te_text_model_encoder_layers_") for k in sd)
@@ -270,6 +283,61 @@ def test_merged_diffusers_equals_the_unfused_lora(trained_run, tiny_model, tmp_p
     assert np.abs(merged - image(with_lora)).max() < 2 / 255
     base = image(StableDiffusionPipeline.from_pretrained(tiny_model, safety_checker=None))
     assert np.abs(merged - base).max() > 4 / 255
+
+
+def test_merged_diffusers_is_laid_out_as_transformers4_reads_it(te_run, tiny_model, tmp_path):
+    """transformers 5 saves CLIPTextModel flat and the tokenizer as tokenizer.json only; diffusers 0.32
+    + transformers 4.54 and 0.39 + 4.57 then could not load the merged folder (the slow CLIPTokenizer
+    found no vocab.json: TypeError), and with a tokenizer alone they would initialise the text encoder
+    at random. The folder now holds the text encoder keyed as 4.x's CLIPTextModel is, and vocab.json +
+    merges.txt that give the same token ids; our own stack still loads it, the LoRA fused in."""
+    import json
+    import shutil
+
+    from transformers import CLIPTokenizer
+
+    from dreambooth_kit.export import export_merged_diffusers
+    from dreambooth_kit.inference import load_pipeline
+
+    run = tmp_path / "run"
+    shutil.copytree(te_run.output_dir, run, ignore=shutil.ignore_patterns("class_images"))
+    out = export_merged_diffusers(run, tmp_path / "merged")
+
+    with safe_open(str(out / "text_encoder" / "model.safetensors"), framework="pt") as f:
+        keys, meta = set(f.keys()), f.metadata()
+    with safe_open(str(tiny_model / "text_encoder" / "model.safetensors"), framework="pt") as f:
+        flat = set(f.keys())  # the base as transformers 5 saved it
+    assert keys == {f"text_model.{k}" for k in flat} and meta["format"] == "pt"
+
+    tok_dir = out / "tokenizer"
+    vocab = json.loads((tok_dir / "vocab.json").read_text())
+    lines = (tok_dir / "merges.txt").read_text().splitlines()
+    assert lines[0].startswith("#version")  # transformers 4's CLIPTokenizer skips the first line
+    merges = [tuple(line.split()) for line in lines[1:] if line]
+    ours = load_pipeline(str(tiny_model), lora=run / "lora", device="cpu")
+    from_files = CLIPTokenizer(vocab=vocab, merges=merges, pad_token="!", model_max_length=77)
+    for prompt in ("a photo of zwx toy", "Xyzzy quux, 42 photos!", ""):
+        assert from_files(prompt).input_ids == ours.tokenizer(prompt).input_ids, prompt
+
+    merged = _loaded(out)
+    assert torch.allclose(_embed(merged), _embed(ours), atol=1e-5)  # the text-encoder LoRA, fused
+    assert (_embed(merged) - _embed(_pipe(tiny_model))).abs().max() > 1e-3
+
+
+def _loaded(folder):
+    from diffusers import StableDiffusionPipeline
+
+    return StableDiffusionPipeline.from_pretrained(str(folder), safety_checker=None)
+
+
+def test_kohya_export_records_the_lora_it_was_made_from(trained_run, tmp_path):
+    """``generate`` names the export in a PNG only while it is the export of the loaded LoRA."""
+    from dreambooth_kit.export import SOURCE_HASH_KEY
+    from dreambooth_kit.pngmeta import lora_hash
+
+    src = trained_run["result"].lora_path
+    _, meta = _read(export_kohya(src, tmp_path / "k.safetensors"))
+    assert meta[SOURCE_HASH_KEY] == lora_hash(src)
 
 
 def test_cli_export_and_config_exports_at_end_of_training(tmp_path, tiny_model, photos, capsys):
