@@ -26,6 +26,7 @@ from ._version import __version__
 from .adapters import LoraMismatchError, load_lora, lora_file
 from .batching import BatchSizer, check_batch_size, probe_for, run_batches
 from .errors import InvalidInput, NonFiniteError
+from .export import installed_lora
 from .images import make_grid, save_images
 from .models import ModelSource, resolve_model
 from .pngmeta import GenerationParams, file_hash, lora_hash, read_metadata, save_png
@@ -142,12 +143,19 @@ def load_pipeline(
         if fuse:
             pipe.fuse_lora(adapter_names=names)
     files = [lora_file(p) for p in loras]
+    hashes = [lora_hash(f) for f in files]  # hashed once here, not once per image
+    # A1111 users install a run's kohya export, not our diffusers file (another name and hash).
+    installed = [installed_lora(f, h) for f, h in zip(files, hashes, strict=True)]
     pipe._dbk = {  # what every PNG records (pngmeta.GenerationParams)
         "model": base,
         "model_hash": _model_hash(source),
         "loras": [str(f) for f in files],
         "lora_scales": [float(s) for s in scales],
-        "lora_hashes": [lora_hash(f) for f in files],  # hashed once here, not once per image
+        "lora_hashes": hashes,
+        "a1111_loras": [str(f) for f in installed],
+        "a1111_lora_hashes": [
+            h if f == i else lora_hash(i) for f, h, i in zip(files, hashes, installed, strict=True)
+        ],
         "scheduler": scheduler,
     }
     return _place(pipe, device, offload, compile)
@@ -446,6 +454,8 @@ def _params(pipe, job: _Job, seed: int) -> GenerationParams:
         scheduler=sched,
         model_hash=meta.get("model_hash"),
         lora_hashes=list(meta.get("lora_hashes") or []),
+        a1111_loras=list(meta.get("a1111_loras") or []),
+        a1111_lora_hashes=list(meta.get("a1111_lora_hashes") or []),
         mode=job.mode,
         strength=job.strength if job.mode != "txt2img" else None,
         version=__version__,

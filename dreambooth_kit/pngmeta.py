@@ -43,6 +43,11 @@ class GenerationParams:
     scheduler: str | None = None  # our name ("dpmpp_2m", ...) for --from-png
     model_hash: str | None = None
     lora_hashes: list[str] = field(default_factory=list)  # A1111's LoRA hash, one per LoRA (see lora_hash)
+    # The file A1111 users install for each LoRA and its hash: a run's kohya export when it was made
+    # from the loaded file (export.installed_lora), else the loaded file. Only the infotext uses them;
+    # ``loras``/``lora_hashes`` stay the files that were loaded.
+    a1111_loras: list[str] = field(default_factory=list)
+    a1111_lora_hashes: list[str] = field(default_factory=list)
     mode: str = "txt2img"  # txt2img | img2img | inpaint
     strength: float | None = None
     version: str = ""
@@ -55,13 +60,20 @@ class GenerationParams:
         here: not in the prompt the model saw, nor in our JSON). A1111 applies a LoRA only through such a
         tag and strips the tags before encoding the prompt, so "Send to txt2img" re-creates the image
         with the LoRA at its scale; its ``Lora hashes`` entry is only used to point each tag's name at
-        the local file with that hash, so without the tags it would do nothing."""
-        names = [a1111_lora_name(p) for p in self.loras]
+        the local file with that hash, so without the tags it would do nothing.
+
+        Tags and hashes name ``a1111_loras`` (a run's kohya export, the file A1111 users install) when
+        there is one per LoRA, else the loaded files (PNGs from before, LoRAs loaded from elsewhere)."""
+        installed = len(self.a1111_loras) == len(self.loras) == len(self.a1111_lora_hashes)
+        files, file_hashes = (
+            (self.a1111_loras, self.a1111_lora_hashes) if installed else (self.loras, self.lora_hashes)
+        )
+        names = [a1111_lora_name(p) for p in files]
         tags = " ".join(f"<lora:{n}:{s:g}>" for n, s in zip(names, self.lora_scales, strict=False))
         lines = [f"{self.prompt} {tags}" if tags else self.prompt]
         if self.negative_prompt:
             lines.append(f"Negative prompt: {self.negative_prompt}")
-        hashes = ", ".join(f"{n}: {h}" for n, h in zip(names, self.lora_hashes, strict=False) if h)
+        hashes = ", ".join(f"{n}: {h}" for n, h in zip(names, file_hashes, strict=False) if h)
         items = [
             ("Steps", self.steps),
             ("Sampler", self.sampler),

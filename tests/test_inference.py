@@ -632,3 +632,48 @@ def test_single_file_base_is_hashed_as_a1111_hashes_it(tiny_model, tmp_path):
     f = save_single_file(tiny_model, tmp_path / "tiny.safetensors", prediction_type="v_prediction")
     ((_, params),) = generate(load_pipeline(str(f)), PROMPT, seed=1, steps=1)
     assert params.model_hash == hashlib.sha256(f.read_bytes()).hexdigest()[:10]
+
+
+def test_png_names_the_runs_kohya_export_and_json_the_loaded_lora(trained_run, tiny_model, tmp_path):
+    """``generate --lora runs/my_dog/lora``: A1111 users install ``my_dog_kohya.safetensors`` (another
+    name and hash), so the infotext's tag and ``Lora hashes`` name that file once the run has it; the
+    JSON keeps the file that was loaded. An export of other weights (the run trained again since) is
+    not named: A1111 would apply a LoRA that did not make the image."""
+    import shutil
+
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    from dreambooth_kit.export import run_exports
+    from dreambooth_kit.pngmeta import lora_hash, read_metadata
+
+    run = tmp_path / "my_dog"
+    shutil.copytree(trained_run["result"].output_dir, run, ignore=shutil.ignore_patterns("class_images"))
+    lora = run / "lora" / "pytorch_lora_weights.safetensors"
+
+    def png_info(name):
+        ((img, params),) = generate(
+            load_pipeline(str(tiny_model), lora=run / "lora"), PROMPT, seed=5, steps=1
+        )
+        meta = read_metadata(save_png(img, params, tmp_path / f"{name}.png"))
+        assert meta["params"].loras == [str(lora)] and meta["params"].lora_hashes == [lora_hash(lora)]
+        return meta["infotext"]
+
+    before = png_info("no-export")
+    assert before["prompt"] == f"{PROMPT} <lora:my_dog:1>"
+    assert before["Lora hashes"] == f"my_dog: {lora_hash(lora)}"
+
+    (kohya,) = run_exports(run, ["kohya"])
+    assert kohya == run / "export" / "my_dog_kohya.safetensors"
+    after = png_info("exported")
+    assert after["prompt"] == f"{PROMPT} <lora:my_dog_kohya:1>"
+    assert after["Lora hashes"] == f"my_dog_kohya: {lora_hash(kohya)}" and lora_hash(kohya) != lora_hash(lora)
+
+    with safe_open(str(lora), framework="pt") as h:
+        meta = h.metadata()
+    # The run's LoRA replaced by other weights (trained again): the export is stale. The extra metadata
+    # changes the file's size, so no hash remembered by (path, size, mtime) can answer for the old file.
+    save_file({k: v * 2 for k, v in load_file(lora).items()}, str(lora), metadata=meta | {"again": "yes"})
+    stale = png_info("stale")
+    assert stale["prompt"] == f"{PROMPT} <lora:my_dog:1>"
+    assert stale["Lora hashes"] == f"my_dog: {lora_hash(lora)}"

@@ -191,3 +191,30 @@ def test_old_settings_with_loras_joined_by_comma_and_space_give_each_path(tmp_pa
     old |= {"lora": "a.safetensors, b.safetensors", "lora_scale": 0.8}
     params = read_metadata(_png_with_chunk(tmp_path / "old.png", json.dumps(old)))["params"]
     assert params.loras == ["a.safetensors", "b.safetensors"] and params.lora_scales == [0.8, 0.8]
+
+
+def test_infotext_names_the_installed_file_while_the_json_keeps_the_loaded_one(tmp_path):
+    """A1111 users install the run's kohya export (``dog_kohya.safetensors``, another hash): the tag
+    and ``Lora hashes`` name it, so A1111's "PNG Info" finds the LoRA; our JSON still says which file
+    was loaded, so ``--from-png`` loads that one."""
+    p = _params(
+        a1111_loras=["runs/dog/export/dog_kohya.safetensors"],
+        a1111_lora_hashes=["fedcba987654"],
+    )
+    info = parse_infotext(p.infotext())
+    assert info["prompt"] == f"{p.prompt} <lora:dog_kohya:1>"
+    assert info["Lora hashes"] == "dog_kohya: fedcba987654"
+    back = read_metadata(save_png(Image.new("RGB", (8, 8)), p, tmp_path / "x.png"))["params"]
+    assert back.loras == ["runs/dog/lora/pytorch_lora_weights.safetensors"]
+    assert back.lora_hashes == ["abcdef012345"] and back.a1111_lora_hashes == ["fedcba987654"]
+
+
+def test_png_json_without_installed_files_names_the_loaded_file():
+    """PNGs written before ``a1111_loras`` existed (or a LoRA loaded from anywhere else) keep naming
+    the loaded file: one entry per LoRA or none at all."""
+    old = {k: v for k, v in asdict(_params()).items() if not k.startswith("a1111_")}
+    p = GenerationParams.from_dict(old)
+    assert p.a1111_loras == [] and parse_infotext(p.infotext())["Lora hashes"] == "dog: abcdef012345"
+    # A list that does not match the LoRAs one to one is not used (it would pair names and hashes wrongly).
+    half = _params(a1111_loras=["a_kohya.safetensors"], a1111_lora_hashes=[])
+    assert parse_infotext(half.infotext())["Lora hashes"] == "dog: abcdef012345"
