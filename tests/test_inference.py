@@ -677,3 +677,43 @@ def test_png_names_the_runs_kohya_export_and_json_the_loaded_lora(trained_run, t
     stale = png_info("stale")
     assert stale["prompt"] == f"{PROMPT} <lora:my_dog:1>"
     assert stale["Lora hashes"] == f"my_dog: {lora_hash(lora)}"
+
+
+# The lowest release of each that does what we ask of it, found by installing each release with the
+# locked partners and running the tests: diffusers 0.39 ignores from_pretrained(dtype=) (it logs
+# "Keyword arguments {'dtype': ...} are not expected" and loads fp32, so fp16 on CUDA was lost), 0.40
+# reads it but raises IndexError loading a kohya text-encoder LoRA into transformers 5's flat
+# CLIPTextModel (test_export's test_text_encoder_lora); transformers 4.55 reads only torch_dtype=.
+LOWEST_THAT_WORKS = {"diffusers": (0, 41), "transformers": (4, 56)}
+
+
+def _lower_bound(name: str) -> tuple[int, ...]:
+    import re
+
+    text = (Path(__file__).resolve().parents[1] / "pyproject.toml").read_text()
+    (bound,) = re.findall(rf'^\s*"{name}>=([0-9.]+)', text, flags=re.M)
+    return tuple(int(x) for x in bound.split("."))
+
+
+@pytest.mark.parametrize("name", sorted(LOWEST_THAT_WORKS))
+def test_dependency_lower_bounds_are_releases_that_do_what_we_call(name):
+    """inference._load_base passes dtype= to diffusers, models.load_components to transformers, and
+    generate loads kohya LoRAs: pyproject's lower bounds must be releases that do it, not ones that
+    drop the keyword silently or fail on the text encoder."""
+    assert _lower_bound(name) >= LOWEST_THAT_WORKS[name]
+
+
+def test_fp16_asked_is_fp16_loaded(tiny_model):
+    """What the installed diffusers/transformers do with the keywords we pass: every weight in fp16
+    (on diffusers 0.39 the pipeline came back in fp32)."""
+    import torch
+
+    from dreambooth_kit.config import ModelConfig
+    from dreambooth_kit.models import load_components
+
+    pipe = load_pipeline(str(tiny_model), dtype="fp16", device="cpu")
+    for name in ("unet", "text_encoder", "vae"):
+        assert {p.dtype for p in getattr(pipe, name).parameters()} == {torch.float16}, name
+    comps = load_components(ModelConfig(pretrained=str(tiny_model)), dtype=torch.float16)
+    for name in ("unet", "text_encoder", "vae"):
+        assert {p.dtype for p in getattr(comps, name).parameters()} == {torch.float16}, name
