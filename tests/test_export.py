@@ -488,3 +488,70 @@ def test_a_lora_beyond_attention_loads_whole_and_exports(tmp_path, tiny_model, p
     assert loaded == saved
     assert any(n.endswith("attn1.to_k") for n in loaded) and any(n.endswith("proj_in") for n in loaded)
     _same_images_as_diffusers_format(tiny_model, lora, export_kohya(lora, tmp_path / "k.safetensors"))
+
+
+# Run by another stack's Python: the text encoder's output change from our LoRA file (0.0 = the text-
+# encoder half silently dropped) and the merged folder's text-encoder output.
+_CONSUMER = """
+import json, os, sys, torch
+from diffusers import StableDiffusionPipeline
+def load(folder):
+    return StableDiffusionPipeline.from_pretrained(folder, safety_checker=None, requires_safety_checker=False)
+def embed(p):
+    ids = p.tokenizer("a photo of zwx toy", padding="max_length", max_length=77, return_tensors="pt").input_ids
+    with torch.no_grad():
+        return p.text_encoder(ids)[0]
+base, lora, merged = sys.argv[1:]
+p = load(base)
+before = embed(p)
+p.load_lora_weights(os.path.dirname(lora), weight_name=os.path.basename(lora))  # offline: name the file
+print(json.dumps({"change": (embed(p) - before).abs().max().item(), "merged": embed(load(merged)).tolist()}))
+"""
+
+
+@pytest.mark.network
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "pins",
+    [
+        ["diffusers==0.32.2", "transformers==4.54.1", "peft==0.17.0", "accelerate==1.10.0"],
+        ["diffusers==0.39.0", "transformers==4.57.6", "peft==0.17.1", "accelerate==1.10.0"],
+    ],
+)
+def test_older_stacks_load_our_text_encoder_lora_and_merged_folder(pins, te_run, tiny_model, tmp_path):
+    """The consumers' own code, installed from PyPI into a scratch venv (torch as the Makefile installs
+    it: DBK_TORCH overrides). Before: 0.32 raised IndexError on the LoRA, 0.39 refused its metadata,
+    and neither loaded the merged folder. The base is handed over in the merged folder's layout."""
+    import json
+    import os
+    import shutil
+    import subprocess
+    import venv
+
+    from transformers import CLIPTokenizer
+
+    from dreambooth_kit.export import export_merged_diffusers, readable_by_transformers4
+    from dreambooth_kit.inference import load_pipeline
+
+    env = tmp_path / "venv"
+    venv.create(env, with_pip=True)
+    py = str(env / "bin" / "python")
+    torch_pin = os.environ.get("DBK_TORCH", f"torch=={torch.__version__.split('+')[0]}")
+    for pkgs in ([torch_pin], [*pins, "safetensors", "protobuf"]):
+        subprocess.run([py, "-m", "pip", "install", "-q", *pkgs], check=True)
+    run = tmp_path / "run"
+    shutil.copytree(te_run.output_dir, run, ignore=shutil.ignore_patterns("class_images"))
+    merged = export_merged_diffusers(run, tmp_path / "merged")
+    base = shutil.copytree(tiny_model, tmp_path / "base")
+    readable_by_transformers4(base, CLIPTokenizer.from_pretrained(str(base / "tokenizer")))
+    out = subprocess.run(
+        [py, "-c", _CONSUMER, str(base), str(run / "lora" / "pytorch_lora_weights.safetensors"), str(merged)],
+        capture_output=True,
+        text=True,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    got = json.loads(out.stdout.strip().splitlines()[-1])
+    ours = load_pipeline(str(tiny_model), lora=run / "lora", device="cpu")
+    # diffusers 0.32 reads no adapter metadata (alpha = rank: a smaller change), but never none.
+    assert got["change"] > 0.1 * (_embed(ours) - _embed(_pipe(tiny_model))).abs().max().item()
+    assert torch.allclose(torch.tensor(got["merged"]), _embed(ours), atol=1e-5)
