@@ -55,22 +55,55 @@ NO_SPACE = "no space left"
 FILE_SIZE_LIMIT = "file size limit"
 
 # run.json fields that must match to resume: a different base model, resolution, precision or LoRA
-# shape either cannot load (shape mismatch) or silently trains something else.
+# shape either cannot load (shape mismatch) or silently trains something else. So do the settings
+# that shape the optimisation: the restored optimizer and LR schedule keep the checkpoint's learning
+# rate while config.yaml would record the new one, and another batch, seed, augmentation or loss
+# makes the resumed run another run than the one it continues.
 COMPATIBILITY_FIELDS = (
     "model.pretrained",
+    "model.prediction_type",
     "data.resolution",
+    "data.center_crop",
+    "data.random_flip",
     "train.mixed_precision",
     "adapter.type",
     "adapter.rank",
     "adapter.alpha",
     "adapter.target_modules",
     "adapter.train_text_encoder",
+    "train.seed",
+    "train.batch_size",
+    "train.gradient_accumulation_steps",
+    "train.learning_rate",
+    "train.text_encoder_learning_rate",
+    "train.scale_lr",
+    "train.lr_scheduler",
+    "train.lr_warmup_steps",
+    "train.adam_beta1",
+    "train.adam_beta2",
+    "train.adam_weight_decay",
+    "train.adam_epsilon",
+    "train.use_8bit_adam",
+    "train.snr_gamma",
+    "train.noise_offset",
+    "prior.with_prior_preservation",
+    "prior.mode",
+    "prior.prior_loss_weight",
 )
+# With train.resume_force these are applied to the restored optimizer and schedule (the others
+# cannot be changed after the fact and are only warned about).
+LEARNING_RATE_FIELDS = ("train.learning_rate", "train.text_encoder_learning_rate", "train.scale_lr")
 _LORA_ONLY_FIELDS = ("adapter.rank", "adapter.alpha", "adapter.target_modules")
 
 
 class CheckpointError(UserError, RuntimeError):
     """A checkpoint could not be written, found or restored; the message says what to do."""
+
+
+class CheckpointSaveFailed(RuntimeError):
+    """A save failed for a reason that is not the disk's (a full disk or a size limit is a
+    :class:`CheckpointError`): says which checkpoint is intact, and is no UserError, so the CLI
+    shows the traceback of the cause (``__cause__``), which is what a bug report needs."""
 
 
 def step_name(step: int) -> str:
@@ -213,6 +246,8 @@ def save_step_checkpoint(run: LoopState) -> Path:
             "epoch": run.epoch,
             "batch_in_epoch": run.batch_in_epoch,
             "processes": run.accelerator.num_processes,
+            "lineage": run.lineage,  # the timeline that wrote it (see lineage.py)
+            "photos": run.photos,  # what it was trained on (checked on resume)
         },
         run_config=run.settings.config_dict,
         keep_last=run.settings.checkpoint.keep_last,
@@ -297,7 +332,9 @@ def _write_checkpoint(
     return _first_failure(gather_object([_describe(error, tmp)])), error
 
 
-def _save_error(failure: tuple[str | None, str], root: Path, name: str) -> CheckpointError:
+def _save_error(
+    failure: tuple[str | None, str], root: Path, name: str
+) -> CheckpointError | CheckpointSaveFailed:
     """The one-line error for a failed save: why, which earlier checkpoint is intact, what to do."""
     complete = _scan(root, logging.DEBUG)  # incl. an earlier save of this same step, if any
     intact = f"{complete[-1][1].name} intact" if complete else "no earlier checkpoint"
@@ -310,20 +347,26 @@ def _save_error(failure: tuple[str | None, str], root: Path, name: str) -> Check
             f"file size limit reached while saving {name}{most}; {intact} "
             f"(raise it with `ulimit -f unlimited`, {then})"
         )
+    if reason == _OS_ERROR:  # the machine's (I/O, permissions): one line says it
+        return CheckpointError(f"saving {name} failed ({text}); {intact}")
     if reason is not None:
         need = f"a checkpoint takes about {_mb(_size_of(complete[-1][1]))}; " if complete else ""
         return CheckpointError(
             f"no space left while saving {name}; {intact} ({need}free space on the disk of "
             f"{root.resolve()}, {then})"
         )
-    return CheckpointError(f"saving {name} failed ({text}); {intact}")
+    return CheckpointSaveFailed(f"saving {name} failed ({text}); {intact}")
 
 
 def _describe(error: BaseException | None, folder: Path) -> tuple[str | None, str] | None:
     """(disk_full_reason, text): a picklable summary to share between processes."""
     if error is None:
         return None
-    return disk_full_reason(error, folder), f"{type(error).__name__}: {_short(error)}"
+    reason = disk_full_reason(error, folder) or (_OS_ERROR if isinstance(error, OSError) else None)
+    return reason, f"{type(error).__name__}: {_short(error)}"
+
+
+_OS_ERROR = "os error"  # a failed write that is not a full disk (EIO, EACCES, ...): not a bug
 
 
 def _first_failure(summaries: list) -> tuple[str | None, str] | None:
@@ -409,7 +452,7 @@ def _files(folder: Path) -> list[Path]:
 def _prune(root: Path, keep_last: int | None, *, keep: Path) -> None:
     if keep_last is None:
         return
-    complete = _scan(root, logging.DEBUG)
+    complete = _owned(root.parent, _scan(root, logging.DEBUG))  # never another timeline's
     kept = {p for _, p in complete[-keep_last:]} | {keep}
     for _, path in complete:
         if path in kept:
@@ -454,10 +497,56 @@ def _scan(root: Path, level: int) -> list[tuple[int, Path]]:
 
 
 def list_checkpoints(output_dir: str | os.PathLike) -> list[tuple[int, Path]]:
-    """Complete checkpoints in ``output_dir/checkpoints`` as ``(step, path)``, oldest first.
-    Anything else there (``.tmp-*``, ``checkpoint-best``, folders without ``COMPLETE.json``) is
-    skipped with an INFO notice."""
-    return _scan(Path(output_dir) / CHECKPOINTS, logging.INFO)
+    """This run's complete checkpoints in ``output_dir/checkpoints`` as ``(step, path)``, oldest
+    first: those of its timeline (``lineage.json``; see :mod:`dreambooth_kit.lineage`). Anything else
+    there (``.tmp-*``, ``checkpoint-best``, folders without ``COMPLETE.json``, another timeline's
+    steps) is skipped with an INFO notice."""
+    return _owned(Path(output_dir), _scan(Path(output_dir) / CHECKPOINTS, logging.INFO), logging.INFO)
+
+
+def read_state(folder: Path) -> dict:
+    """A checkpoint's ``state.json``, checked: an object whose step agrees with its folder name and
+    its ``COMPLETE.json`` (a state.json copied from another checkpoint would resume at the wrong step)."""
+    path = folder / STATE
+    try:
+        state = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{path} cannot be read ({_short(e)}); {_earlier_hint(folder)}") from None
+    name = _STEP_DIR.match(folder.name)
+    steps = {
+        "state.json": state.get("step") if isinstance(state, dict) else None,
+        COMPLETE: (_read_complete(folder) or {}).get("step"),
+        "the folder name": int(name.group(1)) if name else None,
+    }
+    wrong_shape = not isinstance(state, dict) or not isinstance(state.get("step"), int)
+    if wrong_shape or len({v for v in steps.values() if v is not None}) != 1:
+        said = ", ".join(f"{k} says {v}" for k, v in steps.items())
+        raise CheckpointError(
+            f"{path}: does not agree with its checkpoint ({said}); it was edited or copied from another "
+            f"checkpoint. {_earlier_hint(folder)}"
+        )
+    return state
+
+
+def checkpoint_lineage(folder: Path) -> str | None:
+    return _state_field(folder, "lineage")
+
+
+def _owned(
+    run_dir: Path, found: list[tuple[int, Path]], level: int = logging.DEBUG
+) -> list[tuple[int, Path]]:
+    from .lineage import read_lineage
+
+    lineage = read_lineage(run_dir)
+    if lineage is None:
+        return found
+    owned = []
+    for step, path in found:
+        if lineage.owns(checkpoint_lineage(path), step):
+            owned.append((step, path))
+        else:
+            log.log(level, "ignoring %s: written by another timeline of this folder (lineage.json)", path)
+    return owned
 
 
 def clean_tmp(output_dir: str | os.PathLike) -> list[Path]:
@@ -515,9 +604,11 @@ def resolve_resume(output_dir: str | os.PathLike, resume: str | None) -> Path | 
 # ------------------------------------------------------------------ loading
 
 
-def load_checkpoint(accelerator, path: str | os.PathLike) -> dict:
+def load_checkpoint(accelerator, path: str | os.PathLike, *, force: bool = False) -> dict:
     """Restore models (LoRA via register_lora_hooks), optimizer, scheduler and RNG from ``path``
-    with ``accelerator.load_state``; return the ``state.json`` dict (``step`` + extra_state)."""
+    with ``accelerator.load_state``; return the ``state.json`` dict (``step`` + extra_state).
+
+    A missing or damaged RNG file fails: the resume could not be exact (``force``: a warning)."""
     from accelerate.utils import RNG_STATE_NAME
 
     path = Path(path).resolve()
@@ -539,17 +630,16 @@ def load_checkpoint(accelerator, path: str | os.PathLike) -> dict:
     rng_size = complete["files"].get(rng_file.name)
     if not rng_file.is_file() or (rng_size is not None and rng_file.stat().st_size != rng_size):
         # accelerate only logs "Could not load random states" at INFO, and goes on: the resumed run
-        # then differs from an uninterrupted one, which a user must be told.
-        log.warning(
-            "%s is %s: random number generators are not restored, so training continues but not "
-            "bit-identically to an uninterrupted run",
-            rng_file,
-            "damaged" if rng_file.is_file() else "missing",
+        # then differs from an uninterrupted one, which a resume promises it does not.
+        what = "damaged" if rng_file.is_file() else "missing"
+        msg = (
+            f"{rng_file} is {what}: the random number generators cannot be restored, so the resumed run "
+            "would not be the uninterrupted one"
         )
-    try:
-        state = json.loads((path / STATE).read_text())
-    except (OSError, ValueError) as e:
-        raise CheckpointError(f"{path / STATE} cannot be read ({e}); {_earlier_hint(path)}") from e
+        if not force:
+            raise CheckpointError(f"{msg}; {_earlier_hint(path)}, or set train.resume_force=true to go on")
+        log.warning("%s (train.resume_force=true: continuing)", msg)
+    state = read_state(path)
     try:
         accelerator.load_state(str(path))
     except CheckpointError:
@@ -560,11 +650,24 @@ def load_checkpoint(accelerator, path: str | os.PathLike) -> dict:
             # Not the raw error text: torch's "Weights only load failed … re-run with
             # weights_only=False" is misleading advice for a damaged file.
             raise CheckpointError(f"{file} cannot be read ({type(e).__name__}); {_earlier_hint(path)}") from e
+        if not _is_setup_mismatch(e):
+            raise  # a bug, not a checkpoint problem: its traceback is what a report needs
         raise CheckpointError(
             f"{path} could not be restored ({type(e).__name__}: {_short(e)}); was it saved by a "
             "different setup (optimizer, number of trained models)?"
         ) from e
     return state
+
+
+# What torch and accelerate raise when a checkpoint's states do not fit the objects built now
+# (another optimizer, another number of parameter groups or models).
+_MISMATCH_TEXTS = ("size mismatch", "parameter group", "state_dict", "does not match", "Missing key")
+
+
+def _is_setup_mismatch(error: BaseException) -> bool:
+    return isinstance(error, (RuntimeError, ValueError, KeyError, IndexError)) and any(
+        t in str(error) for t in _MISMATCH_TEXTS
+    )
 
 
 def _file_being_read(error: BaseException, folder: Path) -> Path | None:
@@ -638,29 +741,72 @@ def check_process_count(path: str | os.PathLike, processes: int, *, force: bool)
     log.warning("%s (train.resume_force=true: continuing)", msg)
 
 
-def check_compatible(path: str | os.PathLike, run_config: dict, *, force: bool) -> None:
-    """Refuse to resume a checkpoint whose run differs in base model, resolution, precision or
-    adapter shape; with ``force`` log a warning instead."""
+def check_compatible(
+    path: str | os.PathLike, run_config: dict, *, force: bool, photos: str | None = None
+) -> list[str]:
+    """Refuse to resume a checkpoint whose run differs in base model, prediction type, resolution,
+    precision, adapter shape, the settings that shape the optimisation (:data:`COMPATIBILITY_FIELDS`)
+    or the photos (``photos``: :func:`photo_digest` of this run's, against the one its state.json
+    recorded); with ``force`` log a warning instead. Returns the differing keys."""
     path = Path(path).resolve()
+    keys: list[str] = []
     try:
         saved = json.loads((path / RUN).read_text())
     except (OSError, ValueError) as e:
         problems = [f"{RUN} of the checkpoint cannot be read ({e})"]
     else:
         both_full = _get(saved, "adapter.type") == _get(run_config, "adapter.type") == "full"
-        problems = [
-            f"{key}: {_fmt(_normalized(saved, key))} in the checkpoint, {_fmt(_normalized(run_config, key))} now"
+        keys = [
+            key
             for key in COMPATIBILITY_FIELDS
             if not (both_full and key in _LORA_ONLY_FIELDS)
             and _normalized(saved, key) != _normalized(run_config, key)
         ]
+        problems = [
+            f"{key}: {_fmt(_normalized(saved, key))} in the checkpoint, {_fmt(_normalized(run_config, key))} now"
+            for key in keys
+        ]
+    saved_photos = _state_field(path, "photos")
+    if photos is not None and saved_photos is not None and saved_photos != photos:
+        keys.append("photos")
+        problems.append(
+            "the photos (data.instance_dir, with their captions) are not the ones the checkpoint was "
+            "trained on: files were added, removed or changed since"
+        )
     if not problems:
-        return
+        return keys
     listing = "\n".join(f"  - {p}" for p in problems)
     if force:
         log.warning("resuming from %s although its run differs (train.resume_force=true):\n%s", path, listing)
-        return
+        return keys
     raise CheckpointError(
         f"checkpoint {path} was saved by a different setup:\n{listing}\n"
-        "set train.resume_force=true to resume anyway"
+        "set train.resume_force=true to resume anyway (a changed learning rate then applies from the "
+        "resumed step), or resume with the checkpoint's settings"
     )
+
+
+def _state_field(folder: Path, key: str):
+    try:
+        state = json.loads((folder / STATE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return state.get(key) if isinstance(state, dict) else None
+
+
+def photo_digest(images: list[Path], *, captions: bool) -> str:
+    """What a run trains on, as one hash: each photo's name and content (and its caption's text when
+    captions are used), so a resume notices photos added, removed or changed."""
+    import hashlib
+
+    from .hashing import sha256_file
+
+    digest = hashlib.sha256()
+    for image in sorted(Path(p) for p in images):
+        digest.update(f"{image.name}={sha256_file(image)}\n".encode())
+        caption = image.with_suffix(".txt")
+        if captions and caption.is_file():
+            digest.update(
+                f"{caption.name}={caption.read_text(encoding='utf-8', errors='replace')}\n".encode()
+            )
+    return digest.hexdigest()

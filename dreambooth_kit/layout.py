@@ -11,6 +11,8 @@ changes everywhere.
     <run>/samples/step-*/      validation images
     <run>/export/              kohya / merged / single-file exports
     <run>/logs/                tracker logs (TensorBoard)
+    <run>/lineage.json         the run's timeline (lineage.py)
+    <run>/abandoned/           what an abandoned timeline made (runfolder.py)
 """
 
 from __future__ import annotations

@@ -101,6 +101,8 @@ class LoopState:
     batch_in_epoch: int = 0
     # validation.metrics: evaluate's scorer (evaluate.ValidationScorer), on the main process only
     scorer: Callable | None = None
+    lineage: str | None = None  # the run's timeline id, recorded in each checkpoint (lineage.py)
+    photos: str | None = None  # checkpoints.photo_digest of the photos, checked when resuming
 
     def __post_init__(self) -> None:
         self.guard = NonFiniteGuard(self.settings.train.max_nonfinite_steps)
@@ -228,15 +230,28 @@ def _checkpoint_or_stop(
     ctx: LoopState, outcome: StepOutcome, signals: StopSignals, bar: tqdm, checkpoint: Checkpoint
 ) -> None:
     """A checkpoint of an applied step when one is due or a stop signal came; then stop on the signal."""
-    stop = signals.signum is not None
+    signum = agreed_signal(ctx.accelerator, signals.signum)
+    stop = signum is not None
     if outcome is StepOutcome.APPLIED and (stop or _due(ctx.settings.checkpoint.every_steps, ctx.step)):
         checkpoint(ctx)
     if stop:
         bar.close()
         hint = f"dreambooth-kit train --config {ctx.out / 'config.yaml'} train.resume=latest"
-        err = TrainingInterrupted(ctx.step, signals.signum, ctx.last_checkpoint, hint)
+        err = TrainingInterrupted(ctx.step, signum, ctx.last_checkpoint, hint)
         log.warning("%s", err)
         raise err
+
+
+def agreed_signal(acc: Accelerator, signum: int | None) -> int | None:
+    """The stop decision of all processes, taken at the same step boundary: a signal that reached any
+    process stops every one (the first signal number seen, by rank). Each process reading only its own
+    flag let a signal that landed between two processes' checks send one into the checkpoint's
+    collectives and the other into the next step's: a hang, and the preemption checkpoint lost.
+    One process: its own flag, no collective."""
+    if acc.num_processes == 1:
+        return signum
+    seen = acc.gather(torch.tensor([signum or 0], device=acc.device)).tolist()
+    return next((int(s) for s in seen if s), None)
 
 
 def _due(every: int | None, step: int) -> bool:

@@ -25,6 +25,7 @@ from .errors import NonFiniteError, UserError
 
 if TYPE_CHECKING:
     from .loop import LoopState
+    from .models import ModelSource
 
 log = logging.getLogger("dreambooth_kit")
 
@@ -35,15 +36,17 @@ class FinalSaveError(UserError, OSError):
     """The final LoRA/pipeline could not be written; the trained weights are in a checkpoint."""
 
 
-def save_final(run: LoopState, source: str) -> Path:
-    """``run`` is the loop's state after the last step."""
+def save_final(run: LoopState, source: ModelSource) -> Path:
+    """``run`` is the loop's state after the last step; ``source`` the run's base model (a full
+    fine-tune's pipeline takes its frozen parts from it, at its revision and variant)."""
     s = run.settings
     final = run.out / ("pipeline" if s.adapter.type == "full" else "lora")
-    from .checkpoints import CheckpointError
+    from .checkpoints import CheckpointError, CheckpointSaveFailed
 
     try:
         checkpoint = _final_checkpoint(run)
-    except CheckpointError as e:  # still try the final output: a LoRA is a third of its checkpoint
+    # Still try the final output: a LoRA is a third of its checkpoint.
+    except (CheckpointError, CheckpointSaveFailed) as e:
         log.warning("%s; writing the final output anyway", e)
         checkpoint = None
     try:
@@ -56,7 +59,8 @@ def save_final(run: LoopState, source: str) -> Path:
                 run.unet,
                 run.text_encoder,
                 run.out,
-                source,
+                source.location,
+                source.load_kwargs(),
             )
         return save_lora(s.adapter, s.config_dict, run.accelerator, run.unet, run.text_encoder, run.out)
     except OSError as e:
@@ -175,11 +179,20 @@ def _swap_in(tmp: Path, final: Path) -> Path:
 
 
 def save_pipeline(
-    config: dict, save_precision: str, accelerator, comps, unet, text_encoder, out: Path, source: str
+    config: dict,
+    save_precision: str,
+    accelerator,
+    comps,
+    unet,
+    text_encoder,
+    out: Path,
+    source: str,
+    load_kwargs: dict | None = None,
 ) -> Path:
     """Full fine-tune: a complete diffusers pipeline (safetensors) that
     ``StableDiffusionPipeline.from_pretrained`` loads, with the run's ``config`` (a
-    ``to_dict()``) beside it as ``dreambooth_kit_config.yaml``."""
+    ``to_dict()``) beside it as ``dreambooth_kit_config.yaml``. ``load_kwargs``: the base model's
+    ``revision``/``variant`` (ModelSource.load_kwargs), so the frozen parts are the trained-on ones."""
     from diffusers import StableDiffusionPipeline
 
     final = out / "pipeline"
@@ -192,7 +205,7 @@ def save_pipeline(
     # Frozen parts are reloaded from the base in fp32, so the saved dtype is exactly save_precision.
     extra = {"text_encoder": te} if te is not None else {}
     pipe = StableDiffusionPipeline.from_pretrained(
-        source, unet=unet, safety_checker=None, requires_safety_checker=False, **extra
+        source, unet=unet, safety_checker=None, requires_safety_checker=False, **extra, **(load_kwargs or {})
     )
     pipe.scheduler = type(pipe.scheduler).from_config(comps.noise_scheduler.config)
     dtype = torch.float16 if save_precision == "fp16" else torch.float32

@@ -78,13 +78,14 @@ def train(cfg: DreamBoothConfig) -> TrainResult:
     """
     from accelerate.utils import set_seed
 
-    from .checkpoints import clean_tmp, save_step_checkpoint
+    from .checkpoints import clean_tmp, photo_digest, save_step_checkpoint
     from .guards import StopSignals
     from .loop import LoopState, prompt_encoder, release_frozen
     from .loop import run as run_loop
     from .models import load_components, resolve_source
     from .outputs import clean_tmp_outputs, save_final
     from .preflight import preflight
+    from .runfolder import Run
     from .validation import validate_during_training
     from .versions import check_transformers_peft
 
@@ -94,6 +95,8 @@ def train(cfg: DreamBoothConfig) -> TrainResult:
     check_deepspeed(accelerator, cfg.adapter.type, cfg.adapter.train_text_encoder, cfg.train)
     out = _prepare_output_dir(cfg)
     with _lock_output_dir(cfg, out, accelerator):
+        folder = Run.open(out)  # under the lock: another run cannot change it between check and use
+        folder.refuse_to_mix(resume=cfg.train.resume is not None, overwrite=cfg.train.overwrite)
         check_transformers_peft(need_text_encoder_lora=cfg.adapter.train_text_encoder)
         source = resolve_source(cfg.model)  # once: every step below reads this, nothing resolves again
         report = preflight(
@@ -102,7 +105,10 @@ def train(cfg: DreamBoothConfig) -> TrainResult:
             native_resolution=source.native_resolution,
             source=source.location,
         )
+        photos = photo_digest([p for r in report.reports for p in r.images], captions=cfg.data.use_captions)
+        resume_from, changed = _resume_point(cfg, out, source, photos)  # refused before anything is written
         scorer = _validation_scorer(cfg, accelerator)  # before any model: a missing encoder fails now
+        lineage = _begin_timeline(folder, resume_from, accelerator)
         _init_trackers(cfg, accelerator)
         set_seed(cfg.train.seed)
         if accelerator.is_main_process:
@@ -110,7 +116,6 @@ def train(cfg: DreamBoothConfig) -> TrainResult:
             source.record(out)
             clean_tmp(out)
             clean_tmp_outputs(out)
-        resume_from = _resume_point(cfg, out)
 
         class_sets = _class_images(cfg, report, source, accelerator, out)
         comps = load_components(source)
@@ -122,12 +127,14 @@ def train(cfg: DreamBoothConfig) -> TrainResult:
         unet, text_encoder, optimizer, dataloader, lr_scheduler = _prepare(
             accelerator, cfg, unet, text_encoder, optimizer, dataloader, lr_scheduler
         )
-        position = _restore(cfg, accelerator, unet, text_encoder, resume_from)
+        position = _restore(
+            cfg, accelerator, unet, text_encoder, resume_from, optimizer, lr_scheduler, changed
+        )
 
         settings = run_settings(cfg)  # after the prediction type is recorded: checkpoints carry it
         run = LoopState(
             settings, accelerator, comps, unet, text_encoder, params, optimizer, lr_scheduler, out,
-            scorer=scorer,
+            scorer=scorer, lineage=lineage, photos=photos,
         )  # fmt: skip
         encode = prompt_encoder(run)
         if cfg.validation.every_steps is None:  # validation samples with the frozen text encoder and VAE
@@ -138,7 +145,7 @@ def train(cfg: DreamBoothConfig) -> TrainResult:
                 validate=validate_during_training, checkpoint=save_step_checkpoint,
             )  # fmt: skip
 
-        final_dir = save_final(run, source.location)
+        final_dir = save_final(run, source)
         if cfg.export.formats and accelerator.is_main_process:
             from .export import run_exports
 
@@ -168,14 +175,8 @@ def _prepare_output_dir(cfg: DreamBoothConfig) -> Path:
     from .preflight import check_output_folders
 
     out = Path(cfg.train.output_dir)
-    final = RunLayout(out).final(cfg.adapter.type)
-    # Resuming continues this run, so its final output may be replaced; a fresh run never does that
-    # silently.
-    if final.exists() and any(final.iterdir()) and not (cfg.train.overwrite or cfg.train.resume):
-        raise FileExistsError(
-            f"{final.resolve()} already holds a trained {'model' if cfg.adapter.type == 'full' else 'LoRA'}. "
-            "Choose another train.output_dir, or set train.overwrite=true to replace it."
-        )
+    # What the folder already holds (a finished or interrupted run) is checked under its lock:
+    # Run.refuse_to_mix in train().
     check_output_folders(
         preflight_spec(cfg)
     )  # a file in the way or no write permission: named before any mkdir
@@ -183,19 +184,37 @@ def _prepare_output_dir(cfg: DreamBoothConfig) -> Path:
     return out
 
 
-def _resume_point(cfg: DreamBoothConfig, out: Path) -> Path | None:
-    from .checkpoints import check_compatible, resolve_resume
+def _resume_point(cfg: DreamBoothConfig, out: Path, source, photos: str) -> tuple[Path | None, list[str]]:
+    """The checkpoint to resume from (None: a fresh start) and the settings that differ from its
+    run's (only with train.resume_force; otherwise a difference is refused here). Writes nothing."""
+    from .checkpoints import check_compatible, read_state, resolve_resume
 
     path = resolve_resume(out, cfg.train.resume)
-    if path is not None:
-        check_compatible(path, cfg.to_dict(), force=cfg.train.resume_force)
-    return path
+    if path is None:
+        return None, []
+    read_state(path)  # a state.json that disagrees with its checkpoint: refused before anything else
+    resolved = cfg.to_dict()  # compared as the checkpoint's run.json records it: prediction type resolved
+    resolved["model"]["prediction_type"] = cfg.model.prediction_type or source.prediction_type
+    return path, check_compatible(path, resolved, force=cfg.train.resume_force, photos=photos)
 
 
-def _restore(cfg, accelerator, unet, text_encoder, path: Path | None) -> dict:
-    """Register how checkpoints hold the trained weights, then load one if resuming.
+def _begin_timeline(folder, resume_from: Path | None, accelerator) -> str:
+    """The main process decides the run's timeline (moving an abandoned one aside); every process
+    learns its id."""
+    from accelerate.utils import gather_object
+
+    lineage = folder.begin(resume_from).id if accelerator.is_main_process else None
+    return gather_object([lineage])[0]
+
+
+def _restore(
+    cfg, accelerator, unet, text_encoder, path: Path | None, optimizer=None, lr_scheduler=None, changed=()
+) -> dict:
+    """Register how checkpoints hold the trained weights, then load one if resuming; a learning rate
+    changed under train.resume_force replaces the checkpoint's in the restored optimizer and schedule.
     Returns the data position: {"step", "epoch", "batch_in_epoch"}."""
     from .checkpoints import (
+        LEARNING_RATE_FIELDS,
         check_process_count,
         load_checkpoint,
         register_deepspeed_weights_hook,
@@ -210,9 +229,32 @@ def _restore(cfg, accelerator, unet, text_encoder, path: Path | None) -> dict:
     if path is None:
         return {"step": 0, "epoch": 0, "batch_in_epoch": 0}
     check_process_count(path, accelerator.num_processes, force=cfg.train.resume_force)
-    state = load_checkpoint(accelerator, path)
+    wanted = [g.get("initial_lr", g["lr"]) for g in optimizer.param_groups] if optimizer is not None else []
+    state = load_checkpoint(accelerator, path, force=cfg.train.resume_force)
+    if optimizer is not None and set(changed) & set(LEARNING_RATE_FIELDS):
+        _apply_learning_rates(optimizer, lr_scheduler, wanted)
+        log.warning(
+            "learning rate changed on resume (train.resume_force=true): %s from step %d on, instead of "
+            "the checkpoint's", ", ".join(f"{lr:g}" for lr in wanted), state["step"],
+        )  # fmt: skip
     log.info("resumed from %s at step %d", path, state["step"])
     return state
+
+
+def _apply_learning_rates(optimizer, lr_scheduler, initial: list[float]) -> None:
+    """Put this run's learning rates into a restored optimizer and schedule: load_state restores the
+    checkpoint's (its param groups and the schedule's base rates), which config.yaml would no
+    longer say. The schedule keeps its position; only its base changes."""
+    sched = getattr(lr_scheduler, "scheduler", lr_scheduler)  # accelerate's wrapper holds torch's
+    sched.base_lrs = list(initial)
+    factors = (
+        [f(sched.last_epoch) for f in sched.lr_lambdas]
+        if hasattr(sched, "lr_lambdas")
+        else [1.0] * len(initial)
+    )
+    for group, base, factor in zip(optimizer.param_groups, initial, factors, strict=True):
+        group["initial_lr"], group["lr"] = base, base * factor
+    sched._last_lr = [g["lr"] for g in optimizer.param_groups]
 
 
 def _make_accelerator(cfg: DreamBoothConfig, out: Path):

@@ -20,6 +20,7 @@ from dreambooth_kit import atomic
 from dreambooth_kit import checkpoints as ck
 from dreambooth_kit.checkpoints import (
     CheckpointError,
+    CheckpointSaveFailed,
     check_compatible,
     clean_tmp,
     list_checkpoints,
@@ -30,6 +31,7 @@ from dreambooth_kit.checkpoints import (
     step_name,
 )
 from dreambooth_kit.config import AdapterConfig, DreamBoothConfig
+from dreambooth_kit.errors import UserError
 
 LOG = "dreambooth_kit"
 
@@ -237,11 +239,14 @@ def test_failed_save_keeps_the_previous_checkpoint(env, monkeypatch, where):
         monkeypatch.setattr(env.opt, "state_dict", boom)
     else:  # after save_state, while marking the folder complete
         monkeypatch.setattr(os, "fsync", boom)
-    with pytest.raises(CheckpointError, match="saving step-000004 failed") as info:
+    with pytest.raises(CheckpointSaveFailed, match="saving step-000004 failed") as info:
         _save(env, 4, keep_last=1)
     monkeypatch.undo()
 
     assert "injected failure" in str(info.value) and "step-000002 intact" in str(info.value)
+    # Not the disk's fault: not a one-line user error, so the CLI shows the cause's traceback
+    # (before, every failure became a CheckpointError and a bug lost its traceback).
+    assert not isinstance(info.value, UserError) and isinstance(info.value.__cause__, RuntimeError)
     assert _names(env.out) == ["step-000002"]  # nothing pruned, no step-4, no temporary folder
     assert resolve_resume(env.out, "latest") == first.resolve()
     _train(env)
@@ -532,7 +537,6 @@ def test_check_compatible_lists_each_difference(env, caplog):
 
     same_in_effect = copy.deepcopy(env.run_config)
     same_in_effect["train"]["max_steps"] = 9999  # not a compatibility field
-    same_in_effect["train"]["learning_rate"] = 1.0
     same_in_effect["adapter"]["target_modules"] = ["to_v", "to_q", "to_k", "to_out.0"]  # a set to peft
     check_compatible(path, same_in_effect, force=False)
 
@@ -546,6 +550,17 @@ def test_check_compatible_lists_each_difference(env, caplog):
     assert "data.resolution: 512 in the checkpoint, 768 now" in msg
     assert "set train.resume_force=true to resume anyway" in msg
     assert "model.pretrained" not in msg
+    # The settings that shape the optimisation are checked too: before, another learning rate
+    # resumed silently with the checkpoint's (the restored optimizer's) while config.yaml said the new.
+    lr = copy.deepcopy(env.run_config)
+    lr["train"]["learning_rate"] = 1.0
+    lr["model"]["prediction_type"] = (
+        "epsilon" if lr["model"]["prediction_type"] != "epsilon" else "v_prediction"
+    )
+    with pytest.raises(CheckpointError) as info:
+        check_compatible(path, lr, force=False)
+    assert "train.learning_rate: 0.0001 in the checkpoint, 1.0 now" in str(info.value)
+    assert "model.prediction_type:" in str(info.value)
 
     with caplog.at_level(logging.WARNING, logger=LOG):
         check_compatible(path, now, force=True)
@@ -589,22 +604,47 @@ def test_truncated_state_file_is_named(env):
         load_checkpoint(env.acc, path)
 
 
-def test_missing_rng_file_warns_and_training_state_still_loads(env, caplog):
+def test_missing_rng_file_fails_the_exact_resume_unless_forced(env, caplog):
+    """Before, a missing or damaged RNG file was a warning and the resume went on, no longer exact."""
     _train(env)
     path = _save(env, 2)
     lora = _lora(env.unet)
     (path / "random_states_0.pkl").unlink()
     _train(env)
 
+    with pytest.raises(CheckpointError, match=r"random_states_0.pkl is missing: .*train.resume_force=true"):
+        load_checkpoint(env.acc, path)
     with caplog.at_level(logging.INFO, logger=LOG):
-        state = load_checkpoint(env.acc, path)
+        state = load_checkpoint(env.acc, path, force=True)
 
     assert state["step"] == 2
     _assert_same(lora, _lora(env.unet))
     warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warnings) == 1
     assert "random_states_0.pkl" in warnings[0].getMessage()
-    assert "not bit-identically" in warnings[0].getMessage()
+    assert "would not be the uninterrupted one" in warnings[0].getMessage()
+
+
+@pytest.mark.parametrize(
+    "state, said",
+    [
+        ({"step": 2}, "state.json says 2, COMPLETE.json says 4, the folder name says 4"),
+        (["step", 4], "state.json says None"),
+        ({"epoch": 1}, "state.json says None"),
+    ],
+)
+def test_a_state_json_that_disagrees_with_its_checkpoint_is_refused(env, state, said):
+    """Before, state.json's step was trusted: step 2's state inside step-000004 resumed at step 2,
+    and a state.json of the wrong shape was a traceback."""
+    import json
+
+    _train(env)
+    path = _save(env, 4)
+    size = (path / "state.json").stat().st_size  # the same size: COMPLETE.json's size check passes
+    (path / "state.json").write_text(json.dumps(state).ljust(size))
+    with pytest.raises(CheckpointError) as info:
+        load_checkpoint(env.acc, path)
+    assert said in str(info.value) and "edited or copied from another checkpoint" in str(info.value)
 
 
 def test_resume_with_another_process_count_is_refused_with_the_fix(tmp_path, caplog):

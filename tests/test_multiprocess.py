@@ -191,6 +191,48 @@ def test_sigterm_to_torchrun_checkpoints_both_processes_and_the_resume_is_exact(
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+# Loaded into both processes through PYTHONPATH: in its 3rd training step (the 3rd loss) process 1
+# alone sends itself SIGTERM, as a preemption that reaches one rank (a node's own kill, a job
+# scheduler signalling one task). An event inside the step, so the outcome never depends on timing.
+ONE_RANK_SIGTERM = """
+import os, signal, torch.nn.functional as F
+_mse, _calls = F.mse_loss, [0]
+def _signal_rank_1(*a, **k):
+    _calls[0] += 1
+    if _calls[0] == 3 and os.environ.get("RANK") == "1":
+        os.kill(os.getpid(), signal.SIGTERM)
+    return _mse(*a, **k)
+F.mse_loss = _signal_rank_1
+"""
+
+
+def test_sigterm_to_one_rank_stops_both_at_the_same_step_with_one_checkpoint(tmp_path, tiny_model, photos):
+    """Before, each process read its own stop flag: process 1 went into the checkpoint's collectives
+    at step 3 while process 0 went into step 4's, a hang (the preemption checkpoint lost). Now the
+    processes agree on the stop at the step boundary: both stop after step 3, one checkpoint holds
+    both RNG states, and the run resumes."""
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(ONE_RANK_SIGTERM)
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": f"{site}{os.pathsep}{REPO}"}  # fmt: skip
+    steps = ("train.max_steps=5", "train.log_every=1", "checkpoint.every_steps=2")
+    cmd = launch_command(2, tmp_path, tiny_model, photos, "one-rank", *steps)
+    # The failure this guards against is a hang: 15 minutes, far above the ~30 s this takes.
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900, cwd=tmp_path)
+    run = tmp_path / "one-rank" / "run"
+    assert proc.returncode != 0 and proc.stderr.count("received SIGTERM") == 1, proc.stderr[-3000:]
+    assert proc.stderr.count("interrupted at step 3") >= 1, proc.stderr[-3000:]
+    ckpts = sorted(p.name for p in (run / "checkpoints").glob("step-*"))
+    assert ckpts == ["step-000002", "step-000003"], proc.stderr[-3000:]
+    assert sorted(p.name for p in (run / "checkpoints" / "step-000003").glob("random_states_*.pkl")) == [
+        "random_states_0.pkl",
+        "random_states_1.pkl",
+    ]
+    launch(2, tmp_path, tiny_model, photos, "one-rank", *steps, "train.resume=latest")
+    assert (run / "lora" / "pytorch_lora_weights.safetensors").is_file()
+
+
 def test_deepspeed_zero2_offload_recipe_trains_saves_and_resumes_on_cpu(tmp_path, tiny_model, photos):
     """The DeepSpeed recipe as documented, on CPU (one process: accelerate joins a DeepSpeed process
     group only on GPUs): a full fine-tune of the UNet through DeepSpeed's engine, ZeRO-2 and its

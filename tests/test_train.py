@@ -593,3 +593,19 @@ def test_teacher_prior_with_a_text_encoder_lora_asks_the_base_text_encoder(
     }
     train(tiny_cfg(tmp_path, tiny_model, photos, **overrides))
     assert checked and all(checked)
+
+
+@pytest.mark.slow
+def test_a_full_fine_tunes_pipeline_takes_its_frozen_parts_at_the_runs_variant(tmp_path, tiny_model, photos):
+    """Before, the full fine-tune's pipeline reloaded its frozen parts (VAE, and the text encoder
+    when not trained) without model.revision/variant: the default files, not the trained-on ones."""
+    from diffusers import AutoencoderKL
+    from test_models import _with_variant_files
+
+    folder = _with_variant_files(tiny_model, tmp_path / "m")
+    cfg = tiny_cfg(tmp_path, folder, photos, **{"adapter.type": "full", "model.variant": "fp16",
+                                                "train.max_steps": 1, "prior.with_prior_preservation": False})  # fmt: skip
+    result = train(cfg)
+    saved = AutoencoderKL.from_pretrained(result.pipeline_dir / "vae")
+    variant = AutoencoderKL.from_pretrained(folder / "vae", variant="fp16")
+    assert all(torch.equal(a, b) for a, b in zip(saved.parameters(), variant.parameters(), strict=True))
