@@ -131,6 +131,34 @@ class ClassStore:
         with writing(folder / seed_file(seed)) as tmp:
             shutil.copyfile(image, tmp)
 
+    def usable(self, recipe: dict[str, Any], seed: int, image: Path) -> str | None:
+        """Why a stored image must not be handed out (None: it may). It must decode whole, have the
+        recipe's size, and say in its own metadata that it was made with this recipe's prompt,
+        negative prompt, steps and seed: a damaged copy, or a foreign or resized PNG put in by hand,
+        would be trained on as a class image."""
+        from PIL import Image
+
+        from .pngmeta import MetadataError, read_metadata
+
+        try:
+            with Image.open(image) as im:
+                im.load()  # the whole image: a truncated PNG opens fine and fails only here
+                size = im.size
+            params = read_metadata(image)["params"]
+        except (OSError, SyntaxError, ValueError, MetadataError, Image.DecompressionBombError) as e:
+            return f"unreadable ({type(e).__name__})"
+        if size != (recipe["size"], recipe["size"]):
+            return f"{size[0]}x{size[1]} px, the recipe's size is {recipe['size']}"
+        made = None if params is None else (params.prompt, params.negative_prompt, params.steps, params.seed)
+        if made != (recipe["prompt"], recipe["negative_prompt"], recipe["steps"], seed):
+            return "its metadata does not name this recipe and seed"
+        return None
+
+    def drop(self, image: Path, why: str) -> None:
+        """Remove one unusable image, so no run is handed it again; the run generates it instead."""
+        log.warning("class-image store: removing %s (%s); it will be generated again", image, why)
+        image.unlink(missing_ok=True)
+
     def touch(self, recipe: dict[str, Any]) -> None:
         """Write (or refresh) the entry's recipe.json; its time is the entry's last use."""
         from .atomic import write_json
@@ -174,5 +202,12 @@ class ClassStore:
             e for e in entries if everything or e.key in keys or (cutoff is not None and e.last_used < cutoff)
         ]
         for e in chosen:
-            shutil.rmtree(e.folder)
+            # Renamed away first: a run copying from (or adding to) the entry meanwhile finds it gone
+            # as a whole, never half deleted, and generates what it lacks.
+            aside = e.folder.with_name(f".pruning-{e.key}-{os.getpid()}")
+            try:
+                os.rename(e.folder, aside)
+            except FileNotFoundError:
+                continue  # pruned by another command meanwhile
+            shutil.rmtree(aside, ignore_errors=True)
         return chosen

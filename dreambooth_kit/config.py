@@ -643,6 +643,44 @@ def _same_folder(a: str, b: str) -> bool:
     return Path(a).expanduser().resolve() == Path(b).expanduser().resolve()
 
 
+def _concept_problems(where: str, c: ConceptConfig, pr: PriorConfig, *, check_paths: bool) -> list[str]:
+    """One subject's problems (``where``: "" for the data/prior sections, else "concepts[i]")."""
+    p: list[str] = []
+    inst_key = f"{where}.instance_prompt" if where else "data.instance_prompt"
+    dir_key = f"{where}.instance_dir" if where else "data.instance_dir"
+    cls_key = f"{where}.class_prompt" if where else "prior.class_prompt"
+    cdir_key = f"{where}.class_dir" if where else "prior.class_dir"
+    if not c.instance_prompt.strip():
+        p.append(f"{inst_key}: required, e.g. 'a photo of zwx dog'")
+    if c.identifier and c.instance_prompt:
+        if not mentions_identifier(c.instance_prompt, c.identifier):
+            p.append(
+                f"{inst_key}: identifier '{c.identifier}' not found in instance prompt "
+                f"{c.instance_prompt!r}; put it in, e.g. 'a photo of {c.identifier} dog'"
+            )
+    if not c.instance_dir:
+        p.append(f"{dir_key}: required: the folder with your 5-20 subject photos")
+    elif check_paths and not Path(c.instance_dir).is_dir():
+        p.append(f"{dir_key}: folder not found: {Path(c.instance_dir).resolve()}")
+    if pr.with_prior_preservation:
+        if not c.class_prompt.strip():
+            p.append(f"{cls_key}: required with prior.with_prior_preservation, e.g. 'a photo of a dog'")
+        if not c.class_dir and pr.mode == "class_images":
+            p.append(f"{cdir_key}: required with prior.with_prior_preservation (generated images go there)")
+        if c.class_dir and c.instance_dir and _same_folder(c.class_dir, c.instance_dir):
+            p.append(
+                f"{cdir_key}: is {dir_key} ({c.class_dir}); class images would be written among "
+                "your photos and trained on as the subject. Use another folder, e.g. "
+                f"{Path(c.class_dir).parent / 'class_images'}"
+            )
+        if c.class_prompt.strip() and c.class_prompt.strip() == c.instance_prompt.strip():
+            p.append(
+                f"{cls_key}: equals {inst_key}; the class prompt must describe the "
+                "generic class without the identifier (e.g. 'a photo of a dog')"
+            )
+    return p
+
+
 def validate(cfg: DreamBoothConfig, *, check_paths: bool = False) -> list[str]:
     """Cross-field and range checks. Returns every problem (empty list = valid)."""
     p: list[str] = []
@@ -654,40 +692,7 @@ def validate(cfg: DreamBoothConfig, *, check_paths: bool = False) -> list[str]:
     if cfg.validation.metrics and cfg.validation.every_steps is None:
         p.append("validation.metrics: true needs validation.every_steps (the steps it scores at)")
     for where, c in _concept_fields(cfg):
-        inst_key = f"{where}.instance_prompt" if where else "data.instance_prompt"
-        dir_key = f"{where}.instance_dir" if where else "data.instance_dir"
-        cls_key = f"{where}.class_prompt" if where else "prior.class_prompt"
-        cdir_key = f"{where}.class_dir" if where else "prior.class_dir"
-        if not c.instance_prompt.strip():
-            p.append(f"{inst_key}: required, e.g. 'a photo of zwx dog'")
-        if c.identifier and c.instance_prompt:
-            if not mentions_identifier(c.instance_prompt, c.identifier):
-                p.append(
-                    f"{inst_key}: identifier '{c.identifier}' not found in instance prompt "
-                    f"{c.instance_prompt!r}; put it in, e.g. 'a photo of {c.identifier} dog'"
-                )
-        if not c.instance_dir:
-            p.append(f"{dir_key}: required: the folder with your 5-20 subject photos")
-        elif check_paths and not Path(c.instance_dir).is_dir():
-            p.append(f"{dir_key}: folder not found: {Path(c.instance_dir).resolve()}")
-        if pr.with_prior_preservation:
-            if not c.class_prompt.strip():
-                p.append(f"{cls_key}: required with prior.with_prior_preservation, e.g. 'a photo of a dog'")
-            if not c.class_dir and pr.mode == "class_images":
-                p.append(
-                    f"{cdir_key}: required with prior.with_prior_preservation (generated images go there)"
-                )
-            if c.class_dir and c.instance_dir and _same_folder(c.class_dir, c.instance_dir):
-                p.append(
-                    f"{cdir_key}: is {dir_key} ({c.class_dir}); class images would be written among "
-                    "your photos and trained on as the subject. Use another folder, e.g. "
-                    f"{Path(c.class_dir).parent / 'class_images'}"
-                )
-            if c.class_prompt.strip() and c.class_prompt.strip() == c.instance_prompt.strip():
-                p.append(
-                    f"{cls_key}: equals {inst_key}; the class prompt must describe the "
-                    "generic class without the identifier (e.g. 'a photo of a dog')"
-                )
+        p += _concept_problems(where, c, pr, check_paths=check_paths)
     p += _range_problems(cfg)
     if not a.target_modules:
         p.append("adapter.target_modules: at least one module name is needed")

@@ -65,6 +65,19 @@ def _path_error_text(e: OSError) -> str:
     return f"{e.filename}{target}: {e.strerror}"
 
 
+# The most a printed error may be. A message quotes what it names (a prompt, a path, a caption, a
+# file's bytes), and a 1 MB prompt or a binary file named as a config would otherwise print all of
+# it: the head says what is wrong and the tail what to do, so both are kept.
+MAX_MESSAGE = 4000
+
+
+def bounded(text: str, limit: int = MAX_MESSAGE) -> str:
+    if len(text) <= limit:
+        return text
+    head, tail = limit * 3 // 4, limit // 4
+    return f"{text[:head]} ... ({len(text) - head - tail} characters left out) ... {text[-tail:]}"
+
+
 def user_errors_to_exit_code(fn, *args) -> int:
     """Run ``fn(*args)``; a :class:`UserError` -> its one line on stderr and its ``exit_code``, an OS
     error about a path -> ``error: <path>: <reason>`` and 2 (no traceback).
@@ -76,11 +89,11 @@ def user_errors_to_exit_code(fn, *args) -> int:
     try:
         return fn(*args)
     except UserError as e:
-        print(f"{e.prefix}{e}", file=sys.stderr)
+        print(bounded(f"{e.prefix}{e}"), file=sys.stderr)
         return e.exit_code
     except PATH_ERRORS as e:
-        print(f"error: {_path_error_text(e)}", file=sys.stderr)
+        print(bounded(f"error: {_path_error_text(e)}"), file=sys.stderr)
         return UserError.exit_code
     except KeyboardInterrupt as e:
-        print(str(e) or "interrupted (Ctrl-C)", file=sys.stderr)
+        print(bounded(str(e) or "interrupted (Ctrl-C)"), file=sys.stderr)
         return getattr(e, "exit_code", CTRL_C_EXIT_CODE)

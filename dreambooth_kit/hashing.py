@@ -50,13 +50,30 @@ def _sha256(path: str, size: int, mtime: int, after_header: bool) -> str:
             f.seek(8 + int.from_bytes(f.read(8), "little"))
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
-    known[key] = h.hexdigest()
+    digest = h.hexdigest()
+    _remember(index, key, digest)
+    return digest
+
+
+def _remember(index: Path, key: str, digest: str) -> None:
+    """Add one entry: re-read under a lock, then write whole. Processes hash at once (two ranks, a
+    run beside `dreambooth-kit generate`); each writing the index it read before hashing (seconds
+    earlier, for a 5 GB file) dropped the entries the others added meanwhile."""
+    from filelock import FileLock, Timeout
+
     try:
         index.parent.mkdir(parents=True, exist_ok=True)
-        write_json(index, known)
-    except OSError:  # a read-only cache only costs the hash again next time
+        # A lock held longer than a minute is a stuck process: skip remembering rather than wait.
+        with FileLock(f"{index}.lock", timeout=60):
+            try:
+                known = json.loads(index.read_text())
+            except (OSError, ValueError):
+                known = {}
+            known = known if isinstance(known, dict) else {}
+            known[key] = digest
+            write_json(index, known)
+    except (OSError, Timeout):  # a read-only cache only costs the hash again next time
         pass
-    return known[key]
 
 
 def forget() -> None:

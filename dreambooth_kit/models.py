@@ -67,11 +67,11 @@ def resolve_model(
     if pretrained == TINY_MODEL:
         from .tiny import build_tiny_sd2, default_tiny_path
 
-        return str(build_tiny_sd2(default_tiny_path()))
+        return str(_built_once(lambda: build_tiny_sd2(default_tiny_path())))
     if pretrained == TOY_MODEL:
         from .toy.model import build_toy_sd2
 
-        return str(build_toy_sd2())
+        return str(_built_once(build_toy_sd2))
     if pretrained.startswith("builtin:"):
         raise ModelLoadError(
             f"model.pretrained: unknown built-in model {pretrained!r}; use {TINY_MODEL!r} or {TOY_MODEL!r}"
@@ -94,6 +94,25 @@ def resolve_model(
     if _looks_like_path(pretrained):
         raise ModelLoadError(f"model.pretrained: path not found: {p.resolve()}")
     return pretrained
+
+
+def builtin_lock():
+    """The lock every process holds while it builds (or checks) a built-in model in the cache folder."""
+    from filelock import FileLock
+
+    from .cache import cache_root
+
+    root = cache_root()
+    root.mkdir(parents=True, exist_ok=True)
+    return FileLock(str(root / ".builtin-models.lock"))
+
+
+def _built_once(build) -> Path:
+    """Build a built-in model under :func:`builtin_lock`: the processes of a multi-process run all
+    resolve it at once, and on a cold cache one found the other's folder half-made (or both built
+    and renamed onto each other). Now the others wait the few seconds, then find it built."""
+    with builtin_lock():
+        return build()
 
 
 def _single_file_folder(p: Path, single_file_config: str | None, prediction_type: str | None) -> Path:
@@ -354,13 +373,14 @@ def load_components(model: ModelSource | ModelConfig, *, dtype: torch.dtype = to
     cfg = model if isinstance(model, ModelSource) else resolve_source(model)
     source = cfg.location
     kw: dict[str, Any] = {"revision": cfg.revision} if cfg.revision else {}
+    # The variant (fp16 weight files) names every weight file of the model, not only the UNet's:
+    # the text encoder and VAE of another variant would be other files than the ones asked for.
+    weights = {**kw, **({"variant": cfg.variant} if cfg.variant else {})}
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, subfolder="tokenizer", **kw)
-        text_encoder = CLIPTextModel.from_pretrained(source, subfolder="text_encoder", dtype=dtype, **kw)
-        vae = AutoencoderKL.from_pretrained(source, subfolder="vae", torch_dtype=dtype, **kw)
-        unet = UNet2DConditionModel.from_pretrained(
-            source, subfolder="unet", torch_dtype=dtype, variant=cfg.variant, **kw
-        )
+        text_encoder = CLIPTextModel.from_pretrained(source, subfolder="text_encoder", dtype=dtype, **weights)
+        vae = AutoencoderKL.from_pretrained(source, subfolder="vae", torch_dtype=dtype, **weights)
+        unet = UNet2DConditionModel.from_pretrained(source, subfolder="unet", torch_dtype=dtype, **weights)
         scheduler_kw = {"prediction_type": cfg.prediction_type} if cfg.prediction_type else {}
         noise_scheduler = DDPMScheduler.from_pretrained(source, subfolder="scheduler", **scheduler_kw, **kw)
     except (OSError, ValueError) as e:

@@ -622,7 +622,7 @@ def ensure_diffusers_folder(
     path: Path, *, config: str | Path | None = None, prediction_type: str | None = None
 ) -> Path:
     """A single original-layout SD 2.x ``.safetensors`` -> a diffusers folder, built once and cached
-    under ``cache_root()/single-file/<sha256[:16]>/`` (temp folder + rename). Offline only.
+    under ``cache_root()/single-file/<sha256[:16]>-<eps|v>/`` (temp folder + rename). Offline only.
 
     ``config``: a local diffusers folder whose configs and tokenizer are used (must match the file);
     otherwise the bundled SD 2.1 configs (``sd_configs/``) plus the tokenizer from the local HF cache.
@@ -650,13 +650,12 @@ def ensure_diffusers_folder(
     from .hashing import sha256_file
 
     digest = sha256_file(path)[:16]  # remembered: a 5 GB file is read once per machine, not per load
-    dest = cache_root() / "single-file" / digest
+    # One folder per prediction type: rebuilding one folder in place for the other type changed
+    # the model under a run (or a generate) that was still loading from it.
+    dest = cache_root() / "single-file" / f"{digest}-{'v' if prediction_type == 'v_prediction' else 'eps'}"
     stamp = dest / STAMP
     if stamp.is_file() and (dest / "model_index.json").is_file():
-        info = json.loads(stamp.read_text())
-        if info.get("prediction_type") == prediction_type:
-            return dest
-        log.info("%s: cached with %s, rebuilding for %s", dest, info.get("prediction_type"), prediction_type)
+        return dest
 
     _convert(path, dest, arch=arch, cfg_dir=cfg_dir, prediction_type=prediction_type, digest=digest)
     return dest

@@ -168,3 +168,66 @@ def test_list_and_prune_from_the_command_line(tmp_path, tiny_model, photos):
     assert [e.recipe["prompt"] for e in store.entries()] == ["a photo of a toy"]
     with pytest.raises(ClassStoreError, match="no store entry nope"):
         store.prune(keys=["nope"])
+
+
+# ------------------------------------------------------------------ what the store hands out
+
+
+def _stored(tmp_path) -> list:
+    (entry,) = ClassStore(tmp_path / "store").entries()
+    return sorted(entry.folder.glob("seed-*.png"))
+
+
+def test_a_foreign_wrong_size_or_truncated_stored_image_is_never_handed_out(
+    tmp_path, tiny_model, photos, caplog
+):
+    """Before, the store copied whatever PNG sat under a seed's name into the class folder (a foreign
+    or resized image was trained on as a class image), and a truncated one came back every time the
+    user deleted the copy as the photo check advised."""
+    ensure(_cfg(tmp_path, tiny_model, photos, "first"))
+    a, b, c, _d = _stored(tmp_path)
+    Image.new("RGB", (64, 64), "red").save(a)  # foreign: no metadata of this recipe
+    with Image.open(b) as im:
+        im.resize((32, 32)).save(b, pnginfo=None)  # another size
+    c.write_bytes(c.read_bytes()[: c.stat().st_size // 2])  # truncated
+    with caplog.at_level("WARNING", logger="dreambooth_kit"):
+        second = ensure(_cfg(tmp_path, tiny_model, photos, "second"))
+    assert (second.generated, second.from_store) == (3, 1)
+    assert caplog.text.count("class-image store: removing") == 3
+    for img in second.images:
+        with Image.open(img) as im:
+            im.load()
+            assert im.size == (64, 64)
+    # The regenerated images went back into the store: a third run copies all four.
+    third = ensure(_cfg(tmp_path, tiny_model, photos, "third"))
+    assert (third.generated, third.from_store) == (0, 4)
+
+
+def test_an_unwritable_store_warns_and_the_run_goes_on(tmp_path, tiny_model, photos, caplog):
+    """Before, a read-only store (or one that cannot be created) stopped training with a bare OS error."""
+    blocked = tmp_path / "a-file"
+    blocked.write_text("not a folder")
+    with caplog.at_level("WARNING", logger="dreambooth_kit"):
+        res = ensure(_cfg(tmp_path, tiny_model, photos, "a", **{"prior.store": str(blocked / "store")}))
+    assert res.generated == 4 and len(res.images) == 4
+    assert caplog.text.count("not written") == 1 and "prior.store=off" in caplog.text
+
+
+def test_a_prune_during_the_copy_does_not_stop_the_run(tmp_path, tiny_model, photos, monkeypatch):
+    """Before, `class-images prune --all` while a run copied from the store stopped it with a bare
+    FileNotFoundError. Here the prune happens at the first copy (an event, not a timing)."""
+    import shutil
+
+    import dreambooth_kit.prior as prior_mod
+
+    ensure(_cfg(tmp_path, tiny_model, photos, "first"))
+    real, pruned = shutil.copyfile, []
+
+    def copy_after_a_prune(src, dst, *a, **k):
+        if not pruned and "store" in str(src):
+            pruned.extend(ClassStore(tmp_path / "store").prune(everything=True))
+        return real(src, dst, *a, **k)
+
+    monkeypatch.setattr(prior_mod.shutil, "copyfile", copy_after_a_prune)
+    res = ensure(_cfg(tmp_path, tiny_model, photos, "second"))
+    assert pruned and (res.generated, res.from_store) == (4, 0) and len(res.images) == 4

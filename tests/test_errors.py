@@ -16,6 +16,9 @@ NOT_USER_ERRORS = {
     "dreambooth_kit.prior.ClassImagesInterrupted",
     # Raised and caught inside the YAML loader to report a duplicate key; it becomes a ConfigError.
     "dreambooth_kit.config._DuplicateKey",
+    # A checkpoint save that failed for a reason that is not the disk's: a bug, whose traceback (its
+    # cause's) the CLI must show; it still says which earlier checkpoint is intact.
+    "dreambooth_kit.checkpoints.CheckpointSaveFailed",
 }
 
 
@@ -59,3 +62,17 @@ def test_exit_codes_are_class_attributes_users_already_know():
     assert UserError.exit_code == ConfigError.exit_code == 2
     assert NonFiniteLossError.exit_code == 1  # a valid config whose run diverged
     assert TrainingInterrupted(3, 2, None, "x").exit_code == 130  # 128 + SIGINT
+
+
+def test_a_printed_error_is_bounded_in_length_and_keeps_its_head_and_tail(capsys):
+    """Before, an error quoting a huge value (a 100k-character prompt) printed all of it."""
+    from dreambooth_kit.config import load_config
+    from dreambooth_kit.errors import MAX_MESSAGE, user_errors_to_exit_code
+
+    prompt = "zwx " * 25_000
+    code = user_errors_to_exit_code(
+        load_config, "tiny.yaml", {"data.instance_prompt": prompt, "data.identifier": "qqq"}
+    )
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err) <= MAX_MESSAGE + 60
+    assert err.startswith("error: ") and "characters left out" in err

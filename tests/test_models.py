@@ -304,3 +304,59 @@ def test_a_configured_fact_overrides_the_model_and_says_so(tmp_path, caplog):
     with caplog.at_level("WARNING", logger="dreambooth_kit"):
         assert resolve_source(ModelConfig(pretrained=str(folder))).native_resolution == 768
     assert "overrides" not in caplog.text
+
+
+def _with_variant_files(tiny_model: Path, dest: Path) -> Path:
+    """A copy of the tiny model whose text encoder, VAE and UNet also have "fp16"-variant files with other
+    weights (doubled), as a hub repo's variant files are other files than its default ones."""
+    import shutil
+
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    shutil.copytree(tiny_model, dest)
+    for sub, cls in (("text_encoder", CLIPTextModel), ("vae", AutoencoderKL), ("unet", UNet2DConditionModel)):
+        model = cls.from_pretrained(dest / sub)
+        with torch.no_grad():
+            for p in model.parameters():
+                p.mul_(2)
+        model.save_pretrained(dest / sub, variant="fp16")
+    return dest
+
+
+def test_the_variant_applies_to_every_weight_file(tmp_path, tiny_model):
+    """Before, model.variant reached the UNet only: the text encoder and VAE were the default files."""
+    folder = _with_variant_files(tiny_model, tmp_path / "m")
+    plain = load_components(ModelConfig(pretrained=str(folder)))
+    variant = load_components(ModelConfig(pretrained=str(folder), variant="fp16"))
+    for name in ("text_encoder", "vae", "unet"):
+        a = next(getattr(plain, name).parameters())
+        b = next(getattr(variant, name).parameters())
+        assert torch.allclose(b, 2 * a), name
+
+
+def test_a_built_in_model_is_built_under_a_lock_other_processes_wait_for(tmp_path, monkeypatch):
+    """Before, every process of a multi-process run built builtin:tiny-sd2 at once on a cold cache,
+    and one failed on the other's half-made folder. The build must hold the cache's lock: a
+    second process trying it meanwhile is refused (and, without a timeout, waits)."""
+    from filelock import Timeout
+
+    import dreambooth_kit.tiny as tiny
+    from dreambooth_kit.models import builtin_lock
+
+    monkeypatch.setenv("DREAMBOOTH_KIT_CACHE", str(tmp_path / "cold"))
+    real, held = tiny.write_pipeline_folder, []
+
+    def write(*a, **k):
+        other = builtin_lock()  # another process's attempt (a separate lock object and file handle)
+        try:
+            other.acquire(timeout=0)
+            other.release()
+            held.append(False)
+        except Timeout:
+            held.append(True)
+        return real(*a, **k)
+
+    monkeypatch.setattr(tiny, "write_pipeline_folder", write)
+    assert Path(resolve_model("builtin:tiny-sd2")).is_dir()
+    assert held == [True]

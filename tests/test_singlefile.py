@@ -144,9 +144,13 @@ def test_ensure_without_config_uses_built_in_configs(tiny_pipe, tiny_file, tmp_p
     assert pipe.scheduler.config.prediction_type == "v_prediction"
     np.testing.assert_array_equal(_image(tiny_pipe), _image(pipe))
     # An explicit prediction type wins and is honoured without touching the betas.
-    eps = _load(ensure_diffusers_folder(tiny_file, prediction_type="epsilon"))
+    eps_folder = ensure_diffusers_folder(tiny_file, prediction_type="epsilon")
+    eps = _load(eps_folder)
     assert eps.scheduler.config.prediction_type == "epsilon"
     assert torch.equal(eps.scheduler.betas, pipe.scheduler.betas)
+    # Each prediction type has its own folder: before, the one folder was rebuilt in place for the
+    # other type, under whatever was loading from it.
+    assert eps_folder != folder and _load(folder).scheduler.config.prediction_type == "v_prediction"
 
 
 def test_yaml_fp16_and_atomic(tiny_pipe, tmp_path):
