@@ -28,7 +28,7 @@ from .batching import BatchSizer, check_batch_size, probe_for, run_batches
 from .errors import InvalidInput, NonFiniteError
 from .export import installed_lora
 from .images import make_grid, save_images
-from .models import ModelSource, resolve_model
+from .models import ModelSource, resolve_model, weights_kwargs
 from .pngmeta import GenerationParams, file_hash, lora_hash, read_metadata, save_png
 from .schedulers import SCHEDULERS
 
@@ -129,7 +129,7 @@ def load_pipeline(
         prediction_type = prediction_type or base.prediction_type
         base = base.pretrained
     else:
-        load_kw = {}
+        load_kw = weights_kwargs(allow_pickle)  # a folder of .bin pickles needs the same opt-in
         source = resolve_model(
             base,
             allow_pickle=allow_pickle,

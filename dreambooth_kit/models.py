@@ -166,6 +166,13 @@ def _pickle_to_safetensors(path: Path) -> Path:
     return out
 
 
+def weights_kwargs(allow_pickle: bool) -> dict[str, Any]:
+    """from_pretrained's weight-format choice: safetensors only unless pickles were allowed. A
+    diffusers folder (or hub repo) whose weights are .bin pickles would otherwise be unpickled
+    silently, whatever folder it sits in; model.allow_pickle is the one opt-in for every pickle."""
+    return {} if allow_pickle else {"use_safetensors": True}
+
+
 def resolve_model_cfg(cfg: ModelConfig) -> str:
     """:func:`resolve_model` with everything the model section says."""
     return resolve_model(
@@ -211,8 +218,10 @@ class ModelSource:
         return Path(self.location).exists()
 
     def load_kwargs(self) -> dict[str, Any]:
-        """``revision=``/``variant=`` for from_pretrained, only where set."""
-        return {k: v for k, v in (("revision", self.revision), ("variant", self.variant)) if v}
+        """``revision=``/``variant=`` for from_pretrained, only where set, and safetensors only
+        unless pickles were allowed (:func:`weights_kwargs`)."""
+        set_ = {k: v for k, v in (("revision", self.revision), ("variant", self.variant)) if v}
+        return set_ | weights_kwargs(self.allow_pickle)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -325,6 +334,13 @@ def load_error(source: str, err: Exception, what: str = "the model folder") -> M
     """One message for every failed load: a local folder names itself and the cause; a hub id
     explains offline mode or the moved SD 2.1 repos (never a bare HFValidationError)."""
     if Path(source).exists():
+        pickles = sorted(p.name for p in Path(source).rglob("*.bin"))[:3]
+        if pickles and "safetensors" in str(err):
+            return ModelLoadError(
+                f"{source}: its weights are pickles ({', '.join(pickles)}), which can run code when "
+                "loaded; convert them to safetensors, or set model.allow_pickle=true (allow_pickle=True "
+                "in Python) if you trust their source"
+            )
         return ModelLoadError(f"{source}: could not load {what}: {err}")
     return _explain_hub_error(source, err)
 
@@ -375,7 +391,7 @@ def load_components(model: ModelSource | ModelConfig, *, dtype: torch.dtype = to
     kw: dict[str, Any] = {"revision": cfg.revision} if cfg.revision else {}
     # The variant (fp16 weight files) names every weight file of the model, not only the UNet's:
     # the text encoder and VAE of another variant would be other files than the ones asked for.
-    weights = {**kw, **({"variant": cfg.variant} if cfg.variant else {})}
+    weights = {**kw, **({"variant": cfg.variant} if cfg.variant else {}), **weights_kwargs(cfg.allow_pickle)}
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, subfolder="tokenizer", **kw)
         text_encoder = CLIPTextModel.from_pretrained(source, subfolder="text_encoder", dtype=dtype, **weights)

@@ -360,3 +360,28 @@ def test_a_built_in_model_is_built_under_a_lock_other_processes_wait_for(tmp_pat
     monkeypatch.setattr(tiny, "write_pipeline_folder", write)
     assert Path(resolve_model("builtin:tiny-sd2")).is_dir()
     assert held == [True]
+
+
+def test_a_model_folder_of_pickles_needs_allow_pickle(tmp_path, tiny_model):
+    """Before, a diffusers folder whose weights are .bin pickles was unpickled without
+    model.allow_pickle, which guarded only single .ckpt/.bin files."""
+    import shutil
+
+    from diffusers import UNet2DConditionModel
+
+    folder = tmp_path / "m"
+    shutil.copytree(tiny_model, folder)
+    unet = UNet2DConditionModel.from_pretrained(folder / "unet")
+    for f in (folder / "unet").glob("*.safetensors"):
+        f.unlink()
+    unet.save_pretrained(folder / "unet", safe_serialization=False)  # diffusion_pytorch_model.bin
+    with pytest.raises(
+        ModelLoadError, match=r"pickles \(diffusion_pytorch_model.bin\).*model.allow_pickle=true"
+    ):
+        load_components(ModelConfig(pretrained=str(folder)))
+    from dreambooth_kit.inference import load_pipeline
+
+    with pytest.raises(ModelLoadError, match="model.allow_pickle=true"):
+        load_pipeline(str(folder), device="cpu")
+    loaded = load_components(ModelConfig(pretrained=str(folder), allow_pickle=True))
+    assert torch.equal(next(loaded.unet.parameters()), next(unet.parameters()))
