@@ -241,11 +241,11 @@ def list_targets(run: Path, which: str, *, adapter_type: str, max_steps: int, ba
     """The targets ``which`` names: ``all``, ``latest``, or a comma list of ``step-000400``/``400``/
     ``final``/``base``. The final result counts as a checkpoint at ``max_steps`` unless a checkpoint
     of that step exists (the same weights)."""
-    from .checkpoints import list_checkpoints
-    from .layout import RunLayout
+    from .runfolder import Run
 
-    found = [Target(p.name, step, "checkpoint", p) for step, p in list_checkpoints(run)]
-    final = RunLayout(run).final(adapter_type)
+    folder = Run.open(run)  # this timeline's checkpoints only (never an abandoned one's)
+    found = [Target(p.name, step, "checkpoint", p) for step, p in folder.checkpoints()]
+    final = folder.layout.final(adapter_type)
     if final.is_dir() and max_steps not in {t.step for t in found}:
         found.append(Target("final", max_steps, "final", final))
     found.sort(key=lambda t: t.step)
@@ -429,7 +429,7 @@ def evaluate(
     from .encoders import load_encoders
     from .inference import default_device
     from .layout import RunLayout
-    from .models import ModelSource
+    from .runfolder import Run
 
     run = Path(run)
     layout = RunLayout(run)
@@ -439,7 +439,7 @@ def evaluate(
     extra += [f"evaluate.seeds={seeds}"] if seeds is not None else []
     cfg = load_config(layout.config, extra)
     spec = eval_spec(cfg)
-    source = ModelSource.read(run)
+    source = Run.open(run).model_source()
     if source is None:
         raise EvaluateError(
             f"{run}: model_source.json is missing; the run did not get past loading its model"

@@ -47,7 +47,6 @@ KOHYA_KEY = re.compile(r"^lora_(unet|te)_[a-z0-9_]+\.(lora_down\.weight|lora_up\
 
 ARCH_EPS = "stable-diffusion-v2-512/lora"
 ARCH_V = "stable-diffusion-v2-768-v/lora"
-SOURCE_HASH_KEY = "dreambooth_kit.source_lora_hash"  # kohya export metadata: the LoRA it was made from
 
 
 class ExportError(InvalidInput):
@@ -311,7 +310,7 @@ def export_kohya(
     from safetensors.torch import save_file
 
     from .adapters import lora_file
-    from .pngmeta import lora_hash
+    from .pngmeta import SOURCE_HASH_KEY, lora_hash
 
     src = lora_file(lora_path)
     if not src.exists():
@@ -360,7 +359,8 @@ def _merged_pipeline(run_dir: Path, *, fp16: bool):
 
     from .config import load_config
     from .inference import load_pipeline
-    from .models import ModelSource, resolve_source
+    from .models import resolve_source
+    from .runfolder import Run
 
     run = RunLayout(run_dir)
     cfg = load_config(run.config)
@@ -368,7 +368,7 @@ def _merged_pipeline(run_dir: Path, *, fp16: bool):
     # that model (a cache may have been cleared, the run copied to another machine, or config.yaml
     # edited to point at the base's new place: then resolved again from config.yaml), with the run's
     # prediction type, so a run trained on a .ckpt, a single file or a hub revision exports.
-    recorded = ModelSource.read(run_dir)
+    recorded = Run.open(run_dir).model_source()
     usable = recorded is not None and recorded.is_local and recorded.pretrained == cfg.model.pretrained
     source = recorded if usable else resolve_source(cfg.model)
     source = dataclasses.replace(source, prediction_type=run_prediction_type(cfg.model))
@@ -450,7 +450,7 @@ def run_exports(
     written = []
     for fmt in dict.fromkeys(formats):
         if fmt == "kohya":
-            written.append(export_kohya(lora, out / kohya_export_name(run_dir), fp16=fp16))
+            written.append(export_kohya(lora, out / RunLayout(run_dir).kohya_export.name, fp16=fp16))
         elif fmt == "merged-diffusers":
             written.append(export_merged_diffusers(run_dir, out / "merged-diffusers", fp16=fp16))
         elif fmt == "single-file":
@@ -460,33 +460,3 @@ def run_exports(
         else:
             raise ExportError(f"export format {fmt!r}: use kohya, merged-diffusers or single-file")
     return written
-
-
-def kohya_export_name(run_dir: Path) -> str:
-    """The kohya export's file name, ``<run>_kohya.safetensors``: what A1111 users install and name."""
-    return f"{Path(run_dir).resolve().name}_kohya.safetensors"
-
-
-def installed_lora(lora: Path, loaded_hash: str) -> Path:
-    """The file A1111 users install for the LoRA file ``lora`` (A1111 hash ``loaded_hash``): the run's
-    kohya export (``<run>/export/<run>_kohya.safetensors``) when ``lora`` is the run's final LoRA and
-    the export was made from exactly this file, else ``lora`` itself.
-
-    An export of an earlier training of the same folder, or one written before exports recorded their
-    source (``SOURCE_HASH_KEY``), is not named: its weights may differ from the ones that made the
-    image. ``dreambooth-kit export`` writes it again."""
-    from safetensors import safe_open
-
-    lora = Path(lora)
-    run_dir = lora.parent.parent
-    if lora != RunLayout(run_dir).lora_weights:  # a checkpoint's or evaluate's best LoRA: no export
-        return lora
-    kohya = RunLayout(run_dir).export / kohya_export_name(run_dir)
-    if not kohya.is_file():
-        return lora
-    try:
-        with safe_open(str(kohya), framework="pt") as f:
-            source = (f.metadata() or {}).get(SOURCE_HASH_KEY)
-    except Exception:  # a damaged export is not named; it does not stop generation either
-        return lora
-    return kohya if source == loaded_hash else lora

@@ -293,9 +293,9 @@ def _settings(cfg: DreamBoothConfig, concepts) -> list[tuple[str, object]]:
 def _base_rows(run_dir: Path) -> list[tuple[str, object]]:
     """What the run recorded of its base model (``model_source.json``): its prediction type, and the
     revision, variant and file hash where there are any. Runs from before the record: no rows."""
-    from .models import ModelSource
+    from .runfolder import Run
 
-    source = ModelSource.read(run_dir)
+    source = Run.open(run_dir).model_source()
     if source is None:
         return []
     rows: list[tuple[str, object]] = [("Prediction type", source.prediction_type or "unknown")]

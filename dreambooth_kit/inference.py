@@ -26,10 +26,9 @@ from ._version import __version__
 from .adapters import LoraMismatchError, load_lora, lora_file
 from .batching import BatchSizer, check_batch_size, probe_for, run_batches
 from .errors import InvalidInput, NonFiniteError
-from .export import installed_lora
 from .images import make_grid, save_images
 from .models import ModelSource, resolve_model, weights_kwargs
-from .pngmeta import GenerationParams, file_hash, lora_hash, read_metadata, save_png
+from .pngmeta import GenerationParams, file_hash, installed_lora, lora_hash, read_metadata, save_png
 from .schedulers import SCHEDULERS
 
 __all__ = [
@@ -142,13 +141,22 @@ def load_pipeline(
         pipe.set_adapters(names, adapter_weights=scales)
         if fuse:
             pipe.fuse_lora(adapter_names=names)
-    files = [lora_file(p) for p in loras]
-    hashes = [lora_hash(f) for f in files]  # hashed once here, not once per image
-    # A1111 users install a run's kohya export, not our diffusers file (another name and hash).
-    installed = [installed_lora(f, h) for f, h in zip(files, hashes, strict=True)]
     pipe._dbk = {  # what every PNG records (pngmeta.GenerationParams)
         "model": base,
         "model_hash": _model_hash(source),
+        **_lora_records(loras, scales),
+        "scheduler": scheduler,
+    }
+    return _place(pipe, device, offload, compile)
+
+
+def _lora_records(loras: list, scales: list[float]) -> dict:
+    """What a PNG records of the LoRAs: the loaded files and hashes, and the files A1111 users
+    install for them (a run's kohya export, not our diffusers file: another name and hash)."""
+    files = [lora_file(p) for p in loras]
+    hashes = [lora_hash(f) for f in files]  # hashed once here, not once per image
+    installed = [installed_lora(f, h) for f, h in zip(files, hashes, strict=True)]
+    return {
         "loras": [str(f) for f in files],
         "lora_scales": [float(s) for s in scales],
         "lora_hashes": hashes,
@@ -156,9 +164,7 @@ def load_pipeline(
         "a1111_lora_hashes": [
             h if f == i else lora_hash(i) for f, h, i in zip(files, hashes, installed, strict=True)
         ],
-        "scheduler": scheduler,
     }
-    return _place(pipe, device, offload, compile)
 
 
 def _check_placement(device: str, offload: str | None, compile: bool) -> None:

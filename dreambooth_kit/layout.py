@@ -67,5 +67,10 @@ class RunLayout:
         return self.root / "export"
 
     @property
+    def kohya_export(self) -> Path:
+        """``export/<run>_kohya.safetensors``: the file A1111 users install, and name in a prompt."""
+        return self.export / f"{self.root.resolve().name}_kohya.safetensors"
+
+    @property
     def logs(self) -> Path:
         return self.root / "logs"

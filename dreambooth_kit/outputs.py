@@ -213,6 +213,10 @@ def save_pipeline(
     try:
         pipe.to(dtype=dtype)
         pipe.save_pretrained(tmp, safe_serialization=True)
+        # As the merged export: loadable by transformers 4.x stacks too (text_model. keys, vocab.json)
+        from .export import readable_by_transformers4
+
+        readable_by_transformers4(tmp, pipe.tokenizer)
         save_config_dict(config, tmp / "dreambooth_kit_config.yaml")
         _swap_in(tmp, final)
     finally:

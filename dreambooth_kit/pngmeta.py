@@ -44,7 +44,7 @@ class GenerationParams:
     model_hash: str | None = None
     lora_hashes: list[str] = field(default_factory=list)  # A1111's LoRA hash, one per LoRA (see lora_hash)
     # The file A1111 users install for each LoRA and its hash: a run's kohya export when it was made
-    # from the loaded file (export.installed_lora), else the loaded file. Only the infotext uses them;
+    # from the loaded file (pngmeta.installed_lora), else the loaded file. Only the infotext uses them;
     # ``loras``/``lora_hashes`` stay the files that were loaded.
     a1111_loras: list[str] = field(default_factory=list)
     a1111_lora_hashes: list[str] = field(default_factory=list)
@@ -242,3 +242,34 @@ def read_metadata(png: str | Path) -> dict[str, Any]:
             ) from e
     info = parse_infotext(text["parameters"]) if "parameters" in text else {}
     return {"params": params, "infotext": info}
+
+
+# The kohya export's metadata key naming the LoRA file (its A1111 hash) it was made from.
+SOURCE_HASH_KEY = "dreambooth_kit.source_lora_hash"
+
+
+def installed_lora(lora: Path, loaded_hash: str) -> Path:
+    """The file A1111 users install for the LoRA file ``lora`` (A1111 hash ``loaded_hash``): the run's
+    kohya export (``<run>/export/<run>_kohya.safetensors``) when ``lora`` is the run's final LoRA and
+    the export was made from exactly this file, else ``lora`` itself.
+
+    An export of an earlier training of the same folder, or one written before exports recorded their
+    source (``SOURCE_HASH_KEY``), is not named: its weights may differ from the ones that made the
+    image. ``dreambooth-kit export`` writes it again."""
+    from safetensors import safe_open
+
+    from .layout import RunLayout
+
+    lora = Path(lora)
+    run = RunLayout(lora.parent.parent)
+    if lora != run.lora_weights:  # a checkpoint's or evaluate's best LoRA: no export
+        return lora
+    kohya = run.kohya_export
+    if not kohya.is_file():
+        return lora
+    try:
+        with safe_open(str(kohya), framework="pt") as f:
+            source = (f.metadata() or {}).get(SOURCE_HASH_KEY)
+    except Exception:  # a damaged export is not named; it does not stop generation either
+        return lora
+    return kohya if source == loaded_hash else lora

@@ -332,8 +332,7 @@ def _loaded(folder):
 
 def test_kohya_export_records_the_lora_it_was_made_from(trained_run, tmp_path):
     """``generate`` names the export in a PNG only while it is the export of the loaded LoRA."""
-    from dreambooth_kit.export import SOURCE_HASH_KEY
-    from dreambooth_kit.pngmeta import lora_hash
+    from dreambooth_kit.pngmeta import SOURCE_HASH_KEY, lora_hash
 
     src = trained_run["result"].lora_path
     _, meta = _read(export_kohya(src, tmp_path / "k.safetensors"))

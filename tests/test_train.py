@@ -609,3 +609,9 @@ def test_a_full_fine_tunes_pipeline_takes_its_frozen_parts_at_the_runs_variant(t
     saved = AutoencoderKL.from_pretrained(result.pipeline_dir / "vae")
     variant = AutoencoderKL.from_pretrained(folder / "vae", variant="fp16")
     assert all(torch.equal(a, b) for a, b in zip(saved.parameters(), variant.parameters(), strict=True))
+    # Laid out as transformers 4.x stacks read it too (before: a flat text encoder, tokenizer.json only).
+    from safetensors import safe_open
+
+    with safe_open(str(result.pipeline_dir / "text_encoder" / "model.safetensors"), framework="pt") as f:
+        assert all(k.startswith("text_model.") for k in f.keys())
+    assert (result.pipeline_dir / "tokenizer" / "vocab.json").is_file()
