@@ -640,7 +640,10 @@ def mentions_identifier(prompt: str, identifier: str) -> bool:
 
 
 def _same_folder(a: str, b: str) -> bool:
-    return Path(a).expanduser().resolve() == Path(b).expanduser().resolve()
+    try:
+        return Path(a).expanduser().resolve() == Path(b).expanduser().resolve()
+    except (OSError, RuntimeError):  # a link loop: the photo check names it, with its fix
+        return False
 
 
 def _concept_problems(where: str, c: ConceptConfig, pr: PriorConfig, *, check_paths: bool) -> list[str]:
