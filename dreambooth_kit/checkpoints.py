@@ -248,6 +248,8 @@ def save_step_checkpoint(run: LoopState) -> Path:
             "processes": run.accelerator.num_processes,
             "lineage": run.lineage,  # the timeline that wrote it (see lineage.py)
             "photos": run.photos,  # what it was trained on (checked on resume)
+            # The guard's history (a checkpoint follows an applied step, so none are in a row).
+            "skipped_steps": list(run.guard.steps),
         },
         run_config=run.settings.config_dict,
         keep_last=run.settings.checkpoint.keep_last,

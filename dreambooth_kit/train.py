@@ -136,6 +136,7 @@ def train(cfg: DreamBoothConfig) -> TrainResult:
             settings, accelerator, comps, unet, text_encoder, params, optimizer, lr_scheduler, out,
             scorer=scorer, lineage=lineage, photos=photos,
         )  # fmt: skip
+        run.guard.steps = list(position.get("skipped_steps", []))  # a resumed run's whole history
         encode = prompt_encoder(run)
         if cfg.validation.every_steps is None:  # validation samples with the frozen text encoder and VAE
             release_frozen(run, dataloader.dataset, encode, latent_cache)

@@ -93,3 +93,14 @@ def test_cli_exit_code_for_nan_is_1(tmp_path, tiny_model, photos, monkeypatch, c
     )  # fmt: skip
     assert rc == 1
     assert "non-finite loss at steps [1, 2]" in capsys.readouterr().err
+
+
+def test_a_resumed_run_keeps_the_skipped_steps_of_its_history(tmp_path, tiny_model, photos, monkeypatch):
+    """The guard's history is part of the saved state: a run that skipped step 2, stopped at step 3
+    and resumed to 4 reports step 2 as skipped, as the uninterrupted run does (before: [])."""
+    from dreambooth_kit.train import train
+
+    _nan_from(0, monkeypatch, only={2})
+    train(tiny_cfg(tmp_path, tiny_model, photos, **{"train.max_steps": 3}))  # the NaN: call 2 only
+    r = train(tiny_cfg(tmp_path, tiny_model, photos, **{"train.max_steps": 4, "train.resume": "latest"}))
+    assert r.skipped_steps == [2] and r.steps == 4
