@@ -267,15 +267,27 @@ def _model_hash(source: str) -> str | None:
 # ------------------------------------------------------------------ generation
 
 
+# Bounds on what a caller, a command line or a PNG's recorded settings may ask, checked before
+# anything is allocated or sampled: SD 2.1 was trained at 768 px and 4096 px is already 28x its
+# pixels (an activation memory no GPU holds at batch 1); a sampler cannot take more steps than the
+# model's 1,000 training timesteps; 10,000 images per call (class images come in one call: the
+# largest prior.num_class_images seen in recipes is 1,500) bounds the seeds list and the output.
+MAX_SIDE = 4096
+MAX_STEPS = 1000
+MAX_IMAGES = 10_000
+
+
 def _check_args(height: int, width: int, steps: int, num_images: int, seeds: list[int], strength) -> None:
     problems = []
     for name, v in (("height", height), ("width", width)):
-        if v <= 0 or v % 8:
-            problems.append(f"{name}={v} must be a positive multiple of 8 (the VAE works on 8x8 blocks)")
-    if steps < 1:
-        problems.append(f"steps={steps} must be >= 1")
-    if num_images < 1:
-        problems.append(f"num_images={num_images} must be >= 1")
+        if v <= 0 or v % 8 or v > MAX_SIDE:
+            problems.append(
+                f"{name}={v} must be a positive multiple of 8 (the VAE works on 8x8 blocks), at most {MAX_SIDE}"
+            )
+    if not 1 <= steps <= MAX_STEPS:
+        problems.append(f"steps={steps} must be in 1..{MAX_STEPS} (the model's 1,000 training timesteps)")
+    if not 1 <= num_images <= MAX_IMAGES:
+        problems.append(f"num_images={num_images} must be in 1..{MAX_IMAGES} per call")
     if len(seeds) != num_images:
         problems.append(
             f"seeds has {len(seeds)} entries but num_images={num_images}; give one seed per image"
@@ -522,6 +534,23 @@ def decode_latents(pipe, latents: torch.Tensor, seeds: list[int]) -> list[np.nda
     return [(a * 255).round().clip(0, 255).astype("uint8") for a in arr]
 
 
+def _check_recorded_loras(png, loras: list, hashes: list[str]) -> None:
+    """A PNG names files; what sits at those paths now may be another LoRA (retrained in place, or
+    a PNG from someone else's machine naming a path on this one). Refused unless its A1111 hash is
+    the one recorded; ``--lora`` takes a file on purpose."""
+    for path, recorded in zip(loras, hashes, strict=False):
+        file = lora_file(path)
+        if not recorded or not file.is_file():
+            continue  # a missing file is named when loading; PNGs from before hashes were recorded
+        now = lora_hash(file)
+        if now != recorded:
+            raise InvalidInput(
+                f"{png}: names the LoRA {file}, but that file is not the one that made the image (A1111 "
+                f"hash {recorded} recorded, {now} now: retrained or replaced). Pass --lora {file} to use "
+                "it anyway, or point --lora at the file that made it"
+            )
+
+
 def regenerate_from_png(
     png: str | Path,
     *,
@@ -547,6 +576,15 @@ def regenerate_from_png(
         )
     loras: list[str | Path] = list(meta.loras)
     scales = list(meta.lora_scales)
+    if lora is None:  # the PNG's own files: loaded only if they are the ones that made it
+        _check_recorded_loras(png, loras, list(meta.lora_hashes))
+    if base is None and meta.model_hash:
+        now = _model_hash(resolve_model(meta.model))  # None for a hub id: nothing local to compare
+        if now is not None and now != meta.model_hash:
+            raise InvalidInput(
+                f"{png}: names the base model {meta.model}, but it is not the one that made the image "
+                f"(model hash {meta.model_hash} recorded, {now} now). Pass --base to use it anyway"
+            )
     if lora is not None:
         loras = [lora] if isinstance(lora, (str, Path)) else list(lora)
     if lora_scale is not None:

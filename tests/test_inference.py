@@ -717,3 +717,44 @@ def test_fp16_asked_is_fp16_loaded(tiny_model):
     comps = load_components(ModelConfig(pretrained=str(tiny_model)), dtype=torch.float16)
     for name in ("unet", "text_encoder", "vae"):
         assert {p.dtype for p in getattr(comps, name).parameters()} == {torch.float16}, name
+
+
+def test_from_png_refuses_a_lora_that_is_not_the_one_that_made_the_image(trained_run, tiny_model, tmp_path):
+    """Before, --from-png loaded whatever sat at the recorded path: a LoRA retrained in place (or a
+    PNG from elsewhere naming a path on this machine) gave another image as if it were the same."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from dreambooth_kit.errors import InvalidInput
+    from dreambooth_kit.inference import regenerate_from_png, save_images
+
+    lora = shutil.copy(trained_run["result"].lora_path, tmp_path / "mine.safetensors")
+    pipe = load_pipeline(str(tiny_model), lora=lora)
+    (png,) = save_images(generate(pipe, PROMPT, seed=3, steps=2), tmp_path / "out")
+    sd = load_file(lora)
+    save_file({k: v * 1.5 for k, v in sd.items()}, lora)  # retrained in place
+    with pytest.raises(InvalidInput, match=r"not the one that made the image .*Pass --lora"):
+        regenerate_from_png(png)
+    assert regenerate_from_png(png, lora=lora).params.lora_hashes  # taken on purpose: loads
+    # The base model the same way: replaced at its path, it is refused unless --base names it.
+    base = shutil.copytree(tiny_model, tmp_path / "base")
+    (png2,) = save_images(generate(load_pipeline(str(base)), PROMPT, seed=3, steps=2), tmp_path / "out2")
+    unet = base / "unet" / "diffusion_pytorch_model.safetensors"
+    save_file({k: v * 1.01 for k, v in load_file(unet).items()}, unet)
+    with pytest.raises(InvalidInput, match=r"names the base model .* Pass --base"):
+        regenerate_from_png(png2)
+
+
+@pytest.mark.parametrize(
+    "kw, said",
+    [({"steps": 10**9}, "steps=1000000000 must be in 1..1000"), ({"width": 10**6}, "at most 4096")],
+)
+def test_numbers_are_bounded_before_anything_is_allocated(tiny_model, kw, said):
+    """A PNG's recorded settings (or a caller) asking for a billion steps or a million pixels a side
+    was started: hours of sampling, or an allocation the machine cannot hold."""
+    from dreambooth_kit.errors import InvalidInput
+
+    pipe = load_pipeline(str(tiny_model))
+    with pytest.raises(InvalidInput, match=said):
+        generate(pipe, PROMPT, seed=1, **{"steps": 2, **kw})
