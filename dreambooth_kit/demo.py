@@ -56,7 +56,7 @@ def run_demo(
                 pipe, prompt, seed=cfg.train.seed + i, steps=20, guidance_scale=4.0, height=32, width=32
             )
         rows.append(row)
-    paths = save_images(rows[1], out / "samples")
+    paths = save_images(rows[1], out / "samples", overwrite=True)  # the demo's own folder, remade each run
     grid = make_grid([r.image.resize((128, 128), 0) for row in rows for r in row], cols=len(CONTEXT_PROMPTS))
     grid_path = out / "demo_grid.png"
     grid.save(grid_path)

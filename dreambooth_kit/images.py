@@ -10,15 +10,32 @@ from PIL import Image
 from .pngmeta import save_png
 
 
-def save_images(results, folder: str | Path, *, grid: bool = False, prefix: str = "") -> list[Path]:
-    """Save ``generate()`` results as ``{prefix}{seed}.png`` (+ ``grid.png``); returns the paths."""
+def save_images(
+    results, folder: str | Path, *, grid: bool = False, prefix: str = "", overwrite: bool = False
+) -> list[Path]:
+    """Save ``generate()`` results as ``{prefix}{seed}.png`` (+ ``grid.png``); returns the paths.
+
+    An existing file is never replaced unless ``overwrite``: the image goes to the next free name,
+    ``{seed}-2.png``, ... (the same seed with another prompt or LoRA is another picture)."""
     folder = Path(folder)
-    paths = [save_png(r.image, r.params, folder / f"{prefix}{r.params.seed}.png") for r in results]
+    paths = [
+        save_png(r.image, r.params, _free(folder / f"{prefix}{r.params.seed}.png", overwrite))
+        for r in results
+    ]
     if grid and results:
-        g = folder / f"{prefix}grid.png"
+        g = _free(folder / f"{prefix}grid.png", overwrite)
         make_grid([r.image for r in results]).save(g)
         paths.append(g)
     return paths
+
+
+def _free(path: Path, overwrite: bool) -> Path:
+    n = 2
+    candidate = path
+    while not overwrite and candidate.exists():
+        candidate = path.with_name(f"{path.stem}-{n}{path.suffix}")
+        n += 1
+    return candidate
 
 
 def make_grid(images: list[Image.Image], cols: int | None = None) -> Image.Image:
