@@ -660,3 +660,26 @@ def test_resume_with_another_process_count_is_refused_with_the_fix(tmp_path, cap
     assert "train.resume_force=true: continuing" in caplog.text
     (tmp_path / "state.json").write_text(json.dumps({"step": 4}))  # written before the count was kept
     check_process_count(tmp_path, 1, force=False)
+
+
+@pytest.mark.parametrize(
+    "raised, becomes",
+    [
+        (ZeroDivisionError("a bug"), ZeroDivisionError),
+        (RuntimeError("size mismatch for lora_A"), CheckpointError),
+    ],
+)
+def test_a_failed_restore_is_a_user_error_only_when_the_checkpoint_does_not_fit(
+    env, monkeypatch, raised, becomes
+):
+    """Before, any exception while restoring became a one-line CheckpointError, so a bug lost its
+    traceback; a checkpoint of another setup (a shape mismatch) is still one line."""
+    _train(env)
+    path = _save(env, 2)
+
+    def fail(*a, **k):
+        raise raised
+
+    monkeypatch.setattr(env.acc, "load_state", fail)
+    with pytest.raises(becomes):
+        load_checkpoint(env.acc, path)

@@ -113,3 +113,19 @@ def test_class_folder_is_locked_while_images_are_made(tmp_path, tiny_model, phot
         with pytest.raises(FolderInUse, match=r"class-image generation.*prior\.class_dir"):
             train(cfg)
     assert not list(shared.glob("*.png"))
+
+
+def test_what_the_folder_holds_is_judged_under_its_lock(tmp_path, tiny_model, photos):
+    """Before, the finished-run check ran before the folder lock was taken: while another process
+    trained in the folder (say a resume, replacing its LoRA), a new run was told what the folder held
+    a moment ago. Now the lock comes first: the run is refused naming the process that holds it."""
+    from dreambooth_kit.train import train
+
+    first = train(tiny_cfg(tmp_path, tiny_model, photos, **{"train.max_steps": 1}))
+    proc = _holder(first.output_dir)
+    try:
+        with pytest.raises(FolderInUse, match=f"pid {proc.pid}"):
+            train(tiny_cfg(tmp_path, tiny_model, photos, **{"train.max_steps": 1}))
+    finally:
+        proc.stdin.close()
+        proc.wait(timeout=60)
