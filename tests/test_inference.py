@@ -56,7 +56,7 @@ def test_explicit_seed_list(pipe):
     [
         ({"height": 60}, "height=60 must be a positive multiple of 8"),
         ({"width": 0}, "width=0"),
-        ({"steps": 0}, "steps=0 must be >= 1"),
+        ({"steps": 0}, "steps=0 must be in 1..1000"),
         ({"seeds": [1, 2, 3], "num_images": 2}, "seeds has 3 entries but num_images=2"),
     ],
 )

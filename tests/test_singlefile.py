@@ -112,7 +112,7 @@ def test_broken_mapping_is_detected(tiny_model, tiny_pipe, tmp_path):
 
 def test_ensure_diffusers_folder_builds_once(tiny_model, tiny_pipe, tiny_file, monkeypatch):
     folder = ensure_diffusers_folder(tiny_file, config=tiny_model)
-    assert folder.parent.name == "single-file" and len(folder.name) == 16
+    assert folder.parent.name == "single-file" and len(folder.name) == 16 + len("-v")  # hash, prediction type
     assert (folder / "tokenizer").is_dir()
     src_tok = (tiny_model / "tokenizer" / "tokenizer.json").read_text()
     assert (folder / "tokenizer" / "tokenizer.json").read_text() == src_tok
