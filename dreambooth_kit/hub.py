@@ -28,6 +28,7 @@ _PRIVATE_FILES = re.compile(
 # Belt and braces: also handed to upload_folder as ignore_patterns.
 IGNORE_PATTERNS = [
     "checkpoints/*",
+    "abandoned/*",  # an earlier timeline's outputs (runfolder.py): not this run's
     "logs/*",
     "class_images/*",
     ".tmp-*",

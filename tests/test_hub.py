@@ -106,7 +106,11 @@ def test_write_model_card_is_atomic_and_full_runs_get_pipeline_snippet(run):
 def test_upload_plan_keeps_the_model_and_drops_private_state(run):
     (run / "export").mkdir()
     (run / "export/zwx_kohya.safetensors").write_bytes(b"x")
+    abandoned = run / "abandoned" / "a1b2c3d4-after-step-000002" / "lora"  # an earlier timeline's
+    abandoned.mkdir(parents=True)
+    (abandoned / "pytorch_lora_weights.safetensors").write_bytes(b"x")
     plan = hub.upload_plan(run)
+    assert "abandoned/*" in hub.IGNORE_PATTERNS
     for rel in [
         "README.md",
         "config.yaml",
@@ -119,7 +123,7 @@ def test_upload_plan_keeps_the_model_and_drops_private_state(run):
         assert rel in plan
     assert not set(FORBIDDEN) & set(plan)
     for rel in plan:
-        assert not rel.startswith(("checkpoints/", "logs/", "class_images/", ".tmp-"))
+        assert not rel.startswith(("checkpoints/", "logs/", "class_images/", ".tmp-", "abandoned/"))
         assert not rel.endswith((".pkl", "optimizer.bin"))
         assert (run / rel).is_file() or rel == "README.md"
 
