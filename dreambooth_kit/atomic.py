@@ -38,9 +38,24 @@ def writing(final: str | Path) -> Iterator[Path]:
     tmp = temp_path(final)
     try:
         yield tmp
+        with_umask(tmp)
         os.replace(tmp, final)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def with_umask(path: Path) -> None:
+    """Give a written file (or every file and folder under a written folder) the permissions a
+    plain ``open()``/``mkdir`` gives under the process's umask: 0644/0755 under the usual 022.
+    safetensors (0.8) creates its files owner-only (0600) whatever the umask, so a LoRA copied to
+    an A1111 or ComfyUI that runs as another user (Docker, a shared server) could not be read."""
+    mask = os.umask(0)
+    os.umask(mask)  # reading the umask means setting it: put it straight back
+    paths = [path] + (sorted(path.rglob("*")) if path.is_dir() else [])
+    for p in paths:
+        if p.is_symlink():
+            continue
+        os.chmod(p, (0o777 if p.is_dir() else 0o666) & ~mask)
 
 
 def write_bytes(path: str | Path, data: bytes) -> Path:
@@ -79,6 +94,7 @@ def writing_folder(final: str | Path, *, durable: bool = False) -> Iterator[Path
 
 def publish_folder(tmp: Path, final: Path) -> None:
     """Rename the finished temporary folder to its final name, replacing an existing one atomically."""
+    with_umask(tmp)  # before it is visible under its final name
     if not final.exists():
         os.rename(tmp, final)
     elif exchange(tmp, final):  # now `tmp` holds the replaced folder

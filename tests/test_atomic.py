@@ -42,3 +42,30 @@ def test_without_an_atomic_exchange_the_old_folder_is_moved_aside_first(tmp_path
             (tmp / "model").write_text(version)
     assert (final / "model").read_text() == "v2"
     assert [p.name for p in tmp_path.iterdir()] == ["pipeline"]
+
+
+@pytest.mark.parametrize("umask, file_mode, dir_mode", [(0o022, 0o644, 0o755), (0o077, 0o600, 0o700)])
+def test_written_files_get_the_umasks_permissions(tmp_path, umask, file_mode, dir_mode):
+    """Before, every .safetensors we wrote was owner-only (safetensors 0.8 creates 0600 whatever the
+    umask): a LoRA copied to an A1111/ComfyUI running as another user did not load."""
+    import os
+    import stat
+
+    import torch
+    from safetensors.torch import save_file
+
+    from dreambooth_kit.atomic import writing, writing_folder
+
+    old = os.umask(umask)
+    try:
+        with writing(tmp_path / "lora.safetensors") as tmp:
+            save_file({"a": torch.zeros(1)}, str(tmp))
+        with writing_folder(tmp_path / "out") as tmp:
+            (tmp / "sub").mkdir()
+            save_file({"a": torch.zeros(1)}, str(tmp / "sub" / "w.safetensors"))
+    finally:
+        os.umask(old)
+    mode = lambda p: stat.S_IMODE(p.stat().st_mode)  # noqa: E731
+    assert mode(tmp_path / "lora.safetensors") == file_mode
+    assert mode(tmp_path / "out" / "sub" / "w.safetensors") == file_mode
+    assert mode(tmp_path / "out" / "sub") == dir_mode and mode(tmp_path / "out") == dir_mode

@@ -615,3 +615,17 @@ def test_a_full_fine_tunes_pipeline_takes_its_frozen_parts_at_the_runs_variant(t
     with safe_open(str(result.pipeline_dir / "text_encoder" / "model.safetensors"), framework="pt") as f:
         assert all(k.startswith("text_model.") for k in f.keys())
     assert (result.pipeline_dir / "tokenizer" / "vocab.json").is_file()
+
+
+def test_a_trained_lora_is_readable_by_other_users_under_the_usual_umask(trained_run):
+    """The final LoRA and its checkpoint files take the umask's permissions (0644 under 022), not
+    safetensors' owner-only 0600."""
+    import os
+    import stat
+
+    mask = os.umask(0)
+    os.umask(mask)
+    result = trained_run["result"]
+    ckpt = sorted((result.output_dir / "checkpoints").glob("step-*"))[-1]
+    for f in (result.lora_path, ckpt / "unet_lora.safetensors"):
+        assert stat.S_IMODE(f.stat().st_mode) == 0o666 & ~mask, f
