@@ -265,13 +265,7 @@ def _make_accelerator(cfg: DreamBoothConfig, out: Path):
 
     t = cfg.train
     log_with = None if t.report_to == "none" else t.report_to
-    if log_with == "tensorboard":
-        try:
-            import tensorboard  # noqa: F401
-        except ImportError:
-            raise MissingExtra(
-                "train.report_to=tensorboard needs tensorboard: pip install 'dreambooth_kit[tracking]'"
-            ) from None
+    _check_tracker(log_with)
     # accelerate keeps its state in process-wide singletons: a second train() in the same process
     # (a notebook re-run with other settings) would fail with "AcceleratorState has already been
     # initialized". Clear the per-run parts; the distributed (PartialState) part stays as launched.
@@ -287,6 +281,24 @@ def _make_accelerator(cfg: DreamBoothConfig, out: Path):
     if t.mixed_precision == "fp16" and accelerator.device.type == "cpu" and not deepspeed:
         _fp16_amp_on_cpu(accelerator)
     return accelerator
+
+
+# train.report_to -> (the module it needs, the extra that installs it). Without the module accelerate
+# only warns and the run trains with no logging at all.
+_TRACKERS = {"tensorboard": ("tensorboard", "tracking"), "wandb": ("wandb", "wandb")}
+
+
+def _check_tracker(log_with: str | None) -> None:
+    import importlib.util
+
+    if log_with not in _TRACKERS:
+        return
+    module, extra = _TRACKERS[log_with]
+    if importlib.util.find_spec(module) is None:
+        raise MissingExtra(
+            f"train.report_to={log_with} needs {module}: pip install 'dreambooth_kit[{extra}]', or set "
+            "train.report_to=none"
+        )
 
 
 def _fp16_amp_on_cpu(accelerator) -> None:

@@ -629,3 +629,20 @@ def test_a_trained_lora_is_readable_by_other_users_under_the_usual_umask(trained
     ckpt = sorted((result.output_dir / "checkpoints").glob("step-*"))[-1]
     for f in (result.lora_path, ckpt / "unet_lora.safetensors"):
         assert stat.S_IMODE(f.stat().st_mode) == 0o666 & ~mask, f
+
+
+def test_a_tracker_that_is_not_installed_is_named_with_its_extra(tmp_path, tiny_model, photos):
+    """Before, train.report_to=wandb without wandb trained with no logging at all (one accelerate
+    warning); tensorboard already had this error. Checked before anything is written."""
+    import importlib.util
+
+    from dreambooth_kit.errors import MissingExtra
+
+    if importlib.util.find_spec("wandb") is not None:
+        pytest.skip("wandb is installed here")
+    cfg = tiny_cfg(tmp_path, tiny_model, photos, **{"train.report_to": "wandb"})
+    with pytest.raises(
+        MissingExtra, match=r"train.report_to=wandb needs wandb: pip install 'dreambooth_kit\[wandb\]'"
+    ):
+        train(cfg)
+    assert not (tmp_path / "run").exists()
