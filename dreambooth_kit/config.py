@@ -97,7 +97,7 @@ class PriorConfig:
     # on CPU or a T4 at 200 images; LoRA only (the frozen base is the LoRA model with it off).
     mode: Literal["class_images", "teacher"] = "class_images"
     class_prompt: str = ""
-    class_dir: str = ""
+    class_dir: str = ""  # "" = <train.output_dir>/class_images
     num_class_images: int = 100
     # seed-000 recipe: 12 class images per instance image (10 photos -> 120). Overrides the count above.
     class_images_per_instance: int | None = None
@@ -581,6 +581,11 @@ def _expand_paths(cfg: DreamBoothConfig) -> DreamBoothConfig:
     """Every setting that names a file or folder, read the same way (see :func:`_path`): before,
     ``~`` was expanded in model.pretrained and prior.store and taken literally elsewhere."""
     r = dataclasses.replace
+    # Class images belong to the run by default: <train.output_dir>/class_images (the store shares
+    # them between runs). A fixed folder in every packaged config made a second subject of another
+    # class stop on "made with a different recipe".
+    out = cfg.train.output_dir
+    class_dir = cfg.prior.class_dir or (str(Path(out) / "class_images") if out else "")
     return r(
         cfg,
         model=r(
@@ -591,7 +596,7 @@ def _expand_paths(cfg: DreamBoothConfig) -> DreamBoothConfig:
         data=r(cfg.data, instance_dir=_path(cfg.data.instance_dir)),
         prior=r(
             cfg.prior,
-            class_dir=_path(cfg.prior.class_dir),
+            class_dir=_path(class_dir),
             store=_path(cfg.prior.store, keep=("auto", "off", "false")),
         ),
         train=r(

@@ -313,8 +313,7 @@ def test_prior_without_class_prompt_or_dir():
     problems = _problems("tiny.yaml", {"prior.class_prompt": "", "prior.class_dir": ""})
     assert problems == [
         "prior.class_prompt: required with prior.with_prior_preservation, e.g. 'a photo of a dog'",
-        "prior.class_dir: required with prior.with_prior_preservation (generated images go there)",
-    ]
+    ]  # no class_dir: the run folder's class_images/ (below)
     # The same settings are fine once prior preservation is off.
     cfg = load_config(
         "tiny.yaml",
@@ -616,3 +615,18 @@ def test_validation_metrics_need_validation_steps_and_evaluate_ranges_are_checke
     ]
     (problem,) = _problems("tiny.yaml", ["evaluate.seeds=1"])
     assert problem.startswith("evaluate.seeds: 1") and "DIV" in problem
+
+
+@pytest.mark.parametrize(
+    "name", ["tiny.yaml", "toy.yaml", "sd21_base_lora.yaml", "sd21_768_lora.yaml", "sd21_full.yaml"]
+)
+def test_class_images_belong_to_the_run_folder_by_default(name, tmp_path):
+    """Before, every packaged config put class images in a fixed folder (runs/sd21_base/class_images)
+    whatever train.output_dir said: a second subject of another class into another output folder
+    stopped on "class images were made with a different recipe"."""
+    cfg = load_config(name, {"train.output_dir": str(tmp_path / "my_cat")})
+    assert cfg.prior.class_dir == str(tmp_path / "my_cat" / "class_images")
+    given = load_config(
+        name, {"train.output_dir": str(tmp_path / "a"), "prior.class_dir": str(tmp_path / "shared")}
+    )
+    assert given.prior.class_dir == str(tmp_path / "shared")  # a folder given is kept
