@@ -506,6 +506,12 @@ def list_checkpoints(output_dir: str | os.PathLike) -> list[tuple[int, Path]]:
     return _owned(Path(output_dir), _scan(Path(output_dir) / CHECKPOINTS, logging.INFO), logging.INFO)
 
 
+def all_checkpoints(output_dir: str | os.PathLike) -> list[tuple[int, Path]]:
+    """Every complete checkpoint in ``output_dir/checkpoints``, whatever timeline wrote it (what
+    :mod:`dreambooth_kit.runfolder` sorts into this run's and an abandoned one's)."""
+    return _scan(Path(output_dir) / CHECKPOINTS, logging.DEBUG)
+
+
 def read_state(folder: Path) -> dict:
     """A checkpoint's ``state.json``, checked: an object whose step agrees with its folder name and
     its ``COMPLETE.json`` (a state.json copied from another checkpoint would resume at the wrong step)."""

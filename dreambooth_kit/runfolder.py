@@ -76,9 +76,9 @@ class Run:
 
     def all_checkpoints(self) -> list[tuple[int, Path]]:
         """Every complete checkpoint in the folder, whatever timeline wrote it."""
-        from .checkpoints import CHECKPOINTS, _scan
+        from .checkpoints import all_checkpoints
 
-        return _scan(self.root / CHECKPOINTS, logging.DEBUG)
+        return all_checkpoints(self.root)
 
     def final(self) -> Path | None:
         """The finished LoRA or pipeline folder, if there is one."""
