@@ -222,7 +222,7 @@ def _cmd_class_images(args) -> int:
 
 
 def _cmd_demo(args) -> int:
-    """Offline end to end: tiny model -> checks -> class images -> LoRA with prior -> seeded images."""
+    """Offline end to end: toy model -> checks -> class images -> LoRA with prior -> seeded images."""
     from .demo import run_demo
 
     for line in run_demo(args.photos, args.out, args.steps):
@@ -392,7 +392,7 @@ def _add_class_images(sub) -> None:
 
 
 def _add_demo(sub) -> None:
-    d = sub.add_parser("demo", help="offline end-to-end run on the built-in tiny model")
+    d = sub.add_parser("demo", help="offline end-to-end run on the built-in toy model (builtin:toy-sd2)")
     d.add_argument(
         "--photos", default=None, help="default: the toy subject's five photos, rendered into OUT/photos"
     )

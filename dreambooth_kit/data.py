@@ -22,11 +22,24 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .errors import UserError
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
+
+def _avif_readable() -> bool:
+    """Pillow reads AVIF where its build has the codec (the locked Pillow does; older ones need the
+    pillow-avif-plugin): accepted exactly where it decodes."""
+    from PIL import features
+
+    try:
+        return bool(features.check("avif"))
+    except (ValueError, ImportError):  # a Pillow that does not know the feature's name at all
+        return False
+
+
+_AVIF = _avif_readable()
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp") + ((".avif",) if _AVIF else ())
 CAPTION_EXTENSION = ".txt"  # kohya-style: photo.txt is photo.jpg's prompt (data.use_captions)
 # Decoders PIL may use for our files. Without this list a renamed .tif/.gif/.avif would still be decoded
 # by one of the ~40 other plugins; MPO (iPhone JPEGs) comes through the JPEG plugin.
-_PIL_FORMATS = ("JPEG", "PNG", "WEBP", "BMP")
+_PIL_FORMATS = ("JPEG", "PNG", "WEBP", "BMP") + (("AVIF",) if _AVIF else ())
 _ACCEPTED = " ".join(IMAGE_EXTENSIONS)
 _SEVERITIES = ("error", "warning", "info")
 
@@ -39,7 +52,12 @@ _SIDECAR_EXTENSIONS = {".txt", ".caption", ".json", ".xmp", ".aae", ".yaml", ".c
 _RAW_EXTENSIONS = {".dng", ".cr2", ".cr3", ".nef", ".arw", ".orf", ".rw2", ".raf", ".raw"}
 _UNSUPPORTED_EXTENSIONS = {
     ".heic", ".heif", ".avif", ".tif", ".tiff", ".gif", ".jxl", ".jp2", ".j2k", ".psd", ".svg", ".ico",
-} | _RAW_EXTENSIONS  # fmt: skip
+} - set(IMAGE_EXTENSIONS) | _RAW_EXTENSIONS  # fmt: skip
+# How to get a .jpg from an iPhone's HEIC, which Pillow cannot read without a plugin.
+HEIC_ADVICE = (
+    "convert it to .jpg (macOS: sips -s format jpeg IMG.heic --out IMG.jpg; Linux: heif-convert IMG.heic "
+    "IMG.jpg, from libheif-examples), or set the iPhone's Settings > Camera > Formats to Most Compatible"
+)
 _SIXTEEN_BIT_MODES = {"I;16", "I;16L", "I;16B", "I;16N", "I"}
 _ALPHA_MODES = {"RGBA", "LA", "PA", "RGBa", "La"}
 
@@ -207,6 +225,8 @@ def _unsupported_advice(ext: str) -> str:
         return "format .gif is not supported (often animated, 256 colours); export the frame you want as .png"
     if ext in _RAW_EXTENSIONS:
         return f"camera RAW format {ext} is not supported; export it as .jpg or .png from your photo editor"
+    if ext in (".heic", ".heif"):
+        return f"format {ext} (the iPhone's) is not supported; {HEIC_ADVICE}"
     return f"format {ext} is not supported; convert it to .jpg or .png"
 
 
@@ -270,7 +290,8 @@ def _decode(path: Path, max_pixels: int | None = None) -> tuple[Image.Image, _No
     except UnidentifiedImageError as e:
         real = _sniff(path)
         if real:
-            raise DataError(f"contains {real} data despite its name; convert it to .jpg or .png") from e
+            advice = HEIC_ADVICE if real == "HEIC/HEIF" else "convert it to .jpg or .png"
+            raise DataError(f"contains {real} data despite its name; {advice}") from e
         if path.stat().st_size == 0:
             raise DataError("cannot identify image file: it is empty (0 bytes); copy it again") from e
         raise DataError(

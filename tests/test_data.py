@@ -14,7 +14,7 @@ import torch
 from PIL import Image, ImageFile
 
 from dreambooth_kit import dataset
-from dreambooth_kit.data import DataError, ImageIssue, check_images, find_images, load_image
+from dreambooth_kit.data import IMAGE_EXTENSIONS, DataError, ImageIssue, check_images, find_images, load_image
 from dreambooth_kit.dataset import DreamBoothDataset, collate, pair_examples, preprocess
 
 DEMO = Path(__file__).resolve().parents[1] / "dreambooth_kit" / "demo_subject"
@@ -54,7 +54,7 @@ def test_file_instead_of_folder(tmp_path):
 # --- empty folder -----------------------------------------------------------------------------------
 def test_empty_folder_error_text(tmp_path):
     report = check_images(tmp_path)
-    expected = f"0 usable images in {tmp_path.resolve()} (accepted: .jpg .jpeg .png .webp .bmp)"
+    expected = f"0 usable images in {tmp_path.resolve()} (accepted: {' '.join(IMAGE_EXTENSIONS)})"
     assert [e.message for e in report.errors] == [expected]
     assert report.images == []
     with pytest.raises(DataError) as exc:
@@ -286,13 +286,31 @@ def test_heic_refused_without_decoding(tmp_path, monkeypatch):
         Image, "open", lambda fp, *a, **k: opened.append(Path(fp).name) or real_open(fp, *a, **k)
     )
     report = check_images(tmp_path)
-    assert _by_name(report.issues, "photo.heic", "error") == [
-        "photo.heic: format .heic is not supported; convert it to .jpg or .png"
-    ]
-    assert "convert it to .jpg or .png" in _by_name(report.issues, "IMG_2.HEIC", "error")[0]
+    # Before, HEIC (every iPhone's default) was refused without saying how to convert it.
+    (msg,) = _by_name(report.issues, "photo.heic", "error")
+    assert msg.startswith("photo.heic: format .heic (the iPhone's) is not supported; convert it to .jpg")
+    assert "sips -s format jpeg" in msg and "heif-convert" in msg and "Most Compatible" in msg
+    assert "sips -s format jpeg" in _by_name(report.issues, "IMG_2.HEIC", "error")[0]
     assert "format .tiff is not supported" in _by_name(report.issues, "scan.tiff", "error")[0]
     assert opened == ["renamed.jpg"]  # only the allow-listed name is opened ...
-    assert "contains HEIC/HEIF data" in _by_name(report.issues, "renamed.jpg", "error")[0]
+    renamed = _by_name(report.issues, "renamed.jpg", "error")[0]
+    assert "contains HEIC/HEIF data" in renamed and "heif-convert" in renamed
+
+
+def test_avif_is_accepted_where_pillow_reads_it(tmp_path):
+    """Before, .avif was refused by its extension although the locked Pillow decodes it."""
+    from PIL import features
+
+    from dreambooth_kit.data import IMAGE_EXTENSIONS
+
+    if not features.check("avif"):
+        assert ".avif" not in IMAGE_EXTENSIONS  # refused, with advice, where Pillow cannot read it
+        pytest.skip("this Pillow has no AVIF codec")
+    Image.new("RGB", (96, 80), (200, 30, 30)).save(tmp_path / "photo.avif", quality=90)
+    report = check_images(tmp_path, resolution=64)
+    assert [p.name for p in report.images] == ["photo.avif"] and not report.errors
+    tensor = DreamBoothDataset(report.images, "a sks toy", 64)[0]["instance_pixels"]
+    assert tensor.shape == (3, 64, 64) and tensor[0].mean() > 0.3  # red, decoded
 
 
 def test_renamed_gif_not_decoded_by_other_plugins(tmp_path):

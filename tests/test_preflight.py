@@ -318,7 +318,7 @@ def test_several_bad_files_are_all_listed_in_one_error(tmp_path, photos, tok):
     for name in named:
         assert f"ERROR {photos.resolve() / name}: " in text, name  # each line names the file's full path
     assert "cannot identify image file" in text
-    assert "format .heic is not supported" in text
+    assert "format .heic (the iPhone's) is not supported" in text
     assert "truncated or corrupt" in text
     assert "drop 'red blue green yellow'" in text  # the prompt error is in the same report
     # The good photos are not reported.
