@@ -15,7 +15,6 @@ What a training start may find, and what happens:
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import re
@@ -23,6 +22,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from .atomic import write_json
 from .errors import UserError
 from .layout import RunLayout
 from .lineage import Lineage, read_lineage, write_lineage
@@ -169,16 +169,12 @@ class Run:
             target = aside / path.relative_to(self.root)
             target.parent.mkdir(parents=True, exist_ok=True)
             os.rename(path, target)  # same file system: atomic, nothing copied
-        (aside / "ABANDONED.json").write_text(
-            json.dumps(
-                {
-                    "lineage": lineage_id,
-                    "after_step": step,
-                    "moved": [p.relative_to(self.root).as_posix() for p in moving],
-                },
-                indent=2,
-            )
-        )
+        record = {
+            "lineage": lineage_id,
+            "after_step": step,
+            "moved": [p.relative_to(self.root).as_posix() for p in moving],
+        }
+        write_json(aside / "ABANDONED.json", record, indent=2)  # what was moved, and from which timeline
         log.warning(
             "moved %d item(s) of an earlier timeline aside to %s (kept, not deleted): %s",
             len(moving), aside, ", ".join(p.relative_to(self.root).as_posix() for p in moving[:6]),

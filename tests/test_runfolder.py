@@ -67,6 +67,8 @@ def test_resume_from_an_earlier_checkpoint_with_another_learning_rate_starts_a_n
     assert (aside / "lora" / "pytorch_lora_weights.safetensors").read_bytes() == old_lora
     assert (aside / "checkpoints" / "step-000006" / "unet_lora.safetensors").read_bytes() == old_step6
     assert sorted(p.name for p in (aside / "checkpoints").iterdir()) == ["step-000004", "step-000006"]
+    record = json.loads((aside / "ABANDONED.json").read_text())
+    assert record["lineage"] == old_id and record["after_step"] == 2 and "lora" in record["moved"]
 
     # The newest checkpoint and the final LoRA are the new timeline's.
     steps = list_checkpoints(out)
