@@ -16,7 +16,7 @@ LATEST := .venv-latest
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: demo test test-fast test-latest lock lint format bench clean
+.PHONY: demo test test-fast test-wheel test-latest lock lint format bench clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -44,6 +44,11 @@ test: $(STAMP)
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not slow and not gpu and not network"
+
+# What a wheel user gets: the wheel alone in a fresh venv, the newest releases pyproject allows (no
+# lock), then a 1-step text-encoder LoRA training. CI runs it after `make test`.
+test-wheel:
+	PYTHON=$(PYTHON) .ci/wheel-alone
 
 # Drift, seen instead of suffered: a fresh venv with the newest releases pyproject allows (no lock),
 # the test suite on it, and the differences from the lock. If it passes, `make lock` adopts them.

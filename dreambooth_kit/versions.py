@@ -51,6 +51,19 @@ def peft_needed_by_transformers() -> str | None:
     return match.group(1) if match else None
 
 
+def declared_requirement(name: str) -> str | None:
+    """This package's own requirement on ``name`` as installed (``transformers<5.24,>=5.0``): the range
+    the tests passed with, which a wheel user can apply without the checkout's constraints.txt."""
+    try:
+        requires = importlib.metadata.requires("dreambooth_kit") or []
+    except importlib.metadata.PackageNotFoundError:
+        return None
+    for requirement in requires:
+        if re.match(rf"{re.escape(name)}\s*[<>=!~]", requirement) and ";" not in requirement:
+            return requirement.replace(" ", "")
+    return None
+
+
 def transformers_peft_problem() -> str | None:
     """One line naming both versions and the fix, if the installed pair cannot train a text-encoder
     LoRA; None if they fit (or either is missing: the import error then says so itself)."""
@@ -60,10 +73,11 @@ def transformers_peft_problem() -> str | None:
         return None
     if _version_tuple(peft) >= _version_tuple(needed):
         return None
+    wanted = declared_requirement("transformers") or f"transformers<{transformers}"
     return (
         f"transformers {transformers} needs peft >= {needed}, but peft {peft} is installed: "
-        "text-encoder LoRA training will fail. Fix: pip install -c constraints.txt -e . "
-        f"(the tested versions), or pip install 'transformers<{transformers}'"
+        f"text-encoder LoRA training will fail. Fix: pip install '{wanted}' (the range dreambooth_kit "
+        "was tested with; in a checkout, pip install -c constraints.txt -e . gives the exact versions)"
     )
 
 
