@@ -364,6 +364,63 @@ def test_duplicates_warn_naming_both(tmp_path):
     assert len(report.images) == 3 and report.errors == []
 
 
+def _near_copy_warning(folder: Path, name: str, original: str, resolution: int = 64) -> int:
+    """Checks that the one warning is ``name``'s near-duplicate warning; returns its bit count."""
+    report = check_images(folder, resolution=resolution, min_count=1)
+    [warn] = report.warnings
+    bits = warn.message.split("perceptual hash ")[1].split(" bits")[0]
+    expected = (
+        f"{name}: looks like a resized or re-encoded copy of {original} (perceptual hash {bits} bits "
+        "apart of 64); near-duplicates count double in training: remove one"
+    )
+    assert warn.path == (folder / name).resolve() and warn.message == expected
+    assert report.errors == [] and len(report.images) == len(list(folder.iterdir()))
+    return int(bits)
+
+
+@pytest.mark.parametrize("copy", ["half size", "JPEG quality 70", "PNG to JPEG"])
+def test_resized_or_reencoded_copy_warns_naming_both(tmp_path, copy):
+    load_image(DEMO / "01.jpg").save(tmp_path / "a.png")
+    photo = Image.open(tmp_path / "a.png")
+    if copy == "PNG to JPEG":
+        photo.save(tmp_path / "b.jpg")  # Pillow's default quality, 75
+    else:
+        half = photo.resize((64, 64), Image.Resampling.LANCZOS)
+        (half if copy == "half size" else photo).save(tmp_path / "b.jpg", quality=70)
+    load_image(DEMO / "02.jpg").save(tmp_path / "c.png")  # a different shot: not warned about
+    # Measured 0-2 bits for these copies; the limit is 12.
+    assert _near_copy_warning(tmp_path, "b.jpg", "a.png") <= 3
+
+
+def test_demo_subject_photos_are_not_near_duplicates(tmp_path):
+    # Five deliberately different shots of one subject (>= 26 bits apart): only the real copy warns.
+    for src in sorted(DEMO.glob("*.jpg")):
+        (tmp_path / src.name).write_bytes(src.read_bytes())
+    load_image(DEMO / "03.jpg").resize((64, 64), Image.Resampling.LANCZOS).save(tmp_path / "06.jpg")
+    _near_copy_warning(tmp_path, "06.jpg", "03.jpg")
+
+
+def test_toy_subject_photos_are_not_near_duplicates(tmp_path):
+    from dreambooth_kit.toy.world import write_subject_photos
+
+    write_subject_photos(tmp_path, captions=False)  # 01.png..05.png, 32 px
+    Image.open(tmp_path / "01.png").save(tmp_path / "06.jpg")  # PNG to JPEG: the copy
+    report = check_images(tmp_path, resolution=32, min_count=1)
+    assert [w.message.split(" (")[0] for w in report.warnings] == [
+        "06.jpg: looks like a resized or re-encoded copy of 01.png"
+    ]
+
+
+def test_distinct_photos_are_not_near_duplicates(tmp_path):
+    # Flat photos all hash alike (no neighbour differs) and must not count as copies of each other.
+    for i, color in enumerate((RED, GREEN, BLUE, YELLOW)):
+        _solid(tmp_path, f"flat{i}.png", color)
+    for seed in range(4):
+        _noise(64, seed).save(tmp_path / f"noise{seed}.png")
+    _noise(64, 0).resize((48, 48), Image.Resampling.LANCZOS).save(tmp_path / "z.png")  # the copy
+    _near_copy_warning(tmp_path, "z.png", "noise0.png", resolution=48)
+
+
 def test_one_image_warns_too_few(tmp_path):
     _solid(tmp_path, "only.png", RED)
     report = check_images(tmp_path, resolution=64)
