@@ -23,7 +23,12 @@ within ``evaluate.tolerance`` of the highest seen and whose PRES is within it of
 Earliest, because checkpoints within the tolerance look alike to the metrics, and more steps only
 add overfitting (the subject's photos' poses and backgrounds leak into every prompt). PRES below
 the base model's counts as the base model's. When none meets both, the largest subject fidelity -
-PRES, and the report says so.
+PRES, and the report says so. When no checkpoint has a positive subject fidelity, or the toy judge
+finds the subject in none of their images, none is named (nor exported): scores that see no subject
+cannot rank checkpoints by it.
+
+The toy judge (``toy-judge``) knows only the toy world: before anything is loaded or drawn,
+:func:`check_judge_knows_photos` refuses photos its own subject detector does not recognise.
 """
 
 from __future__ import annotations
@@ -33,11 +38,12 @@ import hashlib
 import io
 import json
 import logging
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .config import AdapterConfig, EvalSpec
+from .config import AdapterConfig, EvalSpec, EvaluateConfig
 from .errors import UserError
 from .models import ModelSource
 from .prompt_sets import EvalPrompt
@@ -55,6 +61,21 @@ BATCH = 8  # images per UNet batch: 8 x 512 px SD 2.1 with guidance fits a 16 GB
 
 class EvaluateError(UserError, ValueError):
     """A run that cannot be evaluated as asked; the message says why and what to do."""
+
+
+class UnjudgeablePhotos(EvaluateError):
+    """The toy judge was asked to score photos that are not of its subject: it knows only the toy
+    world, so its numbers for them would mean nothing."""
+
+
+# The share of the subject's photos the toy judge's detector must call its subject before evaluate
+# lets the judge score against them. Measured with the shipped judge (probability > 0.5 counted):
+# the toy subject's photos 185 of 185 (write_subject_photos' 5 and 180 from other seeds; lowest
+# probability 0.999), 100 of 100 each after JPEG at quality 75, a 512 px upscale or a 1 px blur; the
+# demo subject's 5 photos (dreambooth_kit/demo_subject) 0 of 5; 200 noise images 0, 200 random
+# gradients 8 (4%), 200 flat colours 12 (6%), 400 toy-world objects and 400 toy-world balls 0.
+# 0.5 is far from both sides: a folder of the subject passes, one of anything else does not.
+MIN_SUBJECT_SHARE = 0.5
 
 
 # ------------------------------------------------------------------ what is generated
@@ -119,18 +140,23 @@ class Images:
     made: int = 0  # how many were generated now (the rest came from the folder)
 
 
-def make_images(pipe, plan: EvalPlan, folder: Path | None = None) -> Images:
+def make_images(pipe, plan: EvalPlan, folder: Path | None = None, *, progress: str | None = None) -> Images:
     """Every image of ``plan`` from ``pipe``; with ``folder``, those already there are loaded and
     only the missing ones generated and written (PNG through a temp file: an interrupted run
-    leaves no partial image)."""
+    leaves no partial image). ``progress``: a label for a progress bar over the images."""
+    from tqdm.auto import tqdm
+
     out = Images([], [])
     jobs = [(p.text, plan.seeds) for p in plan.prompts] + [(plan.class_prompt, plan.class_seeds)]
-    for j, (prompt, seeds) in enumerate(jobs):
-        images = _prompt_images(pipe, plan, prompt, list(seeds), folder, out)
-        if j < len(plan.prompts):
-            out.by_prompt.append(images)
-        else:
-            out.class_images = images
+    total = sum(len(seeds) for _, seeds in jobs)
+    with tqdm(total=total, desc=progress, unit="image", disable=progress is None) as bar:
+        for j, (prompt, seeds) in enumerate(jobs):
+            images = _prompt_images(pipe, plan, prompt, list(seeds), folder, out)
+            bar.update(len(images))
+            if j < len(plan.prompts):
+                out.by_prompt.append(images)
+            else:
+                out.class_images = images
     return out
 
 
@@ -192,6 +218,38 @@ def score(plan: EvalPlan, encoders, photos: Sequence, images: Images) -> dict[st
     if encoders.judge is not None:
         row["subject_rate"] = rate(encoders.judge.predict(flat)["subject_prob"])
     return row
+
+
+def check_judge_knows_photos(
+    photos: Sequence, folder: Path, *, subject_encoder: str, prompt_encoder: str, judge=None
+) -> float | None:
+    """Refuse (:class:`UnjudgeablePhotos`) when an encoder is the toy judge and its own subject
+    detector calls fewer than :data:`MIN_SUBJECT_SHARE` of the subject's ``photos`` its subject:
+    a judge that does not recognise the reference photos cannot say how close images come to them
+    (a user's dog photos gave negative fidelity and subject rate 0). Returns the share recognised;
+    None for other encoders (DINO, CLIP: general encoders, with no detector to ask)."""
+    from .encoders import TOY_JUDGE
+
+    roles = {"subject_encoder": subject_encoder, "prompt_encoder": prompt_encoder}
+    keys = [k for k, v in roles.items() if v == TOY_JUDGE]
+    if not keys:
+        return None
+    from .metrics import rate
+    from .toy import world
+    from .toy.judge import Judge
+
+    share = rate((judge or Judge.load()).predict(list(photos))["subject_prob"])
+    if share >= MIN_SUBJECT_SHARE:
+        return share
+    general = " ".join(f"evaluate.{k}={getattr(EvaluateConfig(), k)}" for k in keys)
+    raise UnjudgeablePhotos(
+        f"{folder}: the toy judge ({', '.join(f'evaluate.{k}={TOY_JUDGE}' for k in keys)}) recognises "
+        f"its subject ({world.IDENTIFIER} {world.SUBJECT_CLASS}, builtin:toy-sd2's) in "
+        f"{round(share * len(photos))} of these {len(photos)} photos (it needs {MIN_SUBJECT_SHARE:.0%}): "
+        "it knows only the toy world, so its scores against them would mean nothing. To fix: score "
+        f"with general encoders, {general} (on the command line of `dreambooth-kit evaluate --run RUN` "
+        "or of `train` with validation.metrics; overrides=[...] in Python), or give evaluate --photos with the toy subject's photos"
+    )
 
 
 def load_photos(folder: Path) -> list:
@@ -350,10 +408,14 @@ def best_checkpoint(rows: Sequence[dict], tolerance: float) -> tuple[dict | None
     class nor the subject also score low (toy world, 100 steps without prior preservation: PRES 0.20
     against the base model's 0.58, from malformed blobs in the subject's colours)."""
     base = next((r for r in rows if r["checkpoint"] == "base"), None)
-    floor = base["pres"] if base is not None else float("-inf")
-    cands = [{**r, "pres": max(r["pres"], floor)} for r in rows if r["checkpoint"] != "base"]
-    if not cands:
+    floor = base["pres"] if base is not None and _finite(base["pres"]) else float("-inf")
+    scored = [r for r in rows if r["checkpoint"] != "base"]
+    if not scored:
         return None, "no checkpoint was scored (only the base model)"
+    cands = [{**r, "pres": max(r["pres"], floor)} for r in scored if _rankable(r)]
+    meaningless = _unranked(cands)
+    if meaningless:
+        return None, meaningless
     top = max(cands, key=lambda r: r["subject_fidelity"])
     low = min(cands, key=lambda r: r["pres"])
 
@@ -378,6 +440,33 @@ def best_checkpoint(rows: Sequence[dict], tolerance: float) -> tuple[dict | None
         "PRES. The subject is bought with class drift; prior preservation "
         "(prior.with_prior_preservation) reduces it"
     )
+
+
+def _finite(v) -> bool:
+    return isinstance(v, int | float) and math.isfinite(v)
+
+
+def _rankable(r: dict) -> bool:
+    """A row whose scores can rank it: a positive subject fidelity and a PRES, both numbers. At
+    fidelity <= 0 the images point away from the photos in the encoder's space (the toy world's
+    base model scores 0.60, its trained checkpoints 0.65-0.88)."""
+    return _finite(r["subject_fidelity"]) and r["subject_fidelity"] > 0 and _finite(r["pres"])
+
+
+def _unranked(cands: Sequence[dict]) -> str:
+    """Why these checkpoints' scores cannot name a best ("" when they can). A detector (the toy
+    judge) that finds the subject in no image of any checkpoint means none drew it, or the judge
+    does not know the photos' subject: on the demo subject's photos, tiny model, it gave fidelity
+    0.60-0.63 (its features still give cosines) and subject rate 0 in every row."""
+    no_best = "no checkpoint is better than the others by these scores, so none is named best or exported: "
+    if not cands:
+        return no_best + (
+            "no checkpoint's subject fidelity is above 0 (and a number); check that the encoders can "
+            "judge the subject's photos"
+        )
+    if all(r.get("subject_rate") == 0 for r in cands):
+        return no_best + "the toy judge's detector found the subject in no image of any checkpoint"
+    return ""
 
 
 def read_rows(path: Path) -> list[dict]:
@@ -439,6 +528,11 @@ def evaluate(
     extra += [f"evaluate.seeds={seeds}"] if seeds is not None else []
     cfg = load_config(layout.config, extra)
     spec = eval_spec(cfg)
+    folder = Path(photos) if photos else spec.photos
+    refs = load_photos(folder)
+    # First: a judge that cannot score these photos is refused before any model loads or image is drawn.
+    s = cfg.evaluate
+    check_judge_knows_photos(refs, folder, subject_encoder=s.subject_encoder, prompt_encoder=s.prompt_encoder)
     source = Run.open(run).model_source()
     if source is None:
         raise EvaluateError(
@@ -448,7 +542,6 @@ def evaluate(
     targets = list_targets(
         run, checkpoints, adapter_type=cfg.adapter.type, max_steps=cfg.train.max_steps, base=cfg.evaluate.base
     )
-    refs = load_photos(Path(photos) if photos else spec.photos)
     encoders = load_encoders(
         cfg.evaluate.subject_encoder, cfg.evaluate.prompt_encoder, device=default_device()
     )
@@ -475,7 +568,7 @@ def _evaluate_targets(
             result.cached_rows += 1
             continue
         pipe = load_target(t, run)
-        images = make_images(pipe, plan, folder / "images" / f"{t.name}-{fp}")
+        images = make_images(pipe, plan, folder / "images" / f"{t.name}-{fp}", progress=f"evaluate {t.name}")
         del pipe
         n = sum(map(len, images.by_prompt)) + len(images.class_images)
         result.made, result.reused = result.made + images.made, result.reused + n - images.made
@@ -617,5 +710,10 @@ def validation_scorer(spec: EvalSpec) -> ValidationScorer:
 
     s = spec.settings
     photos = load_photos(spec.photos)
+    # The same refusal as evaluate's, before training starts: scores logged every N steps from a
+    # judge that cannot recognise these photos would mean nothing.
+    check_judge_knows_photos(
+        photos, Path(spec.photos), subject_encoder=s.subject_encoder, prompt_encoder=s.prompt_encoder
+    )
     encoders = load_encoders(s.subject_encoder, s.prompt_encoder, device=default_device())
     return ValidationScorer(plan_for(spec), encoders, photos)

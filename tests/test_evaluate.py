@@ -164,6 +164,74 @@ def test_pres_below_the_base_models_is_not_better():
     assert "never below the base model's" in reason
 
 
+def test_no_checkpoint_is_best_when_the_scores_see_no_subject():
+    """Fidelity <= 0 or not a number in every row (the user's report: negative fidelity under the
+    toy judge on their own photos): no best, so nothing is exported. A row at <= 0 never wins."""
+    rows = [row("base", 0, -0.05, 0.30), row("s1", 1, -0.12, 0.20), row("s2", 2, 0.0, 0.10)]
+    best, reason = ev.best_checkpoint(rows, tolerance=0.02)
+    assert best is None and "no checkpoint is better than the others by these scores" in reason
+    rows += [row("s3", 3, float("nan"), 0.10), {**row("s4", 4, 0.5, 0.10), "subject_fidelity": None}]
+    assert ev.best_checkpoint(rows, tolerance=0.02)[0] is None
+    # Before the guard s2 won on fidelity - PRES (-0.1 against s5's -0.6): a subject nobody drew.
+    rows = [row("s1", 1, -0.12, 0.20), row("s2", 2, 0.0, 0.10), row("s5", 5, 0.30, 0.90)]
+    assert ev.best_checkpoint(rows, tolerance=0.02)[0]["checkpoint"] == "s5"
+    # Positive fidelity, but the toy judge found the subject in no image of any checkpoint (the demo
+    # photos under the toy judge, tiny model: fidelity 0.60-0.63, subject rate 0 in every row).
+    toy = [{**row(n, i, 0.61, 0.62), "subject_rate": 0.0} for i, n in enumerate(["base", "s1", "s2"])]
+    best, reason = ev.best_checkpoint(toy, tolerance=0.02)
+    assert best is None and "found the subject in no image" in reason
+    toy[2]["subject_rate"] = 0.25
+    assert ev.best_checkpoint(toy, tolerance=0.02)[0]["checkpoint"] == "s1"  # meaningful: the rule as before
+
+
+# ------------------------------------------------------------------ photos the encoders cannot judge
+
+TOY_JUDGE = ["evaluate.subject_encoder=toy-judge", "evaluate.prompt_encoder=toy-judge"]
+GENERAL = "evaluate.subject_encoder=facebook/dino-vits16 evaluate.prompt_encoder=openai/clip-vit-base-patch32"
+
+
+def test_toy_judge_on_photos_not_of_the_toy_world_is_refused_before_anything_is_written(
+    run_with_checkpoints, encoders_dir, tmp_path, capsys
+):
+    """The user's report: the toy judge on their own photos gave meaningless numbers and exported a
+    "best". The run's photos are the demo subject's (not the toy world; the judge calls 0 of the 5
+    its subject): evaluate stops, naming the folder, the encoders and the fix, and writes nothing
+    (0.2 s; without the check the same call drew 18 images and scored them, fidelity 0.60-0.63,
+    subject rate 0)."""
+    from dreambooth_kit.cli import main
+
+    run, prompts = run_with_checkpoints
+    mine = tmp_path / "run"
+    shutil.copytree(run, mine, ignore=shutil.ignore_patterns("eval"))
+    over = [*eval_overrides(encoders_dir, prompts), *TOY_JUDGE]  # the later value of a key wins
+    with pytest.raises(ev.UnjudgeablePhotos) as e:
+        ev.evaluate(mine, overrides=over)
+    for needed in (f"{run.parent / 'photos'}: the toy judge", "evaluate.subject_encoder=toy-judge",
+                   "0 of these 5 photos", GENERAL, "--photos"):  # fmt: skip
+        assert needed in str(e.value)
+    assert main(["evaluate", "--run", str(mine), *over]) == 2
+    assert GENERAL in capsys.readouterr().err
+    assert not (mine / "eval").exists()  # no images, no metrics.csv, no best-lora/
+
+
+def test_the_toy_subjects_photos_pass_the_judge_check_and_general_encoders_have_none(tmp_path):
+    from conftest import DEMO_PHOTOS
+
+    from dreambooth_kit.toy import world
+
+    world.write_subject_photos(tmp_path)
+    toy = ev.load_photos(tmp_path)
+    both = {"subject_encoder": "toy-judge", "prompt_encoder": "toy-judge"}
+    assert ev.check_judge_knows_photos(toy, tmp_path, **both) == 1.0  # 5 of 5
+    demo = ev.load_photos(DEMO_PHOTOS)
+    dino, clip = "facebook/dino-vits16", "openai/clip-vit-base-patch32"
+    with pytest.raises(ev.UnjudgeablePhotos, match=f"0 of these 5 photos.*prompt_encoder={clip}") as e:
+        ev.check_judge_knows_photos(demo, DEMO_PHOTOS, subject_encoder=dino, prompt_encoder="toy-judge")
+    assert "subject_encoder" not in str(e.value)  # only the key that is the toy judge is named
+    # DINO and CLIP are general encoders: no detector, no check (and nothing is loaded for it).
+    assert ev.check_judge_knows_photos(demo, DEMO_PHOTOS, subject_encoder=dino, prompt_encoder=clip) is None
+
+
 # ------------------------------------------------------------------ encoders
 
 
@@ -309,8 +377,10 @@ def test_cli_prints_the_table_and_the_best(run_with_checkpoints, encoders_dir, c
 
     run, prompts = run_with_checkpoints
     assert main(["evaluate", "--run", str(run), *eval_overrides(encoders_dir, prompts)]) == 0
-    out = capsys.readouterr().out
+    printed = capsys.readouterr()
+    out = printed.out
     assert "step-000002" in out and "best: " in out and "metrics.csv" in out
+    assert "evaluate step-000002: 100%" in printed.err  # a progress bar per checkpoint
     code = main(["evaluate", "--run", str(run), "evaluate.subject_encoder=facebook/dino-vits16"])
     assert code == 2 and "hf download facebook/dino-vits16" in capsys.readouterr().err
 
@@ -384,3 +454,18 @@ def test_full_fine_tune_checkpoints_are_scored_with_their_weights(tmp_path, tiny
     assert final["checkpoint"] == "final" and final["step"] == 2
     # The final pipeline is the step-2 weights (saved fp32): the same images, the same numbers.
     assert final["subject_fidelity"] == pytest.approx(r.rows[1]["subject_fidelity"], abs=2e-4)
+
+
+def test_training_with_toy_judge_metrics_on_other_photos_refuses_before_writing(tmp_path, tiny_model, photos):
+    """validation.metrics uses evaluate's scorer: the same refusal, before the run writes anything."""
+    from dreambooth_kit.train import train
+
+    cfg = tiny_cfg(
+        tmp_path, tiny_model, photos,
+        **{"validation.metrics": True, "validation.every_steps": 1,
+           "evaluate.subject_encoder": "toy-judge", "evaluate.prompt_encoder": "toy-judge"},
+    )  # fmt: skip
+    with pytest.raises(ev.UnjudgeablePhotos, match=str(photos)):
+        train(cfg)
+    assert not (tmp_path / "run" / "config.yaml").exists()
+    assert not (tmp_path / "class_images").exists()
