@@ -33,6 +33,7 @@ import torch
 
 from .atomic import fsync_tree, publish_folder, temp_path
 from .errors import UserError
+from .logs import ACCELERATE_STATE_LOGGERS, quieter
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
@@ -313,7 +314,8 @@ def _write_checkpoint(
 
     error: Exception | None = None
     try:
-        accelerator.save_state(str(tmp))
+        with quieter(*ACCELERATE_STATE_LOGGERS):
+            accelerator.save_state(str(tmp))
     except Exception as e:
         error = e
     # A failure on any process fails the save on all of them (and this also waits until
@@ -649,7 +651,8 @@ def load_checkpoint(accelerator, path: str | os.PathLike, *, force: bool = False
         log.warning("%s (train.resume_force=true: continuing)", msg)
     state = read_state(path)
     try:
-        accelerator.load_state(str(path))
+        with quieter(*ACCELERATE_STATE_LOGGERS):
+            accelerator.load_state(str(path))
     except CheckpointError:
         raise
     except Exception as e:

@@ -113,6 +113,7 @@ def _cmd_generate(args) -> int:
         init_image=args.init_image,
         mask_image=args.mask_image,
         strength=args.strength,
+        progress="generate",
     )
     for p in save_images(results, args.out, grid=args.grid):
         print(p)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import os
 import re
 import types
 import typing
@@ -580,32 +581,55 @@ def _path(value, *, keep: tuple = ()):
 def _expand_paths(cfg: DreamBoothConfig) -> DreamBoothConfig:
     """Every setting that names a file or folder, read the same way (see :func:`_path`): before,
     ``~`` was expanded in model.pretrained and prior.store and taken literally elsewhere."""
-    r = dataclasses.replace
     # Class images belong to the run by default: <train.output_dir>/class_images (the store shares
     # them between runs). A fixed folder in every packaged config made a second subject of another
     # class stop on "made with a different recipe".
     out = cfg.train.output_dir
     class_dir = cfg.prior.class_dir or (str(Path(out) / "class_images") if out else "")
+    cfg = dataclasses.replace(cfg, prior=dataclasses.replace(cfg.prior, class_dir=class_dir))
+    return _map_paths(cfg, lambda value, keep, maybe_id: _path(value, keep=keep))
+
+
+def absolute_paths(cfg: DreamBoothConfig) -> DreamBoothConfig:
+    """``cfg`` with every folder and file setting made absolute (a hub id or ``builtin:`` name stays as
+    it is): what a run saves as its config.yaml, so the resume command it prints works from any
+    folder, not only the one the run started in."""
+
+    def absolute(value, keep: tuple, maybe_id: bool):
+        if not isinstance(value, str) or not value or value in keep or value.startswith("builtin:"):
+            return value
+        if maybe_id and not Path(value).exists():  # a hub id: a local folder of that name would win
+            return value
+        return os.path.abspath(value)
+
+    return _map_paths(cfg, absolute)
+
+
+def _map_paths(cfg: DreamBoothConfig, fn) -> DreamBoothConfig:
+    """``fn(value, keep, maybe_id)`` applied to each path setting: ``keep`` are its words that are not
+    paths (``latest``, ``auto``), ``maybe_id`` is true where a hub id is allowed too."""
+    r = dataclasses.replace
     return r(
         cfg,
         model=r(
             cfg.model,
-            pretrained=_path(cfg.model.pretrained),
-            single_file_config=_path(cfg.model.single_file_config),
+            pretrained=fn(cfg.model.pretrained, (), True),
+            single_file_config=fn(cfg.model.single_file_config, (), True),
         ),
-        data=r(cfg.data, instance_dir=_path(cfg.data.instance_dir)),
+        data=r(cfg.data, instance_dir=fn(cfg.data.instance_dir, (), False)),
         prior=r(
             cfg.prior,
-            class_dir=_path(class_dir),
-            store=_path(cfg.prior.store, keep=("auto", "off", "false")),
+            class_dir=fn(cfg.prior.class_dir, (), False),
+            store=fn(cfg.prior.store, ("auto", "off", "false"), False),
         ),
         train=r(
             cfg.train,
-            output_dir=_path(cfg.train.output_dir),
-            resume=_path(cfg.train.resume, keep=("latest",)),
+            output_dir=fn(cfg.train.output_dir, (), False),
+            resume=fn(cfg.train.resume, ("latest",), False),
         ),
         concepts=[
-            r(c, instance_dir=_path(c.instance_dir), class_dir=_path(c.class_dir)) for c in cfg.concepts
+            r(c, instance_dir=fn(c.instance_dir, (), False), class_dir=fn(c.class_dir, (), False))
+            for c in cfg.concepts
         ],
     )
 

@@ -74,9 +74,14 @@ def prediction_change(components, class_noun: str, words: list[str], *, seeds: i
     def predict(prompt: str) -> torch.Tensor:
         return unet(x, t, encode([prompt]).expand(x.shape[0], -1, -1), return_dict=False)[0]
 
+    from tqdm.auto import tqdm
+
     with torch.no_grad():
         base = predict(f"a photo of a {class_noun}")
-        return [float(((predict(f"a photo of {w} {class_noun}") - base) ** 2).mean()) for w in words]
+        return [
+            float(((predict(f"a photo of {w} {class_noun}") - base) ** 2).mean())
+            for w in tqdm(words, desc="identifier candidates", unit="word")
+        ]
 
 
 def find_identifiers(

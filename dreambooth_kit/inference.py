@@ -360,6 +360,7 @@ def generate(
     mask_image: Image.Image | str | Path | None = None,
     batch_size: int | str = 1,
     on_batch: Callable[[list[Generated]], object] | None = None,
+    progress: str | None = None,
 ) -> list[Generated]:
     """Generate images; image i uses seed ``seeds[i]`` (a list ``seed``, or ``seed + i``).
 
@@ -369,6 +370,7 @@ def generate(
     on CPU (batched matmuls may round differently); "auto" is the largest batch that fits in memory,
     measured (:mod:`dreambooth_kit.batching`), and halved on an out-of-memory error. The prompts are
     encoded once for all batches. ``on_batch`` gets each batch's results as soon as they are made.
+    ``progress``: a label for a progress bar over the images (tqdm, on stderr); None shows none.
     Returns ``Generated(image, params)`` tuples."""
     init_image, mask_image = _inputs(init_image, mask_image)
     width, height = _output_size(pipe, init_image, width, height)
@@ -389,13 +391,23 @@ def generate(
     sizer = BatchSizer(size, probe_for(pipe._execution_device) if size == "auto" else None)
     hint = "use a smaller height/width, dtype='fp16', or load_pipeline(..., offload='model')"
     out: list[Generated] = []
-    for made in run_batches(
-        seed_list, lambda chunk: _run_batch(pipe, runner, extra, embeds, job, chunk), sizer, hint
-    ):
-        out += made
-        if on_batch is not None:
-            on_batch(made)
+    with _progress(progress, len(seed_list)) as bar:
+        for made in run_batches(
+            seed_list, lambda chunk: _run_batch(pipe, runner, extra, embeds, job, chunk), sizer, hint
+        ):
+            out += made
+            bar.update(len(made))
+            if on_batch is not None:
+                on_batch(made)
     return out
+
+
+def _progress(label: str | None, total: int):
+    """A tqdm bar over images (the pipeline's own per-denoising-step bar is off: a bar per image that
+    restarts 30 times says nothing about how long the job takes)."""
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=label, unit="image", disable=label is None)
 
 
 def _encode_prompts(runner, job: _Job) -> dict[str, torch.Tensor]:

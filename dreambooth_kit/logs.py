@@ -7,8 +7,10 @@ train.py).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import sys
+from collections.abc import Iterator
 
 # One level word per line, from the record: messages never carry their own ("WARNING WARNING ...").
 LOG_FORMAT = "%(levelname)s %(message)s"
@@ -21,13 +23,42 @@ class _DropKnownNoise(logging.Filter):
     dropped; every other transformers warning still shows."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return "requires torchvision (not installed); falling back" not in record.getMessage()
+        message = record.getMessage()
+        return not any(noise in message for noise in _NOISE)
+
+
+_NOISE = (
+    "requires torchvision (not installed); falling back",
+    # DeepSpeed, imported by accelerate's save_state wherever it is installed, warns at its first
+    # import on a machine without CUDA that it uses the CPU, in the middle of the progress bar.
+    "Setting accelerator to CPU",
+)
 
 
 def quiet_known_warnings() -> None:
-    logger = logging.getLogger("transformers.utils.import_utils")
-    if not any(isinstance(f, _DropKnownNoise) for f in logger.filters):
-        logger.addFilter(_DropKnownNoise())
+    for name in ("transformers.utils.import_utils", "DeepSpeed"):
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _DropKnownNoise) for f in logger.filters):
+            logger.addFilter(_DropKnownNoise())
+
+
+# accelerate logs five INFO lines per checkpoint save ("Saving current state to ...", one per state
+# file) and as many per load; ours says the one thing that matters ("checkpoint saved: <path>").
+ACCELERATE_STATE_LOGGERS = ("accelerate.accelerator", "accelerate.checkpointing")
+
+
+@contextlib.contextmanager
+def quieter(*names: str, level: int = logging.WARNING) -> Iterator[None]:
+    """Raise the named loggers to ``level`` for the block (warnings and errors still show)."""
+    loggers = [logging.getLogger(n) for n in names]
+    before = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(max(level, logger.getEffectiveLevel()))
+    try:
+        yield
+    finally:
+        for logger, old in zip(loggers, before, strict=True):
+            logger.setLevel(old)
 
 
 def setup_logging(verbose: bool = False) -> None:

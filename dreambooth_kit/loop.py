@@ -18,6 +18,7 @@ from .caching import PromptEncoder, posterior_sample
 from .config import AdapterConfig, CheckpointConfig, DataConfig, TrainConfig, ValidationConfig
 from .guards import NonFiniteGuard, NonFiniteLossError, TrainingInterrupted
 from .losses import diffusion_loss, diffusion_target, snr_weights, teacher_prior_loss
+from .runreport import eta_text
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
@@ -212,6 +213,9 @@ def _report(ctx: LoopState, result: StepResult, bar: tqdm) -> None:
     if acc.is_main_process and (ctx.step % t.log_every == 0 or ctx.step == t.max_steps):
         # Several processes: one line per step, with the loss averaged over all processes' rows.
         log.info("step %d/%d loss %.4f lr %.2e", ctx.step, t.max_steps, result.loss, lr)
+    eta = eta_text(ctx.step_seconds, ctx.step, t.max_steps)
+    if eta and acc.is_main_process:
+        log.info("%s", eta)
 
 
 def _skip_reason(result: StepResult, accumulation_steps: int) -> str:

@@ -364,6 +364,7 @@ def _generate(
             width=spec.size,
             batch_size=spec.batch_size,
             on_batch=save,
+            progress="class images" if recipe is not None else None,  # one bar: the main process's
         )
     except OutOfMemory as e:  # generate() names its own arguments; a run's user needs the settings
         if recipe is not None:

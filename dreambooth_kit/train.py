@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from .config import DreamBoothConfig, preflight_spec, save_config
+from .config import DreamBoothConfig, absolute_paths, preflight_spec, save_config
 from .errors import MissingExtra, UserError
 from .layout import RunLayout
 from .outputs import LORA_WEIGHTS
@@ -77,6 +77,7 @@ def train(cfg: DreamBoothConfig) -> TrainResult:
     ``train.max_nonfinite_steps`` non-finite steps in a row (nothing is written from those weights).
     """
     from accelerate.utils import set_seed
+    from tqdm.contrib.logging import logging_redirect_tqdm
 
     from .checkpoints import clean_tmp, photo_digest, save_step_checkpoint
     from .guards import StopSignals
@@ -109,10 +110,11 @@ def train(cfg: DreamBoothConfig) -> TrainResult:
         resume_from, changed = _resume_point(cfg, out, source, photos)  # refused before anything is written
         scorer = _validation_scorer(cfg, accelerator)  # before any model: a missing encoder fails now
         lineage = _begin_timeline(folder, resume_from, accelerator)
+        _announce_plan(cfg, report, source, accelerator, resume_from)
         _init_trackers(cfg, accelerator)
         set_seed(cfg.train.seed)
         if accelerator.is_main_process:
-            save_config(cfg, RunLayout(out).config)
+            _save_run_config(cfg, out)
             source.record(out)
             clean_tmp(out)
             clean_tmp_outputs(out)
@@ -140,21 +142,23 @@ def train(cfg: DreamBoothConfig) -> TrainResult:
         encode = prompt_encoder(run)
         if cfg.validation.every_steps is None:  # validation samples with the frozen text encoder and VAE
             release_frozen(run, dataloader.dataset, encode, latent_cache)
-        with StopSignals() as signals:
+        # Log lines printed through tqdm: otherwise each one is glued to the end of the progress bar.
+        with StopSignals() as signals, logging_redirect_tqdm():
             run_loop(
                 run, dataloader, sampler, latent_cache, encode, position, signals,
                 validate=validate_during_training, checkpoint=save_step_checkpoint,
             )  # fmt: skip
 
         final_dir = save_final(run, source)
+        exports = []
         if cfg.export.formats and accelerator.is_main_process:
             from .export import run_exports
 
-            run_exports(out, cfg.export.formats, fp16=cfg.export.fp16)
+            exports = run_exports(out, cfg.export.formats, fp16=cfg.export.fp16)
     accelerator.end_training()
     seconds = time.perf_counter() - t0
     if accelerator.is_main_process:
-        log.info("trained to step %d in %.1f s; output: %s", run.step, seconds, final_dir)
+        _announce_summary(cfg, out, final_dir, run, seconds, exports)
     return TrainResult(
         output_dir=out,
         final_dir=final_dir,
@@ -175,7 +179,9 @@ def train(cfg: DreamBoothConfig) -> TrainResult:
 def _prepare_output_dir(cfg: DreamBoothConfig) -> Path:
     from .preflight import check_output_folders
 
-    out = Path(cfg.train.output_dir)
+    # Absolute: every path the run prints (checkpoints, grids, the resume command) then works from
+    # any folder, not only the one the run started in.
+    out = Path(cfg.train.output_dir).absolute()
     # What the folder already holds (a finished or interrupted run) is checked under its lock:
     # Run.refuse_to_mix in train().
     check_output_folders(
@@ -453,8 +459,86 @@ def _record_prediction_type(cfg: DreamBoothConfig, source, comps, out: Path, acc
     if cfg.model.prediction_type != kind:
         cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, prediction_type=kind))
         if accelerator.is_main_process:
-            save_config(cfg, RunLayout(out).config)
+            _save_run_config(cfg, out)
     return cfg, source
+
+
+def _announce_plan(cfg: DreamBoothConfig, report, source, accelerator, resume_from: Path | None) -> None:
+    """The run's plan, before the long work (class images, training): what a user checks first."""
+    if not accelerator.is_main_process:
+        return
+    from .config import class_image_spec, concepts_of
+    from .runreport import Plan, plan_text
+
+    concepts = list(zip(concepts_of(cfg), report.reports, strict=True))
+    photos = sum(len(r.images) for _, r in concepts)
+    a, t, pr = cfg.adapter, cfg.train, cfg.prior
+    prior = "class images" if pr.with_prior_preservation else "off"
+    if prior == "class images" and pr.mode == "teacher":
+        prior = "teacher (the frozen base model's predictions; no class images)"
+    parts = "UNet + text encoder" if a.train_text_encoder else "UNet"
+    plan = Plan(
+        model=_model_line(cfg.model.pretrained, str(source.location), source.prediction_type),
+        photos=photos,
+        photo_dir=", ".join(str(Path(c.instance_dir).resolve()) for c, _ in concepts),
+        instance_prompt=concepts[0][0].instance_prompt,
+        resolution=cfg.data.resolution,
+        class_images=sum(class_image_spec(cfg, c, len(r.images)).count for c, r in concepts),
+        class_prompt=concepts[0][0].class_prompt,
+        class_dir=", ".join(sorted({str(Path(c.class_dir).resolve()) for c, _ in concepts})),
+        prior=prior,
+        adapter=f"LoRA rank {a.rank} ({parts})" if a.type == "lora" else f"full fine-tune ({parts})",
+        steps=t.max_steps,
+        resume_from=resume_from.name if resume_from else None,
+        batch_size=t.batch_size,
+        accumulation=t.gradient_accumulation_steps,
+        processes=accelerator.num_processes,
+        device=_device_name(accelerator.device),
+        precision=t.mixed_precision if t.mixed_precision != "no" else "fp32",
+        checkpoint_every=cfg.checkpoint.every_steps,
+        validation_every=cfg.validation.every_steps,
+        output_dir=str(Path(t.output_dir).resolve()),
+    )
+    log.info("%s", plan_text(plan))
+
+
+def _model_line(asked: str, location: str, prediction_type: str | None) -> str:
+    where = "" if asked == location else f" at {location}"
+    return f"{asked}{where} ({prediction_type or 'prediction type from its scheduler'})"
+
+
+def _device_name(device) -> str:
+    if getattr(device, "type", "") == "cuda":
+        return f"{device} ({torch.cuda.get_device_name(device)})"
+    return str(device)
+
+
+def _announce_summary(
+    cfg: DreamBoothConfig, out: Path, final_dir: Path, run, seconds: float, exports
+) -> None:
+    """Where everything went and what to run next (absolute paths: they work from any folder)."""
+    from .config import concepts_of
+    from .runreport import Outcome, summary_text
+
+    outcome = Outcome(
+        output_dir=out.resolve(),
+        final_dir=final_dir.resolve(),
+        kind=cfg.adapter.type,
+        model=absolute_paths(cfg).model.pretrained,
+        prompt=concepts_of(cfg)[0].instance_prompt,
+        seed=cfg.validation.seed,
+        steps=run.step,
+        seconds=seconds,
+        losses=run.losses,
+        exports=[Path(p).resolve() for p in exports],
+    )
+    log.info("%s", summary_text(outcome))
+
+
+def _save_run_config(cfg: DreamBoothConfig, out: Path) -> None:
+    """config.yaml with absolute paths: the resume command a run prints (``--config
+    <run>/config.yaml train.resume=latest``) then works from any folder, not just the starting one."""
+    save_config(absolute_paths(cfg), RunLayout(out).config)
 
 
 def _flat(d: dict, prefix: str = "") -> dict:

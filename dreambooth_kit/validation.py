@@ -9,6 +9,7 @@ generator per image, seed + i), so step-to-step grids are comparable.
 from __future__ import annotations
 
 import contextlib
+import logging
 import random
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -23,6 +24,8 @@ from .inference import generate, save_png
 
 if TYPE_CHECKING:
     from .loop import LoopState, RunSettings
+
+log = logging.getLogger("dreambooth_kit")
 
 
 @contextlib.contextmanager
@@ -149,7 +152,7 @@ def validate_during_training(run: LoopState) -> None:
     # DPM-Solver++ (2M): good samples in ~25 steps, for epsilon and v-prediction alike.
     scheduler = DPMSolverMultistepScheduler.from_config(run.comps.noise_scheduler.config)
     if acc.is_main_process:
-        run_validation(
+        paths = run_validation(
             run.settings,
             unet=run.unet,
             text_encoder=run.text_encoder or run.comps.text_encoder,
@@ -160,6 +163,7 @@ def validate_during_training(run: LoopState) -> None:
             output_dir=run.out,
             accelerator=acc,
         )
+        log.info("validation samples at step %d: %s (%d images)", run.step, paths[-1], len(paths) - 1)
         if run.scorer is not None:
             score_during_training(run, scheduler)
     acc.wait_for_everyone()

@@ -93,6 +93,8 @@ def test_generate_command_is_reproducible(tmp_path, tiny_model, capsys):
         "2",
     ]
     assert main([*args, "--seed", "9", "--out", str(tmp_path / "a")]) == 0
+    progress = capsys.readouterr().err  # a bar over the images, not one per denoising step
+    assert "generate: 100%" in progress and "2/2" in progress
     assert main([*args, "--seed", "9", "--out", str(tmp_path / "b")]) == 0
     for name in ("9.png", "10.png"):
         assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()

@@ -35,6 +35,8 @@ def test_on_the_toy_model_the_word_it_never_saw_ranks_first(capsys):
     assert "ball" not in [c.word for c in found]
     assert find_identifiers(ModelConfig(pretrained=TOY_MODEL), "ball", n=20) == found  # deterministic
     assert main(["identifier", "--class", "ball", "--model", TOY_MODEL, "--n", "3"]) == 0
-    lines = capsys.readouterr().out.splitlines()
+    printed = capsys.readouterr()
+    lines = printed.out.splitlines()
+    assert "identifier candidates: 100%" in printed.err  # the progress bar over the words scored
     assert lines[2].split()[:2] == ["1", "zwx"] and "a photo of zwx ball" in lines[2]
     assert "sks: a rifle" in lines[-1]

@@ -646,3 +646,59 @@ def test_a_tracker_that_is_not_installed_is_named_with_its_extra(tmp_path, tiny_
     ):
         train(cfg)
     assert not (tmp_path / "run").exists()
+
+
+def test_a_run_says_its_plan_its_pace_each_grid_and_where_everything_went(
+    tmp_path, tiny_model, photos, caplog, capfd, monkeypatch
+):
+    """Feedback on long work: the plan before class images, a measured estimate after the first
+    steps, one line per validation grid, no accelerate lines per checkpoint, a summary with every
+    output and the next commands; config.yaml with absolute paths, so it works from any folder."""
+    import logging
+
+    from dreambooth_kit.config import load_config
+    from dreambooth_kit.runreport import ETA_AFTER_STEPS
+
+    monkeypatch.chdir(tmp_path)
+    photos.rename(tmp_path / "my_photos")
+    steps = ETA_AFTER_STEPS + 2
+    cfg = tiny_cfg(
+        tmp_path, tiny_model, tmp_path / "my_photos",
+        **{"data.instance_dir": "my_photos", "prior.class_dir": "", "train.output_dir": "run",
+           "prior.store": "off", "train.max_steps": steps, "train.log_every": 100,
+           "checkpoint.every_steps": steps // 2, "validation.every_steps": steps // 2,
+           "validation.num_images": 1, "validation.steps": 1},
+    )  # fmt: skip
+    with caplog.at_level(logging.INFO):
+        train(cfg)
+    messages = [r.getMessage() for r in caplog.records]
+    text = "\n".join(messages)
+    run = tmp_path / "run"
+    plan = next(i for i, m in enumerate(messages) if m.startswith("== training plan =="))
+    first_class = next(i for i, m in enumerate(messages) if m.startswith("class images:"))
+    assert plan < first_class
+    assert f"5 in {tmp_path / 'my_photos'} ('a photo of zwx toy', 64 px)" in messages[plan]
+    assert f"4 class images of 'a photo of a toy' in {run / 'class_images'}" in messages[plan]
+    assert (
+        sum(m.startswith(f"{ETA_AFTER_STEPS} steps in ") and f"to step {steps}" in m for m in messages) == 1
+    )
+    grids = [m for m in messages if m.startswith("validation samples at step")]
+    assert grids == [
+        f"validation samples at step {s}: {run / 'samples' / f'step-{s:06d}' / 'grid.png'} (1 images)"
+        for s in (steps // 2, steps)
+    ]
+    assert not any(r.name.startswith("accelerate") and r.levelno < logging.WARNING for r in caplog.records)
+    assert "Saving current state" not in text and "checkpoint saved:" in text
+    summary = next(m for m in messages if m.startswith("== training done =="))
+    assert str(run / "lora" / "pytorch_lora_weights.safetensors") in summary
+    assert f"dreambooth-kit export --run {run} --format kohya" in summary
+    assert f"--lora {run / 'lora'}" in summary and str(run / "checkpoints") in summary
+    assert "class images: 100%" in capfd.readouterr().err  # generated (store off), with a progress bar
+    # The saved config's paths are absolute: read from another folder, it names the same places.
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    saved = load_config(str(run / "config.yaml"))
+    assert saved.data.instance_dir == str(tmp_path / "my_photos")
+    assert saved.prior.class_dir == str(run / "class_images") and saved.train.output_dir == str(run)
+    assert saved.model.pretrained == str(tiny_model)
