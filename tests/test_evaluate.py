@@ -372,10 +372,12 @@ def test_evaluate_refuses_what_it_cannot_score(run_with_checkpoints, encoders_di
         ev.evaluate(run, photos=tmp_path / "gone", overrides=eval_overrides(encoders_dir, prompts))
 
 
-def test_cli_prints_the_table_and_the_best(run_with_checkpoints, encoders_dir, capsys):
+def test_cli_prints_the_table_and_the_best(run_with_checkpoints, encoders_dir, capsys, tmp_path):
     from dreambooth_kit.cli import main
 
     run, prompts = run_with_checkpoints
+    # A copy without eval/: other tests' scores there would be reused, with no images to make.
+    run = shutil.copytree(run, tmp_path / "run", ignore=shutil.ignore_patterns("eval"))
     assert main(["evaluate", "--run", str(run), *eval_overrides(encoders_dir, prompts)]) == 0
     printed = capsys.readouterr()
     out = printed.out
