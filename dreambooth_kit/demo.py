@@ -65,10 +65,10 @@ def run_demo(
         "== dreambooth-kit demo: done ==",
         f"model        : {TOY_MODEL} (pretrained on the toy world, 32 px, v-prediction)",
         f"photos       : {photos.resolve()} (the subject: {world.IDENTIFIER} ball)",
-        f"class images : {cfg.prior.class_dir} ({result.class_images_generated} generated this run)",
+        f"class images : {Path(cfg.prior.class_dir).resolve()} ({result.class_images_generated} generated this run)",
         f"training     : {result.steps} steps, loss {result.losses[0]:.4f} -> {result.losses[-1]:.4f}",
         f"LoRA         : {result.lora_path}",
-        f"images       : {', '.join(str(p) for p in paths)}",
-        f"grid         : {grid_path} (top: base model, bottom: with the LoRA; prompts: {'; '.join(CONTEXT_PROMPTS)})",
+        f"images       : {', '.join(str(Path(p).resolve()) for p in paths)}",
+        f"grid         : {grid_path.resolve()} (top: base model, bottom: with the LoRA; prompts: {'; '.join(CONTEXT_PROMPTS)})",
         f"total time   : {time.perf_counter() - t0:.1f} s",
     ]
