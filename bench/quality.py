@@ -43,12 +43,16 @@ CONDITIONS = {
 COLUMNS = [
     ("subject_fidelity", "subject fidelity ↑"),
     ("subject_rate", "subject rate ↑"),
+    ("subject_rate_strict", "strict ↑"),
     ("context_background", "background follows prompt ↑"),
     ("context_subject_rate", "subject on that background ↑"),
+    ("new_context_background", "new context: gray background ↑"),
+    ("new_context_subject_rate", "subject on gray ↑"),
+    ("new_context_subject_rate_strict", "strict ↑"),
     ("class_subject_rate", "'a ball' is the subject ↓"),
+    ("class_plain", "'a ball' is a plain ball ↑"),
     ("pres", "PRES ↓"),
     ("div", "DIV ↑"),
-    ("class_correct", "'a ball' is a ball ↑"),
 ]
 
 

@@ -69,6 +69,7 @@ def run_demo(
         f"training     : {result.steps} steps, loss {result.losses[0]:.4f} -> {result.losses[-1]:.4f}",
         f"LoRA         : {result.lora_path}",
         f"images       : {', '.join(str(Path(p).resolve()) for p in paths)}",
-        f"grid         : {grid_path.resolve()} (top: base model, bottom: with the LoRA; prompts: {'; '.join(CONTEXT_PROMPTS)})",
+        f"grid         : {grid_path.resolve()} (top: base model, bottom: with the LoRA; prompts: {'; '.join(CONTEXT_PROMPTS)}; "
+        f"no photo shows the {world.NEW_CONTEXT_BACKGROUND} background: that column is a new context)",
         f"total time   : {time.perf_counter() - t0:.1f} s",
     ]

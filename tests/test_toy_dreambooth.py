@@ -108,9 +108,58 @@ def test_evaluate_names_a_best_checkpoint_within_tolerance_and_its_numbers_mean_
     assert best["checkpoint"] != "base" and "within noise of both" in r.reason
     top = max(trained, key=lambda x: x["subject_fidelity"])
     low = min(trained, key=lambda x: x["pres"])
+
+    def value(row: dict, metric: str) -> float:  # the rule: PRES below the base model's counts as the base's
+        return max(row["pres"], base["pres"]) if metric == "pres" else row[metric]
+
     for metric, ref in (("subject_fidelity", top), ("pres", low)):
         noise = 2 * (best[metric + "_se"] ** 2 + ref[metric + "_se"] ** 2) ** 0.5
-        assert abs(best[metric] - ref[metric]) <= max(0.02, noise) + 1e-9
+        assert abs(value(best, metric) - value(ref, metric)) <= max(0.02, noise) + 1e-9
     assert best_checkpoint(r.rows, 0.02)[0] is best
     for name in ("metrics.csv", "report.md", "metrics.png", "best-lora/pytorch_lora_weights.safetensors"):
         assert (run / "eval" / name).is_file()
+
+
+# ------------------------------------------------------------------ measures that cannot flatter
+
+
+def test_the_whole_subject_is_learned_by_the_worlds_own_rules(scores):
+    """The strict detector (cyan, white band, magenta, in order: toy/rules.py, no learned judge) finds
+    the subject in the tuned model's samples, never in the base model's."""
+    base, tuned = scores["base"], scores["prior"]
+    assert base.subject_rate_strict == 0.0
+    assert tuned.subject_rate_strict >= 0.5  # see the README's quality table for the measured rates
+
+
+def test_prior_preservation_keeps_plain_balls_of_the_class(scores):
+    """'a ball' samples that are plain balls (a ball, and the subject by neither detector): what class
+    preservation means. 'a ball is a ball' alone counts the subject too."""
+    assert scores["prior"].class_plain >= 0.8
+    assert scores["prior"].class_plain >= scores["no_prior"].class_plain + 0.4
+
+
+def test_the_subject_goes_to_a_background_none_of_its_photos_shows(scores):
+    """None of the five photos shows the gray background: a prompt for it is a new context."""
+    tuned, base = scores["prior"], scores["base"]
+    assert tuned.new_context_background >= 0.5  # chance 0.25
+    assert tuned.new_context_subject_rate >= base.new_context_subject_rate + 0.4
+
+
+def test_guidance_reaches_the_sampler():
+    """Classifier-free guidance must change the samples: without it the toy model still follows
+    the prompt (background 1.0 at guidance 1 and 4), so the quality numbers alone passed with guidance
+    ignored. Measured on the base model, 'a photo of a ball', 16 samples: DIV 0.37 at guidance 1,
+    0.20 at guidance 4 (guidance pulls samples to the prompt's mode); with guidance ignored in
+    generate(), 0.37 at both."""
+    from dreambooth_kit.config import TOY_MODEL
+    from dreambooth_kit.metrics import diversity
+    from dreambooth_kit.toy.evaluate import CLASS_PROMPT
+    from dreambooth_kit.toy.judge import Judge
+    from dreambooth_kit.toy.pretrain import sample
+
+    judge = Judge.load()
+    div = {
+        g: diversity(judge.features, sample(TOY_MODEL, [CLASS_PROMPT], per_combo=16, seed=500, guidance=g))
+        for g in (1.0, 4.0)
+    }
+    assert div[1.0] >= div[4.0] + 0.08, div

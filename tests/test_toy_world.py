@@ -46,7 +46,10 @@ def test_render_is_deterministic_and_draws_the_colour_asked_for():
 
 def test_subject_photos_vary_and_use_colours_no_word_names():
     photos = world.subject_photos()
-    assert len(photos) == 5 and len({s.background for _, s in photos}) == 4
+    # Three backgrounds; the fourth is the new context the recontextualisation measure asks for.
+    assert len(photos) == 5 and {s.background for _, s in photos} == set(world.PHOTO_BACKGROUNDS)
+    assert world.NEW_CONTEXT_BACKGROUND not in world.PHOTO_BACKGROUNDS
+    assert set(world.PHOTO_BACKGROUNDS) | {world.NEW_CONTEXT_BACKGROUND} == set(world.BACKGROUNDS)
     arr = np.asarray(photos[0][0]).reshape(-1, 3).astype(int)
     cyan = np.abs(arr - world.SUBJECT_TOP).sum(1) < 40
     assert cyan.mean() > 0.02

@@ -12,6 +12,8 @@ from . import world
 CONTEXT_PROMPTS = [f"a photo of {world.IDENTIFIER} ball on a {b} background" for b in world.BACKGROUNDS]
 SUBJECT_PROMPT = f"a photo of {world.IDENTIFIER} ball"
 CLASS_PROMPT = "a photo of a ball"
+# The one background none of the subject's photos shows: the recontextualisation measure.
+NEW_CONTEXT_PROMPT = f"a photo of {world.IDENTIFIER} ball on a {world.NEW_CONTEXT_BACKGROUND} background"
 
 
 @dataclass
@@ -27,7 +29,16 @@ class Scores:
     class_subject_rate: float  # share of "a ball" samples that are the subject: drift (lower is better)
     pres: float  # mean cosine of "a ball" samples to the subject photos: PRES (lower is better)
     div: float  # mean pairwise 1 - cosine among "a ball" samples: DIV (higher is better)
-    class_correct: float  # share of "a ball" samples judged a ball
+    class_correct: float  # share of "a ball" samples judged a ball (the subject counts: it is a ball)
+    # Measures that cannot flatter (each beside the one it corrects):
+    subject_rate_strict: float  # "zwx ball" samples with every part of the subject (toy/rules.py)
+    context_subject_rate_strict: float
+    class_plain: (
+        float  # "a ball" samples that are a plain ball: a ball, and not the subject by either detector
+    )
+    new_context_background: float  # "zwx ball on a gray background" (no photo shows gray) on gray
+    new_context_subject_rate: float  # ...and the subject on it (judge's detector)
+    new_context_subject_rate_strict: float  # ...every part of it (rules)
 
 
 def score(
@@ -44,25 +55,18 @@ def score(
     from ..metrics import attribute_accuracy, diversity, pres, subject_fidelity, subject_rate
     from .judge import Judge
     from .pretrain import sample
+    from .rules import strict_subject_rate
 
     judge = judge or Judge.load()
     refs = [img for img, _ in world.subject_photos()]
-    subject = sample(
-        model, [SUBJECT_PROMPT], per_combo=per_prompt, seed=seed, steps=steps, guidance=guidance, lora=lora
-    )
-    context = sample(
-        model,
-        CONTEXT_PROMPTS,
-        per_combo=max(2, per_prompt // 4),
-        seed=seed,
-        steps=steps,
-        guidance=guidance,
-        lora=lora,
-    )
-    expected = [{"background": b} for b in world.BACKGROUNDS for _ in range(max(2, per_prompt // 4))]
-    cls = sample(
-        model, [CLASS_PROMPT], per_combo=per_prompt, seed=seed, steps=steps, guidance=guidance, lora=lora
-    )
+    n_context = max(2, per_prompt // 4)
+
+    def draw(prompts: list[str], n: int) -> list:
+        return sample(model, prompts, per_combo=n, seed=seed, steps=steps, guidance=guidance, lora=lora)
+
+    subject, cls, new = (draw([p], per_prompt) for p in (SUBJECT_PROMPT, CLASS_PROMPT, NEW_CONTEXT_PROMPT))
+    context = draw(CONTEXT_PROMPTS, n_context)
+    expected = [{"background": b} for b in world.BACKGROUNDS for _ in range(n_context)]
     return Scores(
         subject_fidelity=subject_fidelity(judge.features, subject, refs),
         subject_rate=subject_rate(judge, subject),
@@ -72,4 +76,27 @@ def score(
         pres=pres(judge.features, cls, refs),
         div=diversity(judge.features, cls),
         class_correct=attribute_accuracy(judge, cls, [{"class": "ball"}] * len(cls))["class"],
+        subject_rate_strict=strict_subject_rate(subject),
+        context_subject_rate_strict=strict_subject_rate(context),
+        class_plain=plain_rate(judge, cls),
+        new_context_background=attribute_accuracy(
+            judge, new, [{"background": world.NEW_CONTEXT_BACKGROUND}] * len(new)
+        )["background"],
+        new_context_subject_rate=subject_rate(judge, new),
+        new_context_subject_rate_strict=strict_subject_rate(new),
     )
+
+
+def plain_rate(judge, images) -> float:
+    """Share of ``images`` that are a plain ball of the class: judged a ball, and the subject by
+    neither the judge's detector nor the world's rules. 'a ball is a ball' alone counts the subject
+    too (it is a ball), so after training without prior preservation it read 1.00 while the plain
+    balls were 0.00-0.06."""
+    from .rules import is_subject
+
+    p = judge.predict(images)
+    plain = [
+        c == "ball" and prob <= 0.5 and not is_subject(img)
+        for c, prob, img in zip(p["class"], p["subject_prob"], images, strict=True)
+    ]
+    return sum(plain) / len(plain)

@@ -152,10 +152,17 @@ def _draw_subject(img: Image.Image, box: list[float]) -> None:
     img.paste(bands, (x0, y0), mask)
 
 
+# The subject's photos show three of the four backgrounds; the fourth is a context the subject was
+# never seen in, so "zwx ball on a gray background" measures recontextualisation, not recall of a photo.
+PHOTO_BACKGROUNDS = ("blue", "green", "sand")
+NEW_CONTEXT_BACKGROUND = "gray"
+
+
 def subject_photos(n: int = 5, seed: int = 1557) -> list[tuple[Image.Image, Scene]]:
-    """The user's "photos" of the subject: varied size, position and background."""
+    """The user's "photos" of the subject: varied size, position and background (never
+    :data:`NEW_CONTEXT_BACKGROUND`)."""
     rng = random.Random(seed)
-    backgrounds = list(BACKGROUNDS)
+    backgrounds = PHOTO_BACKGROUNDS
     scenes = [random_scene(rng, subject=True, background=backgrounds[i % len(backgrounds)]) for i in range(n)]
     return [(render(s, seed=seed + i), s) for i, s in enumerate(scenes)]
 
