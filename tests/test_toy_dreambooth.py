@@ -139,7 +139,10 @@ def test_prior_preservation_keeps_plain_balls_of_the_class(scores):
 
 
 def test_the_subject_goes_to_a_background_none_of_its_photos_shows(scores):
-    """None of the five photos shows the gray background: a prompt for it is a new context."""
+    """None of the five photos shows the gray background: a prompt for it is a new context. This run
+    (one training seed) measured 0.875 and 0.875; over 3 training seeds of the full recipe the table in
+    the README reads 0.42 +- 0.41 and 0.42 +- 0.42 for LoRA + prior. So this guards this
+    training seed's result, not the general claim."""
     tuned, base = scores["prior"], scores["base"]
     assert tuned.new_context_background >= 0.5  # chance 0.25
     assert tuned.new_context_subject_rate >= base.new_context_subject_rate + 0.4
