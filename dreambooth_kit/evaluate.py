@@ -144,12 +144,12 @@ def make_images(pipe, plan: EvalPlan, folder: Path | None = None, *, progress: s
     """Every image of ``plan`` from ``pipe``; with ``folder``, those already there are loaded and
     only the missing ones generated and written (PNG through a temp file: an interrupted run
     leaves no partial image). ``progress``: a label for a progress bar over the images."""
-    from tqdm.auto import tqdm
+    from .inference import progress_bar
 
     out = Images([], [])
     jobs = [(p.text, plan.seeds) for p in plan.prompts] + [(plan.class_prompt, plan.class_seeds)]
     total = sum(len(seeds) for _, seeds in jobs)
-    with tqdm(total=total, desc=progress, unit="image", disable=progress is None) as bar:
+    with progress_bar(progress, total) as bar:
         for j, (prompt, seeds) in enumerate(jobs):
             images = _prompt_images(pipe, plan, prompt, list(seeds), folder, out)
             bar.update(len(images))

@@ -391,7 +391,7 @@ def generate(
     sizer = BatchSizer(size, probe_for(pipe._execution_device) if size == "auto" else None)
     hint = "use a smaller height/width, dtype='fp16', or load_pipeline(..., offload='model')"
     out: list[Generated] = []
-    with _progress(progress, len(seed_list)) as bar:
+    with progress_bar(progress, len(seed_list)) as bar:
         for made in run_batches(
             seed_list, lambda chunk: _run_batch(pipe, runner, extra, embeds, job, chunk), sizer, hint
         ):
@@ -402,9 +402,10 @@ def generate(
     return out
 
 
-def _progress(label: str | None, total: int):
-    """A tqdm bar over images (the pipeline's own per-denoising-step bar is off: a bar per image that
-    restarts 30 times says nothing about how long the job takes)."""
+def progress_bar(label: str | None, total: int):
+    """A tqdm bar over images, shown when ``label`` is given (generate, class images, evaluate). The
+    pipeline's own per-denoising-step bar stays off: a bar per image that restarts 30 times says
+    nothing about how long the job takes."""
     from tqdm.auto import tqdm
 
     return tqdm(total=total, desc=label, unit="image", disable=label is None)

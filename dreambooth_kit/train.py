@@ -110,7 +110,7 @@ def train(cfg: DreamBoothConfig) -> TrainResult:
         resume_from, changed = _resume_point(cfg, out, source, photos)  # refused before anything is written
         scorer = _validation_scorer(cfg, accelerator)  # before any model: a missing encoder fails now
         lineage = _begin_timeline(folder, resume_from, accelerator)
-        _announce_plan(cfg, report, source, accelerator, resume_from)
+        _announce_plan(cfg, out, report, source, accelerator, resume_from)
         _init_trackers(cfg, accelerator)
         set_seed(cfg.train.seed)
         if accelerator.is_main_process:
@@ -463,7 +463,9 @@ def _record_prediction_type(cfg: DreamBoothConfig, source, comps, out: Path, acc
     return cfg, source
 
 
-def _announce_plan(cfg: DreamBoothConfig, report, source, accelerator, resume_from: Path | None) -> None:
+def _announce_plan(
+    cfg: DreamBoothConfig, out: Path, report, source, accelerator, resume_from: Path | None
+) -> None:
     """The run's plan, before the long work (class images, training): what a user checks first."""
     if not accelerator.is_main_process:
         return
@@ -497,7 +499,7 @@ def _announce_plan(cfg: DreamBoothConfig, report, source, accelerator, resume_fr
         precision=t.mixed_precision if t.mixed_precision != "no" else "fp32",
         checkpoint_every=cfg.checkpoint.every_steps,
         validation_every=cfg.validation.every_steps,
-        output_dir=str(Path(t.output_dir).resolve()),
+        output_dir=str(out),
     )
     log.info("%s", plan_text(plan))
 
