@@ -29,6 +29,18 @@ CONDITIONS = {
         "prior.with_prior_preservation": True,
         "prior.mode": "teacher",
     },
+    # Options (issue: what kohya/OneTrainer users expect), each on the LoRA + prior recipe.
+    "LoRA + prior, caption dropout 0.5": {
+        "adapter.type": "lora",
+        "prior.with_prior_preservation": True,
+        "data.caption_dropout": 0.5,
+    },
+    # The same training as LoRA + prior (the average does not feed back): its lora_ema/ is scored.
+    "LoRA + prior, EMA (scored)": {
+        "adapter.type": "lora",
+        "prior.with_prior_preservation": True,
+        "train.ema": True,
+    },
     "full no prior": {
         "adapter.type": "full",
         "prior.with_prior_preservation": False,
@@ -85,7 +97,8 @@ def run_condition(name: str, overrides: dict | None, seed: int, out: Path, steps
     seconds = time.perf_counter() - t0
     if cfg.adapter.type == "full":
         return score(result.pipeline_dir, per_prompt=per_prompt), seconds
-    return score(TOY_MODEL, lora=result.lora_dir, per_prompt=per_prompt), seconds
+    lora = run / "lora_ema" if cfg.train.ema else result.lora_dir
+    return score(TOY_MODEL, lora=lora, per_prompt=per_prompt), seconds
 
 
 def grid(out: Path, rows: dict[str, Path | None], steps: int) -> Path:
@@ -134,7 +147,8 @@ def main() -> None:
             results.setdefault(name, []).append(dataclasses.asdict(scores) | {"train_s": seconds})
             print(f"{name} seed {seed}: {results[name][-1]}", flush=True)
         run = out / f"{name.replace(' ', '_').replace(',', '').replace('+', 'with')}-seed0"
-        rows[name] = None if CONDITIONS[name] is None else (run / ("pipeline" if "full" in name else "lora"))
+        final = "pipeline" if "full" in name else "lora_ema" if "EMA" in name else "lora"
+        rows[name] = None if CONDITIONS[name] is None else run / final
     (out / "quality.json").write_text(json.dumps(results, indent=2))
     header = "| condition | " + " | ".join(t for _, t in COLUMNS) + " | train s |"
     lines = [header, "|" + " --- |" * (len(COLUMNS) + 2)]

@@ -26,6 +26,7 @@ import logging
 import os
 import re
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -33,11 +34,13 @@ import torch
 
 from .atomic import fsync_tree, publish_folder, temp_path
 from .errors import UserError
+from .layout import CHECKPOINT_EMA
 from .logs import ACCELERATE_STATE_LOGGERS, quieter
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
 
+    from .ema import TrainedEMA
     from .loop import LoopState
 
 log = logging.getLogger("dreambooth_kit")
@@ -66,6 +69,7 @@ COMPATIBILITY_FIELDS = (
     "data.resolution",
     "data.center_crop",
     "data.random_flip",
+    "data.caption_dropout",
     "train.mixed_precision",
     "adapter.type",
     "adapter.rank",
@@ -87,6 +91,8 @@ COMPATIBILITY_FIELDS = (
     "train.use_8bit_adam",
     "train.snr_gamma",
     "train.noise_offset",
+    "train.ema",
+    "train.ema_decay",
     "prior.with_prior_preservation",
     "prior.mode",
     "prior.prior_loss_weight",
@@ -251,11 +257,69 @@ def save_step_checkpoint(run: LoopState) -> Path:
             "photos": run.photos,  # what it was trained on (checked on resume)
             # The guard's history (a checkpoint follows an applied step, so none are in a row).
             "skipped_steps": list(run.guard.steps),
+            **({"ema_steps": run.ema.steps} if run.ema is not None else {}),
         },
         run_config=run.settings.config_dict,
         keep_last=run.settings.checkpoint.keep_last,
+        write_extra=None if run.ema is None else functools.partial(_write_ema, run),
     )
     return run.last_checkpoint
+
+
+def _write_ema(run: LoopState, folder: Path) -> None:
+    with run.ema.swapped_in():
+        write_checkpoint_ema(folder, trained_models(run), lora=run.settings.adapter.type == "lora")
+
+
+def trained_models(run: LoopState) -> dict[str, torch.nn.Module]:
+    """The unwrapped trained models by name: the UNet, and the text encoder when it is trained."""
+    acc = run.accelerator
+    return {"unet": acc.unwrap_model(run.unet)} | (
+        {"text_encoder": acc.unwrap_model(run.text_encoder)} if run.text_encoder is not None else {}
+    )
+
+
+# ------------------------------------------------------------------ train.ema in a checkpoint
+
+
+def write_checkpoint_ema(folder: Path, models: dict[str, torch.nn.Module], *, lora: bool) -> None:
+    """The average (already swapped in) as ``folder/ema/``: each model's LoRA in peft keys, or a full
+    fine-tune's models as accelerate names them (``model``, ``model_1``)."""
+    from peft.utils import get_peft_model_state_dict
+    from safetensors.torch import save_file
+
+    dest = folder / CHECKPOINT_EMA
+    dest.mkdir()
+    for i, (name, model) in enumerate(models.items()):
+        state = get_peft_model_state_dict(model) if lora else model.state_dict()
+        state = {k: v.detach().cpu().contiguous() for k, v in state.items()}
+        file = name + LORA_SUFFIX if lora else ("model" if i == 0 else f"model_{i}") + ".safetensors"
+        save_file(state, os.path.join(dest, file), metadata={"format": "pt"})
+
+
+def read_checkpoint_ema(
+    ema: TrainedEMA, folder: Path, models: dict[str, torch.nn.Module], *, lora: bool, steps: int
+) -> None:
+    """A checkpoint's ``ema/`` into ``ema``; the models' own weights are left as they were."""
+    from safetensors.torch import load_file
+
+    src = folder / CHECKPOINT_EMA
+    if not src.is_dir():
+        raise CheckpointError(
+            f"{folder} holds no {CHECKPOINT_EMA}/ (it was trained without train.ema): resume it with "
+            "train.ema=false, or start a new run with train.ema=true"
+        )
+    ema.model.store(ema.params)
+    try:
+        for i, (name, model) in enumerate(models.items()):
+            if lora:
+                load_lora_file(model, src / (name + LORA_SUFFIX))
+            else:
+                file = ("model" if i == 0 else f"model_{i}") + ".safetensors"
+                model.load_state_dict(load_file(src / file))
+        ema.take_from_model(steps)
+    finally:
+        ema.model.restore(ema.params)
 
 
 def save_checkpoint(
@@ -266,8 +330,10 @@ def save_checkpoint(
     extra_state: dict,
     run_config: dict,
     keep_last: int | None,
+    write_extra: Callable[[Path], None] | None = None,
 ) -> Path:
     """Write ``output_dir/checkpoints/step-NNNNNN`` atomically; then keep the newest ``keep_last``.
+    ``write_extra(folder)``: more files into the checkpoint, by the main process, before it is sealed.
 
     Every process must call it (each writes its own RNG file; the main process writes the rest).
     On any failure the temporary folder is removed, nothing is pruned and earlier checkpoints are
@@ -290,7 +356,7 @@ def save_checkpoint(
     # Every process must write into the same folder: the main process's random name is shared.
     tmp = root / gather_object([temp_path(root / name).name])[0]
     try:
-        failure, error = _write_checkpoint(accelerator, tmp, final, step, state_text, run_text)
+        failure, error = _write_checkpoint(accelerator, tmp, final, step, state_text, run_text, write_extra)
     except BaseException:
         if main:  # KeyboardInterrupt and friends: still leave no temporary folder behind
             shutil.rmtree(tmp, ignore_errors=True)
@@ -306,7 +372,13 @@ def save_checkpoint(
 
 
 def _write_checkpoint(
-    accelerator: Accelerator, tmp: Path, final: Path, step: int, state_text: str, run_text: str
+    accelerator: Accelerator,
+    tmp: Path,
+    final: Path,
+    step: int,
+    state_text: str,
+    run_text: str,
+    write_extra=None,
 ) -> tuple[tuple[str | None, str] | None, Exception | None]:
     """accelerate's state into ``tmp``, then (main process) our files, sync and rename to ``final``.
     Returns the first failure of any process (see :func:`_describe`) and this process's error."""
@@ -323,6 +395,8 @@ def _write_checkpoint(
     failure = _first_failure(gather_object([_describe(error, tmp)]))
     if failure is None and accelerator.is_main_process:
         try:
+            if write_extra is not None:
+                write_extra(tmp)
             (tmp / STATE).write_text(state_text)
             (tmp / RUN).write_text(run_text)
             files = {p.relative_to(tmp).as_posix(): p.stat().st_size for p in _files(tmp)}
@@ -714,8 +788,18 @@ def _get(tree: dict, dotted: str) -> Any:
     return node
 
 
+# Fields added after checkpoints were first written: a checkpoint without one ran with its default.
+ADDED_FIELD_DEFAULTS: dict[str, Any] = {
+    "data.caption_dropout": 0.0,
+    "train.ema": False,
+    "train.ema_decay": 0.995,
+}
+
+
 def _normalized(tree: dict, dotted: str) -> Any:
     value = _get(tree, dotted)
+    if value is None and dotted in ADDED_FIELD_DEFAULTS:
+        return ADDED_FIELD_DEFAULTS[dotted]
     if dotted == "adapter.alpha" and value is None:
         return _get(tree, "adapter.rank")  # alpha null means alpha = rank
     if dotted == "adapter.target_modules" and isinstance(value, list):

@@ -86,6 +86,10 @@ class DataConfig:
     cache_latents: bool = True
     # Use `name.txt` beside `name.jpg` as that image's prompt (kohya-style captions).
     use_captions: bool = False
+    # The share of a captioned photo's training rows that use the bare instance prompt instead of
+    # its caption (the identifier prompt is never dropped); drawn per (seed, epoch, row), so a
+    # resumed run drops the same rows. Needs use_captions.
+    caption_dropout: float = 0.0
 
 
 @dataclass
@@ -185,6 +189,10 @@ class TrainConfig:
     gradient_checkpointing: bool = False
     attention: Literal["sdpa", "xformers"] = "sdpa"
     snr_gamma: float | None = None
+    # An exponential moving average of the trained weights, saved beside the raw ones (lora_ema/ or
+    # pipeline_ema/, and in each checkpoint); dreambooth_kit/ema.py says how the decay ramps up.
+    ema: bool = False
+    ema_decay: float = 0.995
     noise_offset: float = 0.0
     report_to: Literal["none", "tensorboard", "wandb"] = "none"
     log_every: int = 10
@@ -721,6 +729,12 @@ def validate(cfg: DreamBoothConfig, *, check_paths: bool = False) -> list[str]:
         p.append(f"version: {cfg.version} is not supported (this toolkit reads version {CONFIG_VERSION})")
     if d.resolution <= 0 or d.resolution % 8:
         p.append(f"data.resolution: {d.resolution} must be a positive multiple of 8 (the VAE downsamples 8x)")
+    if d.caption_dropout and not d.use_captions:
+        p.append(
+            f"data.caption_dropout: {d.caption_dropout} drops captions, but data.use_captions is false "
+            "(every photo trains with the instance prompt already); set data.use_captions: true or "
+            "data.caption_dropout: 0"
+        )
     if cfg.validation.metrics and cfg.validation.every_steps is None:
         p.append("validation.metrics: true needs validation.every_steps (the steps it scores at)")
     for where, c in _concept_fields(cfg):
@@ -783,13 +797,15 @@ def _beta_ok(x) -> bool:
 def _range_rows(cfg: DreamBoothConfig) -> list[tuple[str, Any, Any, str]]:
     """(key, value, is it fine, the rule as the message states it) for every ranged number."""
     m, d, pr, a, t = cfg.model, cfg.data, cfg.prior, cfg.adapter, cfg.train
-    ck, v = cfg.checkpoint, cfg.validation
+    ck = cfg.checkpoint
     prior = pr.with_prior_preservation
     rows: list[tuple[str, Any, Any, str]] = [
         ("model.native_resolution", m.native_resolution, lambda x: x is None or (x > 0 and x % 8 == 0),
          "a positive multiple of 8 (512 for 2-1-base, 768 for 2-1), or null: the model's own"),
         ("data.min_size", d.min_size, _at_least_1, ">= 1"),
         ("data.num_workers", d.num_workers, _not_negative, ">= 0 (0 = load images in the training process)"),
+        ("data.caption_dropout", d.caption_dropout, lambda x: 0 <= x < 1,
+         "in [0, 1) (a share of the captioned rows; for none at all set data.use_captions: false)"),
         ("prior.num_class_images", pr.num_class_images if prior else None, _at_least_1,
          ">= 1 with prior preservation"),
         ("prior.class_images_per_instance", pr.class_images_per_instance if prior else None, _at_least_1,
@@ -819,10 +835,22 @@ def _range_rows(cfg: DreamBoothConfig) -> list[tuple[str, Any, Any, str]]:
         ("train.max_grad_norm", t.max_grad_norm, _positive, "> 0"),
         ("train.snr_gamma", t.snr_gamma, _positive, "> 0 (5.0 is the paper's value) or null"),
         ("train.noise_offset", t.noise_offset, _not_negative, ">= 0"),
+        ("train.ema_decay", t.ema_decay, lambda x: 0 < x < 1, "in (0, 1) (0.995: about the last 200 steps)"),
         ("train.log_every", t.log_every, _at_least_1, ">= 1"),
         ("train.max_nonfinite_steps", t.max_nonfinite_steps, _at_least_1, ">= 1"),
         ("checkpoint.every_steps", ck.every_steps, _at_least_1, ">= 1 (or null for none)"),
         ("checkpoint.keep_last", ck.keep_last, _at_least_1, ">= 1 (or null to keep all)"),
+    ]  # fmt: skip
+    rows += _sampling_range_rows(cfg)
+    for i, c in enumerate(cfg.concepts):
+        rows.append((f"concepts[{i}].num_class_images", c.num_class_images, _at_least_1, ">= 1 (or null)"))
+    return rows
+
+
+def _sampling_range_rows(cfg: DreamBoothConfig) -> list[tuple[str, Any, Any, str]]:
+    """:func:`_range_rows` of the sections that sample and score images (validation, evaluate)."""
+    v = cfg.validation
+    return [
         ("validation.every_steps", v.every_steps, _at_least_1, ">= 1 (or null for none)"),
         ("validation.num_images", v.num_images, _at_least_1, ">= 1"),
         ("validation.seed", v.seed, _seed_ok, _SEED_RULE),
@@ -835,9 +863,6 @@ def _range_rows(cfg: DreamBoothConfig) -> list[tuple[str, Any, Any, str]]:
         ("evaluate.guidance_scale", cfg.evaluate.guidance_scale, _not_negative, ">= 0 (7.5 is usual)"),
         ("evaluate.tolerance", cfg.evaluate.tolerance, _not_negative, ">= 0 (0.02 is the default)"),
     ]  # fmt: skip
-    for i, c in enumerate(cfg.concepts):
-        rows.append((f"concepts[{i}].num_class_images", c.num_class_images, _at_least_1, ">= 1 (or null)"))
-    return rows
 
 
 def save_config(cfg: DreamBoothConfig, path: str | Path) -> Path:

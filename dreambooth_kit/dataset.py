@@ -58,6 +58,9 @@ class Example:
     class_image: Path | None = None
     class_prompt: str | None = None
     teacher_prompt: str | None = None
+    # The subject's instance prompt when instance_prompt is the photo's caption: what a dropped
+    # caption (data.caption_dropout) trains with.
+    bare_prompt: str | None = None
 
 
 def pair_examples(
@@ -82,9 +85,18 @@ def pair_examples(
     rows = []
     for i in range(n):
         inst = Path(instance_images[i % len(instance_images)])
-        prompt = (read_caption(inst) if use_captions else None) or instance_prompt
+        caption = read_caption(inst) if use_captions else None
         cls = Path(class_images[i % len(class_images)]) if class_images else None
-        rows.append(Example(inst, prompt, cls, class_prompt if cls else None, teacher_prompt))
+        rows.append(
+            Example(
+                inst,
+                caption or instance_prompt,
+                cls,
+                class_prompt if cls else None,
+                teacher_prompt,
+                bare_prompt=instance_prompt if caption else None,
+            )
+        )
     return rows
 
 
@@ -99,6 +111,13 @@ def augmentation(seed: int, epoch: int, index: int, slot: int, *, center_crop: b
     offset = None if center_crop else (float(rng.random()), float(rng.random()))
     flip = random_flip and bool(rng.random() < 0.5)
     return offset, flip
+
+
+def caption_dropped(seed: int, epoch: int, index: int, p: float) -> bool:
+    """Whether row ``index`` of ``epoch`` trains with the bare instance prompt instead of its caption
+    (data.caption_dropout = ``p``): a pure function, for the reason :func:`augmentation` gives, and
+    its own stream (slot 2), so turning it on changes no crop or flip."""
+    return p > 0 and bool(np.random.default_rng([seed, epoch, index, 2]).random() < p)
 
 
 class DreamBoothDataset(torch.utils.data.Dataset):
@@ -135,6 +154,7 @@ class DreamBoothDataset(torch.utils.data.Dataset):
         random_flip: bool = False,
         latents: bool = False,
         seed: int = 0,
+        caption_dropout: float = 0.0,
     ) -> DreamBoothDataset:
         if not examples:
             raise DataError("no training rows; every concept needs at least one usable image")
@@ -144,6 +164,7 @@ class DreamBoothDataset(torch.utils.data.Dataset):
         self._init(
             examples, size, center_crop=center_crop, random_flip=random_flip, latents=latents, seed=seed
         )
+        self.caption_dropout = caption_dropout
         return self
 
     def _init(self, examples, size, *, center_crop, random_flip, latents, seed) -> None:
@@ -155,6 +176,7 @@ class DreamBoothDataset(torch.utils.data.Dataset):
         self.random_flip = random_flip
         self.latents = latents
         self.seed = seed
+        self.caption_dropout = 0.0
         self.instance_images = [e.instance for e in examples]
         self.class_images = [e.class_image for e in examples if e.class_image is not None]
 
@@ -175,9 +197,10 @@ class DreamBoothDataset(torch.utils.data.Dataset):
             raise IndexError(index)
         e = self.examples[index]
         kind = "key" if self.latents else "pixels"
+        dropped = e.bare_prompt is not None and caption_dropped(self.seed, epoch, index, self.caption_dropout)
         example: dict = {
             f"instance_{kind}": self._item(e.instance, epoch, index, 0),
-            "instance_prompt": e.instance_prompt,
+            "instance_prompt": e.bare_prompt if dropped else e.instance_prompt,
         }
         if e.class_image is not None:
             example[f"class_{kind}"] = self._item(e.class_image, epoch, index, 1)

@@ -299,13 +299,25 @@ def list_targets(run: Path, which: str, *, adapter_type: str, max_steps: int, ba
     """The targets ``which`` names: ``all``, ``latest``, or a comma list of ``step-000400``/``400``/
     ``final``/``base``. The final result counts as a checkpoint at ``max_steps`` unless a checkpoint
     of that step exists (the same weights)."""
+    from .layout import CHECKPOINT_EMA
     from .runfolder import Run
 
     folder = Run.open(run)  # this timeline's checkpoints only (never an abandoned one's)
-    found = [Target(p.name, step, "checkpoint", p) for step, p in folder.checkpoints()]
-    final = folder.layout.final(adapter_type)
-    if final.is_dir() and max_steps not in {t.step for t in found}:
-        found.append(Target("final", max_steps, "final", final))
+    found = []
+    for step, p in folder.checkpoints():  # train.ema: each checkpoint's average is a target of its own
+        found += [Target(p.name, step, "checkpoint", p)]
+        found += (
+            [Target(f"{p.name}-ema", step, "checkpoint", p / CHECKPOINT_EMA)]
+            if (p / CHECKPOINT_EMA).is_dir()
+            else []
+        )
+    finals = [
+        ("final", folder.layout.final(adapter_type)),
+        ("final-ema", folder.layout.final_ema(adapter_type)),
+    ]
+    if max_steps not in {t.step for t in found}:
+        found += [Target(name, max_steps, "final", path) for name, path in finals if path.is_dir()]
+    final = finals[0][1]
     found.sort(key=lambda t: t.step)
     if not found:
         raise EvaluateError(
@@ -660,8 +672,13 @@ def plot(rows: Sequence[dict], path: Path, *, best: dict | None = None) -> Path:
     shown = [m for m in METRICS if any(r[m] is not None for r in rows)]
     fig, axes = plt.subplots(1, len(shown), figsize=(3.2 * len(shown), 3.0), squeeze=False)
     for ax, m in zip(axes[0], shown, strict=True):
-        pts = [(r["step"], r[m]) for r in rows if r[m] is not None]
-        ax.plot([s for s, _ in pts], [v for _, v in pts], marker="o")
+        for label, mine in (("raw", False), ("EMA", True)):  # train.ema: the average is a line of its own
+            pts = [(r["step"], r[m]) for r in rows if r[m] is not None and _is_ema(r) == mine]
+            pts = [(0, r[m]) for r in rows if mine and pts and r["checkpoint"] == "base"] + pts
+            if pts:
+                ax.plot([s for s, _ in pts], [v for _, v in pts], marker="o", label=label)
+        if any(_is_ema(r) for r in rows):
+            ax.legend(fontsize=7)
         if best is not None and best[m] is not None:
             ax.axvline(best["step"], color="tab:green", linestyle="--", linewidth=1)
         ax.set_title(m + (" (lower is better)" if m == "pres" else ""), fontsize=9)
@@ -672,6 +689,10 @@ def plot(rows: Sequence[dict], path: Path, *, best: dict | None = None) -> Path:
         fig.savefig(tmp, format="png", dpi=100)
     plt.close(fig)
     return path
+
+
+def _is_ema(row: dict) -> bool:
+    return str(row["checkpoint"]).endswith("-ema")
 
 
 # ------------------------------------------------------------------ during training

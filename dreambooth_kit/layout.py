@@ -7,6 +7,7 @@ changes everywhere.
     <run>/model_source.json    the base model, resolved once (models.ModelSource)
     <run>/lora/                the LoRA (adapter.type=lora), with its own config.yaml
     <run>/pipeline/            the full fine-tune's diffusers pipeline (adapter.type=full)
+    <run>/lora_ema/            train.ema: the moving average, as lora/ (pipeline_ema/ as pipeline/)
     <run>/checkpoints/step-*/  resumable checkpoints
     <run>/samples/step-*/      validation images
     <run>/export/              kohya / merged / single-file exports
@@ -21,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 LORA_WEIGHTS = "pytorch_lora_weights.safetensors"  # diffusers' save_lora_weights default name
+CHECKPOINT_EMA = "ema"  # train.ema: <run>/checkpoints/step-*/ema/, the average as the step's weights
 
 
 @dataclass(frozen=True)
@@ -53,6 +55,11 @@ class RunLayout:
     def final(self, adapter_type: str) -> Path:
         """Where the run's result goes: ``lora/`` or, for a full fine-tune, ``pipeline/``."""
         return self.pipeline if adapter_type == "full" else self.lora
+
+    def final_ema(self, adapter_type: str) -> Path:
+        """train.ema: where the moving average goes, ``lora_ema/`` or ``pipeline_ema/``."""
+        final = self.final(adapter_type)
+        return final.with_name(final.name + "_ema")
 
     @property
     def checkpoints(self) -> Path:

@@ -28,6 +28,7 @@ if TYPE_CHECKING:
 
     from .caching import LatentCache
     from .dataset import DreamBoothDataset, EpochSampler
+    from .ema import TrainedEMA
     from .guards import StopSignals
     from .models import SDComponents
 
@@ -104,6 +105,7 @@ class LoopState:
     scorer: Callable | None = None
     lineage: str | None = None  # the run's timeline id, recorded in each checkpoint (lineage.py)
     photos: str | None = None  # checkpoints.photo_digest of the photos, checked when resuming
+    ema: TrainedEMA | None = None  # train.ema: the moving average of ``params``
 
     def __post_init__(self) -> None:
         self.guard = NonFiniteGuard(self.settings.train.max_nonfinite_steps)
@@ -134,7 +136,7 @@ def release_frozen(
     dropped = []
     if not encode.trained:
         prompts = [e.instance_prompt for e in dataset.examples] + [
-            p for e in dataset.examples for p in (e.class_prompt, e.teacher_prompt) if p
+            p for e in dataset.examples for p in (e.class_prompt, e.teacher_prompt, e.bare_prompt) if p
         ]
         encode(prompts)
         encode.text_encoder = ctx.comps.text_encoder = None
@@ -319,6 +321,8 @@ def _optimizer_step(ctx: LoopState) -> StepOutcome:
 
 def _advance(ctx: LoopState) -> StepOutcome:
     ctx.lr_scheduler.step()
+    if ctx.ema is not None:
+        ctx.ema.update()
     return StepOutcome.APPLIED
 
 

@@ -22,6 +22,7 @@ import torch
 
 from .config import AdapterConfig, save_config_dict
 from .errors import NonFiniteError, UserError
+from .layout import RunLayout
 
 if TYPE_CHECKING:
     from .loop import LoopState
@@ -50,25 +51,37 @@ def save_final(run: LoopState, source: ModelSource) -> Path:
         log.warning("%s; writing the final output anyway", e)
         checkpoint = None
     try:
-        if s.adapter.type == "full":
-            return save_pipeline(
-                s.config_dict,
-                s.train.save_precision,
-                run.accelerator,
-                run.comps,
-                run.unet,
-                run.text_encoder,
-                run.out,
-                source.location,
-                source.load_kwargs(),
-            )
-        return save_lora(s.adapter, s.config_dict, run.accelerator, run.unet, run.text_encoder, run.out)
+        written = _write_final(run, source, final.name)
+        if run.ema is not None:  # train.ema: the average beside it, by the same code (ema.py)
+            with run.ema.swapped_in():
+                _write_final(run, source, RunLayout(run.out).final_ema(s.adapter.type).name)
+        return written
     except OSError as e:
         raise _final_save_error(e, final, checkpoint, run) from e
     except Exception as e:  # safetensors' SafetensorError wraps "No space left on device (os error 28)"
         if _reason(e, final) is None:
             raise
         raise _final_save_error(e, final, checkpoint, run) from e
+
+
+def _write_final(run: LoopState, source: ModelSource, name: str) -> Path:
+    s = run.settings
+    if s.adapter.type == "full":
+        return save_pipeline(
+            s.config_dict,
+            s.train.save_precision,
+            run.accelerator,
+            run.comps,
+            run.unet,
+            run.text_encoder,
+            run.out,
+            source.location,
+            source.load_kwargs(),
+            name=name,
+        )
+    return save_lora(
+        s.adapter, s.config_dict, run.accelerator, run.unet, run.text_encoder, run.out, name=name
+    )
 
 
 def _final_checkpoint(run: LoopState) -> Path | None:
@@ -188,6 +201,8 @@ def save_pipeline(
     out: Path,
     source: str,
     load_kwargs: dict | None = None,
+    *,
+    name: str = "pipeline",
 ) -> Path:
     """Full fine-tune: a complete diffusers pipeline (safetensors) that
     ``StableDiffusionPipeline.from_pretrained`` loads, with the run's ``config`` (a
@@ -195,7 +210,7 @@ def save_pipeline(
     ``revision``/``variant`` (ModelSource.load_kwargs), so the frozen parts are the trained-on ones."""
     from diffusers import StableDiffusionPipeline
 
-    final = out / "pipeline"
+    final = out / name
     accelerator.wait_for_everyone()
     if not accelerator.is_main_process:
         return final
@@ -209,7 +224,7 @@ def save_pipeline(
     )
     pipe.scheduler = type(pipe.scheduler).from_config(comps.noise_scheduler.config)
     dtype = torch.float16 if save_precision == "fp16" else torch.float32
-    tmp = _tmp_folder(out, "pipeline")
+    tmp = _tmp_folder(out, name)
     try:
         pipe.to(dtype=dtype)
         pipe.save_pretrained(tmp, safe_serialization=True)
@@ -225,14 +240,16 @@ def save_pipeline(
     return final
 
 
-def save_lora(adapter: AdapterConfig, config: dict, accelerator, unet, text_encoder, out: Path) -> Path:
-    """Write ``lora/pytorch_lora_weights.safetensors`` (diffusers format + ``adapter``'s metadata)
+def save_lora(
+    adapter: AdapterConfig, config: dict, accelerator, unet, text_encoder, out: Path, *, name: str = "lora"
+) -> Path:
+    """Write ``<name>/pytorch_lora_weights.safetensors`` (diffusers format + ``adapter``'s metadata)
     and the resolved ``config`` (a ``to_dict()``) beside it as ``config.yaml``."""
     accelerator.wait_for_everyone()
     if not accelerator.is_main_process:
-        return out / "lora"
+        return out / name
     te = accelerator.unwrap_model(text_encoder) if text_encoder else None
-    return write_lora(adapter, config, accelerator.unwrap_model(unet), te, out / "lora")
+    return write_lora(adapter, config, accelerator.unwrap_model(unet), te, out / name)
 
 
 def write_lora(adapter: AdapterConfig, config: dict, unet, text_encoder, lora_dir: Path) -> Path:

@@ -157,7 +157,8 @@ class Run:
             p for p in sorted(layout.samples.glob("step-*"))
             if (m := _STEP.match(p.name)) and (step is None or int(m.group(1)) > step)
         ]  # fmt: skip
-        outputs = [p for p in (layout.lora, layout.pipeline, layout.export, self.eval_dir) if p.exists()]
+        finals = [layout.lora, layout.pipeline, layout.final_ema("lora"), layout.final_ema("full")]
+        outputs = [p for p in (*finals, layout.export, self.eval_dir) if p.exists()]
         moving = [p for _, p in checkpoints] + later_samples + outputs
         if not moving:
             return None

@@ -129,14 +129,15 @@ def train(cfg: DreamBoothConfig) -> TrainResult:
         unet, text_encoder, optimizer, dataloader, lr_scheduler = _prepare(
             accelerator, cfg, unet, text_encoder, optimizer, dataloader, lr_scheduler
         )
+        ema = _ema(cfg, params)
         position = _restore(
-            cfg, accelerator, unet, text_encoder, resume_from, optimizer, lr_scheduler, changed
+            cfg, accelerator, unet, text_encoder, resume_from, optimizer, lr_scheduler, changed, ema
         )
 
         settings = run_settings(cfg)  # after the prediction type is recorded: checkpoints carry it
         run = LoopState(
             settings, accelerator, comps, unet, text_encoder, params, optimizer, lr_scheduler, out,
-            scorer=scorer, lineage=lineage, photos=photos,
+            scorer=scorer, lineage=lineage, photos=photos, ema=ema,
         )  # fmt: skip
         run.guard.steps = list(position.get("skipped_steps", []))  # a resumed run's whole history
         encode = prompt_encoder(run)
@@ -214,8 +215,23 @@ def _begin_timeline(folder, resume_from: Path | None, accelerator) -> str:
     return gather_object([lineage])[0]
 
 
+def _ema(cfg: DreamBoothConfig, params):
+    """train.ema: the moving average of the trained parameters (ema.py), else None."""
+    from .ema import TrainedEMA
+
+    return TrainedEMA(params, cfg.train.ema_decay) if cfg.train.ema else None
+
+
 def _restore(
-    cfg, accelerator, unet, text_encoder, path: Path | None, optimizer=None, lr_scheduler=None, changed=()
+    cfg,
+    accelerator,
+    unet,
+    text_encoder,
+    path: Path | None,
+    optimizer=None,
+    lr_scheduler=None,
+    changed=(),
+    ema=None,
 ) -> dict:
     """Register how checkpoints hold the trained weights, then load one if resuming; a learning rate
     changed under train.resume_force replaces the checkpoint's in the restored optimizer and schedule.
@@ -238,6 +254,13 @@ def _restore(
     check_process_count(path, accelerator.num_processes, force=cfg.train.resume_force)
     wanted = [g.get("initial_lr", g["lr"]) for g in optimizer.param_groups] if optimizer is not None else []
     state = load_checkpoint(accelerator, path, force=cfg.train.resume_force)
+    if ema is not None:
+        from .checkpoints import read_checkpoint_ema
+
+        models = {"unet": accelerator.unwrap_model(unet)}
+        models |= {"text_encoder": accelerator.unwrap_model(text_encoder)} if text_encoder is not None else {}
+        lora = cfg.adapter.type == "lora"
+        read_checkpoint_ema(ema, path, models, lora=lora, steps=state.get("ema_steps", state["step"]))
     if optimizer is not None and set(changed) & set(LEARNING_RATE_FIELDS):
         _apply_learning_rates(optimizer, lr_scheduler, wanted)
         log.warning(
@@ -673,6 +696,7 @@ def _data(cfg: DreamBoothConfig, report, class_sets, comps, accelerator):
         random_flip=cfg.data.random_flip,
         latents=use_cache,
         seed=cfg.train.seed,
+        caption_dropout=cfg.data.caption_dropout,
     )
     # One process: the last batch of an epoch may be smaller. Several: epochs are filled to whole
     # batches of every process (see EpochSampler).

@@ -4,6 +4,7 @@ formats, duplicates), preprocess, dataset, collate."""
 from __future__ import annotations
 
 import io
+import re
 import struct
 import zlib
 from pathlib import Path
@@ -680,3 +681,58 @@ def test_epoch_sampler_fills_epochs_to_whole_batches_of_every_process_and_resume
     assert len(order) == 6 and order[:5] == list(alone) and order[5] == order[0]
     two.set_position(0, 2)
     assert list(two) == order[2:]  # a resumed epoch ends with the same filling
+
+
+def test_caption_dropout_trains_a_share_of_captioned_rows_with_the_bare_prompt(tmp_path):
+    """data.caption_dropout: a captioned row trains with the instance prompt instead in about that
+    share of (epoch, row) draws; an uncaptioned row is never changed; the draw is a pure function of
+    (seed, epoch, row), so a resumed run drops the same rows, and crops and flips do not move."""
+    from dreambooth_kit.dataset import DreamBoothDataset
+
+    a, b = tmp_path / "a.png", tmp_path / "b.png"
+    for p in (a, b):
+        Image.new("RGB", (40, 40)).save(p)
+    (tmp_path / "a.txt").write_text("a photo of sks toy on the moon")
+    rows = pair_examples([a, b], "a photo of sks toy", use_captions=True)
+
+    def prompts(p: float, seed: int = 5) -> list[tuple[str, str]]:
+        ds = DreamBoothDataset.from_examples(
+            rows, 32, latents=True, random_flip=True, seed=seed, caption_dropout=p
+        )
+        return [
+            (ds[(e, i)]["instance_prompt"], ds[(e, i)]["instance_key"]) for e in range(200) for i in (0, 1)
+        ]
+
+    off, half = prompts(0.0), prompts(0.5)
+    assert [k for _, k in off] == [k for _, k in half]  # the same flips
+    captioned = [p for p, _ in half[0::2]]
+    assert set(captioned) == {"a photo of sks toy on the moon", "a photo of sks toy"}
+    assert 0.4 <= captioned.count("a photo of sks toy") / len(captioned) <= 0.6
+    assert {p for p, _ in half[1::2]} == {"a photo of sks toy"}  # no caption: nothing to drop
+    assert {p for p, _ in off[0::2]} == {"a photo of sks toy on the moon"}
+    assert prompts(0.5) == half and prompts(0.5, seed=6) != half
+
+
+@pytest.mark.parametrize(
+    "overrides, expect",
+    [
+        (
+            {"data.caption_dropout": 0.3},
+            "data.caption_dropout: 0.3 drops captions, but data.use_captions is false",
+        ),
+        (
+            {"data.use_captions": True, "data.caption_dropout": 1.0},
+            "data.caption_dropout: 1.0 must be in [0, 1)",
+        ),
+        (
+            {"data.use_captions": True, "data.caption_dropout": -0.1},
+            "data.caption_dropout: -0.1 must be in [0, 1)",
+        ),
+    ],
+)
+def test_a_caption_dropout_that_cannot_work_is_refused_naming_the_field(tmp_path, overrides, expect):
+    from dreambooth_kit.config import ConfigError, load_config
+
+    base = {"data.instance_dir": str(tmp_path), "data.instance_prompt": "a photo of sks toy"}
+    with pytest.raises(ConfigError, match=re.escape(expect)):
+        load_config("tiny.yaml", {**base, **overrides})

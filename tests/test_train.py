@@ -702,3 +702,33 @@ def test_a_run_says_its_plan_its_pace_each_grid_and_where_everything_went(
     assert saved.data.instance_dir == str(tmp_path / "my_photos")
     assert saved.prior.class_dir == str(run / "class_images") and saved.train.output_dir == str(run)
     assert saved.model.pretrained == str(tiny_model)
+
+
+def test_caption_dropout_trains_captioned_photos_with_the_bare_prompt_too(
+    tmp_path, tiny_model, photos, monkeypatch
+):
+    """A 3-step run with data.caption_dropout 0.5: each epoch is one batch of the 5 photos, and the
+    captioned photo's row holds its caption or the bare instance prompt exactly where caption_dropped
+    says (both happen in these 3 epochs)."""
+    from dreambooth_kit import loop
+    from dreambooth_kit.dataset import caption_dropped
+
+    mine = photos  # this test's own copy
+    caption = "a photo of zwx toy on a beach"
+    sorted(mine.glob("*.jpg"))[0].with_suffix(".txt").write_text(caption)
+    seen: list[list[str]] = []
+    real = loop._loss
+    monkeypatch.setattr(
+        loop, "_loss", lambda ctx, batch, *a: (seen.append(batch["prompts"]), real(ctx, batch, *a))[1]
+    )
+    cfg = tiny_cfg(
+        tmp_path, tiny_model, mine,
+        **{"data.use_captions": True, "data.caption_dropout": 0.5, "train.batch_size": 5, "train.max_steps": 3, "train.seed": 1559,
+           "prior.with_prior_preservation": False},
+    )  # fmt: skip
+    r = train(cfg)
+    assert r.steps == 3 and r.lora_path.exists() and len(seen) == 3
+    kept = [not caption_dropped(cfg.train.seed, epoch, 0, 0.5) for epoch in range(3)]
+    assert set(kept) == {True, False}
+    assert [caption in batch for batch in seen] == kept
+    assert all(batch.count(cfg.data.instance_prompt) == 5 - k for batch, k in zip(seen, kept, strict=True))
