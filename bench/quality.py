@@ -30,13 +30,13 @@ CONDITIONS = {
         "prior.mode": "teacher",
     },
     # Options (issue: what kohya/OneTrainer users expect), each on the LoRA + prior recipe.
-    "LoRA + prior, caption dropout 0.5": {
+    "LoRA + prior + caption dropout 0.5": {
         "adapter.type": "lora",
         "prior.with_prior_preservation": True,
         "data.caption_dropout": 0.5,
     },
     # The same training as LoRA + prior (the average does not feed back): its lora_ema/ is scored.
-    "LoRA + prior, EMA (scored)": {
+    "LoRA + prior + EMA": {
         "adapter.type": "lora",
         "prior.with_prior_preservation": True,
         "train.ema": True,
