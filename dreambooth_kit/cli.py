@@ -108,6 +108,7 @@ def _cmd_generate(args) -> int:
         num_images=args.n,
         steps=args.steps,
         guidance_scale=args.guidance_scale,
+        guidance_rescale=args.guidance_rescale,
         height=args.height,
         width=args.width,
         init_image=args.init_image,
@@ -302,6 +303,12 @@ def _add_generate(sub) -> None:
     g.add_argument("--n", "--num-images", dest="n", type=int, default=4)
     g.add_argument("--steps", type=int, default=30)
     g.add_argument("--guidance-scale", type=float, default=7.5)
+    g.add_argument(
+        "--guidance-rescale",
+        type=float,
+        default=0.0,
+        help="0..1, v-prediction models only (0.7 is the paper's value; 0 = off)",
+    )
     g.add_argument("--height", type=int, default=None)
     g.add_argument("--width", type=int, default=None)
     g.add_argument(

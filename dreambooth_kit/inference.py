@@ -298,6 +298,29 @@ def _check_args(height: int, width: int, steps: int, num_images: int, seeds: lis
         raise InvalidInput("; ".join(problems))
 
 
+def check_guidance_rescale(value: float, prediction_type: str, mode: str = "txt2img") -> None:
+    """Guidance rescale (Lin et al. 2024, "Common Diffusion Noise Schedules and Sample Steps are
+    Flawed", section 3.4) corrects the over-exposure that classifier-free guidance causes in a
+    v-prediction model trained toward zero terminal SNR; they recommend 0.7. An epsilon model (SD
+    2.1-base, 512 px) cannot be given a zero-terminal-SNR schedule (at SNR 0 its target, the noise,
+    is its input), so the fix has nothing to correct there and is refused rather than silently
+    changing its images. diffusers' img2img and inpainting pipelines take no such argument."""
+    if not value:
+        return
+    if not 0 < value <= 1:
+        raise InvalidInput(f"guidance_rescale={value} must be in [0, 1] (0.7 is the paper's value; 0 = off)")
+    if prediction_type != "v_prediction":
+        raise InvalidInput(
+            f"guidance_rescale={value}: this model predicts {prediction_type}; guidance rescale corrects "
+            "v-prediction models with a zero-terminal-SNR schedule (SD 2.1 at 768 px), and an epsilon "
+            "model (SD 2.1-base) has no such schedule to correct. Leave it at 0"
+        )
+    if mode != "txt2img":
+        raise InvalidInput(
+            f"guidance_rescale={value}: {mode} takes none (diffusers' {mode} pipeline has no such argument)"
+        )
+
+
 def _seeds(seed: int | list[int] | None, seeds: list[int] | None, num_images: int) -> list[int]:
     if seeds is not None:
         return list(seeds)
@@ -341,6 +364,7 @@ class _Job(NamedTuple):
     size: tuple[int, int]  # (width, height)
     mode: str  # txt2img | img2img | inpaint
     strength: float  # recorded for img2img/inpaint only
+    guidance_rescale: float = 0.0
 
 
 def generate(
@@ -361,6 +385,7 @@ def generate(
     batch_size: int | str = 1,
     on_batch: Callable[[list[Generated]], object] | None = None,
     progress: str | None = None,
+    guidance_rescale: float = 0.0,
 ) -> list[Generated]:
     """Generate images; image i uses seed ``seeds[i]`` (a list ``seed``, or ``seed + i``).
 
@@ -371,6 +396,8 @@ def generate(
     measured (:mod:`dreambooth_kit.batching`), and halved on an out-of-memory error. The prompts are
     encoded once for all batches. ``on_batch`` gets each batch's results as soon as they are made.
     ``progress``: a label for a progress bar over the images (tqdm, on stderr); None shows none.
+    ``guidance_rescale`` (0..1, txt2img on v-prediction models: see :func:`check_guidance_rescale`)
+    pulls the guided prediction's spread back toward the unguided one's.
     Returns ``Generated(image, params)`` tuples."""
     init_image, mask_image = _inputs(init_image, mask_image)
     width, height = _output_size(pipe, init_image, width, height)
@@ -380,7 +407,10 @@ def generate(
     num_images = num_images or len(seed_list)
     mode = "txt2img" if init_image is None else "img2img" if mask_image is None else "inpaint"
     _check_args(height, width, steps, num_images, seed_list, strength if mode != "txt2img" else None)
-    job = _Job(prompt, negative_prompt, steps, guidance_scale, (width, height), mode, strength)
+    check_guidance_rescale(guidance_rescale, pipe.scheduler.config.prediction_type, mode)
+    job = _Job(
+        prompt, negative_prompt, steps, guidance_scale, (width, height), mode, strength, guidance_rescale
+    )
     if mode == "img2img" and int(steps * strength) < 1:
         # No denoising step is left (diffusers refuses to run zero steps): the result is the
         # VAE's reconstruction of the input, which is what strength -> 0 converges to.
@@ -458,6 +488,7 @@ def _run_batch(
         guidance_scale=job.guidance_scale,
         generator=generators,
         output_type="latent",
+        **({"guidance_rescale": job.guidance_rescale} if job.guidance_rescale else {}),
         **{k: v.repeat(len(chunk), 1, 1) for k, v in embeds.items()},
         **({"height": height, "width": width} if job.mode == "txt2img" else extra),
     ).images
@@ -489,6 +520,7 @@ def _params(pipe, job: _Job, seed: int) -> GenerationParams:
         a1111_lora_hashes=list(meta.get("a1111_lora_hashes") or []),
         mode=job.mode,
         strength=job.strength if job.mode != "txt2img" else None,
+        guidance_rescale=job.guidance_rescale or None,
         version=__version__,
     )
 
@@ -614,4 +646,5 @@ def regenerate_from_png(
         guidance_scale=meta.guidance_scale,
         height=meta.height,
         width=meta.width,
+        guidance_rescale=meta.guidance_rescale or 0.0,
     )[0]

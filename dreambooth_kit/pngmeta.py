@@ -50,6 +50,7 @@ class GenerationParams:
     a1111_lora_hashes: list[str] = field(default_factory=list)
     mode: str = "txt2img"  # txt2img | img2img | inpaint
     strength: float | None = None
+    guidance_rescale: float | None = None  # generate(guidance_rescale=...), when it was on
     version: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -83,6 +84,7 @@ class GenerationParams:
             ("Model hash", self.model_hash),
             ("Model", Path(self.model).name),
             ("Denoising strength", self.strength),
+            ("CFG Rescale", self.guidance_rescale),
             # Quoted as A1111 quotes any value holding ":" or "," (a JSON string).
             ("Lora hashes", json.dumps(hashes, ensure_ascii=False) if hashes else None),
             ("Version", f"dreambooth_kit {self.version}" if self.version else None),
