@@ -93,6 +93,7 @@ COMPATIBILITY_FIELDS = (
     "train.noise_offset",
     "train.ema",
     "train.ema_decay",
+    "train.zero_terminal_snr",
     "prior.with_prior_preservation",
     "prior.mode",
     "prior.prior_loss_weight",
@@ -793,6 +794,7 @@ ADDED_FIELD_DEFAULTS: dict[str, Any] = {
     "data.caption_dropout": 0.0,
     "train.ema": False,
     "train.ema_decay": 0.995,
+    "train.zero_terminal_snr": False,
 }
 
 

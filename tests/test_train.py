@@ -732,3 +732,45 @@ def test_caption_dropout_trains_captioned_photos_with_the_bare_prompt_too(
     assert set(kept) == {True, False}
     assert [caption in batch for batch in seen] == kept
     assert all(batch.count(cfg.data.instance_prompt) == 5 - k for batch, k in zip(seen, kept, strict=True))
+
+
+def test_zero_terminal_snr_trains_on_the_rescaled_schedule_and_generation_uses_it(
+    tmp_path, tiny_model, photos, monkeypatch
+):
+    """The tiny model predicts v. With train.zero_terminal_snr the loss sees a schedule whose last
+    timestep has (nearly) zero signal, where SD's own leaves alphas_cumprod 0.0047; the LoRA's
+    config says so, and load_pipeline samples it with that schedule (trailing spacing)."""
+    from dreambooth_kit import loop
+    from dreambooth_kit.inference import load_pipeline
+
+    last = []
+    real = loop._loss
+    monkeypatch.setattr(
+        loop, "_loss",
+        lambda ctx, *a: (last.append(float(ctx.comps.noise_scheduler.alphas_cumprod[-1])), real(ctx, *a))[1],
+    )  # fmt: skip
+    r = train(
+        tiny_cfg(tmp_path, tiny_model, photos, **{"train.zero_terminal_snr": True, "train.max_steps": 2})
+    )
+    assert len(last) == 2 and all(a < 1e-6 for a in last)
+    pipe = load_pipeline(str(tiny_model), lora=r.lora_dir, scheduler="ddim")
+    assert (
+        pipe.scheduler.config.rescale_betas_zero_snr and pipe.scheduler.config.timestep_spacing == "trailing"
+    )
+    assert type(pipe.scheduler).__name__ == "DDIMScheduler"  # the sampler asked for, on that schedule
+    plain = load_pipeline(str(tiny_model), scheduler="ddim")
+    assert not plain.scheduler.config.get("rescale_betas_zero_snr")
+    assert float(plain.scheduler.alphas_cumprod[-1]) > 1e-3
+
+
+def test_zero_terminal_snr_on_an_epsilon_model_is_refused_before_class_images(tmp_path, tiny_model, photos):
+    from dreambooth_kit.config import ConfigError
+
+    cfg = tiny_cfg(
+        tmp_path, tiny_model, photos, **{"train.zero_terminal_snr": True, "model.prediction_type": "epsilon"}
+    )
+    with pytest.raises(
+        ConfigError, match="train.zero_terminal_snr: .* predicts epsilon; a zero-SNR last timestep"
+    ):
+        train(cfg)
+    assert not (tmp_path / "class_images").exists()
