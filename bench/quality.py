@@ -36,6 +36,19 @@ CONDITIONS = {
         "data.caption_dropout": 0.5,
     },
     # The same training as LoRA + prior (the average does not feed back): its lora_ema/ is scored.
+    # data.masks' test bed: the photos show a black box beside the subject (world.py, clutter), which
+    # no caption names. Without masks against masks that keep the box out of the instance loss.
+    "LoRA + prior (cluttered photos)": {
+        "adapter.type": "lora",
+        "prior.with_prior_preservation": True,
+        "world.clutter": True,
+    },
+    "LoRA + prior + masks (cluttered photos)": {
+        "adapter.type": "lora",
+        "prior.with_prior_preservation": True,
+        "world.clutter": True,
+        "data.masks": "MASKS",
+    },
     "LoRA + prior + EMA": {
         "adapter.type": "lora",
         "prior.with_prior_preservation": True,
@@ -61,6 +74,7 @@ COLUMNS = [
     ("new_context_background", "new context: gray background ↑"),
     ("new_context_subject_rate", "subject on gray ↑"),
     ("new_context_subject_rate_strict", "strict ↑"),
+    ("subject_clutter", "clutter drawn ↓"),
     ("class_subject_rate", "'a ball' is the subject ↓"),
     ("class_plain", "'a ball' is a plain ball ↑"),
     ("pres", "PRES ↓"),
@@ -74,11 +88,15 @@ def run_condition(name: str, overrides: dict | None, seed: int, out: Path, steps
     from dreambooth_kit.toy.evaluate import score
     from dreambooth_kit.train import train
 
-    photos = out / "photos"
+    overrides = dict(overrides) if overrides is not None else None
+    clutter = bool(overrides and overrides.pop("world.clutter", False))
+    photos, masks = out / ("photos-clutter" if clutter else "photos"), out / "masks-clutter"
     if not photos.is_dir():
-        world.write_subject_photos(photos)
+        world.write_subject_photos(photos, clutter=clutter, masks=masks if clutter else None)
     if overrides is None:
         return score(TOY_MODEL, per_prompt=per_prompt), 0.0
+    if overrides.get("data.masks") == "MASKS":
+        overrides["data.masks"] = str(masks)
     run = out / f"{name.replace(' ', '_').replace(',', '').replace('+', 'with')}-seed{seed}"
     cfg = load_config(
         "toy.yaml",

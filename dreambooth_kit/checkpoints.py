@@ -70,6 +70,8 @@ COMPATIBILITY_FIELDS = (
     "data.center_crop",
     "data.random_flip",
     "data.caption_dropout",
+    "data.masks",
+    "train.unmasked_weight",
     "train.mixed_precision",
     "adapter.type",
     "adapter.rank",
@@ -795,6 +797,7 @@ ADDED_FIELD_DEFAULTS: dict[str, Any] = {
     "train.ema": False,
     "train.ema_decay": 0.995,
     "train.zero_terminal_snr": False,
+    "train.unmasked_weight": 0.1,
 }
 
 

@@ -90,6 +90,9 @@ class DataConfig:
     # its caption (the identifier prompt is never dropped); drawn per (seed, epoch, row), so a
     # resumed run drops the same rows. Needs use_captions.
     caption_dropout: float = 0.0
+    # A mask per photo weighting the instance loss (masks.py): "alpha" (the photo's own alpha channel)
+    # or a folder holding <photo stem>.png; white = the subject. null = no masks.
+    masks: str | None = None
 
 
 @dataclass
@@ -196,6 +199,8 @@ class TrainConfig:
     # Rescale the noise schedule to zero SNR at the last timestep (models.with_zero_terminal_snr);
     # v-prediction models only. Generation with the LoRA then uses the same schedule.
     zero_terminal_snr: bool = False
+    # With data.masks: the loss weight outside the mask (1 inside).
+    unmasked_weight: float = 0.1
     noise_offset: float = 0.0
     report_to: Literal["none", "tensorboard", "wandb"] = "none"
     log_every: int = 10
@@ -838,6 +843,9 @@ def _range_rows(cfg: DreamBoothConfig) -> list[tuple[str, Any, Any, str]]:
         ("train.max_grad_norm", t.max_grad_norm, _positive, "> 0"),
         ("train.snr_gamma", t.snr_gamma, _positive, "> 0 (5.0 is the paper's value) or null"),
         ("train.noise_offset", t.noise_offset, _not_negative, ">= 0"),
+        ("train.unmasked_weight", t.unmasked_weight, lambda x: 0 <= x <= 1,
+         "in [0, 1] (0.1: the background still trains a little; 1: the mask changes nothing)"),
+        ("data.masks", d.masks, lambda x: bool(x.strip()), '"alpha" or a folder of masks (or null)'),
         ("train.ema_decay", t.ema_decay, lambda x: 0 < x < 1, "in (0, 1) (0.995: about the last 200 steps)"),
         ("train.log_every", t.log_every, _at_least_1, ">= 1"),
         ("train.max_nonfinite_steps", t.max_nonfinite_steps, _at_least_1, ">= 1"),

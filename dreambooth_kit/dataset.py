@@ -155,6 +155,8 @@ class DreamBoothDataset(torch.utils.data.Dataset):
         latents: bool = False,
         seed: int = 0,
         caption_dropout: float = 0.0,
+        masks: str | None = None,
+        unmasked_weight: float = 0.1,
     ) -> DreamBoothDataset:
         if not examples:
             raise DataError("no training rows; every concept needs at least one usable image")
@@ -165,6 +167,7 @@ class DreamBoothDataset(torch.utils.data.Dataset):
             examples, size, center_crop=center_crop, random_flip=random_flip, latents=latents, seed=seed
         )
         self.caption_dropout = caption_dropout
+        self.masks, self.unmasked_weight = masks, unmasked_weight
         return self
 
     def _init(self, examples, size, *, center_crop, random_flip, latents, seed) -> None:
@@ -177,6 +180,7 @@ class DreamBoothDataset(torch.utils.data.Dataset):
         self.latents = latents
         self.seed = seed
         self.caption_dropout = 0.0
+        self.masks, self.unmasked_weight = None, 1.0
         self.instance_images = [e.instance for e in examples]
         self.class_images = [e.class_image for e in examples if e.class_image is not None]
 
@@ -191,6 +195,17 @@ class DreamBoothDataset(torch.utils.data.Dataset):
             return (str(path), flip)
         return preprocess(load_image(path), self.size, flip=flip, crop_offset=offset or (0.5, 0.5))
 
+    def _weights(self, photo: Path, epoch: int, index: int) -> torch.Tensor:
+        from .masks import load_mask, loss_weights
+
+        offset, flip = augmentation(
+            self.seed, epoch, index, 0, center_crop=self.center_crop, random_flip=self.random_flip
+        )
+        return loss_weights(
+            load_mask(photo, self.masks), self.size, preprocess, unmasked_weight=self.unmasked_weight,
+            flip=flip, crop_offset=offset or (0.5, 0.5),
+        )  # fmt: skip
+
     def __getitem__(self, key: int | tuple[int, int]) -> dict:
         epoch, index = key if isinstance(key, tuple) else (0, key)
         if not 0 <= index < len(self.examples):
@@ -202,6 +217,8 @@ class DreamBoothDataset(torch.utils.data.Dataset):
             f"instance_{kind}": self._item(e.instance, epoch, index, 0),
             "instance_prompt": e.bare_prompt if dropped else e.instance_prompt,
         }
+        if self.masks:  # data.masks: the photo's loss weights, cropped and flipped as the photo
+            example["instance_weights"] = self._weights(e.instance, epoch, index)
         if e.class_image is not None:
             example[f"class_{kind}"] = self._item(e.class_image, epoch, index, 1)
             example["class_prompt"] = e.class_prompt
@@ -254,6 +271,8 @@ def collate(examples: list[dict], with_prior: bool) -> dict:
         items += [e[f"class_{kind}"] for e in examples]
         prompts += [e["class_prompt"] for e in examples]
     batch: dict = {"prompts": prompts, "num_instance": len(examples)}
+    if "instance_weights" in examples[0]:  # data.masks
+        batch["instance_weights"] = torch.stack([e["instance_weights"] for e in examples])
     if "teacher_prompt" in examples[0]:  # prior.mode=teacher: asked on the instance rows' latents
         batch["teacher_prompts"] = [e["teacher_prompt"] for e in examples]
     if kind == "key":

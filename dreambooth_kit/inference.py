@@ -294,7 +294,10 @@ MAX_STEPS = 1000
 MAX_IMAGES = 10_000
 
 
-def _check_args(height: int, width: int, steps: int, num_images: int, seeds: list[int], strength) -> None:
+def _check_job(job: _Job, num_images: int, seeds: list[int], prediction_type: str) -> None:
+    (width, height), steps = job.size, job.steps
+    strength = job.strength if job.mode != "txt2img" else None
+    check_guidance_rescale(job.guidance_rescale, prediction_type, job.mode)
     problems = []
     for name, v in (("height", height), ("width", width)):
         if v <= 0 or v % 8 or v > MAX_SIDE:
@@ -411,11 +414,9 @@ def generate(
     through the UNet together: the default 1 makes every image bit-identical to a single-image call
     on CPU (batched matmuls may round differently); "auto" is the largest batch that fits in memory,
     measured (:mod:`dreambooth_kit.batching`), and halved on an out-of-memory error. The prompts are
-    encoded once for all batches. ``on_batch`` gets each batch's results as soon as they are made.
-    ``progress``: a label for a progress bar over the images (tqdm, on stderr); None shows none.
-    ``guidance_rescale`` (0..1, txt2img on v-prediction models: see :func:`check_guidance_rescale`)
-    pulls the guided prediction's spread back toward the unguided one's.
-    Returns ``Generated(image, params)`` tuples."""
+    encoded once. ``on_batch`` gets each batch's results as soon as they are made. ``progress``: a
+    label for a progress bar over the images (tqdm, on stderr); None shows none. ``guidance_rescale``:
+    see :func:`check_guidance_rescale`. Returns ``Generated(image, params)`` tuples."""
     init_image, mask_image = _inputs(init_image, mask_image)
     width, height = _output_size(pipe, init_image, width, height)
     seed_list = _seeds(
@@ -423,11 +424,10 @@ def generate(
     )
     num_images = num_images or len(seed_list)
     mode = "txt2img" if init_image is None else "img2img" if mask_image is None else "inpaint"
-    _check_args(height, width, steps, num_images, seed_list, strength if mode != "txt2img" else None)
-    check_guidance_rescale(guidance_rescale, pipe.scheduler.config.prediction_type, mode)
     job = _Job(
         prompt, negative_prompt, steps, guidance_scale, (width, height), mode, strength, guidance_rescale
     )
+    _check_job(job, num_images, seed_list, pipe.scheduler.config.prediction_type)
     if mode == "img2img" and int(steps * strength) < 1:
         # No denoising step is left (diffusers refuses to run zero steps): the result is the
         # VAE's reconstruction of the input, which is what strength -> 0 converges to.

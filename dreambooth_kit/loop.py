@@ -407,6 +407,7 @@ def _loss(
         num_instance=batch["num_instance"],
         prior_loss_weight=s.prior_loss_weight,
         weights=weights,
+        instance_weights=batch.get("instance_weights"),
     )
     if "teacher_prompts" in batch:
         prior = _teacher_prior(

@@ -53,15 +53,22 @@ def diffusion_loss(
     num_instance: int,
     prior_loss_weight: float = 1.0,
     weights: torch.Tensor | None = None,
+    instance_weights: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """MSE loss; with prior preservation the batch is [instance rows | class rows].
 
     loss = mean(instance MSE) + prior_loss_weight * mean(class MSE), as in the DreamBooth paper.
-    ``weights`` (per sample, e.g. min-SNR) scale each sample's MSE. Computed in fp32.
+    ``weights`` (per sample, e.g. min-SNR) scale each sample's MSE. ``instance_weights`` (data.masks:
+    num_instance x 1 x h x w) weight each latent pixel of the instance rows before the mean, not
+    renormalised (kohya's masked loss): a mask of zeros scales the instance loss by the unmasked
+    weight. Computed in fp32.
     """
-    per_sample = F.mse_loss(model_pred.float(), target.float(), reduction="none").mean(
-        dim=list(range(1, model_pred.ndim))
-    )
+    err = F.mse_loss(model_pred.float(), target.float(), reduction="none")
+    if instance_weights is not None:
+        w = torch.ones_like(err[:, :1])
+        w[:num_instance] = instance_weights.to(err.device, torch.float32)
+        err = err * w
+    per_sample = err.mean(dim=list(range(1, model_pred.ndim)))
     if weights is not None:
         per_sample = per_sample * weights.float()
     instance = per_sample[:num_instance].mean()

@@ -247,6 +247,12 @@ def preflight(
     ]
     folder = Path(concepts[0].instance_dir)
     issues = [i for r in reports for i in r.issues]
+    if spec.data.masks:
+        from .masks import mask_problems
+
+        for c, r in zip(concepts, reports, strict=True):
+            problems = mask_problems(r.images, spec.data.masks, c.instance_dir)
+            issues += [ImageIssue(path, "error", text) for path, text in problems]
     if check_folders:
         for key, out in _folders_to_write(spec):
             problem = _folder_problem(key, out)

@@ -723,6 +723,8 @@ def _data(cfg: DreamBoothConfig, report, class_sets, comps, accelerator):
         latents=use_cache,
         seed=cfg.train.seed,
         caption_dropout=cfg.data.caption_dropout,
+        masks=cfg.data.masks,
+        unmasked_weight=cfg.train.unmasked_weight,
     )
     # One process: the last batch of an epoch may be smaller. Several: epochs are filled to whole
     # batches of every process (see EpochSampler).

@@ -68,3 +68,25 @@ def test_written_photos_name_their_background_on_every_other_caption(tmp_path):
         paths[i].name: f"a photo of zwx ball on a {scenes[i].background} background" for i in (0, 2, 4)
     }
     assert not list(world.write_subject_photos(tmp_path / "bare", captions=False)[0].parent.glob("*.txt"))
+
+
+def test_cluttered_photos_show_the_box_beside_the_subject_and_their_masks_cover_the_subject_only(tmp_path):
+    """data.masks' test bed: the same five scenes with a black box in the far corner; each mask is
+    white on the subject and black on the box."""
+    from PIL import Image
+
+    from dreambooth_kit.toy.rules import has_clutter, is_subject
+
+    clean = world.subject_photos()
+    cluttered = world.subject_photos(clutter=True)
+    assert [s for _, s in clean] == [s for _, s in cluttered]  # the subject's scenes do not move
+    assert not any(has_clutter(img) for img, _ in clean)
+    assert all(has_clutter(img) and is_subject(img) for img, _ in cluttered)
+    paths = world.write_subject_photos(tmp_path / "photos", clutter=True, masks=tmp_path / "masks")
+    for path, (_, scene) in zip(paths, cluttered, strict=True):
+        mask = np.asarray(Image.open(tmp_path / "masks" / path.name))
+        photo = np.asarray(Image.open(path).convert("RGB"), dtype=np.float32)
+        dark = photo.max(axis=-1) < 80  # the box
+        assert dark.any() and mask[dark].max() == 0
+        cx, cy = int(scene.x * 32), int(scene.y * 32)
+        assert mask[cy, cx] == 255

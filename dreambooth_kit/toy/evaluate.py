@@ -39,6 +39,9 @@ class Scores:
     new_context_background: float  # "zwx ball on a gray background" (no photo shows gray) on gray
     new_context_subject_rate: float  # ...and the subject on it (judge's detector)
     new_context_subject_rate_strict: float  # ...every part of it (rules)
+    # "zwx ball" samples with the clutter (a black object) that cluttered photos show beside the
+    # subject (world.CLUTTER_COLOUR; toy/rules.py): what data.masks should keep out of the identifier.
+    subject_clutter: float = 0.0
 
 
 def score(
@@ -55,7 +58,7 @@ def score(
     from ..metrics import attribute_accuracy, diversity, pres, subject_fidelity, subject_rate
     from .judge import Judge
     from .pretrain import sample
-    from .rules import strict_subject_rate
+    from .rules import clutter_rate, strict_subject_rate
 
     judge = judge or Judge.load()
     refs = [img for img, _ in world.subject_photos()]
@@ -84,6 +87,7 @@ def score(
         )["background"],
         new_context_subject_rate=subject_rate(judge, new),
         new_context_subject_rate_strict=strict_subject_rate(new),
+        subject_clutter=clutter_rate(subject + context + new),
     )
 
 

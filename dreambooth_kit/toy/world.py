@@ -110,13 +110,20 @@ def random_scene(
     return Scene(c, k, b, size, rng.uniform(margin, 1 - margin), rng.uniform(margin, 1 - margin), subject)
 
 
-def render(scene: Scene, resolution: int = RESOLUTION, seed: int = 0) -> Image.Image:
-    """The scene as an RGB image; ``seed`` varies only the background's texture."""
+def render(
+    scene: Scene, resolution: int = RESOLUTION, seed: int = 0, *, clutter: bool = False
+) -> Image.Image:
+    """The scene as an RGB image; ``seed`` varies only the background's texture; ``clutter`` adds
+    the black box of :func:`clutter_corner`."""
     n = resolution * _SUPER
     noise = np.random.default_rng(seed).normal(0, 6, (resolution, resolution, 1))
     bg = np.clip(np.array(BACKGROUNDS[scene.background], np.float32) + noise, 0, 255).astype(np.uint8)
     img = Image.fromarray(bg).resize((n, n), Image.NEAREST)
     draw = ImageDraw.Draw(img)
+    if clutter:
+        bx, by = (v * n for v in clutter_corner(scene))
+        h = CLUTTER_HALF * n
+        draw.rectangle([bx - h, by - h, bx + h, by + h], fill=CLUTTER_COLOUR)
     cx, cy, r = scene.x * n, scene.y * n, scene.size * n
     box = [cx - r, cy - r, cx + r, cy + r]
     if scene.subject:
@@ -158,30 +165,66 @@ PHOTO_BACKGROUNDS = ("blue", "green", "sand")
 NEW_CONTEXT_BACKGROUND = "gray"
 
 
-def subject_photos(n: int = 5, seed: int = 1557) -> list[tuple[Image.Image, Scene]]:
+# Clutter (data.masks' test bed): a small black box in the corner farthest from the subject, in every
+# photo, never named by a caption: what a user's photos hold besides the subject (a lamp, a toy). The
+# corner is 0.52 or more from the subject's centre; the subject's radius (0.34 at most) plus the box's
+# half diagonal (0.13) stays below that, so the two never touch.
+CLUTTER_COLOUR = COLOURS["black"]
+CLUTTER_CORNERS = ((0.12, 0.12), (0.88, 0.12), (0.12, 0.88), (0.88, 0.88))
+CLUTTER_HALF = 0.09
+
+
+def subject_photos(n: int = 5, seed: int = 1557, *, clutter: bool = False) -> list[tuple[Image.Image, Scene]]:
     """The user's "photos" of the subject: varied size, position and background (never
-    :data:`NEW_CONTEXT_BACKGROUND`)."""
+    :data:`NEW_CONTEXT_BACKGROUND`); with ``clutter``, the same scenes with a black box beside the
+    subject."""
     rng = random.Random(seed)
     backgrounds = PHOTO_BACKGROUNDS
     scenes = [random_scene(rng, subject=True, background=backgrounds[i % len(backgrounds)]) for i in range(n)]
-    return [(render(s, seed=seed + i), s) for i, s in enumerate(scenes)]
+    return [(render(s, seed=seed + i, clutter=clutter), s) for i, s in enumerate(scenes)]
+
+
+def clutter_corner(scene: Scene) -> tuple[float, float]:
+    """The corner (centre of the box, as fractions) farthest from the subject."""
+    return max(CLUTTER_CORNERS, key=lambda c: (c[0] - scene.x) ** 2 + (c[1] - scene.y) ** 2)
+
+
+def subject_mask(scene: Scene, resolution: int = RESOLUTION) -> Image.Image:
+    """White where the subject is (its disc, drawn and downsampled as the photo is), black elsewhere."""
+    n = resolution * _SUPER
+    img = Image.new("L", (n, n), 0)
+    cx, cy, r = scene.x * n, scene.y * n, scene.size * n
+    ImageDraw.Draw(img).ellipse([cx - r, cy - r, cx + r, cy + r], fill=255)
+    return img.resize((resolution, resolution), Image.LANCZOS)
 
 
 def write_subject_photos(
-    folder: str | Path, n: int = 5, seed: int = 1557, *, captions: bool = True
+    folder: str | Path,
+    n: int = 5,
+    seed: int = 1557,
+    *,
+    captions: bool = True,
+    clutter: bool = False,
+    masks: str | Path | None = None,
 ) -> list[Path]:
     """Write the photos as ``01.png``..; with ``captions``, every other photo gets a kohya-style
     ``01.txt`` naming its background (``a photo of zwx ball on a sand background``), the others
     train with the bare instance prompt. Naming what is not the subject keeps the identifier off the
     five photos' backgrounds: with the bare prompt on all five, a LoRA with prior preservation drew
     the subject on a prompted new background in 0 of 8 samples; captioned, in 8 of 8, while the
-    bare ``a photo of zwx ball`` still draws it (README, "Does it learn?")."""
+    bare ``a photo of zwx ball`` still draws it (README, "Does it learn?"). ``clutter``: photos with
+    the black box (:func:`render`); ``masks``: a folder to write each photo's subject mask into
+    (``<stem>.png``, for ``data.masks``)."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
+    if masks is not None:
+        Path(masks).mkdir(parents=True, exist_ok=True)
     paths = []
-    for i, (img, scene) in enumerate(subject_photos(n, seed)):
+    for i, (img, scene) in enumerate(subject_photos(n, seed, clutter=clutter)):
         path = folder / f"{i + 1:02d}.png"
         img.save(path)
+        if masks is not None:
+            subject_mask(scene).save(Path(masks) / path.name)
         if captions and i % 2 == 0:
             path.with_suffix(".txt").write_text(caption(scene) + "\n")
         paths.append(path)

@@ -1,0 +1,140 @@
+"""data.masks: the per-photo masks that weight the instance loss; checked before any model loads."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+from conftest import tiny_cfg
+from PIL import Image
+
+from dreambooth_kit.dataset import preprocess
+from dreambooth_kit.losses import diffusion_loss
+from dreambooth_kit.masks import loss_weights, mask_problems
+
+
+def test_a_mask_of_zeros_leaves_the_instance_loss_at_the_unmasked_weight_times_the_plain_loss():
+    torch.manual_seed(0)
+    pred, target = torch.randn(4, 4, 8, 8), torch.randn(4, 4, 8, 8)  # 2 instance + 2 class rows
+    plain, plain_parts = diffusion_loss(pred, target, num_instance=2)
+    zeros = torch.full((2, 1, 8, 8), 0.1)  # loss_weights of an all-black mask at unmasked_weight 0.1
+    masked, parts = diffusion_loss(pred, target, num_instance=2, instance_weights=zeros)
+    assert parts["loss_instance"] == pytest.approx(0.1 * plain_parts["loss_instance"], rel=1e-6)
+    assert parts["loss_prior"] == pytest.approx(plain_parts["loss_prior"], rel=1e-6)  # class rows untouched
+    ones = torch.ones(2, 1, 8, 8)
+    assert diffusion_loss(pred, target, num_instance=2, instance_weights=ones)[0].item() == pytest.approx(
+        plain.item()
+    )
+    half = torch.ones(2, 1, 8, 8)
+    half[..., 4:] = 0.0  # only the left half of each instance row counts
+    err = (pred[:2] - target[:2]) ** 2
+    want = (err[..., :4].sum() / err.numel()).item()
+    assert diffusion_loss(pred, target, num_instance=2, instance_weights=half)[1][
+        "loss_instance"
+    ] == pytest.approx(want, rel=1e-5)
+
+
+def test_the_weights_follow_the_photos_crop_and_flip_down_to_the_latent_grid():
+    mask = Image.new("L", (64, 32), 0)
+    mask.paste(255, (0, 0, 16, 32))  # the left quarter of a wide photo is the subject
+    left = loss_weights(mask, 32, preprocess, unmasked_weight=0.1, crop_offset=(0.0, 0.5))
+    assert left.shape == (1, 4, 4)  # 32 px -> 4 latent pixels
+    assert torch.allclose(left[0, :, :2], torch.ones(4, 2)) and torch.allclose(
+        left[0, :, 2:], torch.full((4, 2), 0.1)
+    )
+    flipped = loss_weights(mask, 32, preprocess, unmasked_weight=0.1, crop_offset=(0.0, 0.5), flip=True)
+    assert torch.allclose(flipped, left.flip(-1))
+    right = loss_weights(mask, 32, preprocess, unmasked_weight=0.1, crop_offset=(1.0, 0.5))
+    assert torch.allclose(right, torch.full((1, 4, 4), 0.1))  # the crop holds none of the subject
+
+
+def _photo(folder, name, size=(40, 40), alpha=False):
+    img = Image.new("RGBA" if alpha else "RGB", size, (200, 100, 50, 255) if alpha else (200, 100, 50))
+    if alpha:
+        img.putpixel((5, 5), (0, 0, 0, 0))
+    img.save(folder / name)
+    return folder / name
+
+
+def test_every_bad_mask_is_named_with_its_fix(tmp_path):
+    photos, masks = tmp_path / "photos", tmp_path / "masks"
+    photos.mkdir()
+    masks.mkdir()
+    a, b, c, d = (_photo(photos, f"{n}.png") for n in "abcd")
+    Image.new("L", (40, 40), 255).save(masks / "a.png")  # fine
+    Image.new("L", (20, 20), 255).save(masks / "b.png")  # another size
+    Image.new("L", (40, 40), 0).save(masks / "c.png")  # all black
+    problems = dict(mask_problems([a, b, c, d], str(masks), photos))
+    assert set(problems) == {masks / "b.png", masks / "c.png", masks / "d.png"}
+    assert "is 20x20, the photo 40x40; a mask must have its photo's size" in problems[masks / "b.png"]
+    assert "is all black: nothing of it would train at full weight" in problems[masks / "c.png"]
+    assert f"no mask for d.png: expected {masks / 'd.png'}" in problems[masks / "d.png"]
+    assert "has no alpha channel" in dict(mask_problems([a], "alpha", photos))[a]
+    cut = _photo(photos, "cut.png", alpha=True)
+    assert mask_problems([cut], "alpha", photos) == []
+    assert "is the photo folder" in mask_problems([a], str(photos), photos)[0][1]
+
+
+def test_training_refuses_a_missing_mask_before_any_model_loads(tmp_path, tiny_model, photos, monkeypatch):
+    from dreambooth_kit import models
+    from dreambooth_kit.preflight import PreflightError
+
+    monkeypatch.setattr(models, "load_components", lambda *a, **k: pytest.fail("a model was loaded"))
+    (tmp_path / "masks").mkdir()
+    with pytest.raises(PreflightError) as e:
+        from dreambooth_kit.train import train
+
+        train(tiny_cfg(tmp_path, tiny_model, photos, **{"data.masks": str(tmp_path / "masks")}))
+    assert re.search(
+        r"data.masks: no mask for 01\.jpg: expected .*masks/01\.png",
+        "\n".join(i.text for i in e.value.issues),
+    )
+
+
+@pytest.mark.parametrize("kind", ["folder", "alpha"])
+def test_a_run_with_masks_weights_each_photo_by_its_own_mask(tmp_path, tiny_model, photos, monkeypatch, kind):
+    """A 2-step run: every batch carries the instance rows' weights, 1 on the mask's white half and
+    unmasked_weight on the rest, for the photos that were in it."""
+    from dreambooth_kit import loop
+    from dreambooth_kit.train import train
+
+    masks = tmp_path / "masks"
+    masks.mkdir()
+    for p in sorted(photos.glob("*.jpg")):
+        with Image.open(p) as img:
+            w, h = img.size
+            if kind == "alpha":
+                rgba = img.convert("RGBA")
+                rgba.putalpha(Image.new("L", (w, h), 0))
+                rgba.paste(img.crop((0, 0, w // 2, h)), (0, 0))  # opaque left half
+                rgba.save(p.with_suffix(".png"))
+                p.unlink()
+            else:
+                m = Image.new("L", (w, h), 0)
+                m.paste(255, (0, 0, w // 2, h))
+                m.save(masks / (p.stem + ".png"))
+    seen = []
+    real = loop._loss
+    monkeypatch.setattr(
+        loop,
+        "_loss",
+        lambda ctx, batch, *a: (seen.append(batch["instance_weights"]), real(ctx, batch, *a))[1],
+    )
+    cfg = tiny_cfg(
+        tmp_path, tiny_model, photos,
+        **{"data.masks": "alpha" if kind == "alpha" else str(masks), "train.unmasked_weight": 0.25, "train.max_steps": 2},
+    )  # fmt: skip
+    result = train(cfg)
+    assert result.steps == 2 and len(seen) == 2
+    for weights in seen:
+        assert weights.shape[1:] == (1, 8, 8)  # 64 px -> 8 latent pixels
+        assert torch.allclose(weights[..., :4], torch.ones_like(weights[..., :4]), atol=0.02)
+        assert torch.allclose(weights[..., 4:], torch.full_like(weights[..., 4:], 0.25), atol=0.02)
+
+
+def test_an_unmasked_weight_out_of_range_is_refused_naming_the_field():
+    from dreambooth_kit.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match=re.escape("train.unmasked_weight: 1.5 must be in [0, 1]")):
+        load_config("tiny.yaml", {"train.unmasked_weight": 1.5})
