@@ -49,6 +49,10 @@ CONDITIONS = {
         "world.clutter": True,
         "data.masks": "MASKS",
     },
+    # The adapter types at the LoRA recipe's rank (8), alpha (8) and learning rate (1e-3).
+    "DoRA + prior": {"adapter.type": "dora", "prior.with_prior_preservation": True},
+    "LoHa + prior": {"adapter.type": "loha", "prior.with_prior_preservation": True},
+    "LoKr + prior": {"adapter.type": "lokr", "prior.with_prior_preservation": True},
     "LoRA + prior + EMA": {
         "adapter.type": "lora",
         "prior.with_prior_preservation": True,

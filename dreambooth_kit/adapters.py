@@ -15,6 +15,7 @@ from .errors import InvalidInput, UserError
 
 
 def lora_config(cfg: AdapterConfig, *, text_encoder: bool = False):
+    """peft's LoraConfig (adapter.type lora, or dora: the same with use_dora)."""
     from peft import LoraConfig
 
     return LoraConfig(
@@ -23,7 +24,17 @@ def lora_config(cfg: AdapterConfig, *, text_encoder: bool = False):
         lora_dropout=cfg.dropout,
         init_lora_weights=cfg.init_lora_weights,
         target_modules=list(cfg.text_encoder_target_modules if text_encoder else cfg.target_modules),
+        use_dora=cfg.type == "dora",
     )
+
+
+def adapter_config(cfg: AdapterConfig, *, text_encoder: bool = False):
+    """The peft config of ``cfg.type``: LoRA/DoRA here, LoHa/LoKr in lycoris.py."""
+    from .lycoris import LYCORIS_TYPES, peft_config
+
+    if cfg.type in LYCORIS_TYPES:
+        return peft_config(cfg, text_encoder=text_encoder)
+    return lora_config(cfg, text_encoder=text_encoder)
 
 
 def add_lora(unet: torch.nn.Module, text_encoder: torch.nn.Module | None, cfg: AdapterConfig) -> list:
@@ -32,11 +43,11 @@ def add_lora(unet: torch.nn.Module, text_encoder: torch.nn.Module | None, cfg: A
     Returns the trainable parameters. Base weights stay frozen and untouched: peft wraps the
     ``to_q/to_k/to_v/to_out.0`` Linear layers and trains only ``lora_A``/``lora_B``.
     """
-    unet.add_adapter(lora_config(cfg))
+    unet.add_adapter(adapter_config(cfg))
     if cfg.train_text_encoder:
         if text_encoder is None:
             raise ValueError("adapter.train_text_encoder needs the text encoder")
-        text_encoder.add_adapter(lora_config(cfg, text_encoder=True))
+        text_encoder.add_adapter(adapter_config(cfg, text_encoder=True))
     models = [unet] + ([text_encoder] if cfg.train_text_encoder else [])
     params = [p for m in models for p in m.parameters() if p.requires_grad]
     if not params:
@@ -411,6 +422,13 @@ def load_lora(pipe, path: str | Path, name: str) -> str:
         raise InvalidInput(
             f"adapter name {name!r} is already loaded; pick another or pipe.delete_adapters({name!r})"
         )
+    from .lycoris import load_into, read_shape
+
+    shape = read_shape(file)
+    if shape is not None:  # our LoHa/LoKr file: diffusers' loader reads LoRA and DoRA only
+        with _quiet_loaders():
+            load_into(pipe, file, name, shape)
+        return name
     with _quiet_loaders():
         check_lora(pipe, state_dict, file)
         try:

@@ -209,7 +209,7 @@ def load_lora_file(model: torch.nn.Module, path: Path) -> None:
             f"{path} does not fit the model's LoRA ({detail}); it was saved with another "
             "adapter.rank or adapter.target_modules"
         ) from e
-    missing = [k for k in result.missing_keys if "lora_" in k]
+    missing = [k for k in result.missing_keys if any(p in k for p in ADAPTER_KEY_PARTS)]
     if result.unexpected_keys or missing:
         raise CheckpointError(
             f"{path} does not fit the model's LoRA: {len(result.unexpected_keys)} unknown "
@@ -271,7 +271,7 @@ def save_step_checkpoint(run: LoopState) -> Path:
 
 def _write_ema(run: LoopState, folder: Path) -> None:
     with run.ema.swapped_in():
-        write_checkpoint_ema(folder, trained_models(run), lora=run.settings.adapter.type == "lora")
+        write_checkpoint_ema(folder, trained_models(run), lora=run.settings.adapter.is_adapter)
 
 
 def trained_models(run: LoopState) -> dict[str, torch.nn.Module]:
@@ -790,6 +790,9 @@ def _get(tree: dict, dotted: str) -> Any:
         node = node[part]
     return node
 
+
+# What names an adapter's own tensor (LoRA/DoRA, LoHa, LoKr) among a model's keys.
+ADAPTER_KEY_PARTS = ("lora_", "hada_", "lokr_")
 
 # Fields added after checkpoints were first written: a checkpoint without one ran with its default.
 ADDED_FIELD_DEFAULTS: dict[str, Any] = {

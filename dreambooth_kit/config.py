@@ -147,7 +147,9 @@ class ConceptConfig:
 class AdapterConfig:
     # lora: a small adapter file; full: the seed-000 workflow, fine-tunes the UNet (and optionally
     # the text encoder) and saves a complete pipeline.
-    type: Literal["lora", "full"] = "lora"
+    # lora; dora (peft's use_dora: a magnitude per output row besides the LoRA); loha, lokr (LyCORIS,
+    # lycoris.py); full (the whole UNet, and the text encoder if trained, no adapter).
+    type: Literal["lora", "dora", "loha", "lokr", "full"] = "lora"
     rank: int = 4
     alpha: float | None = None  # None = rank (scale 1.0)
     dropout: float = 0.0
@@ -159,6 +161,11 @@ class AdapterConfig:
     # true = peft's default (B = 0: the LoRA starts as a no-op); false = random B (tests that need
     # an untrained LoRA to change outputs); "gaussian" = peft's gaussian init.
     init_lora_weights: bool | Literal["gaussian"] = True
+
+    @property
+    def is_adapter(self) -> bool:
+        """Any adapter type (LoRA, DoRA, LoHa, LoKr): the base stays frozen and the result is small."""
+        return self.type != "full"
 
 
 @dataclass
@@ -754,8 +761,9 @@ def validate(cfg: DreamBoothConfig, *, check_paths: bool = False) -> list[str]:
         p.append("train.output_dir: required")
     if pr.with_prior_preservation and pr.mode == "teacher" and a.type == "full":
         p.append(
-            "prior.mode: teacher needs adapter.type=lora (its target is the LoRA model with the LoRA "
-            "switched off; a full fine-tune keeps no frozen copy); use prior.mode=class_images"
+            "prior.mode: teacher needs an adapter (adapter.type lora, dora, loha or lokr: its target is the "
+            "model with the adapter switched off; a full fine-tune keeps no frozen copy); use "
+            "prior.mode=class_images"
         )
     if cfg.export.formats and a.type == "full":
         p.append("export.formats: exports are for LoRA runs; a full fine-tune already writes run/pipeline")

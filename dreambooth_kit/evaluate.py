@@ -594,7 +594,7 @@ def _evaluate_targets(
     result.rows.sort(key=lambda r: r["step"])
     result.best, result.reason = best_checkpoint(result.rows, tolerance)
     best = next((t for t in targets if result.best and t.name == result.best["checkpoint"]), None)
-    if best is not None and best.kind == "checkpoint" and run.adapter.type == "lora":
+    if best is not None and best.kind == "checkpoint" and run.adapter.is_adapter:
         result.files["best_lora"] = export_best_lora(best, run, folder / BEST_LORA)
     result.files |= {
         "csv": write_rows(csv_path, old),

@@ -276,6 +276,26 @@ def run_prediction_type(model: ModelConfig) -> str:
     return guess
 
 
+def _kohya_tensors(src: Path, sd: dict[str, Tensor], meta: dict[str, Any], labels: ExportLabels):
+    """The kohya/LyCORIS tensors of our file and each part's (rank, alpha)."""
+    from .lycoris import read_shape, to_lycoris
+
+    shape = read_shape(src)
+    if shape is not None:  # LoHa / LoKr: LyCORIS keys (lycoris.py)
+        ra = (int(shape["rank"]), float(shape["alpha"]))
+        return to_lycoris(sd, shape), {"unet": ra}
+    if any("lora_magnitude_vector" in k for k in sd):
+        # A1111's Lora extension normalises a DoRA weight per input column (kohya's convention); peft,
+        # which trained it, per output row. No kohya file is read right by both, and A1111 would apply
+        # it wrongly without a word.
+        raise ExportError(
+            f"{src}: a DoRA (adapter.type dora) has no kohya export that A1111 applies as trained (A1111 "
+            "normalises DoRA per input column, peft trains it per output row). For A1111 and ComfyUI "
+            "export the merged model (--format single-file or merged-diffusers); diffusers loads lora/ as it is"
+        )
+    return _map_components(sd, meta, labels)
+
+
 def _map_components(
     sd: dict[str, Tensor], meta: dict[str, Any], labels: ExportLabels
 ) -> tuple[dict[str, Tensor], dict[str, tuple[int, float]]]:
@@ -328,7 +348,7 @@ def export_kohya(
         raise ExportError(
             f"{src}: not a readable .safetensors LoRA ({e}); train again or copy it again"
         ) from e
-    out, ranks = _map_components(sd, meta, labels)
+    out, ranks = _kohya_tensors(src, sd, meta, labels)
     if not out:
         raise ExportError(f"{src}: contains no LoRA weights")
     if fp16:

@@ -140,6 +140,7 @@ def load_pipeline(
     _schedule_of_loras(pipe, loras)
     if names:
         pipe.set_adapters(names, adapter_weights=scales)
+        _scale_lycoris(pipe, loras, names, scales)
         if fuse:
             pipe.fuse_lora(adapter_names=names)
     pipe._dbk = {  # what every PNG records (pngmeta.GenerationParams)
@@ -149,6 +150,14 @@ def load_pipeline(
         "scheduler": scheduler,
     }
     return _place(pipe, device, offload, compile)
+
+
+def _scale_lycoris(pipe, loras: list, names: list[str], scales: list[float]) -> None:
+    from .lycoris import read_shape, set_scale
+
+    for path, name, scale in zip(loras, names, scales, strict=True):
+        if read_shape(lora_file(path)) is not None:
+            set_scale(pipe, name, scale)
 
 
 def _schedule_of_loras(pipe, loras: list) -> None:

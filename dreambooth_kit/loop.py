@@ -394,7 +394,7 @@ def _loss(
     cond = encode(batch["prompts"])
     unet_dtype = (
         next(p.dtype for p in ctx.unet.parameters() if not p.requires_grad)
-        if (s.adapter.type == "lora")
+        if s.adapter.is_adapter
         else torch.float32
     )
     pred = ctx.unet(noisy.to(unet_dtype), timesteps, cond.to(unet_dtype), return_dict=False)[0]

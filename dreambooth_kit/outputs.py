@@ -23,6 +23,7 @@ import torch
 from .config import AdapterConfig, save_config_dict
 from .errors import NonFiniteError, UserError
 from .layout import RunLayout
+from .lycoris import LYCORIS_TYPES
 
 if TYPE_CHECKING:
     from .loop import LoopState
@@ -259,6 +260,8 @@ def write_lora(adapter: AdapterConfig, config: dict, unet, text_encoder, lora_di
 
     from .adapters import lora_metadata, lora_state_dicts
 
+    if adapter.type in LYCORIS_TYPES:
+        return _write_lycoris(adapter, config, unet, text_encoder, lora_dir)
     unet_sd, te_sd = lora_state_dicts(unet, text_encoder)
     refuse_non_finite({**unet_sd, **(te_sd or {})}, "LoRA")
     tmp = _tmp_folder(lora_dir.parent, lora_dir.name)
@@ -271,6 +274,25 @@ def write_lora(adapter: AdapterConfig, config: dict, unet, text_encoder, lora_di
             text_encoder_lora_adapter_metadata=lora_metadata(adapter, text_encoder=True) if te_sd else None,
             safe_serialization=True,
         )
+        save_config_dict(config, tmp / "config.yaml")
+        _swap_in(tmp, lora_dir)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return lora_dir
+
+
+def _write_lycoris(adapter: AdapterConfig, config: dict, unet, text_encoder, lora_dir: Path) -> Path:
+    """A LoHa/LoKr run's result (lycoris.py says why not diffusers' format), written and swapped in
+    like a LoRA."""
+    from safetensors.torch import save_file
+
+    from .lycoris import file_metadata, state_dict
+
+    sd = state_dict(unet, text_encoder)
+    refuse_non_finite(sd, "LoRA")
+    tmp = _tmp_folder(lora_dir.parent, lora_dir.name)
+    try:
+        save_file(sd, str(tmp / LORA_WEIGHTS), metadata=file_metadata(adapter, text_encoder is not None))
         save_config_dict(config, tmp / "config.yaml")
         _swap_in(tmp, lora_dir)
     finally:

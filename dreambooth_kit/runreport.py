@@ -115,7 +115,7 @@ def summary_text(o: Outcome) -> str:
     out = o.output_dir
     loss = f", loss {o.losses[0]:.4f} -> {o.losses[-1]:.4f}" if o.losses else ""
     rows = [("steps", f"{o.steps} in {duration(o.seconds)}{loss}")]
-    if o.kind == "lora":
+    if o.kind != "full":
         rows.append(("LoRA", str(o.final_dir / "pytorch_lora_weights.safetensors")))
     else:
         rows.append(("pipeline", str(o.final_dir)))
@@ -123,10 +123,10 @@ def summary_text(o: Outcome) -> str:
     rows += [("export", str(path)) for path in o.exports]
     base = str(o.final_dir) if o.kind == "full" else o.model
     generate = ["dreambooth-kit", "generate", "--base", base]
-    generate += ["--lora", str(o.final_dir)] if o.kind == "lora" else []
+    generate += ["--lora", str(o.final_dir)] if o.kind != "full" else []
     generate += ["--prompt", o.prompt, "--seed", str(o.seed), "--out", str(out / "outputs")]
     rows.append(("next", shlex.join(generate)))
-    if o.kind == "lora":
+    if o.kind != "full":
         rows.append(("", shlex.join(["dreambooth-kit", "export", "--run", str(out), "--format", "kohya"])))
         rows.append(("", shlex.join(["dreambooth-kit", "evaluate", "--run", str(out)])))
     return _table("training done", rows)

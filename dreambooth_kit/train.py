@@ -29,6 +29,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("dreambooth_kit")
 
+_ADAPTER_NAMES = {"lora": "LoRA", "dora": "DoRA", "loha": "LoHa", "lokr": "LoKr"}
+
 
 class LaunchError(UserError, RuntimeError):
     """The processes launched are not the processes accelerate runs; the message has the command."""
@@ -50,7 +52,7 @@ class TrainResult:
     @property
     def lora_dir(self) -> Path:
         """The LoRA folder; a full fine-tune has none (its model is :attr:`pipeline_dir`)."""
-        if self.kind != "lora":
+        if self.kind == "full":
             raise AttributeError("a full fine-tune writes a pipeline, not a LoRA: use result.pipeline_dir")
         return self.final_dir
 
@@ -246,7 +248,7 @@ def _restore(
         register_lora_hooks,
     )
 
-    if cfg.adapter.type == "lora":  # checkpoints hold the LoRA only, never the frozen base
+    if cfg.adapter.is_adapter:  # checkpoints hold the LoRA only, never the frozen base
         models = {"unet": unet} | ({"text_encoder": text_encoder} if text_encoder is not None else {})
         register_lora_hooks(accelerator, models)
     elif accelerator.state.deepspeed_plugin is not None:
@@ -261,7 +263,7 @@ def _restore(
 
         models = {"unet": accelerator.unwrap_model(unet)}
         models |= {"text_encoder": accelerator.unwrap_model(text_encoder)} if text_encoder is not None else {}
-        lora = cfg.adapter.type == "lora"
+        lora = cfg.adapter.is_adapter
         read_checkpoint_ema(ema, path, models, lora=lora, steps=state.get("ema_steps", state["step"]))
     if optimizer is not None and set(changed) & set(LEARNING_RATE_FIELDS):
         _apply_learning_rates(optimizer, lr_scheduler, wanted)
@@ -538,7 +540,9 @@ def _announce_plan(
         class_prompt=concepts[0][0].class_prompt,
         class_dir=", ".join(sorted({str(Path(c.class_dir).resolve()) for c, _ in concepts})),
         prior=prior,
-        adapter=f"LoRA rank {a.rank} ({parts})" if a.type == "lora" else f"full fine-tune ({parts})",
+        adapter=f"{_ADAPTER_NAMES[a.type]} rank {a.rank} ({parts})"
+        if a.is_adapter
+        else f"full fine-tune ({parts})",
         steps=t.max_steps,
         resume_from=resume_from.name if resume_from else None,
         batch_size=t.batch_size,
