@@ -59,14 +59,16 @@ def diffusion_loss(
 
     loss = mean(instance MSE) + prior_loss_weight * mean(class MSE), as in the DreamBooth paper.
     ``weights`` (per sample, e.g. min-SNR) scale each sample's MSE. ``instance_weights`` (data.masks:
-    num_instance x 1 x h x w) weight each latent pixel of the instance rows before the mean, not
-    renormalised (kohya's masked loss): a mask of zeros scales the instance loss by the unmasked
-    weight. Computed in fp32.
+    num_instance x 1 x H x W, at the image's size) are averaged down to the latent grid and weight
+    each latent pixel of the instance rows before the mean, not renormalised (kohya's masked loss): a
+    mask of zeros scales the instance loss by the unmasked weight. Computed in fp32.
     """
     err = F.mse_loss(model_pred.float(), target.float(), reduction="none")
     if instance_weights is not None:
         w = torch.ones_like(err[:, :1])
-        w[:num_instance] = instance_weights.to(err.device, torch.float32)
+        w[:num_instance] = F.adaptive_avg_pool2d(
+            instance_weights.to(err.device, torch.float32), err.shape[-2:]
+        )
         err = err * w
     per_sample = err.mean(dim=list(range(1, model_pred.ndim)))
     if weights is not None:

@@ -3,8 +3,8 @@
 White (255) is the subject and trains at full weight; black trains at ``train.unmasked_weight``
 (default 0.1), grays in between. The mask is the photo's own alpha channel (``data.masks: alpha``:
 a PNG cut out in any editor, transparent = not the subject) or ``DIR/<photo stem>.png``. It follows
-the photo's crop and flip and is averaged down to the latent grid (8x smaller: one weight per latent
-pixel), so the loss of a latent pixel half on the subject counts half.
+the photo's crop and flip; the loss averages it down to the latent grid (losses.diffusion_loss: 8x
+smaller for SD's VAE, 4x for the toy model's), so a latent pixel half on the subject counts half.
 
 Not 0 outside the mask by default: the model must still learn that the subject stands on something,
 or its samples lose their backgrounds; 0.1 is kohya's and OneTrainer's usual setting.
@@ -15,11 +15,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from PIL import Image, ImageOps
 
 ALPHA = "alpha"
-VAE_FACTOR = 8  # SD's VAE: one latent pixel per 8x8 image pixels
 MASK_SUFFIX = ".png"
 
 
@@ -87,10 +85,8 @@ def _problem(photo: Path, masks: str) -> tuple[Path, str] | None:
 
 
 def loss_weights(mask: Image.Image, size: int, preprocess, *, unmasked_weight: float, **crop) -> torch.Tensor:
-    """The per-latent-pixel weights (1 x size/8 x size/8) of one photo: ``preprocess`` is the photo's
-    own (dataset.preprocess, with the same ``crop`` arguments), so the mask is cropped and flipped
-    exactly as the photo."""
-    pixels = preprocess(mask.convert("RGB"), size, **crop)[:1]  # [-1, 1], one channel
-    inside = (pixels + 1) / 2
-    inside = F.avg_pool2d(inside[None], VAE_FACTOR)[0]
+    """The per-pixel loss weights (1 x size x size) of one photo: ``preprocess`` is the photo's own
+    (dataset.preprocess, with the same ``crop`` arguments), so the mask is cropped and flipped exactly
+    as the photo."""
+    inside = (preprocess(mask.convert("RGB"), size, **crop)[:1] + 1) / 2  # [-1, 1] -> [0, 1], one channel
     return unmasked_weight + (1 - unmasked_weight) * inside

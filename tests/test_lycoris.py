@@ -147,3 +147,15 @@ def test_a_lokr_factor_stored_in_two_parts_is_exported_whole_with_its_scale():
     out = to_lycoris(sd, {"type": "lokr", "rank": 4, "alpha": 8})
     got = torch.kron(out["lora_unet_0.lokr_w1"], out["lora_unet_0.lokr_w2"])
     torch.testing.assert_close(got, layer.get_delta_weight("default"), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["dora", "loha", "lokr"])
+def test_the_merged_export_draws_what_the_adapter_draws(runs, tiny_model, tmp_path, kind):
+    """The way out for A1111 and ComfyUI users of any type: the base with the adapter fused in."""
+    from dreambooth_kit.export import export_merged_diffusers
+
+    merged = export_merged_diffusers(runs[kind].output_dir, tmp_path / "merged")
+    with_adapter = _image(load_pipeline(str(tiny_model), lora=runs[kind].lora_dir, dtype="float32"))
+    fused = _image(load_pipeline(str(merged), dtype="float32"))
+    base = _image(load_pipeline(str(tiny_model), dtype="float32"))
+    assert np.abs(fused - with_adapter).max() <= 2 and np.abs(fused - base).max() > 2

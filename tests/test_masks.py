@@ -26,8 +26,8 @@ def test_a_mask_of_zeros_leaves_the_instance_loss_at_the_unmasked_weight_times_t
     assert diffusion_loss(pred, target, num_instance=2, instance_weights=ones)[0].item() == pytest.approx(
         plain.item()
     )
-    half = torch.ones(2, 1, 8, 8)
-    half[..., 4:] = 0.0  # only the left half of each instance row counts
+    half = torch.ones(2, 1, 64, 64)  # at the image's size (8x the latents'): pooled down by the loss
+    half[..., 32:] = 0.0  # only the left half of each instance row counts
     err = (pred[:2] - target[:2]) ** 2
     want = (err[..., :4].sum() / err.numel()).item()
     assert diffusion_loss(pred, target, num_instance=2, instance_weights=half)[1][
@@ -39,14 +39,14 @@ def test_the_weights_follow_the_photos_crop_and_flip_down_to_the_latent_grid():
     mask = Image.new("L", (64, 32), 0)
     mask.paste(255, (0, 0, 16, 32))  # the left quarter of a wide photo is the subject
     left = loss_weights(mask, 32, preprocess, unmasked_weight=0.1, crop_offset=(0.0, 0.5))
-    assert left.shape == (1, 4, 4)  # 32 px -> 4 latent pixels
-    assert torch.allclose(left[0, :, :2], torch.ones(4, 2)) and torch.allclose(
-        left[0, :, 2:], torch.full((4, 2), 0.1)
+    assert left.shape == (1, 32, 32)
+    assert torch.allclose(left[0, :, :16], torch.ones(32, 16)) and torch.allclose(
+        left[0, :, 16:], torch.full((32, 16), 0.1)
     )
     flipped = loss_weights(mask, 32, preprocess, unmasked_weight=0.1, crop_offset=(0.0, 0.5), flip=True)
     assert torch.allclose(flipped, left.flip(-1))
     right = loss_weights(mask, 32, preprocess, unmasked_weight=0.1, crop_offset=(1.0, 0.5))
-    assert torch.allclose(right, torch.full((1, 4, 4), 0.1))  # the crop holds none of the subject
+    assert torch.allclose(right, torch.full((1, 32, 32), 0.1))  # the crop holds none of the subject
 
 
 def _photo(folder, name, size=(40, 40), alpha=False):
@@ -128,9 +128,9 @@ def test_a_run_with_masks_weights_each_photo_by_its_own_mask(tmp_path, tiny_mode
     result = train(cfg)
     assert result.steps == 2 and len(seen) == 2
     for weights in seen:
-        assert weights.shape[1:] == (1, 8, 8)  # 64 px -> 8 latent pixels
-        assert torch.allclose(weights[..., :4], torch.ones_like(weights[..., :4]), atol=0.02)
-        assert torch.allclose(weights[..., 4:], torch.full_like(weights[..., 4:], 0.25), atol=0.02)
+        assert weights.shape[1:] == (1, 64, 64)  # the image's size: the loss pools it to the latents'
+        assert torch.allclose(weights[..., :31], torch.ones_like(weights[..., :31]), atol=0.02)
+        assert torch.allclose(weights[..., 33:], torch.full_like(weights[..., 33:], 0.25), atol=0.02)
 
 
 def test_an_unmasked_weight_out_of_range_is_refused_naming_the_field():
@@ -138,3 +138,20 @@ def test_an_unmasked_weight_out_of_range_is_refused_naming_the_field():
 
     with pytest.raises(ConfigError, match=re.escape("train.unmasked_weight: 1.5 must be in [0, 1]")):
         load_config("tiny.yaml", {"train.unmasked_weight": 1.5})
+
+
+def test_the_toy_models_4x_vae_takes_masks_too(tmp_path):
+    """Seen failing: the weights were pooled 8x (SD's VAE) before the loss, and the toy model's VAE
+    downsamples 4x (a size error at the first step). Now the loss pools them to whatever grid the
+    latents have: 2 steps of configs/toy.yaml on the cluttered photos with their masks."""
+    from dreambooth_kit.config import load_config
+    from dreambooth_kit.toy import world
+    from dreambooth_kit.train import train
+
+    world.write_subject_photos(tmp_path / "photos", clutter=True, masks=tmp_path / "masks")
+    cfg = load_config(
+        "toy.yaml",
+        {"data.instance_dir": str(tmp_path / "photos"), "data.masks": str(tmp_path / "masks"),
+         "prior.with_prior_preservation": False, "train.output_dir": str(tmp_path / "run"), "train.max_steps": 2},
+    )  # fmt: skip
+    assert train(cfg).steps == 2
