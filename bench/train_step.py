@@ -14,6 +14,8 @@ Cases:
   tiny-fp16, tiny-bf16
             the tiny case with train.mixed_precision fp16 / bf16: on CPU fp16 is true fp16 (autocast
             + GradScaler, the code path a T4 runs), to show what that precision costs here
+  sd21-512-dora, -loha, -lokr, -ema
+            the sd21-512 case with adapter.type dora / loha / lokr, or train.ema: each option's cost
 
 Usage: python bench/train_step.py [--cases tiny,sd21-512-nocache,...] [--steps N]
 Reference (diffusers' train_dreambooth_lora.py on this machine kind, same recipe): tiny 0.10 s/step,
@@ -43,6 +45,15 @@ CASES = {
     "tiny-bf16": ("tiny", 64, 2, 10, True),
 }
 PRECISION = {"tiny-fp16": "fp16", "tiny-bf16": "bf16"}  # every other case: fp32 ("no")
+# The training options at SD 2.1-base size: what each costs per step against sd21-512 (LoRA).
+OPTIONS = {
+    "dora": {"adapter.type": "dora"},
+    "loha": {"adapter.type": "loha"},
+    "lokr": {"adapter.type": "lokr"},
+    "ema": {"train.ema": True},
+}
+for _opt in OPTIONS:
+    CASES[f"sd21-512-{_opt}"] = CASES["sd21-512"]
 
 
 def _baseline_steps(model: Path, res: int, steps: int) -> list[float]:
@@ -134,6 +145,7 @@ def run_case(name: str, timed: int | None, workdir: Path) -> dict:
             "train.max_steps": warmup + n,
             "train.log_every": 1000,
             "train.mixed_precision": PRECISION.get(name, "no"),
+            **OPTIONS.get(name.rsplit("-", 1)[-1], {}),
         },
     )
     result = train(cfg)
