@@ -93,6 +93,16 @@ def tiny_cfg(tmp_path: Path, model: Path, photos: Path, **overrides):
     return load_config("tiny.yaml", base)
 
 
+def train_tiny(tmp: Path, model: Path, **overrides):
+    """A tiny run in ``tmp`` on its own copy of the demo photos (``tmp/photos``): what a module-scoped
+    fixture shares read-only."""
+    from dreambooth_kit.train import train
+
+    photos = tmp / "photos"
+    shutil.copytree(DEMO_PHOTOS, photos)
+    return train(tiny_cfg(tmp, model, photos, **overrides))
+
+
 @pytest.fixture(scope="session")
 def trained_run(tmp_path_factory, tiny_model):
     """One 3-step LoRA run (rank 4, alpha 8, prior preservation on), shared read-only."""

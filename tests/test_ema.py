@@ -40,19 +40,13 @@ def test_the_average_after_each_step_is_the_decay_weighted_mean():
 
 @pytest.fixture(scope="module")
 def ema_run(tmp_path_factory, tiny_model):
-    import shutil
-
-    from conftest import DEMO_PHOTOS
+    from conftest import train_tiny
 
     tmp = tmp_path_factory.mktemp("ema")
-    photos = tmp / "photos"
-    shutil.copytree(DEMO_PHOTOS, photos)
-    cfg = tiny_cfg(
-        tmp, tiny_model, photos,
-        **{"train.ema": True, "train.ema_decay": 0.2, "train.max_steps": 4, "train.learning_rate": 1e-2,
-           "checkpoint.every_steps": 1, "checkpoint.keep_last": None},
-    )  # fmt: skip
-    return tmp, photos, cfg, train(cfg)
+    overrides = {"train.ema": True, "train.ema_decay": 0.2, "train.max_steps": 4, "train.learning_rate": 1e-2,
+                 "checkpoint.every_steps": 1, "checkpoint.keep_last": None}  # fmt: skip
+    result = train_tiny(tmp, tiny_model, **overrides)
+    return tmp, tmp / "photos", tiny_cfg(tmp, tiny_model, tmp / "photos", **overrides), result
 
 
 def test_the_runs_average_is_saved_beside_the_lora_and_is_the_average_of_its_steps(ema_run):

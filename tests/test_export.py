@@ -172,27 +172,13 @@ def test_alpha_equal_rank_would_differ(tiny_model, trained_run, tmp_path):
 @pytest.fixture(scope="module")
 def te_run(tiny_model, tmp_path_factory):
     """A 1-step run that trains the text encoder too, shared read-only."""
-    import shutil
+    from conftest import train_tiny
 
-    from conftest import DEMO_PHOTOS
-
-    from dreambooth_kit.train import train
-
-    tmp = tmp_path_factory.mktemp("te-run")
-    photos = tmp / "photos"
-    shutil.copytree(DEMO_PHOTOS, photos)
-    cfg = tiny_cfg(
-        tmp,
-        tiny_model,
-        photos,
-        **{
-            "adapter.train_text_encoder": True,
-            "train.max_steps": 1,
-            "train.learning_rate": 1e-2,
-            "prior.with_prior_preservation": False,
-        },
-    )
-    return train(cfg)
+    return train_tiny(
+        tmp_path_factory.mktemp("te-run"), tiny_model,
+        **{"adapter.train_text_encoder": True, "train.max_steps": 1, "train.learning_rate": 1e-2,
+           "prior.with_prior_preservation": False},
+    )  # fmt: skip
 
 
 def test_text_encoder_lora(tmp_path, tiny_model, te_run):

@@ -18,20 +18,16 @@ PROMPT = "a photo of zwx toy"
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, tiny_model):
     """A 2-step run of each type (lr 1e-2: the adapters move enough to change an image)."""
-    import shutil
+    from conftest import train_tiny
 
-    from conftest import DEMO_PHOTOS
-
-    out = {}
-    for kind in ("dora", "loha", "lokr"):
-        tmp = tmp_path_factory.mktemp(kind)
-        shutil.copytree(DEMO_PHOTOS, tmp / "photos")
-        cfg = tiny_cfg(
-            tmp, tiny_model, tmp / "photos",
+    return {
+        kind: train_tiny(
+            tmp_path_factory.mktemp(kind),
+            tiny_model,
             **{"adapter.type": kind, "train.max_steps": 2, "train.learning_rate": 1e-2, "adapter.alpha": 8},
         )  # fmt: skip
-        out[kind] = train(cfg)
-    return out
+        for kind in ("dora", "loha", "lokr")
+    }
 
 
 def _image(pipe, **kw) -> np.ndarray:
