@@ -49,6 +49,14 @@ CONDITIONS = {
         "world.clutter": True,
         "data.masks": "MASKS",
     },
+    # Nothing of the background trains: does the box stay out then?
+    "LoRA + prior + masks at weight 0 (cluttered photos)": {
+        "adapter.type": "lora",
+        "prior.with_prior_preservation": True,
+        "world.clutter": True,
+        "data.masks": "MASKS",
+        "train.unmasked_weight": 0.0,
+    },
     # The adapter types at the LoRA recipe's rank (8), alpha (8) and learning rate (1e-3).
     "DoRA + prior": {"adapter.type": "dora", "prior.with_prior_preservation": True},
     "LoHa + prior": {"adapter.type": "loha", "prior.with_prior_preservation": True},

@@ -765,6 +765,11 @@ def validate(cfg: DreamBoothConfig, *, check_paths: bool = False) -> list[str]:
             "model with the adapter switched off; a full fine-tune keeps no frozen copy); use "
             "prior.mode=class_images"
         )
+    if "kohya" in cfg.export.formats and a.type == "dora":
+        p.append(
+            "export.formats: kohya cannot hold a DoRA as trained (A1111 normalises DoRA per input column, "
+            "peft per output row); use single-file or merged-diffusers for A1111 and ComfyUI"
+        )
     if cfg.export.formats and a.type == "full":
         p.append("export.formats: exports are for LoRA runs; a full fine-tune already writes run/pipeline")
     if cfg.concepts and (d.instance_dir or d.identifier):

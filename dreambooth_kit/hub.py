@@ -243,6 +243,15 @@ def _usage_lines(cfg: DreamBoothConfig, repo: str, example: str, base_label: str
             f'local = snapshot_download("{repo}", allow_patterns=["pipeline/*"])',
             'pipe = DiffusionPipeline.from_pretrained(f"{local}/pipeline", dtype=torch.float16).to("cuda")',
         ]
+    elif cfg.adapter.type in ("loha", "lokr"):  # diffusers has no LoHa/LoKr loader: ours reads it
+        base_for_code = cfg.model.pretrained if on_hub else DEFAULT_BASE
+        lines[-1] = "from dreambooth_kit import load_pipeline"
+        lines += [
+            "from huggingface_hub import snapshot_download",
+            "",
+            f'local = snapshot_download("{repo}", allow_patterns=["lora/*"])',
+            f'pipe = load_pipeline("{base_for_code}", lora=f"{{local}}/lora")  # a {cfg.adapter.type}: peft loads it',
+        ]
     else:
         base_for_code = cfg.model.pretrained if on_hub else DEFAULT_BASE
         lines += [

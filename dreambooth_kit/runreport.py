@@ -127,13 +127,17 @@ def summary_text(o: Outcome) -> str:
     generate += ["--prompt", o.prompt, "--seed", str(o.seed), "--out", str(out / "outputs")]
     rows.append(("next", shlex.join(generate)))
     if o.kind != "full":
-        rows.append(("", shlex.join(["dreambooth-kit", "export", "--run", str(out), "--format", "kohya"])))
+        # A DoRA has no kohya export (export.py says why): the merged model is the way to A1111.
+        fmt = "single-file" if o.kind == "dora" else "kohya"
+        rows.append(("", shlex.join(["dreambooth-kit", "export", "--run", str(out), "--format", fmt])))
         rows.append(("", shlex.join(["dreambooth-kit", "evaluate", "--run", str(out)])))
     return _table("training done", rows)
 
 
 # The run folder's parts a user looks for, in the order they are listed.
 _FOLDERS = (
+    ("EMA", "lora_ema"),  # train.ema
+    ("EMA", "pipeline_ema"),
     ("checkpoints", "checkpoints"),
     ("samples", "samples"),
     ("class images", "class_images"),

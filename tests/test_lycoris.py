@@ -155,3 +155,17 @@ def test_the_merged_export_draws_what_the_adapter_draws(runs, tiny_model, tmp_pa
     fused = _image(load_pipeline(str(merged), dtype="float32"))
     base = _image(load_pipeline(str(tiny_model), dtype="float32"))
     assert np.abs(fused - with_adapter).max() <= 2 and np.abs(fused - base).max() > 2
+
+
+def test_a_loha_model_card_loads_it_with_dreambooth_kit_not_diffusers_alone(runs):
+    from dreambooth_kit import hub
+
+    card = hub.model_card(runs["loha"].output_dir, repo_id="me/zwx-loha")
+    assert "from dreambooth_kit import load_pipeline" in card and "load_lora_weights" not in card
+
+
+def test_a_dora_run_asking_for_a_kohya_export_is_refused_before_training():
+    from dreambooth_kit.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match="export.formats: kohya cannot hold a DoRA as trained"):
+        load_config("tiny.yaml", {"adapter.type": "dora", "export.formats": ["kohya"]})
