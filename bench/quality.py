@@ -57,6 +57,12 @@ CONDITIONS = {
         "data.masks": "MASKS",
         "train.unmasked_weight": 0.0,
     },
+    # The identifier's token vector trained with the LoRA (the same learning rate).
+    "LoRA + prior + pivotal": {
+        "adapter.type": "lora",
+        "prior.with_prior_preservation": True,
+        "adapter.pivotal": True,
+    },
     # The adapter types at the LoRA recipe's rank (8), alpha (8) and learning rate (1e-3).
     "DoRA + prior": {"adapter.type": "dora", "prior.with_prior_preservation": True},
     "LoHa + prior": {"adapter.type": "loha", "prior.with_prior_preservation": True},

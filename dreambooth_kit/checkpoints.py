@@ -78,6 +78,7 @@ COMPATIBILITY_FIELDS = (
     "adapter.alpha",
     "adapter.target_modules",
     "adapter.train_text_encoder",
+    "adapter.pivotal",
     "train.seed",
     "train.batch_size",
     "train.gradient_accumulation_steps",
@@ -264,21 +265,47 @@ def save_step_checkpoint(run: LoopState) -> Path:
         },
         run_config=run.settings.config_dict,
         keep_last=run.settings.checkpoint.keep_last,
-        write_extra=None if run.ema is None else functools.partial(_write_ema, run),
+        write_extra=functools.partial(_write_beside, run),
     )
     return run.last_checkpoint
 
 
-def _write_ema(run: LoopState, folder: Path) -> None:
-    with run.ema.swapped_in():
-        write_checkpoint_ema(folder, trained_models(run), lora=run.settings.adapter.is_adapter)
+def _write_beside(run: LoopState, folder: Path) -> None:
+    """What a checkpoint holds beside accelerate's state: adapter.pivotal's vectors
+    (``pivotal.safetensors``) and train.ema's average (``ema/``)."""
+    from safetensors.torch import save_file
+
+    from .pivotal import CHECKPOINT_FILE, checkpoint_tensors
+
+    if run.pivots is not None:
+        save_file(checkpoint_tensors(run.pivots), str(folder / CHECKPOINT_FILE), metadata={"format": "pt"})
+    if run.ema is not None:
+        with run.ema.swapped_in():
+            write_checkpoint_ema(folder, trained_models(run), lora=run.settings.adapter.is_adapter)
+
+
+def read_checkpoint_pivots(pivots, folder: Path) -> None:
+    """adapter.pivotal's vectors from a checkpoint (refused when it has none: trained without)."""
+    from safetensors.torch import load_file
+
+    from .pivotal import CHECKPOINT_FILE, load_checkpoint_tensors
+
+    file = folder / CHECKPOINT_FILE
+    if not file.is_file():
+        raise CheckpointError(
+            f"{folder} holds no {CHECKPOINT_FILE} (it was trained without adapter.pivotal); resume it "
+            "with adapter.pivotal=false"
+        )
+    load_checkpoint_tensors(pivots, load_file(str(file)))
 
 
 def trained_models(run: LoopState) -> dict[str, torch.nn.Module]:
     """The unwrapped trained models by name: the UNet, and the text encoder when it is trained."""
     acc = run.accelerator
-    return {"unet": acc.unwrap_model(run.unet)} | (
-        {"text_encoder": acc.unwrap_model(run.text_encoder)} if run.text_encoder is not None else {}
+    return (
+        {"unet": acc.unwrap_model(run.unet)}
+        | ({"text_encoder": acc.unwrap_model(run.text_encoder)} if run.text_encoder is not None else {})
+        | ({"pivotal": run.pivots} if run.pivots is not None else {})  # the vectors, not a model
     )
 
 
@@ -291,9 +318,16 @@ def write_checkpoint_ema(folder: Path, models: dict[str, torch.nn.Module], *, lo
     from peft.utils import get_peft_model_state_dict
     from safetensors.torch import save_file
 
+    from .pivotal import CHECKPOINT_FILE, checkpoint_tensors
+
     dest = folder / CHECKPOINT_EMA
     dest.mkdir()
     for i, (name, model) in enumerate(models.items()):
+        if name == "pivotal":
+            save_file(
+                checkpoint_tensors(model), os.path.join(dest, CHECKPOINT_FILE), metadata={"format": "pt"}
+            )
+            continue
         state = get_peft_model_state_dict(model) if lora else model.state_dict()
         state = {k: v.detach().cpu().contiguous() for k, v in state.items()}
         file = name + LORA_SUFFIX if lora else ("model" if i == 0 else f"model_{i}") + ".safetensors"
@@ -315,7 +349,9 @@ def read_checkpoint_ema(
     ema.model.store(ema.params)
     try:
         for i, (name, model) in enumerate(models.items()):
-            if lora:
+            if name == "pivotal":
+                read_checkpoint_pivots(model, src)
+            elif lora:
                 load_lora_file(model, src / (name + LORA_SUFFIX))
             else:
                 file = ("model" if i == 0 else f"model_{i}") + ".safetensors"
@@ -801,6 +837,7 @@ ADDED_FIELD_DEFAULTS: dict[str, Any] = {
     "train.ema_decay": 0.995,
     "train.zero_terminal_snr": False,
     "train.unmasked_weight": 0.1,
+    "adapter.pivotal": False,
 }
 
 

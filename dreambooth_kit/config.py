@@ -162,6 +162,10 @@ class AdapterConfig:
     # an untrained LoRA to change outputs); "gaussian" = peft's gaussian init.
     init_lora_weights: bool | Literal["gaussian"] = True
 
+    # Pivotal tuning (pivotal.py): the identifier's own token embedding trains with the adapter and is
+    # saved as lora/<identifier>.safetensors (an A1111/ComfyUI embedding). Needs data.identifier.
+    pivotal: bool = False
+
     @property
     def is_adapter(self) -> bool:
         """Any adapter type (LoRA, DoRA, LoHa, LoKr): the base stays frozen and the result is small."""
@@ -765,6 +769,8 @@ def validate(cfg: DreamBoothConfig, *, check_paths: bool = False) -> list[str]:
             "model with the adapter switched off; a full fine-tune keeps no frozen copy); use "
             "prior.mode=class_images"
         )
+    if a.pivotal:
+        p += _pivotal_problems(cfg)
     if "kohya" in cfg.export.formats and a.type == "dora":
         p.append(
             "export.formats: kohya cannot hold a DoRA as trained (A1111 normalises DoRA per input column, "
@@ -778,6 +784,21 @@ def validate(cfg: DreamBoothConfig, *, check_paths: bool = False) -> list[str]:
             "concepts (data.instance_prompt is ignored then) or remove the concepts list"
         )
     return p
+
+
+def _pivotal_problems(cfg: DreamBoothConfig) -> list[str]:
+    if cfg.adapter.type == "full":
+        return [
+            "adapter.pivotal: a full fine-tune trains no adapter to pivot on; set "
+            "adapter.train_text_encoder: true to train the text encoder whole, or use an adapter type"
+        ]
+    missing = [key or "data" for key, c in _concept_fields(cfg) if not c.identifier]
+    if missing:
+        return [
+            f"adapter.pivotal: {', '.join(k + '.identifier' for k in missing)} is not set; pivotal tuning "
+            "trains the identifier's token embedding, so it must know the identifier (e.g. zwx)"
+        ]
+    return []
 
 
 _SEED_RULE = f"in 0..{MAX_SEED} (the seed range numpy and torch generators share)"

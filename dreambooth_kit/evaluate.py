@@ -377,6 +377,8 @@ def _load_checkpoint_weights(pipe, folder: Path, adapter) -> None:
 
     from .adapters import add_lora
     from .checkpoints import LORA_SUFFIX, load_lora_file
+    from .pivotal import CHECKPOINT_FILE as PIVOTAL_FILE
+    from .pivotal import apply_vectors
 
     if adapter.type == "full":
         if not (folder / "model.safetensors").is_file():  # scoring the base weights as this step: never
@@ -392,6 +394,8 @@ def _load_checkpoint_weights(pipe, folder: Path, adapter) -> None:
     for name, model in (("unet", pipe.unet), ("text_encoder", pipe.text_encoder)):
         if (folder / f"{name}{LORA_SUFFIX}").is_file():
             load_lora_file(model, folder / f"{name}{LORA_SUFFIX}")
+    if (folder / PIVOTAL_FILE).is_file():  # adapter.pivotal: the step's identifier vectors
+        apply_vectors(pipe, load_file(folder / PIVOTAL_FILE))
     pipe.to(pipe.device)  # the new adapter layers are made on the CPU
 
 
@@ -622,9 +626,15 @@ def export_best_lora(target: Target, run: RunWeights, dest: Path) -> Path:
     record = dest / "checkpoint.json"
     if record.is_file() and json.loads(record.read_text()) == stamp:
         return dest
+    from safetensors.torch import load_file
+
+    from .pivotal import CHECKPOINT_FILE, embedding_files
+
     pipe = load_target(target, run)
     te = pipe.text_encoder if run.adapter.train_text_encoder else None
-    write_lora(run.adapter, run.config, pipe.unet, te, dest)
+    pivotal = target.path / CHECKPOINT_FILE
+    extra = embedding_files(load_file(pivotal)) if pivotal.is_file() else None
+    write_lora(run.adapter, run.config, pipe.unet, te, dest, extra=extra)
     write_json(record, stamp)
     return dest
 

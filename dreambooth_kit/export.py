@@ -394,6 +394,9 @@ def _merged_pipeline(run_dir: Path, *, fp16: bool):
     source = dataclasses.replace(source, prediction_type=run_prediction_type(cfg.model))
     pipe = load_pipeline(source, lora=run.lora, fuse=True, device="cpu", dtype="fp32")
     pipe.unload_lora_weights()  # the fused weights stay; the LoRA layers go
+    from .pivotal import write_into_table
+
+    write_into_table(pipe, run.lora)  # adapter.pivotal: the vectors into the text encoder's table
     if fp16:
         pipe.to(dtype=torch.float16)
     return pipe
@@ -457,6 +460,20 @@ def export_single_file(run_dir: Path, out_path: Path, *, fp16: bool = False) -> 
     return save_single_file(pipe, out_path, prediction_type=pipe.scheduler.config.prediction_type, fp16=fp16)
 
 
+def _copy_embeddings(lora_dir: Path, dest: Path) -> list[Path]:
+    """adapter.pivotal: the identifiers' embedding files, for A1111's and ComfyUI's ``embeddings`` folder
+    (the kohya LoRA alone would miss the trained vectors)."""
+    from .pivotal import embedding_paths
+
+    written = []
+    for path in embedding_paths(lora_dir):
+        dest.mkdir(parents=True, exist_ok=True)
+        with writing(dest / path.name) as tmp:
+            tmp.write_bytes(path.read_bytes())
+        written.append(dest / path.name)
+    return written
+
+
 def run_exports(
     run_dir: Path, formats: list[str], *, fp16: bool = False, out_dir: str | Path | None = None
 ) -> list[Path]:
@@ -471,6 +488,7 @@ def run_exports(
     for fmt in dict.fromkeys(formats):
         if fmt == "kohya":
             written.append(export_kohya(lora, out / RunLayout(run_dir).kohya_export.name, fp16=fp16))
+            written += _copy_embeddings(lora.parent, out / "embeddings")
         elif fmt == "merged-diffusers":
             written.append(export_merged_diffusers(run_dir, out / "merged-diffusers", fp16=fp16))
         elif fmt == "single-file":

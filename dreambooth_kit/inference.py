@@ -138,6 +138,7 @@ def load_pipeline(
     pipe = _load_base(source, torch_dtype, attention, prediction_type, scheduler, load_kw)
     names = [load_lora(pipe, path, f"lora{i}") for i, path in enumerate(loras)]
     _schedule_of_loras(pipe, loras)
+    _pivots_of_loras(pipe, loras)
     if names:
         pipe.set_adapters(names, adapter_weights=scales)
         _scale_lycoris(pipe, loras, names, scales)
@@ -158,6 +159,14 @@ def _scale_lycoris(pipe, loras: list, names: list[str], scales: list[float]) -> 
     for path, name, scale in zip(loras, names, scales, strict=True):
         if read_shape(lora_file(path)) is not None:
             set_scale(pipe, name, scale)
+
+
+def _pivots_of_loras(pipe, loras: list) -> None:
+    """A LoRA trained with adapter.pivotal brings its identifier's vectors (pivotal.py)."""
+    from .pivotal import apply_from_folder
+
+    for path in loras:
+        apply_from_folder(pipe, Path(lora_file(path)).parent)
 
 
 def _schedule_of_loras(pipe, loras: list) -> None:

@@ -31,6 +31,7 @@ if TYPE_CHECKING:
     from .ema import TrainedEMA
     from .guards import StopSignals
     from .models import SDComponents
+    from .pivotal import Pivots
 
 log = logging.getLogger("dreambooth_kit")
 
@@ -106,6 +107,7 @@ class LoopState:
     lineage: str | None = None  # the run's timeline id, recorded in each checkpoint (lineage.py)
     photos: str | None = None  # checkpoints.photo_digest of the photos, checked when resuming
     ema: TrainedEMA | None = None  # train.ema: the moving average of ``params``
+    pivots: Pivots | None = None  # adapter.pivotal: the identifiers' trained token vectors
 
     def __post_init__(self) -> None:
         self.guard = NonFiniteGuard(self.settings.train.max_nonfinite_steps)
@@ -122,6 +124,7 @@ def prompt_encoder(ctx: LoopState) -> PromptEncoder:
         ctx.text_encoder or ctx.comps.text_encoder,
         ctx.text_encoder is not None,
         ctx.accelerator.device,
+        live=tuple(ctx.pivots.identifiers) if ctx.pivots is not None else (),
     )
 
 
@@ -134,7 +137,7 @@ def release_frozen(
     import gc
 
     dropped = []
-    if not encode.trained:
+    if not encode.trained and not encode.live:  # adapter.pivotal: prompts with the identifier change
         prompts = [e.instance_prompt for e in dataset.examples] + [
             p for e in dataset.examples for p in (e.class_prompt, e.teacher_prompt, e.bare_prompt) if p
         ]

@@ -80,8 +80,13 @@ def _write_final(run: LoopState, source: ModelSource, name: str) -> Path:
             source.load_kwargs(),
             name=name,
         )
+    extra = None
+    if run.pivots is not None:  # adapter.pivotal: lora/<identifier>.safetensors, A1111's embedding file
+        from .pivotal import checkpoint_tensors, embedding_files
+
+        extra = embedding_files(checkpoint_tensors(run.pivots))
     return save_lora(
-        s.adapter, s.config_dict, run.accelerator, run.unet, run.text_encoder, run.out, name=name
+        s.adapter, s.config_dict, run.accelerator, run.unet, run.text_encoder, run.out, name=name, extra=extra
     )
 
 
@@ -242,7 +247,15 @@ def save_pipeline(
 
 
 def save_lora(
-    adapter: AdapterConfig, config: dict, accelerator, unet, text_encoder, out: Path, *, name: str = "lora"
+    adapter: AdapterConfig,
+    config: dict,
+    accelerator,
+    unet,
+    text_encoder,
+    out: Path,
+    *,
+    name: str = "lora",
+    extra: dict[str, dict[str, torch.Tensor]] | None = None,
 ) -> Path:
     """Write ``<name>/pytorch_lora_weights.safetensors`` (diffusers format + ``adapter``'s metadata)
     and the resolved ``config`` (a ``to_dict()``) beside it as ``config.yaml``."""
@@ -250,18 +263,27 @@ def save_lora(
     if not accelerator.is_main_process:
         return out / name
     te = accelerator.unwrap_model(text_encoder) if text_encoder else None
-    return write_lora(adapter, config, accelerator.unwrap_model(unet), te, out / name)
+    return write_lora(adapter, config, accelerator.unwrap_model(unet), te, out / name, extra=extra)
 
 
-def write_lora(adapter: AdapterConfig, config: dict, unet, text_encoder, lora_dir: Path) -> Path:
+def write_lora(
+    adapter: AdapterConfig,
+    config: dict,
+    unet,
+    text_encoder,
+    lora_dir: Path,
+    *,
+    extra: dict[str, dict[str, torch.Tensor]] | None = None,
+) -> Path:
     """The LoRA of peft-adapted ``unet`` (and ``text_encoder``) as the folder ``lora_dir``, written
-    beside it and swapped in: the final LoRA of a run, or a checkpoint's (`evaluate`'s best)."""
+    beside it and swapped in: the final LoRA of a run, or a checkpoint's (`evaluate`'s best).
+    ``extra``: more safetensors files for the folder, {name: tensors} (adapter.pivotal's embeddings)."""
     from diffusers import StableDiffusionPipeline
 
     from .adapters import lora_metadata, lora_state_dicts
 
     if adapter.type in LYCORIS_TYPES:
-        return _write_lycoris(adapter, config, unet, text_encoder, lora_dir)
+        return _write_lycoris(adapter, config, unet, text_encoder, lora_dir, extra)
     unet_sd, te_sd = lora_state_dicts(unet, text_encoder)
     refuse_non_finite({**unet_sd, **(te_sd or {})}, "LoRA")
     tmp = _tmp_folder(lora_dir.parent, lora_dir.name)
@@ -274,6 +296,7 @@ def write_lora(adapter: AdapterConfig, config: dict, unet, text_encoder, lora_di
             text_encoder_lora_adapter_metadata=lora_metadata(adapter, text_encoder=True) if te_sd else None,
             safe_serialization=True,
         )
+        _write_extra(tmp, extra)
         save_config_dict(config, tmp / "config.yaml")
         _swap_in(tmp, lora_dir)
     finally:
@@ -281,7 +304,17 @@ def write_lora(adapter: AdapterConfig, config: dict, unet, text_encoder, lora_di
     return lora_dir
 
 
-def _write_lycoris(adapter: AdapterConfig, config: dict, unet, text_encoder, lora_dir: Path) -> Path:
+def _write_extra(folder: Path, extra: dict[str, dict[str, torch.Tensor]] | None) -> None:
+    from safetensors.torch import save_file
+
+    for name, tensors in (extra or {}).items():
+        refuse_non_finite(tensors, name)
+        save_file(tensors, str(folder / name), metadata={"format": "pt"})
+
+
+def _write_lycoris(
+    adapter: AdapterConfig, config: dict, unet, text_encoder, lora_dir: Path, extra=None
+) -> Path:
     """A LoHa/LoKr run's result (lycoris.py says why not diffusers' format), written and swapped in
     like a LoRA."""
     from safetensors.torch import save_file
@@ -293,6 +326,7 @@ def _write_lycoris(adapter: AdapterConfig, config: dict, unet, text_encoder, lor
     tmp = _tmp_folder(lora_dir.parent, lora_dir.name)
     try:
         save_file(sd, str(tmp / LORA_WEIGHTS), metadata=file_metadata(adapter, text_encoder is not None))
+        _write_extra(tmp, extra)
         save_config_dict(config, tmp / "config.yaml")
         _swap_in(tmp, lora_dir)
     finally:

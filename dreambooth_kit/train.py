@@ -127,21 +127,23 @@ def train(cfg: DreamBoothConfig) -> TrainResult:
         cfg, source = _record_prediction_type(cfg, source, comps, out, accelerator)
         _zero_terminal_snr(cfg, comps)
         unet, text_encoder, params = _setup_models(cfg, comps, accelerator)
+        pivots = _pivots(cfg, comps, accelerator)
         dataloader, sampler, latent_cache = _data(cfg, report, class_sets, comps, accelerator)
-        optimizer = _optimizer(cfg, params, accelerator.num_processes, text_encoder)
+        optimizer = _optimizer(cfg, params, accelerator.num_processes, text_encoder, pivots)
+        params = params + (list(pivots.parameters()) if pivots is not None else [])
         lr_scheduler = _lr_scheduler(cfg, optimizer, accelerator.num_processes)
         unet, text_encoder, optimizer, dataloader, lr_scheduler = _prepare(
             accelerator, cfg, unet, text_encoder, optimizer, dataloader, lr_scheduler
         )
         ema = _ema(cfg, params)
         position = _restore(
-            cfg, accelerator, unet, text_encoder, resume_from, optimizer, lr_scheduler, changed, ema
+            cfg, accelerator, unet, text_encoder, resume_from, optimizer, lr_scheduler, changed, ema, pivots
         )
 
         settings = run_settings(cfg)  # after the prediction type is recorded: checkpoints carry it
         run = LoopState(
             settings, accelerator, comps, unet, text_encoder, params, optimizer, lr_scheduler, out,
-            scorer=scorer, lineage=lineage, photos=photos, ema=ema,
+            scorer=scorer, lineage=lineage, photos=photos, ema=ema, pivots=pivots,
         )  # fmt: skip
         run.guard.steps = list(position.get("skipped_steps", []))  # a resumed run's whole history
         encode = prompt_encoder(run)
@@ -219,6 +221,25 @@ def _begin_timeline(folder, resume_from: Path | None, accelerator) -> str:
     return gather_object([lineage])[0]
 
 
+def _pivots(cfg: DreamBoothConfig, comps, accelerator):
+    """adapter.pivotal: the identifiers' trainable token vectors, placed into the (frozen) text
+    encoder's input embeddings from now on (pivotal.py); else None."""
+    from .config import concepts_of
+    from .pivotal import Pivots
+
+    if not cfg.adapter.pivotal:
+        return None
+    if accelerator.num_processes > 1:
+        raise UserError(
+            "adapter.pivotal trains on one process for now: its vectors are in no DDP module, so nothing "
+            "would average their gradients across processes. Launch one process"
+        )
+    pivots = Pivots(comps.tokenizer, comps.text_encoder, [c.identifier for c in concepts_of(cfg)])
+    pivots.to(accelerator.device)
+    pivots.install(comps.text_encoder)
+    return pivots
+
+
 def _ema(cfg: DreamBoothConfig, params):
     """train.ema: the moving average of the trained parameters (ema.py), else None."""
     from .ema import TrainedEMA
@@ -236,6 +257,7 @@ def _restore(
     lr_scheduler=None,
     changed=(),
     ema=None,
+    pivots=None,
 ) -> dict:
     """Register how checkpoints hold the trained weights, then load one if resuming; a learning rate
     changed under train.resume_force replaces the checkpoint's in the restored optimizer and schedule.
@@ -258,13 +280,7 @@ def _restore(
     check_process_count(path, accelerator.num_processes, force=cfg.train.resume_force)
     wanted = [g.get("initial_lr", g["lr"]) for g in optimizer.param_groups] if optimizer is not None else []
     state = load_checkpoint(accelerator, path, force=cfg.train.resume_force)
-    if ema is not None:
-        from .checkpoints import read_checkpoint_ema
-
-        models = {"unet": accelerator.unwrap_model(unet)}
-        models |= {"text_encoder": accelerator.unwrap_model(text_encoder)} if text_encoder is not None else {}
-        lora = cfg.adapter.is_adapter
-        read_checkpoint_ema(ema, path, models, lora=lora, steps=state.get("ema_steps", state["step"]))
+    _restore_beside(cfg, accelerator, unet, text_encoder, path, state, ema, pivots)
     if optimizer is not None and set(changed) & set(LEARNING_RATE_FIELDS):
         _apply_learning_rates(optimizer, lr_scheduler, wanted)
         log.warning(
@@ -273,6 +289,20 @@ def _restore(
         )  # fmt: skip
     log.info("resumed from %s at step %d", path, state["step"])
     return state
+
+
+def _restore_beside(cfg, accelerator, unet, text_encoder, path: Path, state: dict, ema, pivots) -> None:
+    """What a checkpoint holds beside accelerate's state: the pivotal vectors, the moving average."""
+    from .checkpoints import read_checkpoint_ema, read_checkpoint_pivots
+
+    if pivots is not None:
+        read_checkpoint_pivots(pivots, path)
+    if ema is not None:
+        models = {"unet": accelerator.unwrap_model(unet)}
+        models |= {"text_encoder": accelerator.unwrap_model(text_encoder)} if text_encoder is not None else {}
+        models |= {"pivotal": pivots} if pivots is not None else {}
+        lora = cfg.adapter.is_adapter
+        read_checkpoint_ema(ema, path, models, lora=lora, steps=state.get("ema_steps", state["step"]))
 
 
 def _apply_learning_rates(optimizer, lr_scheduler, initial: list[float]) -> None:
@@ -752,7 +782,7 @@ def _data(cfg: DreamBoothConfig, report, class_sets, comps, accelerator):
     return dataloader, sampler, cache
 
 
-def _optimizer(cfg: DreamBoothConfig, params, num_processes: int, text_encoder=None):
+def _optimizer(cfg: DreamBoothConfig, params, num_processes: int, text_encoder=None, pivots=None):
     t = cfg.train
     lr = t.learning_rate
     scale = t.gradient_accumulation_steps * t.batch_size * num_processes if t.scale_lr else 1
@@ -764,6 +794,10 @@ def _optimizer(cfg: DreamBoothConfig, params, num_processes: int, text_encoder=N
         groups = [
             {"params": [p for p in params if id(p) not in te_ids]},
             {"params": [p for p in params if id(p) in te_ids], "lr": t.text_encoder_learning_rate * scale},
+        ]
+    if pivots is not None:  # adapter.pivotal: no weight decay pulling the token vectors toward zero
+        groups = (groups if isinstance(groups[0], dict) else [{"params": groups}]) + [
+            {"params": list(pivots.parameters()), "weight_decay": 0.0}
         ]
     if t.use_8bit_adam:
         try:
