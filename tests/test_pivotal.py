@@ -125,3 +125,52 @@ def test_ema_keeps_an_average_of_the_vectors_too(tiny_model, tmp_path, photos):
     assert not torch.equal(raw, avg)
     (_, ckpt), *_ = list_checkpoints(result.output_dir)
     assert (ckpt / "ema" / "pivotal.safetensors").is_file() and (ckpt / "pivotal.safetensors").is_file()
+
+
+def test_evaluate_scores_a_checkpoint_with_that_steps_vectors(pivotal_run, tiny_model):
+    from dreambooth_kit.checkpoints import list_checkpoints
+    from dreambooth_kit.config import load_config
+    from dreambooth_kit.evaluate import RunWeights, Target, load_target
+    from dreambooth_kit.inference import load_pipeline
+    from dreambooth_kit.runfolder import Run
+
+    _, _, result = pivotal_run
+    (step, ckpt), *_ = list_checkpoints(result.output_dir)
+    cfg = load_config(result.output_dir / "config.yaml")
+    run = RunWeights(Run.open(result.output_dir).model_source(), cfg.adapter, cfg.to_dict())
+    pipe = load_target(Target(ckpt.name, step, "checkpoint", ckpt), run)
+    final = load_pipeline(str(tiny_model), lora=result.lora_dir, dtype="float32")
+    torch.testing.assert_close(_encode(pipe, PROMPT), _encode(final, PROMPT))
+
+
+def test_an_identifier_of_several_tokens_trains_but_has_no_merged_export(tiny_model, tmp_path, photos):
+    from dreambooth_kit.errors import InvalidInput
+    from dreambooth_kit.export import export_merged_diffusers
+    from dreambooth_kit.pivotal import token_ids
+
+    result = train(
+        tiny_cfg(tmp_path, tiny_model, photos, **{"adapter.pivotal": True, "train.max_steps": 1,
+                 "data.instance_prompt": "a photo of zwxtoy toy", "data.identifier": "zwxtoy"})
+    )  # fmt: skip
+    vectors = load_file(result.lora_dir / "zwxtoy.safetensors")[EMB_KEY]
+    from transformers import AutoTokenizer
+
+    assert (
+        vectors.shape[0]
+        == len(token_ids(AutoTokenizer.from_pretrained(tiny_model, subfolder="tokenizer"), "zwxtoy"))
+        > 1
+    )
+    with pytest.raises(InvalidInput, match=r"is \d tokens, whose rows other words share"):
+        export_merged_diffusers(result.output_dir, tmp_path / "merged")
+
+
+def test_several_processes_are_refused_before_training(tiny_model):
+    from types import SimpleNamespace
+
+    from dreambooth_kit.config import load_config
+    from dreambooth_kit.errors import UserError
+    from dreambooth_kit.train import _pivots
+
+    cfg = load_config("tiny.yaml", {"adapter.pivotal": True})
+    with pytest.raises(UserError, match="adapter.pivotal trains on one process for now"):
+        _pivots(cfg, None, SimpleNamespace(num_processes=2))
