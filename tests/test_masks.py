@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -94,43 +95,55 @@ def test_training_refuses_a_missing_mask_before_any_model_loads(tmp_path, tiny_m
 
 @pytest.mark.parametrize("kind", ["folder", "alpha"])
 def test_a_run_with_masks_weights_each_photo_by_its_own_mask(tmp_path, tiny_model, photos, monkeypatch, kind):
-    """A 2-step run: every batch carries the instance rows' weights, 1 on the mask's white half and
-    unmasked_weight on the rest, for the photos that were in it."""
+    """A 2-step run, batch 3: each instance row carries its own photo's weights (photo k's mask is
+    white on its left k/8 of the width), 1 there and unmasked_weight on the rest."""
     from dreambooth_kit import loop
     from dreambooth_kit.train import train
 
     masks = tmp_path / "masks"
     masks.mkdir()
-    for p in sorted(photos.glob("*.jpg")):
+    white = {}  # photo stem -> white columns at the 64 px training size
+    for k, p in enumerate(sorted(photos.glob("*.jpg")), start=1):
         with Image.open(p) as img:
             w, h = img.size
+            white[p.stem] = 64 * k // 8
             if kind == "alpha":
                 rgba = img.convert("RGBA")
                 rgba.putalpha(Image.new("L", (w, h), 0))
-                rgba.paste(img.crop((0, 0, w // 2, h)), (0, 0))  # opaque left half
+                rgba.paste(img.crop((0, 0, w * k // 8, h)), (0, 0))  # opaque left part
                 rgba.save(p.with_suffix(".png"))
                 p.unlink()
             else:
                 m = Image.new("L", (w, h), 0)
-                m.paste(255, (0, 0, w // 2, h))
+                m.paste(255, (0, 0, w * k // 8, h))
                 m.save(masks / (p.stem + ".png"))
     seen = []
     real = loop._loss
     monkeypatch.setattr(
         loop,
         "_loss",
-        lambda ctx, batch, *a: (seen.append(batch["instance_weights"]), real(ctx, batch, *a))[1],
+        lambda ctx, batch, *a: (
+            seen.append((batch["keys"], batch["instance_weights"])),
+            real(ctx, batch, *a),
+        )[1],
     )
     cfg = tiny_cfg(
         tmp_path, tiny_model, photos,
-        **{"data.masks": "alpha" if kind == "alpha" else str(masks), "train.unmasked_weight": 0.25, "train.max_steps": 2},
+        **{"data.masks": "alpha" if kind == "alpha" else str(masks), "train.unmasked_weight": 0.25,
+           "train.max_steps": 2, "train.batch_size": 3},
     )  # fmt: skip
     result = train(cfg)
     assert result.steps == 2 and len(seen) == 2
-    for weights in seen:
-        assert weights.shape[1:] == (1, 64, 64)  # the image's size: the loss pools it to the latents'
-        assert torch.allclose(weights[..., :31], torch.ones_like(weights[..., :31]), atol=0.02)
-        assert torch.allclose(weights[..., 33:], torch.full_like(weights[..., 33:], 0.25), atol=0.02)
+    for keys, weights in seen:
+        # One row per photo of the batch (3, then the epoch's last 2), at the image's size: the loss
+        # pools it to the latents'.
+        assert weights.shape[1:] == (1, 64, 64) and len(weights) == len(keys) // 2
+        for (path, _flip), row in zip(keys, weights, strict=False):  # the instance rows come first
+            edge = white[Path(path).stem]
+            assert torch.allclose(row[..., : edge - 1], torch.ones_like(row[..., : edge - 1]), atol=0.02)
+            assert torch.allclose(
+                row[..., edge + 1 :], torch.full_like(row[..., edge + 1 :], 0.25), atol=0.02
+            )
 
 
 def test_an_unmasked_weight_out_of_range_is_refused_naming_the_field():
