@@ -6,8 +6,10 @@ a PNG cut out in any editor, transparent = not the subject) or ``DIR/<photo stem
 the photo's crop and flip; the loss averages it down to the latent grid (losses.diffusion_loss: 8x
 smaller for SD's VAE, 4x for the toy model's), so a latent pixel half on the subject counts half.
 
-Not 0 outside the mask by default: the model must still learn that the subject stands on something,
-or its samples lose their backgrounds; 0.1 is kohya's and OneTrainer's usual setting.
+The default 0.1 outside the mask is kohya's and OneTrainer's usual setting. Measured on the toy world
+(README, "Training options"; photos with a black box beside the subject, 3 training seeds) 0 did
+better: the box in none of the samples (0.89 without masks, 0.68 at 0.1) and subject fidelity at the
+clean photos' level (0.89; 0.46 at 0.1), the backgrounds still following the prompt.
 """
 
 from __future__ import annotations
