@@ -286,8 +286,8 @@ def write_lora(
         return _write_lycoris(adapter, config, unet, text_encoder, lora_dir, extra)
     unet_sd, te_sd = lora_state_dicts(unet, text_encoder)
     refuse_non_finite({**unet_sd, **(te_sd or {})}, "LoRA")
-    tmp = _tmp_folder(lora_dir.parent, lora_dir.name)
-    try:
+
+    def weights(tmp: Path) -> None:
         StableDiffusionPipeline.save_lora_weights(
             tmp,
             unet_lora_layers=unet_sd,
@@ -296,6 +296,16 @@ def write_lora(
             text_encoder_lora_adapter_metadata=lora_metadata(adapter, text_encoder=True) if te_sd else None,
             safe_serialization=True,
         )
+
+    return _publish_lora(lora_dir, weights, config, extra)
+
+
+def _publish_lora(lora_dir: Path, weights, config: dict, extra) -> Path:
+    """``weights(folder)`` and the rest of a LoRA folder (``extra`` files, config.yaml) written beside
+    ``lora_dir`` and swapped in: a reader sees the old folder or the whole new one."""
+    tmp = _tmp_folder(lora_dir.parent, lora_dir.name)
+    try:
+        weights(tmp)
         _write_extra(tmp, extra)
         save_config_dict(config, tmp / "config.yaml")
         _swap_in(tmp, lora_dir)
@@ -323,12 +333,7 @@ def _write_lycoris(
 
     sd = state_dict(unet, text_encoder)
     refuse_non_finite(sd, "LoRA")
-    tmp = _tmp_folder(lora_dir.parent, lora_dir.name)
-    try:
-        save_file(sd, str(tmp / LORA_WEIGHTS), metadata=file_metadata(adapter, text_encoder is not None))
-        _write_extra(tmp, extra)
-        save_config_dict(config, tmp / "config.yaml")
-        _swap_in(tmp, lora_dir)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return lora_dir
+    meta = file_metadata(adapter, text_encoder is not None)
+    return _publish_lora(
+        lora_dir, lambda tmp: save_file(sd, str(tmp / LORA_WEIGHTS), metadata=meta), config, extra
+    )
