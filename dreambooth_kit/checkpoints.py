@@ -281,7 +281,8 @@ def _write_beside(run: LoopState, folder: Path) -> None:
         save_file(checkpoint_tensors(run.pivots), str(folder / CHECKPOINT_FILE), metadata={"format": "pt"})
     if run.ema is not None:
         with run.ema.swapped_in():
-            write_checkpoint_ema(folder, trained_models(run), lora=run.settings.adapter.is_adapter)
+            models = trained_models(run.accelerator, run.unet, run.text_encoder, run.pivots)
+            write_checkpoint_ema(folder, models, lora=run.settings.adapter.is_adapter)
 
 
 def read_checkpoint_pivots(pivots, folder: Path) -> None:
@@ -299,13 +300,15 @@ def read_checkpoint_pivots(pivots, folder: Path) -> None:
     load_checkpoint_tensors(pivots, load_file(str(file)))
 
 
-def trained_models(run: LoopState) -> dict[str, torch.nn.Module]:
-    """The unwrapped trained models by name: the UNet, and the text encoder when it is trained."""
-    acc = run.accelerator
+def trained_models(
+    accelerator: Accelerator, unet, text_encoder=None, pivots=None
+) -> dict[str, torch.nn.Module]:
+    """The unwrapped trained models by name: the UNet, the text encoder when it is trained, and
+    adapter.pivotal's vectors; what ``ema/`` holds, in this order."""
     return (
-        {"unet": acc.unwrap_model(run.unet)}
-        | ({"text_encoder": acc.unwrap_model(run.text_encoder)} if run.text_encoder is not None else {})
-        | ({"pivotal": run.pivots} if run.pivots is not None else {})  # the vectors, not a model
+        {"unet": accelerator.unwrap_model(unet)}
+        | ({"text_encoder": accelerator.unwrap_model(text_encoder)} if text_encoder is not None else {})
+        | ({"pivotal": pivots} if pivots is not None else {})  # the vectors, not a model
     )
 
 

@@ -283,7 +283,10 @@ def _kohya_tensors(src: Path, sd: dict[str, Tensor], meta: dict[str, Any], label
     shape = read_shape(src)
     if shape is not None:  # LoHa / LoKr: LyCORIS keys (lycoris.py)
         ra = (int(shape["rank"]), float(shape["alpha"]))
-        return to_lycoris(sd, shape), {"unet": ra}
+        try:
+            return to_lycoris(sd, shape), {"unet": ra}
+        except InvalidInput as e:
+            raise ExportError(f"{src}: {e}; train again or copy the run's lora/ folder again") from None
     if any("lora_magnitude_vector" in k for k in sd):
         # A1111's Lora extension normalises a DoRA weight per input column (kohya's convention); peft,
         # which trained it, per output row. No kohya file is read right by both, and A1111 would apply
@@ -396,7 +399,8 @@ def _merged_pipeline(run_dir: Path, *, fp16: bool):
     pipe.unload_lora_weights()  # the fused weights stay; the LoRA layers go
     from .pivotal import write_into_table
 
-    write_into_table(pipe, run.lora)  # adapter.pivotal: the vectors into the text encoder's table
+    # adapter.pivotal: the vectors into the text encoder's table (the LoRA folder holds its config.yaml)
+    write_into_table(pipe, run.lora, Run.open(run.lora).config() or {})
     if fp16:
         pipe.to(dtype=torch.float16)
     return pipe
@@ -463,14 +467,14 @@ def export_single_file(run_dir: Path, out_path: Path, *, fp16: bool = False) -> 
 def _copy_embeddings(lora_dir: Path, dest: Path) -> list[Path]:
     """adapter.pivotal: the identifiers' embedding files, for A1111's and ComfyUI's ``embeddings`` folder
     (the kohya LoRA alone would miss the trained vectors)."""
+    from .atomic import write_bytes
     from .pivotal import embedding_paths
+    from .runfolder import Run
 
     written = []
-    for path in embedding_paths(lora_dir):
+    for path in embedding_paths(lora_dir, Run.open(lora_dir).config() or {}):
         dest.mkdir(parents=True, exist_ok=True)
-        with writing(dest / path.name) as tmp:
-            tmp.write_bytes(path.read_bytes())
-        written.append(dest / path.name)
+        written.append(write_bytes(dest / path.name, path.read_bytes()))
     return written
 
 

@@ -137,11 +137,9 @@ def load_pipeline(
         )
     pipe = _load_base(source, torch_dtype, attention, prediction_type, scheduler, load_kw)
     names = [load_lora(pipe, path, f"lora{i}") for i, path in enumerate(loras)]
-    _schedule_of_loras(pipe, loras)
-    _pivots_of_loras(pipe, loras)
     if names:
         pipe.set_adapters(names, adapter_weights=scales)
-        _scale_lycoris(pipe, loras, names, scales)
+        _what_the_loras_bring(pipe, loras, names, scales)
         if fuse:
             pipe.fuse_lora(adapter_names=names)
     pipe._dbk = {  # what every PNG records (pngmeta.GenerationParams)
@@ -153,36 +151,29 @@ def load_pipeline(
     return _place(pipe, device, offload, compile)
 
 
-def _scale_lycoris(pipe, loras: list, names: list[str], scales: list[float]) -> None:
+def _what_the_loras_bring(pipe, loras: list, names: list[str], scales: list[float]) -> None:
+    """What our LoRA folders say beyond their tensors: a LoHa/LoKr's scale (diffusers' set_adapters
+    scales LoRA layers only), adapter.pivotal's identifier vectors (pivotal.py), and a training
+    schedule rescaled to zero terminal SNR, which sampling must then use too: with the base model's
+    it would start at a noise level the LoRA was not trained for."""
     from .lycoris import read_shape, set_scale
-
-    for path, name, scale in zip(loras, names, scales, strict=True):
-        if read_shape(lora_file(path)) is not None:
-            set_scale(pipe, name, scale)
-
-
-def _pivots_of_loras(pipe, loras: list) -> None:
-    """A LoRA trained with adapter.pivotal brings its identifier's vectors (pivotal.py)."""
-    from .pivotal import apply_from_folder
-
-    for path in loras:
-        apply_from_folder(pipe, Path(lora_file(path)).parent)
-
-
-def _schedule_of_loras(pipe, loras: list) -> None:
-    """A LoRA trained with train.zero_terminal_snr (its config.yaml says so) is sampled with that
-    schedule: with the base model's, sampling starts at a noise level it was not trained for."""
-    import yaml
-
     from .models import with_zero_terminal_snr
+    from .pivotal import apply_from_folder
+    from .runfolder import Run
 
-    for path in loras:
-        config = Path(lora_file(path)).parent / "config.yaml"
-        train = ((yaml.safe_load(config.read_text()) or {}).get("train") or {}) if config.is_file() else {}
-        if train.get("zero_terminal_snr"):
-            pipe.scheduler = with_zero_terminal_snr(pipe.scheduler)
-            log.info("%s was trained with a zero-terminal-SNR schedule: sampling with it", path)
-            return
+    zero_snr = []
+    for path, name, scale in zip(loras, names, scales, strict=True):
+        file = lora_file(path)
+        if read_shape(file) is not None:
+            set_scale(pipe, name, scale)
+        config = Run.open(file.parent).config() or {}  # the run's config.yaml, beside the weights
+        apply_from_folder(pipe, file.parent, config)
+        zero_snr += [path] if (config.get("train") or {}).get("zero_terminal_snr") else []
+    if zero_snr:
+        pipe.scheduler = with_zero_terminal_snr(pipe.scheduler)
+        log.info(
+            "%s trained with a zero-terminal-SNR schedule: sampling with it", ", ".join(map(str, zero_snr))
+        )
 
 
 def _lora_records(loras: list, scales: list[float]) -> dict:

@@ -72,7 +72,9 @@ def _problem(photo: Path, masks: str) -> tuple[Path, str] | None:
     try:
         mask = load_mask(photo, masks)
     except OSError as e:
-        return path or photo, f"data.masks: the mask of {photo.name} cannot be read ({e})"
+        return path or photo, (
+            f"data.masks: the mask of {photo.name} cannot be read ({e}); save it again as a PNG"
+        )
     if mask.size != size:
         return path or photo, (
             f"data.masks: the mask of {photo.name} is {mask.size[0]}x{mask.size[1]}, the photo "

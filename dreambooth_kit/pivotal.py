@@ -35,20 +35,36 @@ def token_ids(tokenizer, identifier: str) -> tuple[int, ...]:
 
 
 class Pivots(torch.nn.Module):
-    """One trainable vector per token of each identifier, placed into the text encoder's input
-    embeddings by :meth:`install`."""
+    """One vector per token of each identifier, placed into a text encoder's input embeddings by
+    :meth:`install`: trainable ones starting from the tokenizer's own embedding (:meth:`start`), or
+    trained ones read back for generation (:meth:`trained`)."""
 
-    def __init__(self, tokenizer, text_encoder, identifiers: list[str]) -> None:
+    def __init__(self, tokenizer, vectors: dict[str, torch.Tensor], *, trainable: bool) -> None:
         super().__init__()
-        table = text_encoder.get_input_embeddings().weight
-        self.identifiers = list(dict.fromkeys(identifiers))
+        self.identifiers = list(vectors)
         self.ids = {ident: token_ids(tokenizer, ident) for ident in self.identifiers}
+        for ident, v in vectors.items():
+            if v.shape[0] != len(self.ids[ident]):
+                raise InvalidInput(
+                    f"adapter.pivotal: the embedding of {ident!r} has {v.shape[0]} vectors, the identifier "
+                    f"{len(self.ids[ident])} tokens in this tokenizer; use the base model the LoRA was trained on"
+                )
         self.vectors = torch.nn.ParameterList(
-            [torch.nn.Parameter(table[list(self.ids[i])].detach().float().clone()) for i in self.identifiers]
+            [
+                torch.nn.Parameter(v.detach().float().clone(), requires_grad=trainable)
+                for v in vectors.values()
+            ]
         )
 
-    def vector(self, identifier: str) -> torch.Tensor:
-        return self.vectors[self.identifiers.index(identifier)]
+    @classmethod
+    def start(cls, tokenizer, text_encoder, identifiers: list[str]) -> Pivots:
+        table = text_encoder.get_input_embeddings().weight
+        vectors = {i: table[list(token_ids(tokenizer, i))] for i in dict.fromkeys(identifiers)}
+        return cls(tokenizer, vectors, trainable=True)
+
+    @classmethod
+    def trained(cls, tokenizer, vectors: dict[str, torch.Tensor]) -> Pivots:
+        return cls(tokenizer, vectors, trainable=False)
 
     def install(self, text_encoder) -> torch.utils.hooks.RemovableHandle:
         """Every later forward of ``text_encoder`` uses these vectors for the identifiers' tokens."""
@@ -57,7 +73,7 @@ class Pivots(torch.nn.Module):
     def _hook(self, module, inputs, output: torch.Tensor) -> torch.Tensor:
         input_ids = inputs[0]
         for ident, vec in zip(self.identifiers, self.vectors, strict=True):
-            output = place(output, input_ids, self.ids[ident], vec)
+            output = place(output, input_ids, self.ids[ident], vec.to(output.device))
         return output
 
 
@@ -90,7 +106,8 @@ def checkpoint_tensors(pivots: Pivots) -> dict[str, torch.Tensor]:
 def load_checkpoint_tensors(pivots: Pivots, tensors: dict[str, torch.Tensor]) -> None:
     if set(tensors) != set(pivots.identifiers):
         raise InvalidInput(
-            f"the checkpoint's pivotal vectors are for {sorted(tensors)}, this run's identifiers {pivots.identifiers}"
+            f"the checkpoint's pivotal vectors are for {sorted(tensors)}, this run's identifiers "
+            f"{pivots.identifiers}; resume with the identifiers the checkpoint was trained with (data.identifier)"
         )
     with torch.no_grad():
         for ident, vec in zip(pivots.identifiers, pivots.vectors, strict=True):
@@ -113,38 +130,18 @@ def identifiers_of(config: dict) -> list[str]:
     return [i for i in found if i]
 
 
-class FixedPivots(torch.nn.Module):
-    """Trained vectors read back from ``<identifier>.safetensors`` files, for generation."""
-
-    def __init__(self, tokenizer, vectors: dict[str, torch.Tensor]) -> None:
-        super().__init__()
-        self.items = [(token_ids(tokenizer, i), v) for i, v in vectors.items()]
-        for ids, v in self.items:
-            if v.shape[0] != len(ids):
-                raise InvalidInput(
-                    f"adapter.pivotal: the embedding has {v.shape[0]} vectors, the identifier {len(ids)} tokens "
-                    "in this tokenizer; use the base model the LoRA was trained on"
-                )
-
-    def hook(self, module, inputs, output):
-        for ids, v in self.items:
-            output = place(output, inputs[0], ids, v.to(output.device))
-        return output
-
-
 def apply_vectors(pipe, vectors: dict[str, torch.Tensor]) -> None:
     """Put trained vectors ({identifier: n x width}) into ``pipe``'s text encoder."""
-    fixed = FixedPivots(pipe.tokenizer, vectors)
-    pipe.text_encoder.get_input_embeddings().register_forward_hook(fixed.hook)
+    Pivots.trained(pipe.tokenizer, vectors).install(pipe.text_encoder)
 
 
-def apply_from_folder(pipe, lora_dir: Path) -> list[str]:
+def apply_from_folder(pipe, lora_dir: Path, config: dict) -> list[str]:
     """If the LoRA folder was trained with adapter.pivotal, put its identifiers' vectors into ``pipe``'s
     text encoder; returns the identifiers applied."""
     from safetensors.torch import load_file
 
     vectors = {}
-    for file in embedding_paths(lora_dir):
+    for file in embedding_paths(lora_dir, config):
         if not file.is_file():
             raise InvalidInput(f"{lora_dir}: trained with adapter.pivotal, but {file.name} is missing")
         vectors[file.stem] = load_file(str(file))[EMB_KEY]
@@ -153,25 +150,22 @@ def apply_from_folder(pipe, lora_dir: Path) -> list[str]:
     return list(vectors)
 
 
-def embedding_paths(lora_dir: Path) -> list[Path]:
-    """The embedding files a pivotal LoRA folder holds (none for any other folder)."""
-    import yaml
-
-    config_file = lora_dir / "config.yaml"
-    config = (yaml.safe_load(config_file.read_text()) or {}) if config_file.is_file() else {}
+def embedding_paths(lora_dir: Path, config: dict) -> list[Path]:
+    """The embedding files a pivotal LoRA folder holds (none for any other folder); ``config``: the
+    folder's config.yaml as a dict (runfolder.Run.config)."""
     if not (config.get("adapter") or {}).get("pivotal"):
         return []
     return [lora_dir / f"{i}.safetensors" for i in identifiers_of(config)]
 
 
-def write_into_table(pipe, lora_dir: Path) -> None:
+def write_into_table(pipe, lora_dir: Path, config: dict) -> None:
     """For a merged model: the vectors written into the text encoder's token table, which is exact
     only when each identifier is one token (a row of its own); a split identifier's rows are shared
     with other words, so that export is refused."""
     from safetensors.torch import load_file
 
     table = pipe.text_encoder.get_input_embeddings().weight
-    for path in embedding_paths(lora_dir):
+    for path in embedding_paths(lora_dir, config):
         ids = token_ids(pipe.tokenizer, path.stem)
         if len(ids) != 1:
             raise InvalidInput(

@@ -96,6 +96,7 @@ def train(cfg: DreamBoothConfig) -> TrainResult:
     accelerator = _make_accelerator(cfg, Path(cfg.train.output_dir))
     check_launch(accelerator)  # before anything is written: a wrong launch trains twice into one folder
     check_deepspeed(accelerator, cfg.adapter.type, cfg.adapter.train_text_encoder, cfg.train)
+    check_pivotal_launch(cfg, accelerator)
     out = _prepare_output_dir(cfg)
     with _lock_output_dir(cfg, out, accelerator):
         folder = Run.open(out)  # under the lock: another run cannot change it between check and use
@@ -221,6 +222,15 @@ def _begin_timeline(folder, resume_from: Path | None, accelerator) -> str:
     return gather_object([lineage])[0]
 
 
+def check_pivotal_launch(cfg: DreamBoothConfig, accelerator) -> None:
+    """adapter.pivotal on several processes is refused before anything is written or made."""
+    if cfg.adapter.pivotal and accelerator.num_processes > 1:
+        raise UserError(
+            "adapter.pivotal trains on one process for now: its vectors are in no DDP module, so nothing "
+            "would average their gradients across processes. Launch one process, or set adapter.pivotal: false"
+        )
+
+
 def _pivots(cfg: DreamBoothConfig, comps, accelerator):
     """adapter.pivotal: the identifiers' trainable token vectors, placed into the (frozen) text
     encoder's input embeddings from now on (pivotal.py); else None."""
@@ -229,12 +239,7 @@ def _pivots(cfg: DreamBoothConfig, comps, accelerator):
 
     if not cfg.adapter.pivotal:
         return None
-    if accelerator.num_processes > 1:
-        raise UserError(
-            "adapter.pivotal trains on one process for now: its vectors are in no DDP module, so nothing "
-            "would average their gradients across processes. Launch one process"
-        )
-    pivots = Pivots(comps.tokenizer, comps.text_encoder, [c.identifier for c in concepts_of(cfg)])
+    pivots = Pivots.start(comps.tokenizer, comps.text_encoder, [c.identifier for c in concepts_of(cfg)])
     pivots.to(accelerator.device)
     pivots.install(comps.text_encoder)
     return pivots
@@ -293,14 +298,12 @@ def _restore(
 
 def _restore_beside(cfg, accelerator, unet, text_encoder, path: Path, state: dict, ema, pivots) -> None:
     """What a checkpoint holds beside accelerate's state: the pivotal vectors, the moving average."""
-    from .checkpoints import read_checkpoint_ema, read_checkpoint_pivots
+    from .checkpoints import read_checkpoint_ema, read_checkpoint_pivots, trained_models
 
     if pivots is not None:
         read_checkpoint_pivots(pivots, path)
     if ema is not None:
-        models = {"unet": accelerator.unwrap_model(unet)}
-        models |= {"text_encoder": accelerator.unwrap_model(text_encoder)} if text_encoder is not None else {}
-        models |= {"pivotal": pivots} if pivots is not None else {}
+        models = trained_models(accelerator, unet, text_encoder, pivots)
         lora = cfg.adapter.is_adapter
         read_checkpoint_ema(ema, path, models, lora=lora, steps=state.get("ema_steps", state["step"]))
 

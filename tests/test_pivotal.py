@@ -169,8 +169,9 @@ def test_several_processes_are_refused_before_training(tiny_model):
 
     from dreambooth_kit.config import load_config
     from dreambooth_kit.errors import UserError
-    from dreambooth_kit.train import _pivots
+    from dreambooth_kit.train import check_pivotal_launch
 
     cfg = load_config("tiny.yaml", {"adapter.pivotal": True})
     with pytest.raises(UserError, match="adapter.pivotal trains on one process for now"):
-        _pivots(cfg, None, SimpleNamespace(num_processes=2))
+        check_pivotal_launch(cfg, SimpleNamespace(num_processes=2))
+    check_pivotal_launch(cfg, SimpleNamespace(num_processes=1))  # one process: fine

@@ -57,10 +57,14 @@ def is_subject(img: Image.Image) -> bool:
 
 def strict_subject_rate(images) -> float:
     """Share of ``images`` that show the whole subject by :func:`is_subject`."""
+    return _share(images, is_subject)
+
+
+def _share(images, test) -> float:
     images = list(images)
     if not images:
-        raise ValueError("strict_subject_rate: no images")
-    return sum(is_subject(i) for i in images) / len(images)
+        raise ValueError(f"{test.__name__}: no images to count")
+    return sum(test(i) for i in images) / len(images)
 
 
 # The clutter of the masked-loss test bed (world.CLUTTER_COLOUR, black): no world colour but black,
@@ -76,7 +80,5 @@ def has_clutter(img: Image.Image) -> bool:
 
 
 def clutter_rate(images) -> float:
-    images = list(images)
-    if not images:
-        raise ValueError("clutter_rate: no images")
-    return sum(has_clutter(i) for i in images) / len(images)
+    """Share of ``images`` with the clutter in them (:func:`has_clutter`)."""
+    return _share(images, has_clutter)
