@@ -35,10 +35,12 @@ def latent_cache_decision(data: DataConfig) -> tuple[bool, str]:
 
 
 class LatentCache:
-    """(path, flip) -> (mean, logvar) of the frozen VAE's posterior, computed on first use."""
+    """(path, flip) -> (mean, logvar) of the frozen VAE's posterior, computed on first use.
+    ``sizes``: an image's training size where it is not ``size`` (data.buckets: its bucket)."""
 
-    def __init__(self, vae, size: int, device, dtype: torch.dtype):
+    def __init__(self, vae, size: int, device, dtype: torch.dtype, sizes: dict | None = None):
         self.vae, self.size, self.device, self.dtype = vae, size, device, dtype
+        self.sizes = dict(sizes or {})
         self.scaling_factor = vae.config.scaling_factor  # kept: the VAE may be released later
         self.store: dict[tuple[str, bool], tuple[torch.Tensor, torch.Tensor]] = {}
         self.encodes = 0  # VAE encoder calls (tests count them)
@@ -48,7 +50,7 @@ class LatentCache:
         from .dataset import preprocess
 
         path, flip = key
-        pixels = preprocess(load_image(Path(path)), self.size, flip=flip)[None]
+        pixels = preprocess(load_image(Path(path)), self.sizes.get(path, self.size), flip=flip)[None]
         with torch.no_grad():
             dist = self.vae.encode(pixels.to(self.device, dtype=self.dtype)).latent_dist
         self.encodes += 1
@@ -65,6 +67,7 @@ class LatentCache:
         """A fresh posterior sample per key, scaled like the uncached path (``randn``: see
         :func:`posterior_sample`)."""
         self.fill(keys)
+        # one size per batch: the bucket sampler's batches hold one bucket each
         mean = torch.stack([self.store[(str(k[0]), bool(k[1]))][0] for k in keys])
         logvar = torch.stack([self.store[(str(k[0]), bool(k[1]))][1] for k in keys])
         return posterior_sample(mean, logvar, randn) * self.scaling_factor

@@ -71,6 +71,8 @@ COMPATIBILITY_FIELDS = (
     "data.random_flip",
     "data.caption_dropout",
     "data.masks",
+    "data.buckets",
+    "data.bucket_step",
     "train.unmasked_weight",
     "train.mixed_precision",
     "adapter.type",
@@ -836,6 +838,8 @@ ADAPTER_KEY_PARTS = ("lora_", "hada_", "lokr_")
 # Fields added after checkpoints were first written: a checkpoint without one ran with its default.
 ADDED_FIELD_DEFAULTS: dict[str, Any] = {
     "data.caption_dropout": 0.0,
+    "data.buckets": False,
+    "data.bucket_step": 64,
     "train.ema": False,
     "train.ema_decay": 0.995,
     "train.zero_terminal_snr": False,

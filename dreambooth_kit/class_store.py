@@ -49,6 +49,14 @@ class ClassStoreError(UserError, RuntimeError):
     """A store command that cannot do what was asked; the message names the entry or the flag."""
 
 
+def recipe_size(size: int | str) -> tuple[int, int]:
+    """A recipe's "size" as (width, height): a square side, or a bucket's "WxH" (data.buckets)."""
+    if isinstance(size, int):
+        return size, size
+    width, height = str(size).split("x")
+    return int(width), int(height)
+
+
 def default_root() -> Path:
     from .cache import cache_root
 
@@ -147,7 +155,7 @@ class ClassStore:
             params = read_metadata(image)["params"]
         except (OSError, SyntaxError, ValueError, MetadataError, Image.DecompressionBombError) as e:
             return f"unreadable ({type(e).__name__})"
-        if size != (recipe["size"], recipe["size"]):
+        if size != recipe_size(recipe["size"]):
             return f"{size[0]}x{size[1]} px, the recipe's size is {recipe['size']}"
         made = None if params is None else (params.prompt, params.negative_prompt, params.steps, params.seed)
         if made != (recipe["prompt"], recipe["negative_prompt"], recipe["steps"], seed):

@@ -93,6 +93,12 @@ class DataConfig:
     # A mask per photo weighting the instance loss (masks.py): "alpha" (the photo's own alpha channel)
     # or a folder holding <photo stem>.png; white = the subject. null = no masks.
     masks: str | None = None
+    # Aspect-ratio buckets (buckets.py): each photo trains at the size nearest its aspect ratio with
+    # about resolution^2 pixels instead of a centre-cropped square; class images are made at every
+    # bucket's size. bucket_step: the sides' multiple, 64 for SD 2.x (VAE 8x, UNet 8x); the model's
+    # own multiple is checked before anything is generated.
+    buckets: bool = False
+    bucket_step: int = 64
 
 
 @dataclass
@@ -748,6 +754,8 @@ def validate(cfg: DreamBoothConfig, *, check_paths: bool = False) -> list[str]:
         p.append(f"version: {cfg.version} is not supported (this toolkit reads version {CONFIG_VERSION})")
     if d.resolution <= 0 or d.resolution % 8:
         p.append(f"data.resolution: {d.resolution} must be a positive multiple of 8 (the VAE downsamples 8x)")
+    if d.buckets:
+        p += _bucket_problems(d)
     if d.caption_dropout and not d.use_captions:
         p.append(
             f"data.caption_dropout: {d.caption_dropout} drops captions, but data.use_captions is false "
@@ -784,6 +792,17 @@ def validate(cfg: DreamBoothConfig, *, check_paths: bool = False) -> list[str]:
             "concepts (data.instance_prompt is ignored then) or remove the concepts list"
         )
     return p
+
+
+def _bucket_problems(d: DataConfig) -> list[str]:
+    step = d.bucket_step
+    if step <= 0 or step % 8 or d.resolution % step == 0:  # a bad step is a range problem
+        return []
+    fit = max(s for s in (8, 16, 32, 64) if d.resolution % s == 0)
+    return [
+        f"data.bucket_step: {step} does not divide data.resolution {d.resolution}, so no bucket is the "
+        f"{d.resolution} px square; set data.bucket_step={fit} or a resolution that {step} divides"
+    ]
 
 
 def _pivotal_problems(cfg: DreamBoothConfig) -> list[str]:
@@ -845,6 +864,8 @@ def _range_rows(cfg: DreamBoothConfig) -> list[tuple[str, Any, Any, str]]:
         ("model.native_resolution", m.native_resolution, lambda x: x is None or (x > 0 and x % 8 == 0),
          "a positive multiple of 8 (512 for 2-1-base, 768 for 2-1), or null: the model's own"),
         ("data.min_size", d.min_size, _at_least_1, ">= 1"),
+        ("data.bucket_step", d.bucket_step, lambda x: x > 0 and x % 8 == 0,
+         "a positive multiple of 8 (the VAE downsamples 8x); 64 for SD 2.x"),
         ("data.num_workers", d.num_workers, _not_negative, ">= 0 (0 = load images in the training process)"),
         ("data.caption_dropout", d.caption_dropout, lambda x: 0 <= x < 1,
          "in [0, 1) (a share of the captioned rows; for none at all set data.use_captions: false)"),
@@ -959,7 +980,9 @@ class ClassImageSpec:
     steps: int
     guidance_scale: float
     batch_size: int | str  # or "auto"
-    size: int  # data.resolution: the training size, not the model's native size (768 for SD 2.1)
+    # data.resolution: the training size, not the model's native size (768 for SD 2.1); or a bucket's
+    # (width, height) (data.buckets)
+    size: int | tuple[int, int]
     seed: int  # image i uses seed + i
     regenerate: bool
     sampler: str | None = None  # a SCHEDULERS name; None: the model's own scheduler

@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from .buckets import crop_share, nearest_bucket
 from .errors import UserError
 
 
@@ -103,6 +104,10 @@ class ImageReport:
     # With use_captions: usable image -> the caption it trains with (its name.txt); others use the
     # instance prompt.
     captions: dict[Path, str] = field(default_factory=dict)
+    # Each usable image's upright (width, height), as training decodes it.
+    sizes: dict[Path, tuple[int, int]] = field(default_factory=dict)
+    # With buckets: each usable image's bucket (data.buckets), the size it trains at.
+    buckets: dict[Path, tuple[int, int]] = field(default_factory=dict)
 
     @property
     def errors(self) -> list[ImageIssue]:
@@ -348,10 +353,13 @@ def check_images(
     max_count: int = 100,
     max_pixels: int | None = None,
     use_captions: bool = False,
+    buckets: list[tuple[int, int]] | None = None,
 ) -> ImageReport:
     """Decode every candidate and collect all problems; raises only when the folder does not exist.
 
-    ``use_captions``: each usable image's ``name.txt`` is reported as its caption (``report.captions``)."""
+    ``use_captions``: each usable image's ``name.txt`` is reported as its caption (``report.captions``).
+    ``buckets`` (data.buckets, :func:`~dreambooth_kit.buckets.bucket_sizes`): each usable image's bucket
+    is reported (``report.buckets``), and the size and crop warnings are about it, not the square."""
     images, skipped, issues = find_images(folder, use_captions=use_captions)
     report = ImageReport(_resolve_folder(folder), [], skipped, issues)
     limit = max_pixels if max_pixels is not None else Image.MAX_IMAGE_PIXELS  # None: no limit
@@ -371,7 +379,8 @@ def check_images(
         except DataError as e:
             add("error", str(e))
             continue
-        problems = _photo_problems(rgb.size, notes, limit, resolution, min_size)
+        bucket = nearest_bucket(rgb.size, buckets) if buckets else None
+        problems = _photo_problems(rgb.size, notes, limit, resolution, min_size, bucket)
         for severity, message in problems:
             add(severity, message)
         if any(severity == "error" for severity, _ in problems):
@@ -386,6 +395,8 @@ def check_images(
             if near:
                 add("warning", near)
         report.images.append(path)
+        report.sizes[path] = rgb.size
+        report.buckets.update({path: bucket} if bucket else {})
     if use_captions:
         report.captions = _captions(report.images, issues)
     count = _count_issue(len(report.images), report.folder, min_count, max_count)
@@ -439,9 +450,15 @@ def _near_duplicate(path: Path, digest: int | None, hashed: list[tuple[Path, int
 
 
 def _photo_problems(
-    size: tuple[int, int], notes: _Notes, limit: int | None, resolution: int, min_size: int
+    size: tuple[int, int],
+    notes: _Notes,
+    limit: int | None,
+    resolution: int,
+    min_size: int,
+    bucket: tuple[int, int] | None = None,
 ) -> list[tuple[str, str]]:
-    """(severity, message) for one decoded photo of ``size`` (upright); an error means it is not used."""
+    """(severity, message) for one decoded photo of ``size`` (upright); an error means it is not used.
+    ``bucket``: the size it trains at (data.buckets), else a ``resolution`` square."""
     out: list[tuple[str, str]] = []
     w, h = size
     pixels = notes.width * notes.height
@@ -454,15 +471,7 @@ def _photo_problems(
     if short < min_size:
         out.append(("error", f"{w}x{h} is below the {min_size} px minimum side; use a larger photo"))
         return out
-    if short < resolution:
-        factor = f"{resolution / short:.1f}".removesuffix(".0")
-        why = f"smaller than the training resolution {resolution}: it will be upscaled {factor}x"
-        out.append(("warning", f"{w}x{h} is {why} and look blurry; use photos of {resolution} px or more"))
-    if max(w, h) > 2 * short:
-        kept = round(100 * short / max(w, h))
-        out.append(
-            ("warning", f"{w}x{h}: the square crop keeps only {kept}% of it; crop it around the subject")
-        )
+    out += _fit_problems(size, resolution, bucket)
     if notes.frames > 1:
         out.append(("warning", f"animated ({notes.frames} frames): only frame 0 is used"))
     if notes.mode == "CMYK":
@@ -475,6 +484,31 @@ def _photo_problems(
         out.append(("info", "16-bit greyscale: scaled to 8-bit"))
     if notes.exif_error:
         out.append(("warning", f"EXIF unreadable ({notes.exif_error}); orientation not applied"))
+    return out
+
+
+def _fit_problems(
+    size: tuple[int, int], resolution: int, bucket: tuple[int, int] | None
+) -> list[tuple[str, str]]:
+    """How the photo fits what it trains at: upscaled (blurry), or most of it cropped away."""
+    w, h = size
+    tw, th = bucket or (resolution, resolution)
+    target = f"its bucket {tw}x{th}" if bucket else f"the training resolution {resolution}"
+    out = []
+    factor = max(tw / w, th / h)  # the resize that covers the target
+    if factor > 1:
+        times = f"{factor:.1f}".removesuffix(".0")
+        why = f"smaller than {target}: it will be upscaled {times}x"
+        out.append(("warning", f"{w}x{h} is {why} and look blurry; use photos of {max(tw, th)} px or more"))
+    kept = round(100 * crop_share(size, (tw, th)))
+    if bucket is None and max(w, h) > 2 * min(w, h):
+        tip = "crop it around the subject, or set data.buckets: true (keeps the framing up to 2:1)"
+        out.append(("warning", f"{w}x{h}: the square crop keeps only {kept}% of it; {tip}"))
+    elif bucket is not None and kept < 75:
+        tip = "crop it around the subject (no bucket is wider than 2:1)"
+        out.append(("warning", f"{w}x{h}: {target} keeps only {kept}% of it; {tip}"))
+    if bucket is not None:
+        out.append(("info", f"{w}x{h}: trains at {tw}x{th} (data.buckets)"))
     return out
 
 

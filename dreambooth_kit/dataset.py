@@ -15,13 +15,14 @@ from .data import DataError, load_image, read_caption, to_rgb
 
 def preprocess(
     img: Image.Image,
-    size: int,
+    size: int | tuple[int, int],
     *,
     center_crop: bool = True,
     flip: bool = False,
     crop_offset: tuple[float, float] | None = None,
 ) -> torch.Tensor:
-    """Short side to `size`, square crop, optional mirror -> float CHW tensor in [-1, 1].
+    """Resize to cover ``size`` (a square side, or (width, height): a bucket), crop the rest, optional
+    mirror -> float CHW tensor in [-1, 1].
 
     crop_offset = (fx, fy) in [0, 1] places the crop within the slack (0.5, 0.5 = centre); without it a
     non-centre crop draws the offset from torch's global RNG."""
@@ -32,16 +33,19 @@ def preprocess(
     fx, fy = float(crop_offset[0]), float(crop_offset[1])  # float: int.is_integer() needs Python 3.12
     if not (0.0 <= fx <= 1.0 and 0.0 <= fy <= 1.0):
         raise ValueError(f"crop_offset must be within [0, 1], got {crop_offset}")
+    tw, th = (size, size) if isinstance(size, int) else size
     w, h = img.size
-    side = min(w, h)
-    left, top = fx * (w - side), fy * (h - side)
-    box = (left, top, left + side, top + side)
-    if side == size and left.is_integer() and top.is_integer():
+    # The largest box of the target's aspect ratio: the full width or the full height. Integer
+    # products before the one division keep a square crop's side exact (it is min(w, h)).
+    bw, bh = (w, w * th / tw) if w * th <= h * tw else (h * tw / th, h)
+    left, top = fx * (w - bw), fy * (h - bh)
+    box = (left, top, left + bw, top + bh)
+    if (bw, bh) == (tw, th) and left.is_integer() and top.is_integer():
         out = img.crop(tuple(int(v) for v in box))  # already the right size: no resampling blur
     else:
-        # Resampling just the crop box = "resize short side, then crop", in one pass over fewer pixels.
-        resample = Image.Resampling.LANCZOS if side > size else Image.Resampling.BICUBIC
-        out = img.resize((size, size), resample, box=box)
+        # Resampling just the crop box = "resize to cover, then crop", in one pass over fewer pixels.
+        resample = Image.Resampling.LANCZOS if bw > tw else Image.Resampling.BICUBIC
+        out = img.resize((tw, th), resample, box=box)
     if flip:
         out = out.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
     arr = np.array(out, dtype=np.uint8)  # a writable copy: torch.from_numpy warns on read-only arrays
@@ -61,6 +65,9 @@ class Example:
     # The subject's instance prompt when instance_prompt is the photo's caption: what a dropped
     # caption (data.caption_dropout) trains with.
     bare_prompt: str | None = None
+    # data.buckets: the row's (width, height), its photo's bucket; the class image is cropped to it
+    # too. None: the dataset's square size.
+    size: tuple[int, int] | None = None
 
 
 def pair_examples(
@@ -97,6 +104,26 @@ def pair_examples(
                 bare_prompt=instance_prompt if caption else None,
             )
         )
+    return rows
+
+
+def pair_bucketed(
+    photo_buckets: dict[Path, tuple[int, int]],
+    instance_prompt: str,
+    class_images: dict[tuple[int, int], list[Path]] | None = None,
+    class_prompt: str | None = None,
+    **kwargs,
+) -> list[Example]:
+    """data.buckets: one subject's rows, bucket by bucket, each photo's with a class image of its own
+    bucket (a row's two images train in one batch, so they need one size): :func:`pair_examples`
+    within each bucket, so one epoch still covers every class image. ``kwargs``: as there."""
+    rows = []
+    for bucket in sorted(set(photo_buckets.values())):
+        photos = [p for p, b in photo_buckets.items() if b == bucket]
+        cls = class_images[bucket] if class_images is not None else None
+        for e in pair_examples(photos, instance_prompt, cls, class_prompt if cls else None, **kwargs):
+            e.size = bucket
+            rows.append(e)
     return rows
 
 
@@ -187,13 +214,29 @@ class DreamBoothDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.examples)
 
+    def row_size(self, index: int) -> int | tuple[int, int]:
+        """What row ``index``'s images are cropped to: its bucket, else the square size."""
+        return self.examples[index].size or self.size
+
+    def image_sizes(self) -> dict[str, int | tuple[int, int]]:
+        """Every image's training size by path, for the latent cache. An image is in one bucket
+        only: a photo's is its aspect ratio's, and each bucket has its own class-image folder."""
+        sizes: dict[str, int | tuple[int, int]] = {}
+        for i, e in enumerate(self.examples):
+            for path in (e.instance, e.class_image):
+                if path is not None and sizes.setdefault(str(path), self.row_size(i)) != self.row_size(i):
+                    raise DataError(
+                        f"{path} is in rows of two sizes, {sizes[str(path)]} and {self.row_size(i)}"
+                    )
+        return sizes
+
     def _item(self, path: Path, epoch: int, index: int, slot: int):
         offset, flip = augmentation(
             self.seed, epoch, index, slot, center_crop=self.center_crop, random_flip=self.random_flip
         )
         if self.latents:
             return (str(path), flip)
-        return preprocess(load_image(path), self.size, flip=flip, crop_offset=offset or (0.5, 0.5))
+        return preprocess(load_image(path), self.row_size(index), flip=flip, crop_offset=offset or (0.5, 0.5))
 
     def _weights(self, photo: Path, epoch: int, index: int) -> torch.Tensor:
         from .masks import load_mask, loss_weights
@@ -202,8 +245,8 @@ class DreamBoothDataset(torch.utils.data.Dataset):
             self.seed, epoch, index, 0, center_crop=self.center_crop, random_flip=self.random_flip
         )
         return loss_weights(
-            load_mask(photo, self.masks), self.size, preprocess, unmasked_weight=self.unmasked_weight,
-            flip=flip, crop_offset=offset or (0.5, 0.5),
+            load_mask(photo, self.masks), self.row_size(index), preprocess,
+            unmasked_weight=self.unmasked_weight, flip=flip, crop_offset=offset or (0.5, 0.5),
         )  # fmt: skip
 
     def __getitem__(self, key: int | tuple[int, int]) -> dict:
@@ -237,8 +280,9 @@ class EpochSampler(torch.utils.data.Sampler):
     crop and flip from them (see :func:`augmentation`).
     """
 
-    def __init__(self, n: int, seed: int, multiple: int = 1) -> None:
+    def __init__(self, n: int, seed: int, multiple: int = 1, *, batch: int = 1) -> None:
         self.n, self.seed, self.epoch, self.start = n, seed, 0, 0
+        self.batch = batch  # rows per batch of all processes together (resume_at counts those)
         # Several processes: each epoch is filled up to a multiple of processes x batch with its own
         # first rows, as accelerate would fill the last batches, but here, so that a resumed epoch
         # is filled with the same rows as the uninterrupted one (accelerate fills from wherever the
@@ -248,6 +292,10 @@ class EpochSampler(torch.utils.data.Sampler):
     def set_position(self, epoch: int, start: int) -> None:
         self.epoch, self.start = epoch, min(start, self.length)
 
+    def resume_at(self, epoch: int, batches: int) -> None:
+        """Start at ``epoch`` after the ``batches`` it has trained on (batches of all processes)."""
+        self.set_position(epoch, batches * self.batch)
+
     def __iter__(self):
         g = torch.Generator().manual_seed(self.seed + self.epoch)
         order = torch.randperm(self.n, generator=g).tolist()
@@ -256,6 +304,51 @@ class EpochSampler(torch.utils.data.Sampler):
 
     def __len__(self) -> int:
         return self.length - self.start
+
+
+class BucketBatchSampler(torch.utils.data.Sampler):
+    """data.buckets: batches of row indices that all share one size, in an order that is a pure
+    function of (seed, epoch), startable at any batch (see :class:`EpochSampler` for why).
+
+    Per epoch: the rows in a shuffled order, grouped by size, cut into batches, and the batches
+    shuffled, so every bucket's rows come up through the epoch instead of one bucket after another.
+    Several processes (``world``): each bucket is filled up to whole batches of every process with its
+    own first rows, and a batch of all processes is ``world`` consecutive batches of one bucket, so
+    the processes of one step train on one size with equal rows (accelerate's sharded loader hands
+    process r batches r, r + world, ...). One process: a bucket's last batch may be smaller."""
+
+    def __init__(self, sizes: list, batch_size: int, seed: int, world: int = 1) -> None:
+        self.sizes, self.batch_size, self.seed, self.world = list(sizes), batch_size, seed, world
+        self.epoch, self.skip = 0, 0
+
+    def resume_at(self, epoch: int, batches: int) -> None:
+        """Start at ``epoch`` after the ``batches`` it has trained on (batches of all processes)."""
+        self.epoch, self.skip = epoch, batches * self.world
+
+    def batches(self, epoch: int) -> list[list[tuple[int, int]]]:
+        """Every batch of ``epoch`` (one process's share each), as ``(epoch, row)`` items."""
+        g = torch.Generator().manual_seed(self.seed + epoch)
+        groups: dict = {}
+        for i in torch.randperm(len(self.sizes), generator=g).tolist():
+            groups.setdefault(self.sizes[i], []).append(i)
+        per = self.batch_size * self.world
+        steps = []
+        for rows in groups.values():
+            if self.world > 1:  # whole batches of every process, filled with the bucket's first rows
+                rows = rows + [rows[i % len(rows)] for i in range(-len(rows) % per)]
+            steps += [rows[i : i + per] for i in range(0, len(rows), per)]
+        order = torch.randperm(len(steps), generator=g).tolist()
+        return [
+            [(epoch, i) for i in steps[k][j : j + self.batch_size]]
+            for k in order
+            for j in range(0, len(steps[k]), self.batch_size)
+        ]
+
+    def __iter__(self):
+        return iter(self.batches(self.epoch)[self.skip :])
+
+    def __len__(self) -> int:
+        return max(0, len(self.batches(self.epoch)) - self.skip)
 
 
 def collate(examples: list[dict], with_prior: bool) -> dict:

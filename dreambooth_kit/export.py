@@ -152,6 +152,7 @@ class ExportLabels:
     instance_prompt: str = ""
     rank: int | None = None  # adapter.rank/alpha: used when the LoRA file carries no metadata
     alpha: float | None = None
+    buckets: bool = False  # data.buckets: trained at aspect-ratio buckets around resolution^2
 
 
 def kohya_metadata(labels: ExportLabels, *, rank: int, alpha: float) -> dict[str, str]:
@@ -168,6 +169,7 @@ def kohya_metadata(labels: ExportLabels, *, rank: int, alpha: float) -> dict[str
         # kohya writes ss_v_parameterization for v-prediction models; A1111 uses it for SD2-768.
         "ss_v_parameterization": str(v),
         "ss_resolution": f"({res}, {res})",
+        "ss_enable_bucket": str(labels.buckets),  # kohya's key: the photos kept their aspect ratios
         # kohya writes the base's file name here; a full local path would leak the user's folders.
         "ss_sd_model_name": model_file_name(labels.base_model),
         "ss_training_comment": "dreambooth_kit DreamBooth LoRA",
@@ -212,6 +214,7 @@ def labels_for(lora: Path) -> ExportLabels:
         instance_prompt=cfg.data.instance_prompt,
         rank=cfg.adapter.rank,
         alpha=cfg.adapter.alpha,
+        buckets=cfg.data.buckets,
     )
 
 

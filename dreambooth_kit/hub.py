@@ -276,7 +276,12 @@ def _settings(cfg: DreamBoothConfig, concepts) -> list[tuple[str, object]]:
         ("Steps", t.max_steps),
         ("Batch size x gradient accumulation", f"{t.batch_size} x {t.gradient_accumulation_steps}"),
         ("Learning rate", lr_text),
-        ("Resolution", cfg.data.resolution),
+        (
+            "Resolution",
+            f"{cfg.data.resolution} (aspect-ratio buckets, sides in steps of {cfg.data.bucket_step})"
+            if cfg.data.buckets
+            else cfg.data.resolution,
+        ),
         ("Mixed precision", t.mixed_precision),
         ("Seed", t.seed),
     ]

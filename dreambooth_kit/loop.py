@@ -27,7 +27,7 @@ if TYPE_CHECKING:
     from tqdm.auto import tqdm
 
     from .caching import LatentCache
-    from .dataset import DreamBoothDataset, EpochSampler
+    from .dataset import BucketBatchSampler, DreamBoothDataset, EpochSampler
     from .ema import TrainedEMA
     from .guards import StopSignals
     from .models import SDComponents
@@ -158,7 +158,7 @@ def release_frozen(
 def run(
     ctx: LoopState,
     dataloader: DataLoader,
-    sampler: EpochSampler,
+    sampler: EpochSampler | BucketBatchSampler,
     latent_cache: LatentCache | None,
     encode: PromptEncoder,
     position: dict,
@@ -179,8 +179,8 @@ def run(
     ctx.unet.train()
     t_step = time.perf_counter()
     while ctx.step < t.max_steps:
-        # Global batches consumed this epoch -> sample index to start from (exact resume).
-        sampler.set_position(epoch, in_epoch * t.batch_size * acc.num_processes)
+        # Skip the batches (of all processes) this epoch has trained on: an exact resume.
+        sampler.resume_at(epoch, in_epoch)
         for batch in dataloader:
             in_epoch += 1
             result = _step(ctx, batch, encode, latent_cache)

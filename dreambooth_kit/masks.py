@@ -88,8 +88,10 @@ def _problem(photo: Path, masks: str) -> tuple[Path, str] | None:
     return None
 
 
-def loss_weights(mask: Image.Image, size: int, preprocess, *, unmasked_weight: float, **crop) -> torch.Tensor:
-    """The per-pixel loss weights (1 x size x size) of one photo: ``preprocess`` is the photo's own
+def loss_weights(
+    mask: Image.Image, size: int | tuple[int, int], preprocess, *, unmasked_weight: float, **crop
+) -> torch.Tensor:
+    """The per-pixel loss weights (1 x height x width, ``size`` a square side or a bucket) of one photo: ``preprocess`` is the photo's own
     (dataset.preprocess, with the same ``crop`` arguments), so the mask is cropped and flipped exactly
     as the photo."""
     inside = (preprocess(mask.convert("RGB"), size, **crop)[:1] + 1) / 2  # [-1, 1] -> [0, 1], one channel

@@ -291,6 +291,19 @@ def model_facts(location: str, revision: str | None = None) -> tuple[str | None,
     return prediction, native
 
 
+def size_multiple(location: str, revision: str | None = None) -> int | None:
+    """The multiple every image side must be for this model, from its configs alone: the VAE halves
+    the size once per block after the first, and the UNet once per down block after the first
+    (SD 2.x: 8 x 8 = 64). None where the configs cannot be read."""
+    unet = _model_json(location, "unet/config.json", revision)
+    vae = _model_json(location, "vae/config.json", revision)
+    if unet is None or vae is None:
+        return None
+    vae_blocks = len(vae.get("block_out_channels", [0] * 4))
+    unet_blocks = len(unet.get("down_block_types", [0] * 4))
+    return 2 ** (vae_blocks - 1) * 2 ** (unet_blocks - 1)
+
+
 def _model_json(location: str, name: str, revision: str | None) -> dict | None:
     path = Path(location) / name
     if not path.is_file() and not Path(location).exists():

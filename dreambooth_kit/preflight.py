@@ -215,10 +215,14 @@ def check_output_folders(spec: PreflightSpec) -> None:
 
 
 def _check_instance_folder(key: str, folder: str, d) -> ImageReport:
+    from .buckets import bucket_sizes
+
+    buckets = bucket_sizes(d.resolution, d.bucket_step) if d.buckets else None
     try:
         return check_images(
-            Path(folder), resolution=d.resolution, min_size=d.min_size, use_captions=d.use_captions
-        )
+            Path(folder), resolution=d.resolution, min_size=d.min_size, use_captions=d.use_captions,
+            buckets=buckets,
+        )  # fmt: skip
     except DataError as e:  # the folder itself (missing, a file, a link loop): name the setting too
         raise DataError(f"{key}: {e}") from None
 

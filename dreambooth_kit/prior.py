@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from .batching import AUTO, AUTO_MAX, OutOfMemory
+from .buckets import Size, bucket_folder_name, class_image_counts
 from .config import ClassImageSpec
 from .errors import UserError
 from .models import ModelSource
@@ -70,7 +71,9 @@ def _recipe(spec: ClassImageSpec, source: ModelSource) -> dict[str, Any]:
         "sampler": spec.sampler,
         "steps": spec.steps,
         "guidance_scale": spec.guidance_scale,
-        "size": spec.size,
+        # a square side as before buckets, a bucket as "WxH": manifests and store entries of square
+        # class images made before buckets existed keep matching
+        "size": spec.size if isinstance(spec.size, int) else bucket_folder_name(spec.size),
         "seed": spec.seed,
     }
 
@@ -178,6 +181,28 @@ def ensure_class_images(
         _write_manifest(folder, recipe, seeds)
     final, _s, _i = find_images(folder)
     return ClassImages(folder, final[:want], len(missing), len(existing), from_store=len(copied))
+
+
+def ensure_bucketed_class_images(
+    spec: ClassImageSpec, source: ModelSource, photo_buckets: list[Size], **kwargs
+) -> dict[Size, ClassImages]:
+    """data.buckets: ``spec.count`` class images shared among the photos' buckets (one entry per
+    photo in ``photo_buckets``) in proportion, each bucket's made at its size, since a batch holds one
+    size and a row's class image trains beside its photo. The square bucket's are ``prior.class_dir``
+    itself (square class images made without buckets are reused), the others in its ``WxH/``
+    subfolders, each with its own manifest; image i of each is seed + i. ``kwargs``: as
+    :func:`ensure_class_images`."""
+    from dataclasses import replace
+
+    square = (spec.size, spec.size) if isinstance(spec.size, int) else spec.size
+    out = {}
+    for bucket, count in class_image_counts(photo_buckets, spec.count).items():
+        folder = spec.folder if bucket == square else Path(spec.folder) / bucket_folder_name(bucket)
+        size = spec.size if bucket == square else bucket
+        out[bucket] = ensure_class_images(
+            replace(spec, folder=folder, count=count, size=size), source, **kwargs
+        )
+    return out
 
 
 def _my_share(missing: list[int], batch_size: int | str, rank: int, n_proc: int) -> list[int]:
@@ -340,6 +365,7 @@ def _generate(
     # already resolved (single files too); sampler None keeps the model's own scheduler
     pipe = load_pipeline(source, device=device, dtype=dtype, scheduler=spec.sampler)
     written = 0
+    width, height = (spec.size, spec.size) if isinstance(spec.size, int) else spec.size
 
     def save(batch) -> None:  # each batch as soon as it is made: a kill loses at most one batch
         nonlocal written
@@ -360,8 +386,8 @@ def _generate(
             seeds=[spec.seed + j for j in missing],
             steps=spec.steps,
             guidance_scale=spec.guidance_scale,
-            height=spec.size,
-            width=spec.size,
+            height=height,
+            width=width,
             batch_size=spec.batch_size,
             on_batch=save,
             progress="class images" if recipe is not None else None,  # one bar: the main process's
@@ -371,7 +397,7 @@ def _generate(
             _write_manifest(folder, recipe, seeds)
         raise ClassImageError(
             f"class images for {folder}: {e.what}. The {written} made are kept. Lower "
-            f"data.resolution (class images are made at the training size, {spec.size} px), or set "
+            f"data.resolution (class images are made at the training size, {width}x{height} px), or set "
             "prior.mode=teacher (no class images), or put class images made elsewhere in prior.class_dir"
         ) from None
     except KeyboardInterrupt:

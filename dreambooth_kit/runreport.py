@@ -43,6 +43,8 @@ class Plan:
     checkpoint_every: int | None
     validation_every: int | None
     output_dir: str
+    # data.buckets: how many photos train at each size ("3 at 512x512, 2 at 640x384"); None: squares
+    buckets: str | None = None
 
 
 def plan_text(p: Plan) -> str:
@@ -51,7 +53,10 @@ def plan_text(p: Plan) -> str:
     start = f", resuming from {p.resume_from}" if p.resume_from else ""
     rows = [
         ("model", p.model),
-        ("photos", f"{p.photos} in {p.photo_dir} ({p.instance_prompt!r}, {p.resolution} px)"),
+        (
+            "photos",
+            f"{p.photos} in {p.photo_dir} ({p.instance_prompt!r}, {p.buckets or f'{p.resolution} px'})",
+        ),
         ("prior", _prior(p)),
         ("adapter", p.adapter),
         (

@@ -104,6 +104,7 @@ def train(cfg: DreamBoothConfig) -> TrainResult:
         check_transformers_peft(need_text_encoder_lora=cfg.adapter.train_text_encoder)
         source = resolve_source(cfg.model)  # once: every step below reads this, nothing resolves again
         check_zero_terminal_snr(cfg, source.prediction_type)  # before class images are made
+        check_buckets(cfg, source)
         report = preflight(
             preflight_spec(cfg),
             prediction_type=source.prediction_type,
@@ -175,7 +176,7 @@ def train(cfg: DreamBoothConfig) -> TrainResult:
         losses=run.losses,
         step_seconds=run.step_seconds,
         seconds=seconds,
-        class_images_generated=sum(c.generated for c in class_sets) if class_sets else 0,
+        class_images_generated=_class_images_generated(class_sets),
         skipped_steps=run.guard.steps,
         vae_encodes=latent_cache.encodes if latent_cache else None,
     )
@@ -531,6 +532,26 @@ def check_zero_terminal_snr(cfg: DreamBoothConfig, kind: str | None) -> None:
         )
 
 
+def check_buckets(cfg: DreamBoothConfig, source) -> None:
+    """data.buckets: every bucket's sides must be a multiple of what the model divides them by, or
+    the UNet's skip connections meet latents of two sizes (an error deep in its forward pass, after
+    the class images). Checked from the model's configs before anything is generated."""
+    if not cfg.data.buckets:
+        return
+    from .config import ConfigError
+    from .models import size_multiple
+
+    need = size_multiple(source.location, source.revision)
+    if need and cfg.data.bucket_step % need:
+        raise ConfigError(
+            [
+                f"data.bucket_step: {cfg.data.bucket_step} px, but {cfg.model.pretrained} needs image "
+                f"sides in multiples of {need} (its VAE's and UNet's downsampling together); set "
+                f"data.bucket_step={need * -(-cfg.data.bucket_step // need)}"
+            ]
+        )
+
+
 def _record_prediction_type(cfg: DreamBoothConfig, source, comps, out: Path, accelerator):
     """Write the prediction type the model really has into the run's config.yaml and model record, so
     exports label the LoRA right (a v-prediction run marked epsilon gives noise in A1111) without
@@ -586,8 +607,17 @@ def _announce_plan(
         checkpoint_every=cfg.checkpoint.every_steps,
         validation_every=cfg.validation.every_steps,
         output_dir=str(out),
+        buckets=_bucket_line([b for _, r in concepts for b in r.buckets.values()]),
     )
     log.info("%s", plan_text(plan))
+
+
+def _bucket_line(buckets: list[tuple[int, int]]) -> str | None:
+    """data.buckets: "3 at 512x512, 2 at 640x384" (None without buckets)."""
+    if not buckets:
+        return None
+    counts = {b: buckets.count(b) for b in sorted(set(buckets))}
+    return "buckets: " + ", ".join(f"{n} at {w}x{h}" for (w, h), n in counts.items())
 
 
 def _model_line(asked: str, location: str, prediction_type: str | None) -> str:
@@ -646,24 +676,31 @@ def _class_images(cfg: DreamBoothConfig, report, source, accelerator, out: Path)
     if not cfg.prior.with_prior_preservation or cfg.prior.mode == "teacher":
         return None  # teacher: the frozen base model's predictions stand in for class images
     from .config import class_image_spec, concepts_of
-    from .prior import ensure_class_images
+    from .prior import ensure_bucketed_class_images, ensure_class_images
 
     specs = [
         class_image_spec(cfg, c, len(r.images)) for c, r in zip(concepts_of(cfg), report.reports, strict=True)
     ]
     folders = sorted({Path(c.class_dir).resolve() for c in concepts_of(cfg)} - {out.resolve()})
+    kwargs = {
+        "device": str(accelerator.device),
+        "is_main_process": accelerator.is_main_process,
+        "shard": (accelerator.process_index, accelerator.num_processes),
+        "sync": accelerator.wait_for_everyone,
+    }
     with _class_folder_locks(folders, accelerator):
-        return [
-            ensure_class_images(
-                spec,
-                source,
-                device=str(accelerator.device),
-                is_main_process=accelerator.is_main_process,
-                shard=(accelerator.process_index, accelerator.num_processes),
-                sync=accelerator.wait_for_everyone,
-            )  # fmt: skip
-            for spec in specs
-        ]
+        if cfg.data.buckets:  # per concept: its photos' buckets -> their class images
+            return [
+                ensure_bucketed_class_images(spec, source, [r.buckets[p] for p in r.images], **kwargs)
+                for spec, r in zip(specs, report.reports, strict=True)
+            ]
+        return [ensure_class_images(spec, source, **kwargs) for spec in specs]
+
+
+def _class_images_generated(class_sets) -> int:
+    """How many class images this run made (with buckets each concept's are a dict by bucket)."""
+    sets = [s for c in class_sets or [] for s in (c.values() if isinstance(c, dict) else [c])]
+    return sum(s.generated for s in sets)
 
 
 @contextlib.contextmanager
@@ -734,20 +771,22 @@ def _data(cfg: DreamBoothConfig, report, class_sets, comps, accelerator):
     """Rows from every concept (captions if asked), a resumable sampler, and the latent cache."""
     from .caching import LatentCache, latent_cache_decision
     from .config import concepts_of
-    from .dataset import DreamBoothDataset, EpochSampler, collate, pair_examples
+    from .dataset import DreamBoothDataset, collate, pair_bucketed, pair_examples
 
     examples = []
     teacher = cfg.prior.with_prior_preservation and cfg.prior.mode == "teacher"
     for i, (c, r) in enumerate(zip(concepts_of(cfg), report.reports, strict=True)):
         cls = class_sets[i] if class_sets else None
-        examples += pair_examples(
-            r.images,
-            c.instance_prompt,
-            cls.images if cls else None,
-            c.class_prompt if cls else None,
+        prompts = dict(
+            class_prompt=c.class_prompt if cls else None,
             use_captions=cfg.data.use_captions,
             teacher_prompt=c.class_prompt if teacher else None,
         )
+        if cfg.data.buckets:
+            by_bucket = {b: s.images for b, s in cls.items()} if cls else None
+            examples += pair_bucketed(r.buckets, c.instance_prompt, by_bucket, **prompts)
+        else:
+            examples += pair_examples(r.images, c.instance_prompt, cls.images if cls else None, **prompts)
     use_cache, why = latent_cache_decision(cfg.data)
     (log.info if use_cache or not cfg.data.cache_latents else log.warning)(
         "latent cache %s: %s", "on" if use_cache else "off", why
@@ -763,14 +802,15 @@ def _data(cfg: DreamBoothConfig, report, class_sets, comps, accelerator):
         masks=cfg.data.masks,
         unmasked_weight=cfg.train.unmasked_weight,
     )
-    # One process: the last batch of an epoch may be smaller. Several: epochs are filled to whole
-    # batches of every process (see EpochSampler).
-    world = accelerator.num_processes
-    sampler = EpochSampler(len(ds), cfg.train.seed, cfg.train.batch_size * world if world > 1 else 1)
+    sampler = _sampler(cfg, ds, accelerator.num_processes)
+    loader_args = (
+        {"batch_sampler": sampler}
+        if cfg.data.buckets
+        else {"batch_size": cfg.train.batch_size, "sampler": sampler}
+    )
     dataloader = torch.utils.data.DataLoader(
         ds,
-        batch_size=cfg.train.batch_size,
-        sampler=sampler,
+        **loader_args,
         collate_fn=functools.partial(collate, with_prior=class_sets is not None),  # picklable
         num_workers=cfg.data.num_workers,
         # Its own generator: creating a DataLoader iterator would otherwise draw from the global
@@ -779,10 +819,22 @@ def _data(cfg: DreamBoothConfig, report, class_sets, comps, accelerator):
     )
     cache = None
     if use_cache:
-        cache = LatentCache(
-            comps.vae, cfg.data.resolution, accelerator.device, next(comps.vae.parameters()).dtype
-        )
+        vae = comps.vae
+        dtype = next(vae.parameters()).dtype
+        cache = LatentCache(vae, cfg.data.resolution, accelerator.device, dtype, sizes=ds.image_sizes())
     return dataloader, sampler, cache
+
+
+def _sampler(cfg: DreamBoothConfig, ds, world: int):
+    """The order of the rows, an exact resume's position with it. One process: the last batch of an
+    epoch (of a bucket) may be smaller. Several: epochs (buckets) are filled to whole batches of every
+    process (see EpochSampler)."""
+    from .dataset import BucketBatchSampler, EpochSampler
+
+    batch, seed = cfg.train.batch_size, cfg.train.seed
+    if cfg.data.buckets:
+        return BucketBatchSampler([ds.row_size(i) for i in range(len(ds))], batch, seed, world)
+    return EpochSampler(len(ds), seed, batch * world if world > 1 else 1, batch=batch * world)
 
 
 def _optimizer(cfg: DreamBoothConfig, params, num_processes: int, text_encoder=None, pivots=None):
@@ -835,6 +887,11 @@ def _lr_scheduler(cfg: DreamBoothConfig, optimizer, num_processes: int):
 
 
 def _prepare(accelerator, cfg, unet, text_encoder, optimizer, dataloader, lr_scheduler):
+    plugin = getattr(accelerator.state, "deepspeed_plugin", None)
+    if plugin is not None and cfg.data.buckets and plugin.is_auto("train_micro_batch_size_per_gpu"):
+        # A bucket sampler's loader has no batch_size of its own, from which accelerate would read
+        # DeepSpeed's "auto" micro-batch (it refuses a None): it is train.batch_size.
+        plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = cfg.train.batch_size
     if text_encoder is not None:
         unet, text_encoder, optimizer, dataloader, lr_scheduler = accelerator.prepare(
             unet, text_encoder, optimizer, dataloader, lr_scheduler

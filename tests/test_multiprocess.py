@@ -10,7 +10,7 @@ import sys
 
 import numpy as np
 import pytest
-from conftest import E2E_TIMEOUT, REPO
+from conftest import DEMO_PHOTOS, E2E_TIMEOUT, REPO
 from PIL import Image
 
 pytestmark = pytest.mark.slow
@@ -326,3 +326,50 @@ def test_deepspeed_with_accumulation_stops_on_a_non_finite_loss(tmp_path, tiny_m
         proc.stderr[-3000:]
     )
     assert not (tmp_path / "nan" / "run" / "pipeline").exists()
+
+
+def test_bucketed_two_processes_at_batch_1_train_as_one_process_at_batch_2(tmp_path, tiny_model):
+    """data.buckets under DDP: a step's batches (one per process) are one bucket, so the processes
+    stack latents of one shape and draw their random numbers for the rows of one batch, as without
+    buckets. Two square and two 80x48 photos, 2 + 2 class images: every bucket holds an even count
+    of rows, so nothing is filled and 2 processes at batch 1 train on 1 process's batches of 2,
+    bucket for bucket. 3 steps cross the epoch boundary (2 batches an epoch)."""
+    import torch
+    from safetensors.torch import load_file
+
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for i, f in enumerate(sorted(DEMO_PHOTOS.iterdir())[:4]):
+        img = Image.open(f)
+        (img.crop((0, 24, 128, 104)) if i >= 2 else img).save(photos / f.name)
+    common = ("data.buckets=true", "data.bucket_step=16", "train.learning_rate=1e-2", "train.log_every=1",
+              "train.max_steps=3", "checkpoint.every_steps=3")  # fmt: skip
+    logs = [
+        launch(1, tmp_path, tiny_model, photos, "one", "train.batch_size=2", *common).stderr,
+        launch(2, tmp_path, tiny_model, photos, "two", "train.batch_size=1", *common).stderr,
+    ]
+    assert all("buckets: 2 at 64x64, 2 at 80x48" in log for log in logs), logs[1][-2000:]
+    losses = [[float(x) for x in re.findall(r"step \d/3 loss ([0-9.]+)", log)] for log in logs]
+    assert len(losses[0]) == 3 and losses[0] == pytest.approx(losses[1], abs=2e-4), losses
+    one, two = (
+        load_file(tmp_path / d / "run" / "lora" / "pytorch_lora_weights.safetensors") for d in ("one", "two")
+    )
+    b_keys = [k for k in one if "lora_B" in k or "lora.up" in k]
+    update = torch.cat([one[k].flatten() for k in b_keys])
+    gap_b = torch.cat([(one[k] - two[k]).flatten() for k in b_keys])
+    assert update.abs().max() > 1e-3 and gap_b.norm() <= 0.01 * update.norm()
+
+
+def test_deepspeed_takes_a_bucketed_loader(tmp_path, tiny_model, photos):
+    """A bucket sampler's loader has no batch_size, from which accelerate reads DeepSpeed's "auto"
+    micro-batch, and it refused to prepare it (ValueError: "has `None` as batch size", seen): the
+    trainer sets it to train.batch_size."""
+    pytest.importorskip("deepspeed")
+    recipe = REPO / "configs" / "accelerate" / "deepspeed_zero2_offload.yaml"
+    env = {k: v for k, v in os.environ.items() if k != "ACCELERATE_USE_CPU"}
+    cmd = launch_command(1, tmp_path, tiny_model, photos, "ds", "adapter.type=full", "data.buckets=true",
+                         "data.bucket_step=16", "train.batch_size=2")[5:]  # fmt: skip
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(recipe), *cmd]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=E2E_TIMEOUT, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "step 2/2" in proc.stderr and (tmp_path / "ds" / "run" / "pipeline" / "unet").is_dir()
