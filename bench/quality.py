@@ -57,6 +57,20 @@ CONDITIONS = {
         "data.masks": "MASKS",
         "train.unmasked_weight": 0.0,
     },
+    # data.buckets' test bed: photos 2 and 3 are 5:3 and 3:5 with the subject near one end
+    # (world.py, framing), which a centre square crop cuts. Centre crops against buckets.
+    "LoRA + prior (framed photos)": {
+        "adapter.type": "lora",
+        "prior.with_prior_preservation": True,
+        "world.framing": True,
+    },
+    "LoRA + prior + buckets (framed photos)": {
+        "adapter.type": "lora",
+        "prior.with_prior_preservation": True,
+        "world.framing": True,
+        "data.buckets": True,
+        "data.bucket_step": 8,  # the toy model's VAE 4x and UNet 2x
+    },
     # The identifier's token vector trained with the LoRA (the same learning rate).
     "LoRA + prior + pivotal": {
         "adapter.type": "lora",
@@ -108,9 +122,11 @@ def run_condition(name: str, overrides: dict | None, seed: int, out: Path, steps
 
     overrides = dict(overrides) if overrides is not None else None
     clutter = bool(overrides and overrides.pop("world.clutter", False))
-    photos, masks = out / ("photos-clutter" if clutter else "photos"), out / "masks-clutter"
+    framing = bool(overrides and overrides.pop("world.framing", False))
+    kind = "photos-clutter" if clutter else "photos-framed" if framing else "photos"
+    photos, masks = out / kind, out / "masks-clutter"
     if not photos.is_dir():
-        world.write_subject_photos(photos, clutter=clutter, masks=masks if clutter else None)
+        world.write_subject_photos(photos, clutter=clutter, masks=masks if clutter else None, framing=framing)
     if overrides is None:
         return score(TOY_MODEL, per_prompt=per_prompt), 0.0
     if overrides.get("data.masks") == "MASKS":

@@ -6,6 +6,7 @@ from __future__ import annotations
 import random
 
 import numpy as np
+from PIL import Image
 
 from dreambooth_kit.toy import world
 
@@ -90,3 +91,26 @@ def test_cluttered_photos_show_the_box_beside_the_subject_and_their_masks_cover_
         assert dark.any() and mask[dark].max() == 0
         cx, cy = int(scene.x * 32), int(scene.y * 32)
         assert mask[cy, cx] == 255
+
+
+def test_framed_photos_lose_the_subject_to_a_centre_crop_and_keep_it_in_their_bucket():
+    """data.buckets' test bed: photos 2 and 3 are 5:3 and 3:5 with the subject near one end; the rest
+    are the square photos unchanged. Cropped to the 32 px square the subject is cut (the world's
+    strict rule no longer finds all its parts); in their 40x24 / 24x40 bucket it is whole."""
+    from dreambooth_kit.buckets import bucket_sizes, nearest_bucket
+    from dreambooth_kit.dataset import preprocess
+    from dreambooth_kit.toy.rules import is_subject
+
+    def image(t):
+        return Image.fromarray(((t.permute(1, 2, 0) + 1) * 127.5).round().clamp(0, 255).byte().numpy())
+
+    square = world.subject_photos()
+    framed = world.subject_photos(framing=True)
+    assert [img.size for img, _ in framed] == [(32, 32), (80, 48), (48, 80), (32, 32), (32, 32)]
+    for i in (0, 3, 4):
+        assert np.array_equal(np.asarray(framed[i][0]), np.asarray(square[i][0]))
+    buckets = bucket_sizes(32, 8)
+    for img, _ in (framed[1], framed[2]):
+        assert not is_subject(image(preprocess(img, 32)))
+        bucket = nearest_bucket(img.size, buckets)
+        assert bucket in ((40, 24), (24, 40)) and is_subject(image(preprocess(img, bucket)))

@@ -15,7 +15,7 @@ pretraining (:func:`is_held_out`): a model that draws them right composes words,
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -111,20 +111,28 @@ def random_scene(
 
 
 def render(
-    scene: Scene, resolution: int = RESOLUTION, seed: int = 0, *, clutter: bool = False
+    scene: Scene,
+    resolution: int = RESOLUTION,
+    seed: int = 0,
+    *,
+    clutter: bool = False,
+    size: tuple[int, int] | None = None,
 ) -> Image.Image:
     """The scene as an RGB image; ``seed`` varies only the background's texture; ``clutter`` adds
-    the black box of :func:`clutter_corner`."""
-    n = resolution * _SUPER
-    noise = np.random.default_rng(seed).normal(0, 6, (resolution, resolution, 1))
+    the black box of :func:`clutter_corner`. ``size``: (width, height) of a photo that is not a
+    ``resolution`` square; the scene's x and y are fractions of the width and height, its size a
+    fraction of the short side."""
+    width, height = size or (resolution, resolution)
+    nw, nh, short = width * _SUPER, height * _SUPER, min(width, height) * _SUPER
+    noise = np.random.default_rng(seed).normal(0, 6, (height, width, 1))
     bg = np.clip(np.array(BACKGROUNDS[scene.background], np.float32) + noise, 0, 255).astype(np.uint8)
-    img = Image.fromarray(bg).resize((n, n), Image.NEAREST)
+    img = Image.fromarray(bg).resize((nw, nh), Image.NEAREST)
     draw = ImageDraw.Draw(img)
     if clutter:
-        bx, by = (v * n for v in clutter_corner(scene))
-        h = CLUTTER_HALF * n
-        draw.rectangle([bx - h, by - h, bx + h, by + h], fill=CLUTTER_COLOUR)
-    cx, cy, r = scene.x * n, scene.y * n, scene.size * n
+        bx, by = clutter_corner(scene)
+        h = CLUTTER_HALF * short
+        draw.rectangle([bx * nw - h, by * nh - h, bx * nw + h, by * nh + h], fill=CLUTTER_COLOUR)
+    cx, cy, r = scene.x * nw, scene.y * nh, scene.size * short
     box = [cx - r, cy - r, cx + r, cy + r]
     if scene.subject:
         _draw_subject(img, box)
@@ -143,7 +151,7 @@ def render(
             draw.ellipse([cx - h, cy - h, cx + h, cy + h], fill=BACKGROUNDS[scene.background])
         else:
             raise ValueError(f"unknown class {scene.cls!r}")
-    return img.resize((resolution, resolution), Image.LANCZOS)
+    return img.resize((width, height), Image.LANCZOS)
 
 
 def _draw_subject(img: Image.Image, box: list[float]) -> None:
@@ -174,14 +182,37 @@ CLUTTER_CORNERS = ((0.12, 0.12), (0.88, 0.12), (0.12, 0.88), (0.88, 0.88))
 CLUTTER_HALF = 0.09
 
 
-def subject_photos(n: int = 5, seed: int = 1557, *, clutter: bool = False) -> list[tuple[Image.Image, Scene]]:
+# Framing (data.buckets' test bed): with ``framing``, the 2nd photo is a 5:3 landscape and the 3rd a
+# 3:5 portrait, the subject near one end of the long side, as a phone photo framed off-centre. A
+# centre square crop cuts the subject at the crop's edge; a 5:3 bucket keeps it whole. Drawn at 48 px
+# on the short side, so both a 32 px crop and the 40x24 bucket scale it down. One of the two trains
+# with the bare instance prompt and one with its caption (write_subject_photos captions every other
+# photo), so neither prompt learns the subject from framed photos alone.
+FRAMED = {1: (80, 48), 2: (48, 80)}  # photo index -> (width, height)
+_FRAME_MARGIN = 0.04  # of the short side, between the subject and the photo's edge
+
+
+def subject_photos(
+    n: int = 5, seed: int = 1557, *, clutter: bool = False, framing: bool = False
+) -> list[tuple[Image.Image, Scene]]:
     """The user's "photos" of the subject: varied size, position and background (never
     :data:`NEW_CONTEXT_BACKGROUND`); with ``clutter``, the same scenes with a black box beside the
-    subject."""
+    subject; with ``framing``, photos 2 and 3 wide and tall (:data:`FRAMED`), the rest unchanged."""
     rng = random.Random(seed)
     backgrounds = PHOTO_BACKGROUNDS
     scenes = [random_scene(rng, subject=True, background=backgrounds[i % len(backgrounds)]) for i in range(n)]
-    return [(render(s, seed=seed + i, clutter=clutter), s) for i, s in enumerate(scenes)]
+    sizes = {i: FRAMED[i] for i in FRAMED if i < n} if framing else {}
+    scenes = [_off_centre(s, sizes[i], first_end=i == 1) if i in sizes else s for i, s in enumerate(scenes)]
+    return [(render(s, seed=seed + i, clutter=clutter, size=sizes.get(i)), s) for i, s in enumerate(scenes)]
+
+
+def _off_centre(scene: Scene, size: tuple[int, int], *, first_end: bool) -> Scene:
+    """``scene`` moved along the photo's long side to the first or the last end, a margin from the edge."""
+    width, height = size
+    long, short = max(size), min(size)
+    end = (scene.size + _FRAME_MARGIN) * short / long
+    along = end if first_end else 1 - end
+    return replace(scene, x=along) if width > height else replace(scene, y=along)
 
 
 def clutter_corner(scene: Scene) -> tuple[float, float]:
@@ -189,13 +220,17 @@ def clutter_corner(scene: Scene) -> tuple[float, float]:
     return max(CLUTTER_CORNERS, key=lambda c: (c[0] - scene.x) ** 2 + (c[1] - scene.y) ** 2)
 
 
-def subject_mask(scene: Scene, resolution: int = RESOLUTION) -> Image.Image:
-    """White where the subject is (its disc, drawn and downsampled as the photo is), black elsewhere."""
-    n = resolution * _SUPER
-    img = Image.new("L", (n, n), 0)
-    cx, cy, r = scene.x * n, scene.y * n, scene.size * n
+def subject_mask(
+    scene: Scene, resolution: int = RESOLUTION, size: tuple[int, int] | None = None
+) -> Image.Image:
+    """White where the subject is (its disc, drawn and downsampled as the photo is), black elsewhere;
+    ``size`` as :func:`render`'s."""
+    width, height = size or (resolution, resolution)
+    nw, nh = width * _SUPER, height * _SUPER
+    img = Image.new("L", (nw, nh), 0)
+    cx, cy, r = scene.x * nw, scene.y * nh, scene.size * min(nw, nh)
     ImageDraw.Draw(img).ellipse([cx - r, cy - r, cx + r, cy + r], fill=255)
-    return img.resize((resolution, resolution), Image.LANCZOS)
+    return img.resize((width, height), Image.LANCZOS)
 
 
 def write_subject_photos(
@@ -206,6 +241,7 @@ def write_subject_photos(
     captions: bool = True,
     clutter: bool = False,
     masks: str | Path | None = None,
+    framing: bool = False,
 ) -> list[Path]:
     """Write the photos as ``01.png``..; with ``captions``, every other photo gets a kohya-style
     ``01.txt`` naming its background (``a photo of zwx ball on a sand background``), the others
@@ -214,17 +250,18 @@ def write_subject_photos(
     the subject on a prompted new background in 0 of 8 samples; captioned, in 8 of 8, while the
     bare ``a photo of zwx ball`` still draws it (README, "Does it learn?"). ``clutter``: photos with
     the black box (:func:`render`); ``masks``: a folder to write each photo's subject mask into
-    (``<stem>.png``, for ``data.masks``)."""
+    (``<stem>.png``, for ``data.masks``); ``framing``: photos 2 and 3 wide and tall, the subject
+    off-centre (:data:`FRAMED`, for ``data.buckets``)."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     if masks is not None:
         Path(masks).mkdir(parents=True, exist_ok=True)
     paths = []
-    for i, (img, scene) in enumerate(subject_photos(n, seed, clutter=clutter)):
+    for i, (img, scene) in enumerate(subject_photos(n, seed, clutter=clutter, framing=framing)):
         path = folder / f"{i + 1:02d}.png"
         img.save(path)
         if masks is not None:
-            subject_mask(scene).save(Path(masks) / path.name)
+            subject_mask(scene, size=img.size).save(Path(masks) / path.name)
         if captions and i % 2 == 0:
             path.with_suffix(".txt").write_text(caption(scene) + "\n")
         paths.append(path)
