@@ -917,8 +917,8 @@ def check_compatible(
     if photos is not None and saved_photos is not None and saved_photos != photos:
         keys.append("photos")
         problems.append(
-            "the photos (data.instance_dir, with their captions) are not the ones the checkpoint was "
-            "trained on: files were added, removed or changed since"
+            "the photos (data.instance_dir, with their captions and masks) are not the ones the checkpoint "
+            "was trained on: files were added, removed or changed since"
         )
     if not problems:
         return keys
@@ -941,10 +941,14 @@ def _state_field(folder: Path, key: str):
     return state.get(key) if isinstance(state, dict) else None
 
 
-def photo_digest(images: list[Path], *, captions: bool) -> str:
+def photo_digest(images: list[Path], *, captions: bool, masks: str | None = None) -> str:
     """What a run trains on, as one hash: each photo's name and content (and its caption's text when
-    captions are used), so a resume notices photos added, removed or changed."""
+    captions are used, its mask file's content with ``data.masks`` a folder: a mask weights the loss
+    as much as the photo), so a resume notices photos, captions or masks added, removed or changed.
+    Without captions and masks the hash is what it was before either was counted."""
     import hashlib
+
+    from .masks import mask_path
 
     digest = hashlib.sha256()
     for image in sorted(Path(p) for p in images):
@@ -956,4 +960,7 @@ def photo_digest(images: list[Path], *, captions: bool) -> str:
             digest.update(
                 f"{caption.name}={caption.read_text(encoding='utf-8', errors='replace')}\n".encode()
             )
+        mask = mask_path(image, masks) if masks else None  # "alpha": the photo's own bytes hold it
+        if mask is not None and mask.is_file():
+            digest.update(f"mask {mask.name}={hashlib.sha256(mask.read_bytes()).hexdigest()}\n".encode())
     return digest.hexdigest()

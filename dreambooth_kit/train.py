@@ -111,7 +111,11 @@ def train(cfg: DreamBoothConfig) -> TrainResult:
             native_resolution=source.native_resolution,
             source=source.location,
         )
-        photos = photo_digest([p for r in report.reports for p in r.images], captions=cfg.data.use_captions)
+        photos = photo_digest(
+            [p for r in report.reports for p in r.images],
+            captions=cfg.data.use_captions,
+            masks=cfg.data.masks,
+        )
         resume_from, changed = _resume_point(cfg, out, source, photos)  # refused before anything is written
         scorer = _validation_scorer(cfg, accelerator)  # before any model: a missing encoder fails now
         lineage = _begin_timeline(folder, resume_from, accelerator)

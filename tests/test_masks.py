@@ -168,3 +168,42 @@ def test_the_toy_models_4x_vae_takes_masks_too(tmp_path):
          "prior.with_prior_preservation": False, "train.output_dir": str(tmp_path / "run"), "train.max_steps": 2},
     )  # fmt: skip
     assert train(cfg).steps == 2
+
+
+def test_a_resume_notices_a_mask_changed_since_the_checkpoint(tmp_path, tiny_model, photos):
+    """A mask weights the loss as much as its photo: the checkpoint's photo digest covers the mask
+    files (data.masks a folder), so a resume after one was repainted is refused like a changed photo.
+    Without masks the digest is what it was before masks were counted (old checkpoints still match)."""
+    import hashlib
+
+    from dreambooth_kit.checkpoints import CheckpointError, photo_digest
+    from dreambooth_kit.train import train
+
+    masks = tmp_path / "masks"
+    masks.mkdir()
+    images = sorted(photos.glob("*.jpg"))
+    for p in images:
+        with Image.open(p) as img:
+            m = Image.new("L", img.size, 0)
+            m.paste(255, (0, 0, img.size[0] // 2, img.size[1]))
+            m.save(masks / (p.stem + ".png"))
+    old = hashlib.sha256()
+    for p in images:  # the digest as it was computed before masks were counted
+        old.update(f"{p.name}={hashlib.sha256(p.read_bytes()).hexdigest()}\n".encode())
+    assert photo_digest(images, captions=False) == old.hexdigest()
+    assert photo_digest(images, captions=False, masks="alpha") == old.hexdigest()  # in the photo's bytes
+    with_masks = photo_digest(images, captions=False, masks=str(masks))
+    assert with_masks != old.hexdigest()
+
+    common = {"data.masks": str(masks), "checkpoint.every_steps": 2}
+    train(tiny_cfg(tmp_path, tiny_model, photos, **common, **{"train.max_steps": 2}))
+    Image.new("L", Image.open(images[0]).size, 255).save(masks / (images[0].stem + ".png"))  # repainted
+    assert photo_digest(images, captions=False, masks=str(masks)) != with_masks
+    with pytest.raises(
+        CheckpointError, match="the photos .*with their captions and masks.* are not the ones"
+    ):
+        train(
+            tiny_cfg(
+                tmp_path, tiny_model, photos, **common, **{"train.max_steps": 4, "train.resume": "latest"}
+            )
+        )
