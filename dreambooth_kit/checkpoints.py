@@ -264,12 +264,21 @@ def save_step_checkpoint(run: LoopState) -> Path:
             # The guard's history (a checkpoint follows an applied step, so none are in a row).
             "skipped_steps": list(run.guard.steps),
             **({"ema_steps": run.ema.steps} if run.ema is not None else {}),
+            # train.stop=auto: the scores so far, so a resumed run decides as the uninterrupted one
+            **({"auto_stop": run.auto_stop.to_state()} if run.auto_stop is not None else {}),
         },
         run_config=run.settings.config_dict,
         keep_last=run.settings.checkpoint.keep_last,
         write_extra=functools.partial(_write_beside, run),
+        also_keep=_best_checkpoint_folder(run),
     )
     return run.last_checkpoint
+
+
+def _best_checkpoint_folder(run: LoopState) -> Path | None:
+    """train.stop=auto: the best step's checkpoint so far (kept from pruning), else None."""
+    best = run.auto_stop.decide().best_step if run.auto_stop is not None else None
+    return None if best is None else run.out / CHECKPOINTS / step_name(best)
 
 
 def _write_beside(run: LoopState, folder: Path) -> None:
@@ -375,8 +384,10 @@ def save_checkpoint(
     run_config: dict,
     keep_last: int | None,
     write_extra: Callable[[Path], None] | None = None,
+    also_keep: Path | None = None,
 ) -> Path:
-    """Write ``output_dir/checkpoints/step-NNNNNN`` atomically; then keep the newest ``keep_last``.
+    """Write ``output_dir/checkpoints/step-NNNNNN`` atomically; then keep the newest ``keep_last``
+    (and ``also_keep``: train.stop=auto's best step, whose weights the final output takes).
     ``write_extra(folder)``: more files into the checkpoint, by the main process, before it is sealed.
 
     Every process must call it (each writes its own RNG file; the main process writes the rest).
@@ -411,7 +422,7 @@ def save_checkpoint(
         raise _save_error(failure, root, name) from error
     if main:
         log.info("checkpoint saved: %s", final)
-        _prune(root, keep_last, keep=final)
+        _prune(root, keep_last, keep={final, also_keep})
     return final
 
 
@@ -571,11 +582,11 @@ def _files(folder: Path) -> list[Path]:
     return sorted(p for p in folder.rglob("*") if p.is_file())
 
 
-def _prune(root: Path, keep_last: int | None, *, keep: Path) -> None:
+def _prune(root: Path, keep_last: int | None, *, keep: set[Path | None]) -> None:
     if keep_last is None:
         return
     complete = _owned(root.parent, _scan(root, logging.DEBUG))  # never another timeline's
-    kept = {p for _, p in complete[-keep_last:]} | {keep}
+    kept = {p for _, p in complete[-keep_last:]} | keep
     for _, path in complete:
         if path in kept:
             continue

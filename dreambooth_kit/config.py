@@ -185,6 +185,11 @@ class TrainConfig:
     overwrite: bool = False
     seed: int = 1557
     max_steps: int = 800
+    # "auto": score the weights every validation.every_steps steps (validation.metrics' scorer) and
+    # stop once the best step by evaluate's rule has stayed best through stop_patience scores; the
+    # final LoRA holds the best step's weights (stopping.py). "never": train max_steps.
+    stop: Literal["never", "auto"] = "never"
+    stop_patience: int = 2
     batch_size: int = 1
     gradient_accumulation_steps: int = 1
     learning_rate: float = 1e-4
@@ -764,6 +769,11 @@ def validate(cfg: DreamBoothConfig, *, check_paths: bool = False) -> list[str]:
         )
     if cfg.validation.metrics and cfg.validation.every_steps is None:
         p.append("validation.metrics: true needs validation.every_steps (the steps it scores at)")
+    if t.stop == "auto" and cfg.validation.every_steps is None:
+        p.append(
+            "train.stop: auto scores the weights every validation.every_steps steps, which is not set; "
+            "set validation.every_steps (e.g. 100) or train.stop: never"
+        )
     for where, c in _concept_fields(cfg):
         p += _concept_problems(where, c, pr, check_paths=check_paths)
     p += _range_problems(cfg)
@@ -886,6 +896,7 @@ def _range_rows(cfg: DreamBoothConfig) -> list[tuple[str, Any, Any, str]]:
         ("adapter.dropout", a.dropout, lambda x: 0 <= x < 1, "in [0, 1)"),
         ("train.seed", t.seed, _seed_ok, _SEED_RULE),
         ("train.max_steps", t.max_steps, _at_least_1, ">= 1"),
+        ("train.stop_patience", t.stop_patience, _at_least_1, ">= 1 (scores after the best before stopping)"),
         ("train.batch_size", t.batch_size, _at_least_1, ">= 1"),
         ("train.gradient_accumulation_steps", t.gradient_accumulation_steps, _at_least_1, ">= 1"),
         ("train.learning_rate", t.learning_rate, _positive, "> 0 (1e-4 is usual for a LoRA)"),

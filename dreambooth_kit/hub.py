@@ -10,6 +10,7 @@ both), and the token is only ever handed to the API, never written to a file.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from pathlib import Path
@@ -170,7 +171,8 @@ def model_card(run_dir: str | os.PathLike, *, repo_id: str | None = None) -> str
     example = prompts[0] if prompts else "a photo"
     lines += _usage_lines(cfg, repo_id or _placeholder_repo(run_dir), example, base_label, on_hub)
     lines += ["## Training settings", "", "| setting | value |", "| --- | --- |"]
-    lines += [f"| {k} | {v} |" for k, v in _settings(cfg, concepts) + _base_rows(run_dir)]
+    rows = _settings(cfg, concepts) + _stop_rows(run_dir) + _base_rows(run_dir)
+    lines += [f"| {k} | {v} |" for k, v in rows]
     lines += ["", "The full training configuration is in `config.yaml`.", ""]
     if data.widget:
         lines += ["## Samples", "", *[f"![{w['text']}]({w['output']['url']})" for w in data.widget], ""]
@@ -303,6 +305,29 @@ def _settings(cfg: DreamBoothConfig, concepts) -> list[tuple[str, object]]:
     else:
         settings.append(("Prior preservation", "no"))
     return settings
+
+
+def _stop_rows(run_dir: Path) -> list[tuple[str, object]]:
+    """train.stop=auto: where the run stopped, whose weights these are and why (eval/auto_stop.json)."""
+    from .evaluate import EVAL
+    from .stopping import STOP_FILE
+
+    try:
+        record = json.loads((run_dir / EVAL / STOP_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return []
+    at = record.get("stopped_at")
+    ran = (
+        f"stopped at step {at} of {record.get('max_steps')}"
+        if at
+        else f"ran all {record.get('max_steps')} steps"
+    )
+    return [
+        (
+            "Stop (train.stop=auto)",
+            f"{ran}; the weights are step {record.get('best_step')}'s: {record.get('why')}",
+        )
+    ]
 
 
 def _base_rows(run_dir: Path) -> list[tuple[str, object]]:

@@ -32,6 +32,7 @@ if TYPE_CHECKING:
     from .guards import StopSignals
     from .models import SDComponents
     from .pivotal import Pivots
+    from .stopping import AutoStop, Decision
 
 log = logging.getLogger("dreambooth_kit")
 
@@ -108,6 +109,8 @@ class LoopState:
     photos: str | None = None  # checkpoints.photo_digest of the photos, checked when resuming
     ema: TrainedEMA | None = None  # train.ema: the moving average of ``params``
     pivots: Pivots | None = None  # adapter.pivotal: the identifiers' trained token vectors
+    auto_stop: AutoStop | None = None  # train.stop=auto: the scores so far (main process) and the rule
+    stopped: Decision | None = None  # train.stop=auto: why and where the run stopped early
 
     def __post_init__(self) -> None:
         self.guard = NonFiniteGuard(self.settings.train.max_nonfinite_steps)
@@ -166,19 +169,24 @@ def run(
     *,
     validate: Validate,
     checkpoint: Checkpoint,
+    score_base: Validate | None = None,
 ) -> None:
     """Train from ``position`` ({"step", "epoch", "batch_in_epoch"}) to ``train.max_steps``.
     ``validate`` runs every ``validation.every_steps`` steps, ``checkpoint`` every
-    ``checkpoint.every_steps`` applied steps and before stopping on a signal."""
+    ``checkpoint.every_steps`` applied steps and before stopping on a signal. With train.stop=auto
+    (``ctx.auto_stop``) ``score_base`` scores the untrained weights first, every scored step is
+    checkpointed, and the loop ends early when the rule says so (``ctx.stopped``)."""
     from tqdm.auto import tqdm
 
     acc, t = ctx.accelerator, ctx.settings.train
     ctx.step, epoch, in_epoch = position["step"], position["epoch"], position["batch_in_epoch"]
     ctx.epoch, ctx.batch_in_epoch = epoch, in_epoch
     bar = tqdm(total=t.max_steps, initial=ctx.step, disable=not acc.is_main_process, desc="train")
+    if ctx.auto_stop is not None and ctx.step == 0 and score_base is not None:
+        score_base(ctx)  # the base model's row: the rule's floor for PRES
     ctx.unet.train()
     t_step = time.perf_counter()
-    while ctx.step < t.max_steps:
+    while ctx.step < t.max_steps and ctx.stopped is None:
         # Skip the batches (of all processes) this epoch has trained on: an exact resume.
         sampler.resume_at(epoch, in_epoch)
         for batch in dataloader:
@@ -189,12 +197,19 @@ def run(
             ctx.step += 1
             ctx.step_seconds.append(time.perf_counter() - t_step)  # includes data loading
             _report(ctx, result, bar)
+            decision = None
             if _due(ctx.settings.validation.every_steps, ctx.step):
                 validate(ctx)
+                decision = agreed_decision(ctx)
             ctx.epoch, ctx.batch_in_epoch = epoch, in_epoch
-            _checkpoint_or_stop(ctx, result.outcome, signals, bar, checkpoint)
+            _checkpoint_or_stop(ctx, result.outcome, signals, bar, checkpoint, scored=decision is not None)
             t_step = time.perf_counter()
-            if ctx.step >= t.max_steps:
+            if decision is not None and decision.stop:
+                ctx.stopped = decision
+                log.info(
+                    "train.stop=auto: stopping at step %d of %d; %s", ctx.step, t.max_steps, decision.why
+                )
+            if ctx.step >= t.max_steps or ctx.stopped is not None:
                 break
         else:
             epoch, in_epoch = epoch + 1, 0
@@ -236,12 +251,20 @@ def _skip_reason(result: StepResult, accumulation_steps: int) -> str:
 
 
 def _checkpoint_or_stop(
-    ctx: LoopState, outcome: StepOutcome, signals: StopSignals, bar: tqdm, checkpoint: Checkpoint
+    ctx: LoopState,
+    outcome: StepOutcome,
+    signals: StopSignals,
+    bar: tqdm,
+    checkpoint: Checkpoint,
+    *,
+    scored: bool = False,
 ) -> None:
-    """A checkpoint of an applied step when one is due or a stop signal came; then stop on the signal."""
+    """A checkpoint of an applied step when one is due, a stop signal came, or (``scored``)
+    train.stop=auto scored it: the final output may take its weights. Then stop on the signal."""
     signum = agreed_signal(ctx.accelerator, signals.signum)
     stop = signum is not None
-    if outcome is StepOutcome.APPLIED and (stop or _due(ctx.settings.checkpoint.every_steps, ctx.step)):
+    due = _due(ctx.settings.checkpoint.every_steps, ctx.step) or scored
+    if outcome is StepOutcome.APPLIED and (stop or due):
         checkpoint(ctx)
     if stop:
         bar.close()
@@ -249,6 +272,20 @@ def _checkpoint_or_stop(
         err = TrainingInterrupted(ctx.step, signum, ctx.last_checkpoint, hint)
         log.warning("%s", err)
         raise err
+
+
+def agreed_decision(ctx: LoopState) -> Decision | None:
+    """train.stop=auto: the main process's decision over the scores (only it scores), the same on
+    every process; None without auto stop."""
+    if ctx.auto_stop is None:
+        return None
+    acc = ctx.accelerator
+    decision = ctx.auto_stop.decide() if acc.is_main_process else None
+    if acc.num_processes > 1:
+        from accelerate.utils import broadcast_object_list
+
+        decision = broadcast_object_list([decision])[0]
+    return decision
 
 
 def agreed_signal(acc: Accelerator, signum: int | None) -> int | None:

@@ -48,6 +48,10 @@ class TrainResult:
     skipped_steps: list[int] = field(default_factory=list)  # non-finite steps that were skipped
     vae_encodes: int | None = None  # VAE encoder calls when latents were cached, else None
     kind: str = "lora"  # adapter.type
+    # train.stop=auto: the step whose weights the final output holds, and the step the run stopped
+    # at (None: it ran to max_steps)
+    best_step: int | None = None
+    stopped_at: int | None = None
 
     @property
     def lora_dir(self) -> Path:
@@ -89,7 +93,7 @@ def train(cfg: DreamBoothConfig) -> TrainResult:
     from .outputs import clean_tmp_outputs, save_final
     from .preflight import preflight
     from .runfolder import Run
-    from .validation import validate_during_training
+    from .validation import score_base_model, validate_during_training
     from .versions import check_transformers_peft
 
     t0 = time.perf_counter()
@@ -150,6 +154,7 @@ def train(cfg: DreamBoothConfig) -> TrainResult:
         run = LoopState(
             settings, accelerator, comps, unet, text_encoder, params, optimizer, lr_scheduler, out,
             scorer=scorer, lineage=lineage, photos=photos, ema=ema, pivots=pivots,
+            auto_stop=_auto_stop(cfg, position),
         )  # fmt: skip
         run.guard.steps = list(position.get("skipped_steps", []))  # a resumed run's whole history
         encode = prompt_encoder(run)
@@ -159,8 +164,9 @@ def train(cfg: DreamBoothConfig) -> TrainResult:
         with StopSignals() as signals, logging_redirect_tqdm():
             run_loop(
                 run, dataloader, sampler, latent_cache, encode, position, signals,
-                validate=validate_during_training, checkpoint=save_step_checkpoint,
+                validate=validate_during_training, checkpoint=save_step_checkpoint, score_base=score_base_model,
             )  # fmt: skip
+        best_step = _keep_best(cfg, run, unet, text_encoder, ema, pivots)
 
         final_dir = save_final(run, source)
         exports = []
@@ -183,6 +189,8 @@ def train(cfg: DreamBoothConfig) -> TrainResult:
         class_images_generated=_class_images_generated(class_sets),
         skipped_steps=run.guard.steps,
         vae_encodes=latent_cache.encodes if latent_cache else None,
+        best_step=best_step,
+        stopped_at=run.step if run.stopped is not None else None,
     )
 
 
@@ -248,6 +256,60 @@ def _pivots(cfg: DreamBoothConfig, comps, accelerator):
     pivots.to(accelerator.device)
     pivots.install(comps.text_encoder)
     return pivots
+
+
+def _auto_stop(cfg: DreamBoothConfig, position: dict):
+    """train.stop=auto: the rule, with the scores a resumed checkpoint carries."""
+    if cfg.train.stop != "auto":
+        return None
+    from .stopping import AutoStop
+
+    rows = [dict(r) for r in position.get("auto_stop", [])]
+    return AutoStop(cfg.evaluate.tolerance, cfg.train.stop_patience, rows)
+
+
+def _keep_best(cfg: DreamBoothConfig, run, unet, text_encoder, ema, pivots) -> int | None:
+    """train.stop=auto: the final output takes the best scored step's weights, read back from its
+    checkpoint (after the last step's own checkpoint is written, so the run stays resumable where
+    it ended); the decision is recorded in eval/auto_stop.json. Returns the best step."""
+    if run.auto_stop is None:
+        return None
+    from .checkpoints import list_checkpoints, load_checkpoint, save_step_checkpoint
+    from .loop import agreed_decision
+
+    decision = agreed_decision(run)
+    best = decision.best_step if decision is not None else None
+    done = dict(list_checkpoints(run.out))
+    if best is not None and best != run.step and best in done:
+        if run.step not in done:
+            save_step_checkpoint(run)
+        state = load_checkpoint(run.accelerator, done[best], force=True)
+        _restore_beside(cfg, run.accelerator, unet, text_encoder, done[best], state, ema, pivots)
+        log.info("train.stop=auto: the final weights are step %d's (%s)", best, done[best])
+    elif best is not None and best != run.step:
+        log.warning(
+            "train.stop=auto: step %d scored best but has no checkpoint; keeping step %d's", best, run.step
+        )
+        best = run.step
+    if run.accelerator.is_main_process:
+        _write_stop_record(cfg, run, decision, best)
+    return best
+
+
+def _write_stop_record(cfg: DreamBoothConfig, run, decision, best: int | None) -> None:
+    from .atomic import write_json
+    from .evaluate import EVAL
+    from .stopping import STOP_FILE
+
+    record = {
+        "max_steps": cfg.train.max_steps,
+        "stopped_at": run.step if run.stopped is not None else None,
+        "best_step": best,
+        "why": decision.why if decision is not None else "",
+        "scores": run.auto_stop.to_state(),
+    }
+    (run.out / EVAL).mkdir(parents=True, exist_ok=True)
+    write_json(run.out / EVAL / STOP_FILE, record, indent=2)
 
 
 def _ema(cfg: DreamBoothConfig, params):
@@ -908,8 +970,9 @@ def _prepare(accelerator, cfg, unet, text_encoder, optimizer, dataloader, lr_sch
 
 
 def _validation_scorer(cfg: DreamBoothConfig, accelerator):
-    """validation.metrics: evaluate's scorer with its encoders loaded (main process only)."""
-    if not (cfg.validation.metrics and accelerator.is_main_process):
+    """validation.metrics (or train.stop=auto): evaluate's scorer with its encoders loaded (main
+    process only)."""
+    if not ((cfg.validation.metrics or cfg.train.stop == "auto") and accelerator.is_main_process):
         return None
     from .config import eval_spec
     from .evaluate import validation_scorer

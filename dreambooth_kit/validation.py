@@ -146,11 +146,8 @@ def score_during_training(run: LoopState, scheduler) -> dict:
 def validate_during_training(run: LoopState) -> None:
     """The training loop's validation callback: samples from the model at the current step (main
     process), then every process waits for it."""
-    from diffusers import DPMSolverMultistepScheduler
-
     acc = run.accelerator
-    # DPM-Solver++ (2M): good samples in ~25 steps, for epsilon and v-prediction alike.
-    scheduler = DPMSolverMultistepScheduler.from_config(run.comps.noise_scheduler.config)
+    scheduler = _sampler(run)
     if acc.is_main_process:
         paths = run_validation(
             run.settings,
@@ -165,8 +162,28 @@ def validate_during_training(run: LoopState) -> None:
         )
         log.info("validation samples at step %d: %s (%d images)", run.step, paths[-1], len(paths) - 1)
         if run.scorer is not None:
-            score_during_training(run, scheduler)
+            _record(run, score_during_training(run, scheduler))
     acc.wait_for_everyone()
+
+
+def score_base_model(run: LoopState) -> None:
+    """train.stop=auto, before the first step: the untrained weights' scores as the base model's row
+    (a LoRA starts as the base model; so does a full fine-tune), the floor of the rule's PRES."""
+    if run.accelerator.is_main_process and run.scorer is not None:
+        _record(run, score_during_training(run, _sampler(run)))
+    run.accelerator.wait_for_everyone()
+
+
+def _record(run: LoopState, scores: dict) -> None:
+    if run.auto_stop is not None:
+        run.auto_stop.add(run.step, scores)
+
+
+def _sampler(run: LoopState):
+    from diffusers import DPMSolverMultistepScheduler
+
+    # DPM-Solver++ (2M): good samples in ~25 steps, for epsilon and v-prediction alike.
+    return DPMSolverMultistepScheduler.from_config(run.comps.noise_scheduler.config)
 
 
 def _log(accelerator, rows: list[list[Image.Image]], prompts: Sequence[str], seed: int, step: int) -> None:
