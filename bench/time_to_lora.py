@@ -15,7 +15,15 @@ Cases:
   sd21-512  SD 2.1-base shapes (random weights), 512 px, no prior preservation, 2 steps: the
             start-up at real size (building the model takes minutes and ~9 GB; add it with --cases)
 
+--stop: train.stop=never (800 steps) against train.stop=auto on the toy world, with and without
+prior preservation, over training seeds (--seeds, default 3), in this process: wall time, the steps
+trained, the step whose weights the final LoRA holds, and the final LoRA scored by the quality
+judge (bench/quality.py's scores: subject fidelity, subject rate, PRES). The auto runs score every
+100 steps with the toy judge (the evaluate section of toy.yaml); each auto run's scores also give
+the stop step other stop_patience values would have chosen (the rule reads only the scores so far).
+
 Usage: python bench/time_to_lora.py [--cases tiny,toy] [--workdir DIR]
+       python bench/time_to_lora.py --stop [--seeds 3] [--workdir DIR]
 """
 
 from __future__ import annotations
@@ -83,13 +91,100 @@ def _model_args(name: str, workdir: Path) -> list[str]:
     return [f"model.pretrained={model}", f"data.instance_dir={REPO / 'dreambooth_kit' / 'demo_subject'}"]
 
 
+STOP_EVERY = 100  # steps between the auto runs' scores
+
+
+def stop_run(workdir: Path, stop: str, prior: bool, seed: int, steps: int = 800) -> dict:
+    """One toy training run, in this process, and its final LoRA's quality scores."""
+    from dreambooth_kit.config import TOY_MODEL, load_config
+    from dreambooth_kit.toy import world
+    from dreambooth_kit.toy.evaluate import score
+    from dreambooth_kit.train import train
+
+    photos = workdir / "toy-photos"
+    if not photos.exists():
+        world.write_subject_photos(photos)
+    out = workdir / f"{stop}-{'prior' if prior else 'noprior'}-seed{seed}"
+    over = {"data.instance_dir": str(photos), "prior.class_dir": str(workdir / "class_images"),
+            "train.output_dir": str(out), "train.overwrite": True, "train.seed": seed,
+            "prior.with_prior_preservation": prior, "train.stop": stop, "train.max_steps": steps}  # fmt: skip
+    if stop == "auto":
+        over["validation.every_steps"] = STOP_EVERY
+    start = time.perf_counter()
+    result = train(load_config("toy.yaml", over))
+    seconds = time.perf_counter() - start
+    q = score(TOY_MODEL, lora=result.lora_dir)
+    row = {"stop": stop, "prior": prior, "seed": seed, "seconds": seconds, "steps": result.steps,
+           "weights_of": result.best_step or result.steps, "fidelity": q.subject_fidelity,
+           "subject_rate": q.subject_rate, "pres": q.pres}  # fmt: skip
+    if stop == "auto":
+        row["stops_by_patience"] = _stops_by_patience(out)
+    print(row, flush=True)
+    return row
+
+
+def _stops_by_patience(out: Path) -> dict[int, tuple]:
+    """(stop step, best step) the rule gives over this run's scores for stop_patience 1..4."""
+    import json
+
+    from dreambooth_kit.stopping import AutoStop
+
+    rows = json.loads((out / "eval" / "auto_stop.json").read_text())["scores"]
+    found = {}
+    for k in (1, 2, 3, 4):
+        rule = AutoStop(0.02, k)
+        for r in rows:
+            rule.add(r["step"], {m: v for m, v in r.items() if m not in ("checkpoint", "step")})
+            d = rule.decide()
+            if d.stop:
+                found[k] = (r["step"], d.best_step)
+                break
+        else:
+            found[k] = (None, rule.decide().best_step)
+    return found
+
+
+def stop_study(workdir: Path, seeds: int) -> None:
+    import statistics
+
+    # The class images first, untimed: every run below reuses them, so no row pays for them.
+    stop_run(workdir, "never", True, 99, steps=1)
+    rows = [
+        stop_run(workdir, stop, prior, seed)
+        for prior in (True, False)
+        for seed in range(seeds)
+        for stop in ("never", "auto")
+    ]
+    print("\n| prior | stop | steps | weights of step | wall s | subject fidelity | subject rate | PRES |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    for prior in (True, False):
+        for stop in ("never", "auto"):
+            rs = [r for r in rows if r["prior"] == prior and r["stop"] == stop]
+
+            def cell(key: str, fmt: str = ".2f", rs=rs) -> str:
+                vals = [r[key] for r in rs]
+                return f"{statistics.mean(vals):{fmt}} ± {statistics.pstdev(vals):{fmt}}"
+
+            print(f"| {'yes' if prior else 'no'} | {stop} | {cell('steps', '.0f')} | {cell('weights_of', '.0f')} "
+                  f"| {cell('seconds', '.0f')} | {cell('fidelity')} | {cell('subject_rate')} | {cell('pres')} |")  # fmt: skip
+    for r in rows:
+        if r["stop"] == "auto":
+            print(f"prior={r['prior']} seed={r['seed']}: (stop, best) by patience {r['stops_by_patience']}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--cases", default="tiny,toy")
     ap.add_argument("--workdir", default=None, help="keep runs and built models here (default: a temp dir)")
+    ap.add_argument("--stop", action="store_true", help="train.stop never against auto (see above)")
+    ap.add_argument("--seeds", type=int, default=3)
     args = ap.parse_args()
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="dbk-ttl-"))
     workdir.mkdir(parents=True, exist_ok=True)
+    if args.stop:
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        stop_study(workdir, args.seeds)
+        return
     rows = []
     try:
         for name in args.cases.split(","):
