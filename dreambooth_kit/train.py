@@ -519,7 +519,7 @@ def check_deepspeed(accelerator, adapter_type: str, train_text_encoder: bool, t)
         raise LaunchError(
             "DeepSpeed is for adapter.type=full: a LoRA's optimizer state is small (ZeRO saves nothing) "
             "and DeepSpeed's checkpoints would hold the whole frozen base model. For LoRA launch with "
-            "configs/accelerate/multi_gpu.yaml (or single_gpu.yaml)"
+            "configs/accelerate/multi_gpu.yaml (or accelerate_config.yaml, one process)"
         )
     if train_text_encoder:
         raise LaunchError(

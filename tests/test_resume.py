@@ -137,7 +137,7 @@ def test_sigterm_to_accelerate_launcher_reaches_the_trainer(tmp_path, tiny_model
     shutil.copytree(straight["cls"], tmp_path / "cls")
     out = tmp_path / "run"
     cmd = [
-        sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(REPO / "configs" / "accelerate" / "single_gpu.yaml"),
+        sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(REPO / "accelerate_config.yaml"),
         "-m", "dreambooth_kit.train", *_args(tmp_path, tiny_model, straight["photos"], out, 6),
     ]  # fmt: skip
     code, log = _run_until_step(cmd, _env(tmp_path), tmp_path, 3, signal.SIGTERM)

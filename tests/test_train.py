@@ -208,7 +208,7 @@ def test_8bit_adam_without_bitsandbytes_is_explained(tmp_path, tiny_model, photo
 def test_accelerate_launch_runs_two_steps(tmp_path, tiny_model, photos):
     out = tmp_path / "run"
     cmd = [
-        sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(REPO / "configs" / "accelerate" / "single_gpu.yaml"),
+        sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(REPO / "accelerate_config.yaml"),
         "-m", "dreambooth_kit.train", "--config", "tiny.yaml",
         f"model.pretrained={tiny_model}", f"data.instance_dir={photos}", f"prior.class_dir={tmp_path / 'cls'}",
         "prior.num_class_images=2", "prior.sample_steps=1", f"train.output_dir={out}", "train.max_steps=2",
