@@ -373,3 +373,52 @@ def test_deepspeed_takes_a_bucketed_loader(tmp_path, tiny_model, photos):
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=E2E_TIMEOUT, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "step 2/2" in proc.stderr and (tmp_path / "ds" / "run" / "pipeline" / "unet").is_dir()
+
+
+# Loaded into each trainer through PYTHONPATH: evaluate's scorer replaced by scripted scores (the
+# tiny model learns no subject to score), fidelity rising to step 4, then flat.
+SCRIPTED_SCORES = """
+import dreambooth_kit.evaluate as _ev
+_SCRIPT = {0: 0.60, 2: 0.70, 4: 0.80, 6: 0.805, 8: 0.81, 10: 0.81, 12: 0.81}
+def _scripted(spec):
+    def score(pipe, step, acc, out):
+        return {"subject_fidelity": _SCRIPT[step], "pres": 0.6, "subject_rate": 1.0, "div": 0.2}
+    return score
+_ev.validation_scorer = _scripted
+"""
+
+
+def test_auto_stop_under_two_processes_stops_both_at_the_main_processs_decision(tmp_path, tiny_model, photos):
+    """train.stop=auto with 2 processes: only the main process scores; its decision reaches both (a
+    process deciding alone would leave the other in the next step's all-reduce). Both stop at step 8
+    of 12, and the final LoRA is step 4's checkpoint, bit for bit."""
+    import torch
+    from safetensors.torch import load_file
+
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(SCRIPTED_SCORES)
+    env = {
+        **os.environ,
+        "ACCELERATE_USE_CPU": "1",
+        "OMP_NUM_THREADS": "1",
+        "PYTHONPATH": f"{site}{os.pathsep}{REPO}",
+    }
+    cmd = launch_command(2, tmp_path, tiny_model, photos, "auto", "train.stop=auto", "train.max_steps=12",
+                         "validation.every_steps=2", "validation.num_images=1", "validation.steps=2",
+                         "checkpoint.every_steps=null")  # fmt: skip
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=E2E_TIMEOUT, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "train.stop=auto: stopping at step 8 of 12; step 4 has been the best" in proc.stderr
+    run = tmp_path / "auto" / "run"
+    saved = load_file(run / "lora" / "pytorch_lora_weights.safetensors")  # diffusers' names of peft's tensors
+    final = {
+        k.removeprefix("unet.").replace(".lora.down.", ".lora_A.").replace(".lora.up.", ".lora_B."): v
+        for k, v in saved.items()
+    }
+    best = load_file(run / "checkpoints" / "step-000004" / "unet_lora.safetensors")
+    assert best.keys() == final.keys() and all(torch.equal(best[k], final[k]) for k in best)
+    assert sorted(p.name for p in (run / "checkpoints" / "step-000008").glob("random_states_*.pkl")) == [
+        "random_states_0.pkl",
+        "random_states_1.pkl",
+    ]
