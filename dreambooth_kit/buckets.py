@@ -4,7 +4,7 @@ A 4:3 phone photo centre-cropped to a square loses a quarter of its width, and t
 when it stands off-centre. With buckets each photo trains at the size of the bucket nearest its own
 aspect ratio: sides multiples of ``data.bucket_step`` (64 for SD 2.x: its VAE's 8x times the UNet's
 three 2x downsamplings), area at most ``data.resolution``², aspect at most :data:`MAX_ASPECT`. At
-512 px that is 384x640, 448x576, 512x512, 576x448, 640x384; at 768 px seven buckets from 576x1024 to
+512 px that is 384x640, 448x576, 512x512, 576x448, 640x384; at 768 px nine buckets from 576x1024 to
 1024x576. A photo is resized to cover its bucket and the few pixels left over are cropped (centred,
 or at the row's random offset with ``data.center_crop: false``).
 

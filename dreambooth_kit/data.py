@@ -104,8 +104,6 @@ class ImageReport:
     # With use_captions: usable image -> the caption it trains with (its name.txt); others use the
     # instance prompt.
     captions: dict[Path, str] = field(default_factory=dict)
-    # Each usable image's upright (width, height), as training decodes it.
-    sizes: dict[Path, tuple[int, int]] = field(default_factory=dict)
     # With buckets: each usable image's bucket (data.buckets), the size it trains at.
     buckets: dict[Path, tuple[int, int]] = field(default_factory=dict)
 
@@ -395,7 +393,6 @@ def check_images(
             if near:
                 add("warning", near)
         report.images.append(path)
-        report.sizes[path] = rgb.size
         report.buckets.update({path: bucket} if bucket else {})
     if use_captions:
         report.captions = _captions(report.images, issues)

@@ -225,8 +225,9 @@ class DreamBoothDataset(torch.utils.data.Dataset):
         for i, e in enumerate(self.examples):
             for path in (e.instance, e.class_image):
                 if path is not None and sizes.setdefault(str(path), self.row_size(i)) != self.row_size(i):
-                    raise DataError(
-                        f"{path} is in rows of two sizes, {sizes[str(path)]} and {self.row_size(i)}"
+                    raise RuntimeError(  # buckets.py never does this: a bug, not a user's mistake
+                        f"{path} is in rows of two sizes, {sizes[str(path)]} and {self.row_size(i)}; "
+                        "please report it"
                     )
         return sizes
 
@@ -270,6 +271,12 @@ class DreamBoothDataset(torch.utils.data.Dataset):
         return example
 
 
+def filled(order: list[int], length: int) -> list[int]:
+    """``order`` repeated from its start up to ``length`` rows: an epoch (or a bucket) filled to whole
+    batches of every process with its own first rows, the same whether or not the run resumed."""
+    return order + [order[i % len(order)] for i in range(length - len(order))]
+
+
 class EpochSampler(torch.utils.data.Sampler):
     """A shuffled order per epoch from (seed, epoch) alone, startable mid-epoch.
 
@@ -298,8 +305,7 @@ class EpochSampler(torch.utils.data.Sampler):
 
     def __iter__(self):
         g = torch.Generator().manual_seed(self.seed + self.epoch)
-        order = torch.randperm(self.n, generator=g).tolist()
-        order += [order[i % self.n] for i in range(self.length - self.n)]
+        order = filled(torch.randperm(self.n, generator=g).tolist(), self.length)
         return iter([(self.epoch, i) for i in order[self.start :]])
 
     def __len__(self) -> int:
@@ -335,7 +341,7 @@ class BucketBatchSampler(torch.utils.data.Sampler):
         steps = []
         for rows in groups.values():
             if self.world > 1:  # whole batches of every process, filled with the bucket's first rows
-                rows = rows + [rows[i % len(rows)] for i in range(-len(rows) % per)]
+                rows = filled(rows, -(-len(rows) // per) * per)
             steps += [rows[i : i + per] for i in range(0, len(rows), per)]
         order = torch.randperm(len(steps), generator=g).tolist()
         return [

@@ -285,9 +285,7 @@ def model_facts(location: str, revision: str | None = None) -> tuple[str | None,
     prediction = scheduler.get("prediction_type", "epsilon") if scheduler is not None else known[0]
     native = known[1]
     if unet is not None and isinstance(unet.get("sample_size"), int):
-        # The VAE halves the size once per block after the first: SD 2.x's 4 blocks -> 8x (64 -> 512).
-        blocks = len((vae or {}).get("block_out_channels", [0, 0, 0, 0]))
-        native = unet["sample_size"] * 2 ** (blocks - 1)
+        native = unet["sample_size"] * _vae_factor(vae or {})
     return prediction, native
 
 
@@ -299,9 +297,12 @@ def size_multiple(location: str, revision: str | None = None) -> int | None:
     vae = _model_json(location, "vae/config.json", revision)
     if unet is None or vae is None:
         return None
-    vae_blocks = len(vae.get("block_out_channels", [0] * 4))
-    unet_blocks = len(unet.get("down_block_types", [0] * 4))
-    return 2 ** (vae_blocks - 1) * 2 ** (unet_blocks - 1)
+    return _vae_factor(vae) * 2 ** (len(unet.get("down_block_types", [0] * 4)) - 1)
+
+
+def _vae_factor(vae: dict) -> int:
+    """The VAE halves the size once per block after the first: SD 2.x's 4 blocks -> 8x (64 -> 512)."""
+    return 2 ** (len(vae.get("block_out_channels", [0] * 4)) - 1)
 
 
 def _model_json(location: str, name: str, revision: str | None) -> dict | None:

@@ -283,13 +283,18 @@ def _keep_best(cfg: DreamBoothConfig, run, unet, text_encoder, ema, pivots) -> i
     if best is not None and best != run.step and best in done:
         if run.step not in done:
             save_step_checkpoint(run)
+        # The resume's own loader: it knows where a LoRA, a full UNet or DeepSpeed's shards live. It
+        # also restores the optimizer and RNG, unused now; force: a damaged RNG file is no reason
+        # here to refuse the weights.
         state = load_checkpoint(run.accelerator, done[best], force=True)
         _restore_beside(cfg, run.accelerator, unet, text_encoder, done[best], state, ema, pivots)
         log.info("train.stop=auto: the final weights are step %d's (%s)", best, done[best])
     elif best is not None and best != run.step:
         log.warning(
-            "train.stop=auto: step %d scored best but has no checkpoint; keeping step %d's", best, run.step
-        )
+            "train.stop=auto: step %d scored best but its checkpoint was removed; keeping step %d's "
+            "(checkpoint.keep_last=null keeps every scored step)",
+            best, run.step,
+        )  # fmt: skip
         best = run.step
     if run.accelerator.is_main_process:
         _write_stop_record(cfg, run, decision, best)
