@@ -174,6 +174,10 @@ def train(cfg: DreamBoothConfig) -> TrainResult:
             from .export import run_exports
 
             exports = run_exports(out, cfg.export.formats, fp16=cfg.export.fp16)
+    # Every process done before any tears its process group down: a rank that destroyed it and
+    # exited while the main one still wrote the final LoRA was twice seen to die in gloo's teardown
+    # (SIGABRT, exit -6) after a finished 2-process run.
+    accelerator.wait_for_everyone()
     accelerator.end_training()
     seconds = time.perf_counter() - t0
     if accelerator.is_main_process:
