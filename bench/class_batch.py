@@ -31,15 +31,15 @@ CASES = {
 def run_case(name: str, steps: int | None, workdir: Path) -> dict:
     import torch
 
-    from dreambooth_kit.batching import probe_for
-    from dreambooth_kit.config import ModelConfig
-    from dreambooth_kit.inference import generate, load_pipeline
-    from dreambooth_kit.models import resolve_source
+    from dreambooth_kit.config.schema import ModelConfig
+    from dreambooth_kit.data.batching import probe_for
+    from dreambooth_kit.inference.pipeline import generate, load_pipeline
+    from dreambooth_kit.models.source import resolve_source
 
     model, size, default_steps, n, batches = CASES[name]
     steps = steps or default_steps
     if model == "sd21-base":
-        from dreambooth_kit.tiny import build_tiny_sd2
+        from dreambooth_kit.models.tiny import build_tiny_sd2
 
         model = str(
             build_tiny_sd2(workdir / "sd21-base-random", shape="sd21-base", prediction_type="epsilon")

@@ -33,8 +33,8 @@ def _make_lora(model: Path, out: Path) -> Path:
     """A rank-4 LoRA with non-zero weights on all attention layers (what training produces)."""
     from diffusers import StableDiffusionPipeline, UNet2DConditionModel
 
-    from dreambooth_kit.adapters import add_lora, lora_metadata, lora_state_dicts
-    from dreambooth_kit.config import AdapterConfig
+    from dreambooth_kit.config.schema import AdapterConfig
+    from dreambooth_kit.training.adapters import add_lora, lora_metadata, lora_state_dicts
 
     cfg = AdapterConfig(rank=4, alpha=4, init_lora_weights=False)
     unet = UNet2DConditionModel.from_pretrained(model, subfolder="unet")
@@ -58,8 +58,8 @@ def main() -> None:
     import torch
     from diffusers import StableDiffusionPipeline
 
-    from dreambooth_kit.inference import generate, load_pipeline
-    from dreambooth_kit.tiny import build_tiny_sd2
+    from dreambooth_kit.inference.pipeline import generate, load_pipeline
+    from dreambooth_kit.models.tiny import build_tiny_sd2
 
     torch.set_num_threads(os.cpu_count() or 2)
     work = Path(args.workdir or tempfile.mkdtemp(prefix="dbk-genbench-"))

@@ -41,9 +41,9 @@ def run_case(name: str, timed: int | None, workdir: Path) -> dict | None:
     """In every process under torchrun; returns the row on the main process only."""
     from PIL import Image
 
-    from dreambooth_kit.config import load_config
-    from dreambooth_kit.tiny import build_tiny_sd2
-    from dreambooth_kit.train import train
+    from dreambooth_kit.config.schema import load_config
+    from dreambooth_kit.models.tiny import build_tiny_sd2
+    from dreambooth_kit.training.train import train
 
     adapter, res, warmup, n = CASES[name]
     n = timed or n
@@ -100,7 +100,7 @@ def main() -> None:
         if row:
             print("RESULT " + json.dumps(row), flush=True)
         return
-    from dreambooth_kit.tiny import build_tiny_sd2
+    from dreambooth_kit.models.tiny import build_tiny_sd2
 
     rows = []
     try:

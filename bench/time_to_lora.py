@@ -83,7 +83,7 @@ def _model_args(name: str, workdir: Path) -> list[str]:
         if not photos.exists():
             write_subject_photos(photos)
         return [f"data.instance_dir={photos}"]
-    from dreambooth_kit.tiny import build_tiny_sd2
+    from dreambooth_kit.models.tiny import build_tiny_sd2
 
     model = workdir / "sd21-base-random"
     if not model.exists():
@@ -96,10 +96,10 @@ STOP_EVERY = 100  # steps between the auto runs' scores
 
 def stop_run(workdir: Path, stop: str, prior: bool, seed: int, steps: int = 800) -> dict:
     """One toy training run, in this process, and its final LoRA's quality scores."""
-    from dreambooth_kit.config import TOY_MODEL, load_config
+    from dreambooth_kit.config.schema import TOY_MODEL, load_config
     from dreambooth_kit.toy import world
     from dreambooth_kit.toy.evaluate import score
-    from dreambooth_kit.train import train
+    from dreambooth_kit.training.train import train
 
     photos = workdir / "toy-photos"
     if not photos.exists():
@@ -127,7 +127,7 @@ def _stops_by_patience(out: Path) -> dict[int, tuple]:
     """(stop step, best step) the rule gives over this run's scores for stop_patience 1..4."""
     import json
 
-    from dreambooth_kit.stopping import AutoStop
+    from dreambooth_kit.training.stopping import AutoStop
 
     rows = json.loads((out / "eval" / "auto_stop.json").read_text())["scores"]
     found = {}

@@ -12,35 +12,42 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING
 
-from ._version import __version__
-from .versions import warn_at_import
+from dreambooth_kit._version import __version__
+from dreambooth_kit.util.versions import warn_at_import
 
 # Each public name and the module that defines it, imported on first use (PEP 562): the command
 # line's `--help`, `check-data` and `class-images` then start without torch and diffusers, which
 # take ~2 s to import (`import dreambooth_kit` used to cost 2.2 s here, now 0.01 s).
 _PUBLIC = {
-    "DreamBoothConfig": "config",
-    "load_config": "config",
-    "save_config": "config",
-    "check_images": "data",
-    "run_exports": "export",
-    "push_to_hub": "hub",
-    "generate": "inference",
-    "load_pipeline": "inference",
-    "make_grid": "inference",
-    "read_metadata": "inference",
-    "save_images": "inference",
-    "save_png": "inference",
-    "train": "train",
+    "DreamBoothConfig": "config.schema",
+    "load_config": "config.schema",
+    "save_config": "config.schema",
+    "check_images": "data.photos",
+    "run_exports": "export.kohya",
+    "push_to_hub": "export.hub",
+    "generate": "inference.pipeline",
+    "load_pipeline": "inference.pipeline",
+    "make_grid": "inference.pipeline",
+    "read_metadata": "inference.pipeline",
+    "save_images": "inference.pipeline",
+    "save_png": "inference.pipeline",
+    "train": "training.train",
 }
 
 if TYPE_CHECKING:  # for type checkers and IDEs: the same names, imported eagerly
-    from .config import DreamBoothConfig, load_config, save_config
-    from .data import check_images
-    from .export import run_exports
-    from .hub import push_to_hub
-    from .inference import generate, load_pipeline, make_grid, read_metadata, save_images, save_png
-    from .train import train
+    from dreambooth_kit.config.schema import DreamBoothConfig, load_config, save_config
+    from dreambooth_kit.data.photos import check_images
+    from dreambooth_kit.export.hub import push_to_hub
+    from dreambooth_kit.export.kohya import run_exports
+    from dreambooth_kit.inference.pipeline import (
+        generate,
+        load_pipeline,
+        make_grid,
+        read_metadata,
+        save_images,
+        save_png,
+    )
+    from dreambooth_kit.training.train import train
 
 
 def __getattr__(name: str):

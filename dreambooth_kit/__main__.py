@@ -1,3 +1,3 @@
-from .cli import main
+from dreambooth_kit.cli import main
 
 raise SystemExit(main())

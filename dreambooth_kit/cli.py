@@ -14,12 +14,12 @@ import os
 import re
 from pathlib import Path
 
-from .errors import InvalidInput, user_errors_to_exit_code
-from .logs import setup_logging
+from dreambooth_kit.errors import InvalidInput, user_errors_to_exit_code
+from dreambooth_kit.util.logs import setup_logging
 
 
 def _cmd_train(args) -> int:
-    from .train import run_train
+    from dreambooth_kit.training.train import run_train
 
     return run_train(args.config, args.overrides)
 
@@ -30,8 +30,8 @@ _OVERRIDE = re.compile(r"^[A-Za-z_][\w.\[\]]*=")
 
 
 def _cmd_check_data(args) -> int:
-    from .config import load_config, preflight_spec
-    from .preflight import load_tokenizer_only, preflight
+    from dreambooth_kit.config.schema import load_config, preflight_spec
+    from dreambooth_kit.data.preflight import load_tokenizer_only, preflight
 
     folders = [a for a in args.args if not _OVERRIDE.match(a)]
     overrides = [a for a in args.args if _OVERRIDE.match(a)]
@@ -54,7 +54,9 @@ def _cmd_check_data(args) -> int:
         report = preflight(preflight_spec(cfg), check_folders=False)
         scope = f" (photos only, checked for {cfg.data.resolution} px training; add --config to check prompts too)"
     else:
-        from .models import resolve_source  # torch: only where the model's settings are checked
+        from dreambooth_kit.models.source import (
+            resolve_source,  # torch: only where the model's settings are checked
+        )
 
         cfg = load_config(args.config, overrides)
         source = resolve_source(cfg.model)
@@ -79,7 +81,7 @@ def _cmd_check_data(args) -> int:
 
 
 def _cmd_generate(args) -> int:
-    from .inference import generate, load_pipeline, regenerate_from_png, save_images
+    from dreambooth_kit.inference.pipeline import generate, load_pipeline, regenerate_from_png, save_images
 
     # One --lora-scale value applies to every LoRA; None (not given): 1, or with --from-png the PNG's.
     scale = args.lora_scale[0] if args.lora_scale and len(args.lora_scale) == 1 else args.lora_scale
@@ -122,7 +124,7 @@ def _cmd_generate(args) -> int:
 
 
 def _cmd_export(args) -> int:
-    from .export import run_exports
+    from dreambooth_kit.export.kohya import run_exports
 
     for path in run_exports(Path(args.run), args.format, fp16=args.fp16, out_dir=args.out):
         print(path)
@@ -130,7 +132,7 @@ def _cmd_export(args) -> int:
 
 
 def _cmd_push(args) -> int:
-    from .hub import push_to_hub
+    from dreambooth_kit.export.hub import push_to_hub
 
     files = push_to_hub(
         Path(args.run), args.repo, private=args.private, token=args.token, dry_run=args.dry_run
@@ -142,7 +144,7 @@ def _cmd_push(args) -> int:
 
 
 def _cmd_build_tiny(args) -> int:
-    from .tiny import build_tiny_sd2
+    from dreambooth_kit.models.tiny import build_tiny_sd2
 
     print(build_tiny_sd2(args.path, seed=args.seed, overwrite=args.overwrite))
     return 0
@@ -150,8 +152,8 @@ def _cmd_build_tiny(args) -> int:
 
 def _cmd_identifier(args) -> int:
     """Rare single-token identifiers for a class, ranked by how little the base model reacts to them."""
-    from .config import ModelConfig
-    from .identifier import KNOWN_MEANINGS, find_identifiers
+    from dreambooth_kit.config.schema import ModelConfig
+    from dreambooth_kit.data.identifier import KNOWN_MEANINGS, find_identifiers
 
     model = ModelConfig(pretrained=args.model, allow_pickle=args.allow_pickle)
     found = find_identifiers(model, args.class_noun, n=args.n, pool=args.pool, seeds=args.seeds)
@@ -171,7 +173,7 @@ def _cmd_identifier(args) -> int:
 
 def _cmd_evaluate(args) -> int:
     """DreamBooth's metrics for each checkpoint of a run, and the best one."""
-    from .evaluate import METRICS, evaluate
+    from dreambooth_kit.evaluation.evaluate import METRICS, evaluate
 
     r = evaluate(
         args.run, checkpoints=args.checkpoints, prompts=args.prompts, seeds=args.seeds,
@@ -198,7 +200,7 @@ def _cmd_class_images(args) -> int:
     """List the class-image store's entries, or delete the ones asked for."""
     import time
 
-    from .class_store import ClassStore, store_root
+    from dreambooth_kit.data.class_store import ClassStore, store_root
 
     root = store_root(args.store)
     if root is None:
@@ -225,7 +227,7 @@ def _cmd_class_images(args) -> int:
 
 def _cmd_demo(args) -> int:
     """Offline end to end: toy model -> checks -> class images -> LoRA with prior -> seeded images."""
-    from .demo import run_demo
+    from dreambooth_kit.demo import run_demo
 
     for line in run_demo(args.photos, args.out, args.steps):
         print(line)
@@ -233,7 +235,7 @@ def _cmd_demo(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from ._version import __version__
+    from dreambooth_kit._version import __version__
 
     p = argparse.ArgumentParser(prog="dreambooth-kit", description="DreamBooth LoRA for Stable Diffusion 2.1")
     p.add_argument("--version", action="version", version=f"dreambooth_kit {__version__}")
@@ -405,7 +407,9 @@ def _add_demo(sub) -> None:
         "--photos", default=None, help="default: the toy subject's five photos, rendered into OUT/photos"
     )
     d.add_argument("--out", default="runs/demo")
-    d.add_argument("--steps", type=int, default=None, help="training steps (default: configs/toy.yaml's)")
+    d.add_argument(
+        "--steps", type=int, default=None, help="training steps (default: config/presets/toy.yaml's)"
+    )
     d.set_defaults(func=_cmd_demo)
 
 

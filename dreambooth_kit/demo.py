@@ -24,12 +24,12 @@ def run_demo(
     photos: str | Path | None = None, out: str | Path = "runs/demo", steps: int | None = None
 ) -> list[str]:
     """Run the demo end to end into ``out``; returns the summary lines it prints."""
-    from .config import TOY_MODEL, load_config
-    from .images import make_grid
-    from .inference import generate, load_pipeline, save_images
-    from .toy import world
-    from .toy.evaluate import CONTEXT_PROMPTS
-    from .train import train
+    from dreambooth_kit.config.schema import TOY_MODEL, load_config
+    from dreambooth_kit.inference.images import make_grid
+    from dreambooth_kit.inference.pipeline import generate, load_pipeline, save_images
+    from dreambooth_kit.toy import world
+    from dreambooth_kit.toy.evaluate import CONTEXT_PROMPTS
+    from dreambooth_kit.training.train import train
 
     t0 = time.perf_counter()
     out = Path(out)

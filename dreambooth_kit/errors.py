@@ -7,7 +7,7 @@ traceback. Each module still raises its own subclass (ConfigError, DataError, ..
 catch one kind; the message names the file or config key and the fix. Subclasses that are also a
 built-in (ValueError, FileNotFoundError, ...) stay so, for callers that catch the built-in.
 
-Both entry points (``dreambooth-kit`` and ``python -m dreambooth_kit.train``) use
+Both entry points (``dreambooth-kit`` and ``python -m dreambooth_kit.training.train``) use
 :func:`user_errors_to_exit_code`, which lives here, not in cli.py, so that train.py never imports
 cli.py (cli.py imports train.py).
 """

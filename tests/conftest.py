@@ -63,7 +63,7 @@ def _class_store(tmp_path, monkeypatch):
 
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory) -> Path:
-    from dreambooth_kit.tiny import build_tiny_sd2
+    from dreambooth_kit.models.tiny import build_tiny_sd2
 
     return build_tiny_sd2(tmp_path_factory.mktemp("models") / "tiny-sd2")
 
@@ -77,7 +77,7 @@ def photos(tmp_path) -> Path:
 
 
 def tiny_cfg(tmp_path: Path, model: Path, photos: Path, **overrides):
-    from dreambooth_kit.config import load_config
+    from dreambooth_kit.config.schema import load_config
 
     base = {
         "model.pretrained": str(model),
@@ -96,7 +96,7 @@ def tiny_cfg(tmp_path: Path, model: Path, photos: Path, **overrides):
 def train_tiny(tmp: Path, model: Path, **overrides):
     """A tiny run in ``tmp`` on its own copy of the demo photos (``tmp/photos``): what a module-scoped
     fixture shares read-only."""
-    from dreambooth_kit.train import train
+    from dreambooth_kit.training.train import train
 
     photos = tmp / "photos"
     shutil.copytree(DEMO_PHOTOS, photos)
@@ -106,7 +106,7 @@ def train_tiny(tmp: Path, model: Path, **overrides):
 @pytest.fixture(scope="session")
 def trained_run(tmp_path_factory, tiny_model):
     """One 3-step LoRA run (rank 4, alpha 8, prior preservation on), shared read-only."""
-    from dreambooth_kit.train import train
+    from dreambooth_kit.training.train import train
 
     tmp = tmp_path_factory.mktemp("trained")
     photos = tmp / "photos"
@@ -121,7 +121,7 @@ def trained_run(tmp_path_factory, tiny_model):
 def patch_diffusion_loss(monkeypatch, transform) -> None:
     """Wrap loop.diffusion_loss: ``transform(n, loss)`` gets the 1-based call number and the loss
     and returns the loss to use (NaN injection, fp16 overflow spikes)."""
-    import dreambooth_kit.loop as loop_mod  # where the training step looks diffusion_loss up
+    import dreambooth_kit.training.loop as loop_mod  # where the training step looks diffusion_loss up
 
     real = loop_mod.diffusion_loss
     calls = {"n": 0}

@@ -113,8 +113,8 @@ def test_from_png_of_an_old_two_lora_image_loads_both_with_their_scales(
 
     import numpy as np
 
-    from dreambooth_kit.inference import generate, load_pipeline
-    from dreambooth_kit.pngmeta import JSON_KEY, read_metadata
+    from dreambooth_kit.inference.pipeline import generate, load_pipeline
+    from dreambooth_kit.inference.pngmeta import JSON_KEY, read_metadata
 
     a = trained_run["result"].lora_path
     b = shutil.copy(a, tmp_path / "second.safetensors")
@@ -185,7 +185,7 @@ def _err_line(capsys) -> str:
 
 
 def _no_model(monkeypatch):
-    import dreambooth_kit.models as models
+    import dreambooth_kit.models.source as models
 
     fail = lambda *a, **k: pytest.fail("a model was resolved or loaded")  # noqa: E731
     monkeypatch.setattr(models, "resolve_model", fail)
@@ -331,7 +331,7 @@ def test_manifest_that_is_a_json_list(tmp_path, tiny_model, photos, capsys):
 def test_ctrl_c_during_class_images_keeps_finished_ones_and_exits_130(
     tmp_path, tiny_model, photos, monkeypatch, capsys
 ):
-    import dreambooth_kit.inference as inference
+    import dreambooth_kit.inference.pipeline as inference
 
     real_save = inference.save_png
     calls = {"n": 0}
@@ -396,7 +396,7 @@ def test_a_builtin_error_from_a_bug_keeps_its_traceback_through_main(bug, tmp_pa
     """A built-in exception raised by code (not a UserError) is a bug: main() lets it through with its
     traceback instead of printing ``error: ...`` and exiting 2. A plain FloatingPointError used to be
     turned into one line, so a NaN from a bug looked like bad input."""
-    import dreambooth_kit.tiny as tiny
+    import dreambooth_kit.models.tiny as tiny
 
     def broken(*args, **kwargs):
         raise bug
@@ -410,7 +410,7 @@ def test_a_builtin_error_from_a_bug_keeps_its_traceback_through_main(bug, tmp_pa
 def test_every_user_error_carries_its_exit_code(capsys):
     """The early stops of training are UserErrors too, each with the exit code users saw before."""
     from dreambooth_kit.errors import NonFiniteError, UserError, user_errors_to_exit_code
-    from dreambooth_kit.guards import NonFiniteLossError, TrainingInterrupted
+    from dreambooth_kit.training.guards import NonFiniteLossError, TrainingInterrupted
 
     def raise_(e):
         raise e
@@ -433,7 +433,7 @@ def test_every_user_error_carries_its_exit_code(capsys):
 
 
 def test_check_data_with_only_a_folder_checks_photos_offline_without_a_model(photos, monkeypatch, capsys):
-    import dreambooth_kit.preflight as preflight
+    import dreambooth_kit.data.preflight as preflight
 
     _no_model(monkeypatch)
     monkeypatch.setattr(preflight, "load_tokenizer_only", lambda *a, **k: pytest.fail("tokenizer loaded"))
@@ -501,7 +501,7 @@ def test_known_transformers_noise_is_silenced_and_other_warnings_are_not(tmp_pat
     assert "requires torchvision" not in proc.stderr
     import logging
 
-    from dreambooth_kit.logs import _DropKnownNoise
+    from dreambooth_kit.util.logs import _DropKnownNoise
 
     keep = logging.LogRecord("transformers", logging.WARNING, "", 0, "some other warning", None, None)
     assert _DropKnownNoise().filter(keep)

@@ -7,7 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import world
+from dreambooth_kit.toy import world
 
 CONTEXT_PROMPTS = [f"a photo of {world.IDENTIFIER} ball on a {b} background" for b in world.BACKGROUNDS]
 SUBJECT_PROMPT = f"a photo of {world.IDENTIFIER} ball"
@@ -55,10 +55,16 @@ def score(
     guidance: float = 4.0,
 ) -> Scores:
     """Sample the prompts above (seeds ``seed``..) and score them with the judge."""
-    from ..metrics import attribute_accuracy, diversity, pres, subject_fidelity, subject_rate
-    from .judge import Judge
-    from .pretrain import sample
-    from .rules import clutter_rate, strict_subject_rate
+    from dreambooth_kit.evaluation.metrics import (
+        attribute_accuracy,
+        diversity,
+        pres,
+        subject_fidelity,
+        subject_rate,
+    )
+    from dreambooth_kit.toy.judge import Judge
+    from dreambooth_kit.toy.pretrain import sample
+    from dreambooth_kit.toy.rules import clutter_rate, strict_subject_rate
 
     judge = judge or Judge.load()
     refs = [img for img, _ in world.subject_photos()]
@@ -96,7 +102,7 @@ def plain_rate(judge, images) -> float:
     neither the judge's detector nor the world's rules. 'a ball is a ball' alone counts the subject
     too (it is a ball), so after training without prior preservation it read 1.00 while the plain
     balls were 0.00-0.06."""
-    from .rules import is_subject
+    from dreambooth_kit.toy.rules import is_subject
 
     p = judge.predict(images)
     plain = [

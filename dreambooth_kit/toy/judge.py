@@ -1,6 +1,6 @@
 """The toy world's judge: a small CNN that reads class, colour and background off an image and tells
 the ``zwx`` subject from the world's objects. Its penultimate features stand in for DINO/CLIP image
-embeddings in :mod:`dreambooth_kit.metrics`.
+embeddings in :mod:`dreambooth_kit.evaluation.metrics`.
 
 It is trained only on rendered images (fresh renders drawn on the fly, never a model's samples), so
 it measures a generator without having learned that generator's mistakes. It sees every
@@ -38,9 +38,9 @@ from safetensors.torch import load as load_safetensors
 from safetensors.torch import save_file
 from torch import nn
 
-from ..atomic import write_json, writing
-from ..errors import InvalidInput, UserError
-from . import world
+from dreambooth_kit.errors import InvalidInput, UserError
+from dreambooth_kit.toy import world
+from dreambooth_kit.util.atomic import write_json, writing
 
 FORMAT = "dreambooth_kit.toy.judge/1"
 WEIGHTS = "judge.safetensors"

@@ -17,11 +17,11 @@ from pathlib import Path
 
 import torch
 
-from ..cache import cache_root
-from ..config import TOY_MODEL  # noqa: F401  (re-exported: the name users write)
-from ..sd21 import SD21_SCHEDULER
-from ..tiny import build_tiny_tokenizer, write_pipeline_folder
-from .world import RESOLUTION, WORDS
+from dreambooth_kit.config.schema import TOY_MODEL  # noqa: F401  (re-exported: the name users write)
+from dreambooth_kit.models.sd21 import SD21_SCHEDULER
+from dreambooth_kit.models.tiny import build_tiny_tokenizer, write_pipeline_folder
+from dreambooth_kit.toy.world import RESOLUTION, WORDS
+from dreambooth_kit.util.cache_dir import cache_root
 
 COMPONENTS = ("unet", "vae", "text_encoder")
 

@@ -35,8 +35,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from ..atomic import write_json, writing
-from . import world
+from dreambooth_kit.toy import world
+from dreambooth_kit.util.atomic import write_json, writing
 
 STAGES = ("vae", "decoder", "judge", "unet", "eval", "ship")
 CHECKPOINT_EVERY = 250
@@ -138,7 +138,7 @@ def _vae_batch(rng: random.Random, n: int, step: int) -> torch.Tensor:
 def stage_vae(out: Path, steps: int, seed: int) -> dict:
     from safetensors.torch import save_file
 
-    from .model import new_components
+    from dreambooth_kit.toy.model import new_components
 
     d = out / "vae"
     d.mkdir(parents=True, exist_ok=True)
@@ -175,7 +175,7 @@ def _load_vae(out: Path, *, decoder: bool = True):
     """The trained VAE; with ``decoder`` its fine-tuned decoder when that stage is done."""
     from safetensors.torch import load_file
 
-    from .model import new_components
+    from dreambooth_kit.toy.model import new_components
 
     rec = _done(out / "vae")
     _, _, vae, _, _ = new_components()
@@ -285,7 +285,7 @@ def stage_unet(out: Path, steps: int, seed: int, n_images: int = 30000) -> dict:
     from diffusers.training_utils import EMAModel
     from safetensors.torch import save_file
 
-    from .model import new_components
+    from dreambooth_kit.toy.model import new_components
 
     d = out / "unet"
     d.mkdir(parents=True, exist_ok=True)
@@ -342,14 +342,14 @@ def stage_unet(out: Path, steps: int, seed: int, n_images: int = 30000) -> dict:
 
 
 def stage_eval(out: Path, seed: int, per_combo: int = 4) -> dict:
-    from .judge import Judge
+    from dreambooth_kit.toy.judge import Judge
 
     d = out / "eval"
     d.mkdir(parents=True, exist_ok=True)
     if (rec := _done(d)) is not None:
         return rec
     staging = ship(out, out / "staged-weights", final=False)
-    from .model import build_toy_sd2
+    from dreambooth_kit.toy.model import build_toy_sd2
 
     folder = build_toy_sd2(out / "eval" / "model", weights=staging)
     judge = Judge.load(out / "judge" / "judge.safetensors")
@@ -378,7 +378,7 @@ def _seen_sample(n: int, seed: int) -> list[tuple[str, str, str]]:
 
 
 def _attribute_accuracy(judge, images, expected: list[dict]) -> dict:
-    from ..metrics import attribute_accuracy
+    from dreambooth_kit.evaluation.metrics import attribute_accuracy
 
     return {k: round(float(v), 4) for k, v in attribute_accuracy(judge, images, expected).items()}
 
@@ -394,7 +394,7 @@ def sample(
     lora=None,
 ) -> list:
     """``per_combo`` images per prompt (seeds seed..seed+per_combo-1), DPM-Solver++ 2M."""
-    from ..inference import generate, load_pipeline
+    from dreambooth_kit.inference.pipeline import generate, load_pipeline
 
     pipe = load_pipeline(str(model), lora=lora, scheduler="dpmpp_2m", dtype="fp32", device="cpu")
     images = []
@@ -469,7 +469,7 @@ def main(argv: list[str] | None = None) -> int:
         if stage == "vae":
             rec = stage_vae(out, args.steps or DEFAULT_STEPS["vae"], args.seed)
         elif stage == "judge":
-            from .judge import train_judge
+            from dreambooth_kit.toy.judge import train_judge
 
             (out / "judge").mkdir(parents=True, exist_ok=True)
             if _done(out / "judge") is None:
@@ -488,7 +488,7 @@ def main(argv: list[str] | None = None) -> int:
         elif stage == "eval":
             rec = stage_eval(out, args.seed)
         else:
-            from .model import shipped_weights
+            from dreambooth_kit.toy.model import shipped_weights
 
             rec = {"shipped": str(ship(out, Path(args.ship_to) if args.ship_to else shipped_weights()))}
         _log(f"{stage}: {json.dumps(rec)[:300]} ({time.perf_counter() - t0:.0f} s)")
