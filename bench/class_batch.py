@@ -31,7 +31,7 @@ CASES = {
 def run_case(name: str, steps: int | None, workdir: Path) -> dict:
     import torch
 
-    from dreambooth_kit.config.schema import ModelConfig
+    from dreambooth_kit.config import ModelConfig
     from dreambooth_kit.data.batching import probe_for
     from dreambooth_kit.inference.pipeline import generate, load_pipeline
     from dreambooth_kit.models.source import resolve_source

@@ -32,7 +32,7 @@ PROMPT, GUIDANCE, SEED = "a photo of a ball", 4.0, 50_000
 
 
 def draw(scheduler: str | None, steps: int, n: int) -> tuple[list, float]:
-    from dreambooth_kit.config.schema import ModelConfig
+    from dreambooth_kit.config import ModelConfig
     from dreambooth_kit.inference.pipeline import generate, load_pipeline
     from dreambooth_kit.models.source import resolve_source
 

@@ -16,7 +16,7 @@ DEVELOPMENT_SEED = 0  # what `python -m dreambooth_kit.toy.pretrain` evaluates a
 
 
 def accuracy(seed: int, per_combo: int, combos) -> dict[str, float]:
-    from dreambooth_kit.config.schema import TOY_MODEL
+    from dreambooth_kit.config import TOY_MODEL
     from dreambooth_kit.evaluation.metrics import attribute_accuracy
     from dreambooth_kit.toy import world
     from dreambooth_kit.toy.judge import Judge

@@ -33,7 +33,7 @@ def _make_lora(model: Path, out: Path) -> Path:
     """A rank-4 LoRA with non-zero weights on all attention layers (what training produces)."""
     from diffusers import StableDiffusionPipeline, UNet2DConditionModel
 
-    from dreambooth_kit.config.schema import AdapterConfig
+    from dreambooth_kit.config import AdapterConfig
     from dreambooth_kit.training.adapters import add_lora, lora_metadata, lora_state_dicts
 
     cfg = AdapterConfig(rank=4, alpha=4, init_lora_weights=False)

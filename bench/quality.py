@@ -115,7 +115,7 @@ COLUMNS = [
 
 
 def run_condition(name: str, overrides: dict | None, seed: int, out: Path, steps: int, per_prompt: int):
-    from dreambooth_kit.config.schema import TOY_MODEL, load_config
+    from dreambooth_kit.config import TOY_MODEL, load_config
     from dreambooth_kit.toy import world
     from dreambooth_kit.toy.evaluate import score
     from dreambooth_kit.training.train import train
@@ -157,7 +157,7 @@ def grid(out: Path, rows: dict[str, Path | None], steps: int) -> Path:
     """One row per condition: 'zwx ball' on each background, then four 'a ball' samples (seed 0 run)."""
     from PIL import Image, ImageDraw
 
-    from dreambooth_kit.config.schema import TOY_MODEL
+    from dreambooth_kit.config import TOY_MODEL
     from dreambooth_kit.toy.evaluate import CLASS_PROMPT, CONTEXT_PROMPTS
     from dreambooth_kit.toy.pretrain import sample
 

@@ -41,7 +41,7 @@ def run_case(name: str, timed: int | None, workdir: Path) -> dict | None:
     """In every process under torchrun; returns the row on the main process only."""
     from PIL import Image
 
-    from dreambooth_kit.config.schema import load_config
+    from dreambooth_kit.config import load_config
     from dreambooth_kit.models.tiny import build_tiny_sd2
     from dreambooth_kit.training.train import train
 

@@ -96,7 +96,7 @@ STOP_EVERY = 100  # steps between the auto runs' scores
 
 def stop_run(workdir: Path, stop: str, prior: bool, seed: int, steps: int = 800) -> dict:
     """One toy training run, in this process, and its final LoRA's quality scores."""
-    from dreambooth_kit.config.schema import TOY_MODEL, load_config
+    from dreambooth_kit.config import TOY_MODEL, load_config
     from dreambooth_kit.toy import world
     from dreambooth_kit.toy.evaluate import score
     from dreambooth_kit.training.train import train

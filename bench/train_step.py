@@ -65,7 +65,7 @@ def _baseline_steps(model: Path, res: int, steps: int) -> list[float]:
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import AutoTokenizer, CLIPTextModel
 
-    from dreambooth_kit.config.schema import AdapterConfig
+    from dreambooth_kit.config import AdapterConfig
     from dreambooth_kit.training.adapters import add_lora
 
     torch.manual_seed(0)
@@ -103,7 +103,7 @@ def run_case(name: str, timed: int | None, workdir: Path) -> dict:
     import torch
     from PIL import Image
 
-    from dreambooth_kit.config.schema import load_config
+    from dreambooth_kit.config import load_config
     from dreambooth_kit.models.tiny import build_tiny_sd2
     from dreambooth_kit.training.train import train
 

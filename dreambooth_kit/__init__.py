@@ -19,9 +19,9 @@ from dreambooth_kit.util.versions import warn_at_import
 # line's `--help`, `check-data` and `class-images` then start without torch and diffusers, which
 # take ~2 s to import (`import dreambooth_kit` used to cost 2.2 s here, now 0.01 s).
 _PUBLIC = {
-    "DreamBoothConfig": "config.schema",
-    "load_config": "config.schema",
-    "save_config": "config.schema",
+    "DreamBoothConfig": "config",
+    "load_config": "config",
+    "save_config": "config",
     "check_images": "data.photos",
     "run_exports": "export.kohya",
     "push_to_hub": "export.hub",
@@ -35,7 +35,7 @@ _PUBLIC = {
 }
 
 if TYPE_CHECKING:  # for type checkers and IDEs: the same names, imported eagerly
-    from dreambooth_kit.config.schema import DreamBoothConfig, load_config, save_config
+    from dreambooth_kit.config import DreamBoothConfig, load_config, save_config
     from dreambooth_kit.data.photos import check_images
     from dreambooth_kit.export.hub import push_to_hub
     from dreambooth_kit.export.kohya import run_exports

@@ -30,8 +30,9 @@ _OVERRIDE = re.compile(r"^[A-Za-z_][\w.\[\]]*=")
 
 
 def _cmd_check_data(args) -> int:
-    from dreambooth_kit.config.schema import load_config, preflight_spec
+    from dreambooth_kit.config import load_config
     from dreambooth_kit.data.preflight import load_tokenizer_only, preflight
+    from dreambooth_kit.training.plan import preflight_spec
 
     folders = [a for a in args.args if not _OVERRIDE.match(a)]
     overrides = [a for a in args.args if _OVERRIDE.match(a)]
@@ -152,7 +153,7 @@ def _cmd_build_tiny(args) -> int:
 
 def _cmd_identifier(args) -> int:
     """Rare single-token identifiers for a class, ranked by how little the base model reacts to them."""
-    from dreambooth_kit.config.schema import ModelConfig
+    from dreambooth_kit.config import ModelConfig
     from dreambooth_kit.data.identifier import KNOWN_MEANINGS, find_identifiers
 
     model = ModelConfig(pretrained=args.model, allow_pickle=args.allow_pickle)

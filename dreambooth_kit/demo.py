@@ -24,7 +24,7 @@ def run_demo(
     photos: str | Path | None = None, out: str | Path = "runs/demo", steps: int | None = None
 ) -> list[str]:
     """Run the demo end to end into ``out``; returns the summary lines it prints."""
-    from dreambooth_kit.config.schema import TOY_MODEL, load_config
+    from dreambooth_kit.config import TOY_MODEL, load_config
     from dreambooth_kit.inference.images import make_grid
     from dreambooth_kit.inference.pipeline import generate, load_pipeline, save_images
     from dreambooth_kit.toy import world

@@ -77,7 +77,7 @@ def photos(tmp_path) -> Path:
 
 
 def tiny_cfg(tmp_path: Path, model: Path, photos: Path, **overrides):
-    from dreambooth_kit.config.schema import load_config
+    from dreambooth_kit.config import load_config
 
     base = {
         "model.pretrained": str(model),

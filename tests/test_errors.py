@@ -15,7 +15,7 @@ NOT_USER_ERRORS = {
     # `except Exception` on the way up cannot swallow the user's stop; the CLI prints it and exits 130.
     "dreambooth_kit.data.prior.ClassImagesInterrupted",
     # Raised and caught inside the YAML loader to report a duplicate key; it becomes a ConfigError.
-    "dreambooth_kit.config.schema._DuplicateKey",
+    "dreambooth_kit.config.loading._DuplicateKey",
     # A checkpoint save that failed for a reason that is not the disk's: a bug, whose traceback (its
     # cause's) the CLI must show; it still says which earlier checkpoint is intact.
     "dreambooth_kit.training.checkpoints.CheckpointSaveFailed",
@@ -42,7 +42,7 @@ def test_every_exception_class_in_the_package_is_a_user_error():
 
 
 def test_user_errors_that_callers_catch_as_builtins_still_are_those_builtins():
-    from dreambooth_kit.config.schema import ConfigError
+    from dreambooth_kit.config import ConfigError
     from dreambooth_kit.errors import InvalidInput, MissingExtra, NonFiniteError
     from dreambooth_kit.training.adapters import LoraMismatchError, LoraNotFoundError
     from dreambooth_kit.training.guards import NonFiniteLossError, TrainingInterrupted
@@ -56,7 +56,7 @@ def test_user_errors_that_callers_catch_as_builtins_still_are_those_builtins():
 
 
 def test_exit_codes_are_class_attributes_users_already_know():
-    from dreambooth_kit.config.schema import ConfigError
+    from dreambooth_kit.config import ConfigError
     from dreambooth_kit.training.guards import NonFiniteLossError, TrainingInterrupted
 
     assert UserError.exit_code == ConfigError.exit_code == 2
@@ -66,7 +66,7 @@ def test_exit_codes_are_class_attributes_users_already_know():
 
 def test_a_printed_error_is_bounded_in_length_and_keeps_its_head_and_tail(capsys):
     """Before, an error quoting a huge value (a 100k-character prompt) printed all of it."""
-    from dreambooth_kit.config.schema import load_config
+    from dreambooth_kit.config import load_config
     from dreambooth_kit.errors import MAX_MESSAGE, user_errors_to_exit_code
 
     prompt = "zwx " * 25_000

@@ -5,3 +5,64 @@ recipes) sit in ``presets/``.
 
 Only the training recipe (``dreambooth_kit.training``) and the command line read a whole
 ``DreamBoothConfig``; every other component takes explicit, typed arguments."""
+
+from dreambooth_kit.config.checks import mentions_identifier, validate
+from dreambooth_kit.config.loading import (
+    absolute_paths,
+    load_config,
+    packaged_configs,
+    save_config,
+    save_config_dict,
+)
+from dreambooth_kit.config.schema import (
+    CONFIG_VERSION,
+    DEMO_PHOTOS,
+    MAX_SEED,
+    TINY_MODEL,
+    TOY_MODEL,
+    AdapterConfig,
+    CheckpointConfig,
+    ConceptConfig,
+    ConfigError,
+    DataConfig,
+    DreamBoothConfig,
+    EvaluateConfig,
+    ExportConfig,
+    ModelConfig,
+    PriorConfig,
+    TrainConfig,
+    ValidationConfig,
+    concept_fields,
+    concepts_of,
+    validation_prompts,
+)
+
+__all__ = [
+    "CONFIG_VERSION",
+    "DEMO_PHOTOS",
+    "MAX_SEED",
+    "TINY_MODEL",
+    "TOY_MODEL",
+    "AdapterConfig",
+    "CheckpointConfig",
+    "ConceptConfig",
+    "ConfigError",
+    "DataConfig",
+    "DreamBoothConfig",
+    "EvaluateConfig",
+    "ExportConfig",
+    "ModelConfig",
+    "PriorConfig",
+    "TrainConfig",
+    "ValidationConfig",
+    "absolute_paths",
+    "concept_fields",
+    "concepts_of",
+    "load_config",
+    "mentions_identifier",
+    "packaged_configs",
+    "save_config",
+    "save_config_dict",
+    "validate",
+    "validation_prompts",
+]

@@ -33,6 +33,28 @@ from typing import Any
 
 from dreambooth_kit.errors import UserError
 
+
+@dataclass(frozen=True)
+class ClassImageSpec:
+    """One subject's class images, resolved from the config (prior section + concept + training size):
+    all that class-image generation reads."""
+
+    folder: Path
+    prompt: str
+    count: int
+    negative_prompt: str
+    steps: int
+    guidance_scale: float
+    batch_size: int | str  # or "auto"
+    # data.resolution: the training size, not the model's native size (768 for SD 2.1); or a bucket's
+    # (width, height) (data.buckets)
+    size: int | tuple[int, int]
+    seed: int  # image i uses seed + i
+    regenerate: bool
+    sampler: str | None = None  # a SCHEDULERS name; None: the model's own scheduler
+    store: Path | None = None  # the class-image store's folder; None: no store
+
+
 log = logging.getLogger("dreambooth_kit")
 
 RECIPE = "recipe.json"

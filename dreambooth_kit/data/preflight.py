@@ -12,10 +12,24 @@ import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from dreambooth_kit.config.schema import ConceptConfig, PreflightSpec, mentions_identifier
+from dreambooth_kit.config import ConceptConfig, DataConfig, PriorConfig, mentions_identifier
 from dreambooth_kit.data.identifier import COMMON_WORDS, KNOWN_MEANINGS
 from dreambooth_kit.data.photos import DataError, ImageIssue, ImageReport, caption_file, check_images
 from dreambooth_kit.errors import UserError
+
+
+@dataclass(frozen=True)
+class PreflightSpec:
+    """What the photo check reads (preflight.py), taken from the config once: the data and prior
+    sections, the subjects with the config key that names each one's folder, and the folders a run
+    writes into."""
+
+    data: DataConfig
+    prior: PriorConfig
+    subjects: tuple[tuple[str, ConceptConfig], ...]  # ("data" or "concepts[i]", the filled concept)
+    output_dir: str
+    native_resolution: int | None  # model.native_resolution: None = the model's (preflight is told it)
+
 
 log = logging.getLogger("dreambooth_kit")
 

@@ -18,9 +18,9 @@ from typing import Any
 
 import torch
 
-from dreambooth_kit.config.schema import ClassImageSpec
 from dreambooth_kit.data.batching import AUTO, AUTO_MAX, OutOfMemory
 from dreambooth_kit.data.buckets import Size, bucket_folder_name, class_image_counts
+from dreambooth_kit.data.class_store import ClassImageSpec
 from dreambooth_kit.errors import UserError
 from dreambooth_kit.models.source import ModelSource
 

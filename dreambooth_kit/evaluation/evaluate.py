@@ -42,10 +42,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from dreambooth_kit.config.schema import AdapterConfig, EvalSpec, EvaluateConfig
+from dreambooth_kit.config import AdapterConfig, EvaluateConfig
 from dreambooth_kit.errors import UserError
 from dreambooth_kit.evaluation.prompt_sets import EvalPrompt
 from dreambooth_kit.evaluation.ranking import best_checkpoint
+from dreambooth_kit.evaluation.spec import EvalSpec
 from dreambooth_kit.models.source import ModelSource
 
 log = logging.getLogger("dreambooth_kit")
@@ -465,10 +466,11 @@ def evaluate(
     ``prompts`` ("paper" or a file), ``seeds`` and ``overrides`` (``evaluate.steps=20`` ...) change
     the run's evaluate section for this call; ``photos``: the subject's photos when they are no
     longer at the run's ``data.instance_dir``."""
-    from dreambooth_kit.config.schema import eval_spec, load_config
+    from dreambooth_kit.config import load_config
     from dreambooth_kit.evaluation.encoders import load_encoders
     from dreambooth_kit.inference.pipeline import default_device
     from dreambooth_kit.training.layout import RunLayout
+    from dreambooth_kit.training.plan import eval_spec
     from dreambooth_kit.training.runfolder import Run
 
     run = Path(run)

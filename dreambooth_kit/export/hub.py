@@ -15,7 +15,7 @@ import os
 import re
 from pathlib import Path
 
-from dreambooth_kit.config.schema import DreamBoothConfig, concepts_of, load_config
+from dreambooth_kit.config import DreamBoothConfig, concepts_of, load_config
 from dreambooth_kit.errors import UserError
 from dreambooth_kit.training.layout import RunLayout
 

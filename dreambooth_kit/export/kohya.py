@@ -36,7 +36,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from dreambooth_kit.config.schema import ModelConfig
+from dreambooth_kit.config import ModelConfig
 from dreambooth_kit.errors import InvalidInput, UserError
 from dreambooth_kit.training.layout import RunLayout
 from dreambooth_kit.util.atomic import writing, writing_folder
@@ -191,7 +191,7 @@ def kohya_metadata(labels: ExportLabels, *, rank: int, alpha: float) -> dict[str
 def labels_for(lora: Path) -> ExportLabels:
     """The labels of the run the LoRA belongs to: its ``lora/config.yaml``, else the run's
     ``config.yaml`` (read and validated as any config); defaults if neither is there."""
-    from dreambooth_kit.config.schema import concepts_of, load_config
+    from dreambooth_kit.config import concepts_of, load_config
 
     for cfg_file in (lora.parent / "config.yaml", lora.parent.parent / "config.yaml"):
         if cfg_file.is_file():
@@ -383,7 +383,7 @@ def _merged_pipeline(run_dir: Path, *, fp16: bool):
     merged scheduler says what the run trained (``pipe.scheduler.config.prediction_type``)."""
     import torch
 
-    from dreambooth_kit.config.schema import load_config
+    from dreambooth_kit.config import load_config
     from dreambooth_kit.inference.pipeline import load_pipeline
     from dreambooth_kit.models.source import resolve_source
     from dreambooth_kit.training.runfolder import Run

@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from dreambooth_kit.config.schema import TINY_MODEL, TOY_MODEL, ModelConfig
+from dreambooth_kit.config import TINY_MODEL, TOY_MODEL, ModelConfig
 from dreambooth_kit.errors import MissingExtra, ModelLoadError
 
 PICKLE_SUFFIXES = (".ckpt", ".bin", ".pt", ".pth", ".pkl")

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from dreambooth_kit.config.schema import TOY_MODEL  # noqa: F401  (re-exported: the name users write)
+from dreambooth_kit.config import TOY_MODEL  # noqa: F401  (re-exported: the name users write)
 from dreambooth_kit.models.sd21 import SD21_SCHEDULER
 from dreambooth_kit.models.tiny import build_tiny_tokenizer, write_pipeline_folder
 from dreambooth_kit.toy.world import RESOLUTION, WORDS

@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from dreambooth_kit.config.schema import AdapterConfig
+from dreambooth_kit.config import AdapterConfig
 from dreambooth_kit.errors import InvalidInput, UserError
 
 

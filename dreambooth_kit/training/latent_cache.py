@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from dreambooth_kit.config.schema import DataConfig
+from dreambooth_kit.config import DataConfig
 
 log = logging.getLogger("dreambooth_kit")
 

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from dreambooth_kit.config.schema import (
+from dreambooth_kit.config import (
     AdapterConfig,
     CheckpointConfig,
     DataConfig,

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from dreambooth_kit.config.schema import AdapterConfig, save_config_dict
+from dreambooth_kit.config import AdapterConfig, save_config_dict
 from dreambooth_kit.errors import NonFiniteError, UserError
 from dreambooth_kit.training.layout import RunLayout
 from dreambooth_kit.training.lycoris import LYCORIS_TYPES

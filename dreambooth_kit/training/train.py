@@ -19,10 +19,11 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from dreambooth_kit.config.schema import DreamBoothConfig, absolute_paths, preflight_spec, save_config
+from dreambooth_kit.config import DreamBoothConfig, absolute_paths, save_config
 from dreambooth_kit.errors import MissingExtra, UserError
 from dreambooth_kit.training.layout import RunLayout
 from dreambooth_kit.training.outputs import LORA_WEIGHTS
+from dreambooth_kit.training.plan import preflight_spec
 
 if TYPE_CHECKING:
     from dreambooth_kit.training.loop import RunSettings
@@ -251,7 +252,7 @@ def check_pivotal_launch(cfg: DreamBoothConfig, accelerator) -> None:
 def _pivots(cfg: DreamBoothConfig, comps, accelerator):
     """adapter.pivotal: the identifiers' trainable token vectors, placed into the (frozen) text
     encoder's input embeddings from now on (pivotal.py); else None."""
-    from dreambooth_kit.config.schema import concepts_of
+    from dreambooth_kit.config import concepts_of
     from dreambooth_kit.training.pivotal import Pivots
 
     if not cfg.adapter.pivotal:
@@ -598,7 +599,7 @@ def _zero_terminal_snr(cfg: DreamBoothConfig, comps) -> None:
 
 def check_zero_terminal_snr(cfg: DreamBoothConfig, kind: str | None) -> None:
     """Refuse train.zero_terminal_snr for a model known to predict epsilon (None: not known yet)."""
-    from dreambooth_kit.config.schema import ConfigError
+    from dreambooth_kit.config import ConfigError
 
     if cfg.train.zero_terminal_snr and kind not in (None, "v_prediction"):
         raise ConfigError(
@@ -617,7 +618,7 @@ def check_buckets(cfg: DreamBoothConfig, source) -> None:
     the class images). Checked from the model's configs before anything is generated."""
     if not cfg.data.buckets:
         return
-    from dreambooth_kit.config.schema import ConfigError
+    from dreambooth_kit.config import ConfigError
     from dreambooth_kit.models.source import size_multiple
 
     need = size_multiple(source.location, source.revision)
@@ -653,7 +654,8 @@ def _announce_plan(
     """The run's plan, before the long work (class images, training): what a user checks first."""
     if not accelerator.is_main_process:
         return
-    from dreambooth_kit.config.schema import class_image_spec, concepts_of
+    from dreambooth_kit.config import concepts_of
+    from dreambooth_kit.training.plan import class_image_spec
     from dreambooth_kit.training.runreport import Plan, plan_text
 
     concepts = list(zip(concepts_of(cfg), report.reports, strict=True))
@@ -714,7 +716,7 @@ def _announce_summary(
     cfg: DreamBoothConfig, out: Path, final_dir: Path, run, seconds: float, exports
 ) -> None:
     """Where everything went and what to run next (absolute paths: they work from any folder)."""
-    from dreambooth_kit.config.schema import concepts_of
+    from dreambooth_kit.config import concepts_of
     from dreambooth_kit.training.runreport import Outcome, summary_text
 
     outcome = Outcome(
@@ -754,8 +756,9 @@ def _class_images(cfg: DreamBoothConfig, report, source, accelerator, out: Path)
     batches, on its own device), then read by all."""
     if not cfg.prior.with_prior_preservation or cfg.prior.mode == "teacher":
         return None  # teacher: the frozen base model's predictions stand in for class images
-    from dreambooth_kit.config.schema import class_image_spec, concepts_of
+    from dreambooth_kit.config import concepts_of
     from dreambooth_kit.data.prior import ensure_bucketed_class_images, ensure_class_images
+    from dreambooth_kit.training.plan import class_image_spec
 
     specs = [
         class_image_spec(cfg, c, len(r.images)) for c, r in zip(concepts_of(cfg), report.reports, strict=True)
@@ -848,7 +851,7 @@ def _move(model: torch.nn.Module, device, dtype: torch.dtype) -> None:
 
 def _data(cfg: DreamBoothConfig, report, class_sets, comps, accelerator):
     """Rows from every concept (captions if asked), a resumable sampler, and the latent cache."""
-    from dreambooth_kit.config.schema import concepts_of
+    from dreambooth_kit.config import concepts_of
     from dreambooth_kit.data.dataset import DreamBoothDataset, collate, pair_bucketed, pair_examples
     from dreambooth_kit.training.latent_cache import LatentCache, latent_cache_decision
 
@@ -987,8 +990,8 @@ def _validation_scorer(cfg: DreamBoothConfig, accelerator):
     process only)."""
     if not ((cfg.validation.metrics or cfg.train.stop == "auto") and accelerator.is_main_process):
         return None
-    from dreambooth_kit.config.schema import eval_spec
     from dreambooth_kit.evaluation.evaluate import validation_scorer
+    from dreambooth_kit.training.plan import eval_spec
 
     return validation_scorer(eval_spec(cfg))
 
@@ -996,7 +999,7 @@ def _validation_scorer(cfg: DreamBoothConfig, accelerator):
 def run_settings(cfg: DreamBoothConfig) -> RunSettings:
     """What the loop, validation, checkpoints and the final save read of ``cfg``, resolved once here:
     only config, train, hub and the CLI hold the whole config."""
-    from dreambooth_kit.config.schema import validation_prompts
+    from dreambooth_kit.config import validation_prompts
     from dreambooth_kit.training.loop import RunSettings
 
     return RunSettings(
@@ -1020,7 +1023,7 @@ def run_train(config: str, overrides: list[str]) -> int:
     :func:`main`. The two early stops are :class:`~dreambooth_kit.errors.UserError` subclasses with
     their own exit codes: a signal -> 128 + signum (143 SIGTERM, 130 SIGINT) after a checkpoint,
     non-finite losses -> 1."""
-    from dreambooth_kit.config.schema import load_config
+    from dreambooth_kit.config import load_config
 
     cfg = load_config(config, overrides)
     result = train(cfg)

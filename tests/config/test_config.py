@@ -9,14 +9,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from dreambooth_kit.config.schema import (
-    ConfigError,
-    DreamBoothConfig,
-    load_config,
-    num_class_images,
-    packaged_configs,
-    save_config,
-)
+from dreambooth_kit.config import ConfigError, DreamBoothConfig, load_config, packaged_configs, save_config
+from dreambooth_kit.training.plan import num_class_images
 
 # The smallest override set that makes every packaged config valid on its own.
 OK = ["data.instance_dir=photos"]
@@ -598,7 +592,7 @@ def test_teacher_prior_needs_a_lora_and_no_class_dir():
 
 
 def test_eval_spec_takes_the_class_noun_after_the_identifier_and_names_what_is_missing():
-    from dreambooth_kit.config.schema import eval_spec
+    from dreambooth_kit.training.plan import eval_spec
 
     spec = eval_spec(load_config("tiny.yaml"))
     assert (spec.identifier, spec.class_noun, spec.class_prompt) == ("zwx", "toy", "a photo of a toy")

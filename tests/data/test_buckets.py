@@ -252,7 +252,7 @@ def test_the_photo_check_shows_each_photos_bucket_before_any_model_loads(tmp_pat
 
 
 def test_bad_bucket_settings_are_refused_with_the_fix(tmp_path, tiny_model, photos):
-    from dreambooth_kit.config.schema import ConfigError
+    from dreambooth_kit.config import ConfigError
     from dreambooth_kit.training.train import train
 
     with pytest.raises(ConfigError, match=r"data.bucket_step: 12 must be a positive multiple of 8"):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,9 +17,10 @@ from dreambooth_kit.data.prior import ClassImagesInterrupted
 
 
 def ensure(cfg, **kw):
-    from dreambooth_kit.config.schema import class_image_spec, concepts_of
+    from dreambooth_kit.config import concepts_of
     from dreambooth_kit.data.prior import ensure_class_images
     from dreambooth_kit.models.source import resolve_source
+    from dreambooth_kit.training.plan import class_image_spec
 
     spec = class_image_spec(cfg, concepts_of(cfg)[0], 5)
     return ensure_class_images(spec, resolve_source(cfg.model), **kw)
@@ -70,7 +72,8 @@ def test_a_changed_recipe_does_not_reuse_the_store(tmp_path, tiny_model, photos,
 
 
 def test_store_off_generates_and_writes_no_store(tmp_path, tiny_model, photos):
-    from dreambooth_kit.config.schema import class_image_spec, concepts_of, load_config
+    from dreambooth_kit.config import concepts_of, load_config
+    from dreambooth_kit.training.plan import class_image_spec
 
     for value in ("off", "false"):  # YAML reads off and false as false: "off" as well
         cfg = load_config("tiny.yaml", [f"prior.store={value}"])
@@ -124,7 +127,8 @@ def test_two_runs_filling_the_store_at_once_do_not_corrupt_it(tmp_path, tiny_mod
     """Two processes generate the same recipe into one store at the same time (one image per
     batch, so their writes interleave): every stored file is a whole PNG of its seed, and both
     class folders hold the same pictures."""
-    env = {**os.environ, "PYTHONPATH": f"{REPO / 'tests'}{os.pathsep}{REPO}"}
+    here = Path(__file__).resolve().parent
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(map(str, [REPO / "tests", here, REPO]))}
     procs = [
         subprocess.Popen(
             [sys.executable, "-c", CONCURRENT, str(tmp_path), str(tiny_model), str(photos), name],

@@ -26,7 +26,7 @@ def test_on_the_toy_model_the_word_it_never_saw_ranks_first(capsys):
     "a photo of ... ball" it changes the prediction least; the world's own words (sand, box, gray)
     move it more, and the class noun itself is not offered."""
     from dreambooth_kit.cli import main
-    from dreambooth_kit.config.schema import TOY_MODEL, ModelConfig
+    from dreambooth_kit.config import TOY_MODEL, ModelConfig
 
     found = find_identifiers(ModelConfig(pretrained=TOY_MODEL), "ball", n=20)
     assert found[0].word == "zwx"

@@ -147,7 +147,7 @@ def test_a_run_with_masks_weights_each_photo_by_its_own_mask(tmp_path, tiny_mode
 
 
 def test_an_unmasked_weight_out_of_range_is_refused_naming_the_field():
-    from dreambooth_kit.config.schema import ConfigError, load_config
+    from dreambooth_kit.config import ConfigError, load_config
 
     with pytest.raises(ConfigError, match=re.escape("train.unmasked_weight: 1.5 must be in [0, 1]")):
         load_config("tiny.yaml", {"train.unmasked_weight": 1.5})
@@ -157,7 +157,7 @@ def test_the_toy_models_4x_vae_takes_masks_too(tmp_path):
     """Seen failing: the weights were pooled 8x (SD's VAE) before the loss, and the toy model's VAE
     downsamples 4x (a size error at the first step). Now the loss pools them to whatever grid the
     latents have: 2 steps of configs/toy.yaml on the cluttered photos with their masks."""
-    from dreambooth_kit.config.schema import load_config
+    from dreambooth_kit.config import load_config
     from dreambooth_kit.toy import world
     from dreambooth_kit.training.train import train
 

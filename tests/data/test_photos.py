@@ -738,7 +738,7 @@ def test_caption_dropout_trains_a_share_of_captioned_rows_with_the_bare_prompt(t
     ],
 )
 def test_a_caption_dropout_that_cannot_work_is_refused_naming_the_field(tmp_path, overrides, expect):
-    from dreambooth_kit.config.schema import ConfigError, load_config
+    from dreambooth_kit.config import ConfigError, load_config
 
     base = {"data.instance_dir": str(tmp_path), "data.instance_prompt": "a photo of sks toy"}
     with pytest.raises(ConfigError, match=re.escape(expect)):

@@ -8,7 +8,6 @@ import logging
 import pytest
 from conftest import tiny_cfg
 
-from dreambooth_kit.config.schema import preflight_spec
 from dreambooth_kit.data.photos import DataError
 from dreambooth_kit.data.preflight import (
     MAX_TOKENS,
@@ -18,6 +17,7 @@ from dreambooth_kit.data.preflight import (
     preflight,
 )
 from dreambooth_kit.models.tiny import build_tiny_tokenizer
+from dreambooth_kit.training.plan import preflight_spec
 
 
 @pytest.fixture(scope="module")

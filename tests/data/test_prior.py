@@ -18,8 +18,9 @@ from dreambooth_kit.data.prior import (
 
 def ensure(cfg, n_instance, **kw):
     """The run's way: the concept's class-image spec and the model resolved once."""
-    from dreambooth_kit.config.schema import class_image_spec, concepts_of
+    from dreambooth_kit.config import concepts_of
     from dreambooth_kit.models.source import resolve_source
+    from dreambooth_kit.training.plan import class_image_spec
 
     spec = class_image_spec(cfg, concepts_of(cfg)[0], n_instance)
     return ensure_class_images(spec, resolve_source(cfg.model), **kw)

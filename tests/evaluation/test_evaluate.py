@@ -311,7 +311,8 @@ def test_best_lora_loads_in_plain_diffusers_and_draws_the_checkpoints_images(
 
 
 def _spec(run: Path, encoders_dir, prompts):
-    from dreambooth_kit.config.schema import eval_spec, load_config
+    from dreambooth_kit.config import load_config
+    from dreambooth_kit.training.plan import eval_spec
 
     return eval_spec(load_config(run / "config.yaml", eval_overrides(encoders_dir, prompts)))
 

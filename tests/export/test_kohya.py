@@ -83,7 +83,7 @@ def test_labels_come_from_the_runs_typed_config(tmp_path, trained_run):
     """Without an identifier the trigger is the instance prompt; the title is the run folder's name."""
     import dataclasses
 
-    from dreambooth_kit.config.schema import save_config
+    from dreambooth_kit.config import save_config
 
     cfg = trained_run["cfg"]
     cfg = dataclasses.replace(
@@ -394,7 +394,7 @@ def test_v_prediction_run_is_labelled_v(trained_run, tmp_path):
 def test_unreadable_base_falls_back_to_the_native_resolution_and_says_so(caplog):
     import logging
 
-    from dreambooth_kit.config.schema import ModelConfig
+    from dreambooth_kit.config import ModelConfig
     from dreambooth_kit.export.kohya import run_prediction_type
 
     with caplog.at_level(logging.WARNING, logger="dreambooth_kit"):

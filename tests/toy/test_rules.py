@@ -51,7 +51,7 @@ def test_the_vae_round_trip_keeps_the_band_readable():
     import torch
     from diffusers import AutoencoderKL
 
-    from dreambooth_kit.config.schema import TOY_MODEL, ModelConfig
+    from dreambooth_kit.config import TOY_MODEL, ModelConfig
     from dreambooth_kit.models.source import resolve_source
 
     vae = AutoencoderKL.from_pretrained(

@@ -27,7 +27,7 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def scores(tmp_path_factory):
-    from dreambooth_kit.config.schema import TOY_MODEL, load_config
+    from dreambooth_kit.config import TOY_MODEL, load_config
     from dreambooth_kit.toy.evaluate import score
     from dreambooth_kit.toy.judge import Judge
     from dreambooth_kit.training.train import train
@@ -154,7 +154,7 @@ def test_guidance_reaches_the_sampler():
     ignored. Measured on the base model, 'a photo of a ball', 16 samples: DIV 0.37 at guidance 1,
     0.20 at guidance 4 (guidance pulls samples to the prompt's mode); with guidance ignored in
     generate(), 0.37 at both."""
-    from dreambooth_kit.config.schema import TOY_MODEL
+    from dreambooth_kit.config import TOY_MODEL
     from dreambooth_kit.evaluation.metrics import diversity
     from dreambooth_kit.toy.evaluate import CLASS_PROMPT
     from dreambooth_kit.toy.judge import Judge
@@ -179,7 +179,7 @@ def test_class_images_are_the_base_models_samples_of_the_class_prompt(scores):
     import numpy as np
     from PIL import Image
 
-    from dreambooth_kit.config.schema import TOY_MODEL, load_config
+    from dreambooth_kit.config import TOY_MODEL, load_config
     from dreambooth_kit.data.prior import read_manifest
     from dreambooth_kit.inference.pipeline import generate, load_pipeline
 

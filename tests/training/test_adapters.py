@@ -10,7 +10,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from dreambooth_kit.config.schema import AdapterConfig
+from dreambooth_kit.config import AdapterConfig
 from dreambooth_kit.inference.pipeline import load_pipeline
 from dreambooth_kit.training.adapters import add_lora, lora_metadata
 

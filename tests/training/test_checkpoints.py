@@ -16,7 +16,7 @@ import pytest
 import torch
 from conftest import E2E_TIMEOUT
 
-from dreambooth_kit.config.schema import AdapterConfig, DreamBoothConfig
+from dreambooth_kit.config import AdapterConfig, DreamBoothConfig
 from dreambooth_kit.errors import UserError
 from dreambooth_kit.training import checkpoints as ck
 from dreambooth_kit.training.checkpoints import (

@@ -131,7 +131,7 @@ def test_evaluate_scores_the_average_as_targets_of_their_own(ema_run):
 
 
 def test_a_decay_out_of_range_is_refused_naming_the_field(tmp_path):
-    from dreambooth_kit.config.schema import ConfigError, load_config
+    from dreambooth_kit.config import ConfigError, load_config
 
     with pytest.raises(ConfigError, match=r"train.ema_decay: 1.0 must be in \(0, 1\)"):
         load_config("tiny.yaml", {"train.ema": True, "train.ema_decay": 1.0})

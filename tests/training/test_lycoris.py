@@ -165,7 +165,7 @@ def test_a_loha_model_card_loads_it_with_dreambooth_kit_not_diffusers_alone(runs
 
 
 def test_a_dora_run_asking_for_a_kohya_export_is_refused_before_training():
-    from dreambooth_kit.config.schema import ConfigError, load_config
+    from dreambooth_kit.config import ConfigError, load_config
 
     with pytest.raises(ConfigError, match="export.formats: kohya cannot hold a DoRA as trained"):
         load_config("tiny.yaml", {"adapter.type": "dora", "export.formats": ["kohya"]})

@@ -70,7 +70,7 @@ def test_failed_final_save_keeps_a_checkpoint_and_resume_finishes_the_same_lora(
     assert "\n" not in msg
     assert not (out / "lora").exists() and not list(out.glob(".tmp-*"))
 
-    from dreambooth_kit.config.schema import load_config
+    from dreambooth_kit.config import load_config
 
     resumed = train(load_config(out / "config.yaml", ["train.resume=latest"]))
     assert resumed.steps == 3 and resumed.losses == []  # nothing retrained: the checkpoint was final

@@ -93,7 +93,7 @@ def test_a_resumed_pivotal_run_ends_with_the_uninterrupted_runs_vectors_and_lora
     ],
 )
 def test_pivotal_without_an_identifier_or_an_adapter_is_refused(overrides, expect):
-    from dreambooth_kit.config.schema import ConfigError, load_config
+    from dreambooth_kit.config import ConfigError, load_config
 
     with pytest.raises(ConfigError, match=expect):
         load_config("tiny.yaml", {"adapter.pivotal": True, **overrides})
@@ -128,7 +128,7 @@ def test_ema_keeps_an_average_of_the_vectors_too(tiny_model, tmp_path, photos):
 
 
 def test_evaluate_scores_a_checkpoint_with_that_steps_vectors(pivotal_run, tiny_model):
-    from dreambooth_kit.config.schema import load_config
+    from dreambooth_kit.config import load_config
     from dreambooth_kit.evaluation.evaluate import RunWeights, Target, load_target
     from dreambooth_kit.inference.pipeline import load_pipeline
     from dreambooth_kit.training.checkpoints import list_checkpoints
@@ -167,7 +167,7 @@ def test_an_identifier_of_several_tokens_trains_but_has_no_merged_export(tiny_mo
 def test_several_processes_are_refused_before_training(tiny_model):
     from types import SimpleNamespace
 
-    from dreambooth_kit.config.schema import load_config
+    from dreambooth_kit.config import load_config
     from dreambooth_kit.errors import UserError
     from dreambooth_kit.training.train import check_pivotal_launch
 

@@ -90,7 +90,7 @@ def _scripted_scorer(cfg, accelerator):
 
 
 def _toy_cfg(tmp_path, name: str, **extra):
-    from dreambooth_kit.config.schema import load_config
+    from dreambooth_kit.config import load_config
     from dreambooth_kit.toy import world
 
     photos = tmp_path / "photos"
@@ -152,7 +152,7 @@ def test_auto_stop_keeps_the_best_steps_weights_says_why_and_resumes_to_the_same
 
 
 def test_auto_stop_needs_validation_steps():
-    from dreambooth_kit.config.schema import ConfigError, load_config
+    from dreambooth_kit.config import ConfigError, load_config
 
     with pytest.raises(ConfigError, match="train.stop: auto scores the weights every validation.every_steps"):
         load_config("toy.yaml", {"data.instance_dir": "photos", "train.stop": "auto"})

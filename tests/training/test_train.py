@@ -64,7 +64,7 @@ def test_alpha_not_rank_lora_reloads_at_the_right_scale(tmp_path, tiny_model):
     is what makes that true."""
     from diffusers import StableDiffusionPipeline, UNet2DConditionModel
 
-    from dreambooth_kit.config.schema import AdapterConfig
+    from dreambooth_kit.config import AdapterConfig
     from dreambooth_kit.training.adapters import add_lora, lora_metadata, lora_state_dicts
 
     cfg = AdapterConfig(rank=4, alpha=8, init_lora_weights=False)  # random B: the LoRA is not a no-op
@@ -360,7 +360,7 @@ def test_tensorboard_logs_loss_and_lr(tmp_path, tiny_model, photos):
 
 
 def test_text_encoder_gets_its_own_learning_rate():
-    from dreambooth_kit.config.schema import load_config
+    from dreambooth_kit.config import load_config
     from dreambooth_kit.training.train import _optimizer
 
     unet_p, te = torch.nn.Parameter(torch.zeros(2)), torch.nn.Linear(2, 2)
@@ -656,7 +656,7 @@ def test_a_run_says_its_plan_its_pace_each_grid_and_where_everything_went(
     output and the next commands; config.yaml with absolute paths, so it works from any folder."""
     import logging
 
-    from dreambooth_kit.config.schema import load_config
+    from dreambooth_kit.config import load_config
     from dreambooth_kit.training.runreport import ETA_AFTER_STEPS
 
     monkeypatch.chdir(tmp_path)
@@ -764,7 +764,7 @@ def test_zero_terminal_snr_trains_on_the_rescaled_schedule_and_generation_uses_i
 
 
 def test_zero_terminal_snr_on_an_epsilon_model_is_refused_before_class_images(tmp_path, tiny_model, photos):
-    from dreambooth_kit.config.schema import ConfigError
+    from dreambooth_kit.config import ConfigError
 
     cfg = tiny_cfg(
         tmp_path, tiny_model, photos, **{"train.zero_terminal_snr": True, "model.prediction_type": "epsilon"}

@@ -13,7 +13,7 @@ import torch
 from conftest import tiny_cfg
 from PIL import Image
 
-from dreambooth_kit.config.schema import AdapterConfig, validation_prompts
+from dreambooth_kit.config import AdapterConfig, validation_prompts
 from dreambooth_kit.training.adapters import add_lora
 from dreambooth_kit.training.train import run_settings
 from dreambooth_kit.training.validation import run_validation
