@@ -16,7 +16,7 @@ LATEST := .venv-latest
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: demo test test-fast test-wheel test-latest lock lint format bench clean
+.PHONY: demo test test-fast test-wheel test-latest lock lint format bench docs clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -74,6 +74,12 @@ format: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) bench/train_step.py
+
+# The documentation site: the config reference regenerated from the schema's docstrings, then every
+# page built with --strict (broken links or anchors, pages missing from nav fail). Output: build/site.
+docs: $(STAMP)
+	$(PY) docs/gen_config_reference.py
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict
 
 clean:
 	rm -rf runs .pytest_cache $(LATEST)

@@ -1,5 +1,5 @@
-"""The public API (``dreambooth_kit.__all__``) is what the README and the notebook use, and they use
-nothing else from the package."""
+"""The public API (``dreambooth_kit.__all__``) is what the README, the pages under docs/ and the notebook
+use, and they use nothing else from the package."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ import dreambooth_kit
 
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
+DOCS = ROOT / "docs"
 NOTEBOOK = ROOT / "notebooks" / "dreambooth_sd21_colab.ipynb"
 
 # Submodules that are public on their own, with the reason:
@@ -23,8 +24,11 @@ PUBLIC_SUBMODULES = {
 
 
 def _python_blocks() -> list[tuple[str, str]]:
-    readme = README.read_text()
-    blocks = [("README.md", b) for b in re.findall(r"```python\n(.*?)```", readme, flags=re.S)]
+    blocks = [
+        (str(page.relative_to(ROOT)), b)
+        for page in [README, *sorted(DOCS.rglob("*.md"))]
+        for b in re.findall(r"```python\n(.*?)```", page.read_text(encoding="utf-8"), flags=re.S)
+    ]
     cells = json.loads(NOTEBOOK.read_text())["cells"]
     blocks += [
         (f"{NOTEBOOK.name} cell {i}", "".join(c["source"]))
@@ -46,7 +50,7 @@ def _package_imports(source: str) -> list[tuple[str, list[str]]]:
     return found
 
 
-def test_readme_and_notebook_import_only_the_public_api():
+def test_docs_and_notebook_import_only_the_public_api():
     used, internal = set(), []
     for where, source in _python_blocks():
         for module, names in _package_imports(source):
