@@ -13,14 +13,14 @@ from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parent.parent / "dreambooth_kit"
 # train() is the table of contents of a run: one line per step, read top to bottom.
-LONG_ALLOWED = {("dreambooth_kit.train", "train")}
+LONG_ALLOWED = {("dreambooth_kit.training.train", "train")}
 MAX_LINES = 60
 # The modules that take the whole DreamBoothConfig: config builds it, train and the CLI run it, hub
 # writes a model card of all of it. Everything else takes its section or small typed values.
 WHOLE_CONFIG_MODULES = {
     "dreambooth_kit.config",
-    "dreambooth_kit.train",
-    "dreambooth_kit.hub",
+    "dreambooth_kit.training.train",
+    "dreambooth_kit.export.hub",
     "dreambooth_kit.cli",
 }
 
@@ -130,7 +130,8 @@ MD_NAME = re.compile(r"[\w./-]*\w\.md\b")
 
 def _text_files(root: Path) -> list[Path]:
     files = [*PACKAGE.rglob("*.py"), *root.glob("tests/*.py"), *root.glob("bench/*.py"), root / "README.md"]
-    files += [*root.glob("notebooks/*.ipynb"), *root.glob("docs/*.md"), *PACKAGE.rglob("*.yaml")]
+    files += [*root.glob("notebooks/*.ipynb"), *root.glob("docs/**/*.md"), *root.glob("docs/*.py")]
+    files += [*PACKAGE.rglob("*.yaml")]
     return files
 
 
