@@ -9,15 +9,14 @@ Two roles, each a config value (``evaluate.subject_encoder``, ``evaluate.prompt_
   CLIP-T (how well an image matches its prompt). ViT-B/32 by default, L/14 if asked.
 
 Each is a Hub id, a local folder holding a transformers model (loaded with ``from_pretrained``,
-never downloaded when ``HF_HUB_OFFLINE=1``), or ``toy-judge``: the toy world's judge, whose
-features stand in for DINO/CLIP and whose attribute heads stand in for CLIP-T. transformers does
+never downloaded when ``HF_HUB_OFFLINE=1``), or a name a plugin registered (``toy-judge``: the toy
+world's judge, whose features stand in for DINO/CLIP and whose attribute heads stand in for CLIP-T). transformers does
 the loading and preprocessing; only the choice of output (DINO's CLS token, CLIP's projections) is
 made here.
 """
 
 from __future__ import annotations
 
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
@@ -25,8 +24,8 @@ from typing import Protocol
 import torch
 
 from dreambooth_kit.errors import UserError
+from dreambooth_kit.util.registry import lookup, names
 
-TOY_JUDGE = "toy-judge"
 _BATCH = 32  # images per encoder forward: 32 x 224 px through ViT-S/B stays under 1 GB
 
 
@@ -49,7 +48,9 @@ class PromptEncoder(ImageEncoder, Protocol):
 class Encoders:
     subject: ImageEncoder
     prompt: PromptEncoder
-    judge: object | None = None  # the toy judge when one is used: it also counts the subject (subject_rate)
+    # An encoder that can also count the subject (a `subject_rate(images)` method, as the toy judge
+    # has): subject_rate is reported only with one.
+    counter: object | None = None
 
     @property
     def names(self) -> str:
@@ -105,61 +106,14 @@ def _pooled(out) -> torch.Tensor:
     return getattr(out, "pooler_output", out).float().cpu()
 
 
-class ToyJudgeEncoder:
-    """The toy world's judge in both roles: its 64-d features for the cosines, and for CLIP-T the
-    share of images showing the class, colour and background their prompt names."""
-
-    name = TOY_JUDGE
-
-    def __init__(self, judge):
-        self.judge = judge
-
-    def image_features(self, images: Sequence) -> torch.Tensor:
-        return self.judge.features(list(images))
-
-    def prompt_fidelity(self, images: Sequence, prompts: Sequence[str]) -> float | None:
-        from dreambooth_kit.evaluation.metrics import attribute_accuracy
-
-        asked = [(img, toy_attributes(p)) for img, p in zip(images, prompts, strict=True)]
-        asked = [(img, a) for img, a in asked if a]
-        if not asked:
-            return None
-        return attribute_accuracy(self.judge, [i for i, _ in asked], [a for _, a in asked])["all"]
-
-
-def toy_attributes(prompt: str) -> dict[str, str]:
-    """What a toy-world prompt asks that the judge can read: ``"a red box on a sand background"`` ->
-    class box, colour red, background sand. The identifier's class is not asked: the subject's
-    colours are no colour word of the world."""
-    from dreambooth_kit.toy import world
-
-    words = re.findall(r"[a-z]+", prompt.lower())
-    out: dict[str, str] = {}
-    bg = re.search(r"on an? (\w+) background", prompt.lower())
-    if bg and bg.group(1) in world.BACKGROUNDS:
-        out["background"] = bg.group(1)
-    if world.IDENTIFIER not in words:
-        head = [w for w in words if w in world.CLASSES]
-        colour = [w for w in words[: words.index(head[0])] if w in world.COLOURS] if head else []
-        if head:
-            out["class"] = head[0]
-        if colour:
-            out["colour"] = colour[-1]
-    return out
-
-
 def load_encoders(subject: str, prompt: str, *, device: str = "cpu") -> Encoders:
     """Both encoders, or one :class:`EncoderError` naming every one that is missing and how to get it."""
-    judge = None
-    if TOY_JUDGE in (subject, prompt):
-        from dreambooth_kit.toy.judge import Judge
-
-        judge = Judge.load()
     loaded: dict[str, object] = {}
     missing: list[tuple[str, str, str]] = []
     for key, name, kind in (("subject_encoder", subject, "vision"), ("prompt_encoder", prompt, "clip")):
-        if name == TOY_JUDGE:
-            loaded[key] = ToyJudgeEncoder(judge)
+        plugin = lookup("encoder", name)
+        if plugin is not None:
+            loaded[key] = plugin.load(device)
             continue
         try:
             loaded[key] = _load_hf(name, kind, device)
@@ -167,7 +121,8 @@ def load_encoders(subject: str, prompt: str, *, device: str = "cpu") -> Encoders
             missing.append((key, name, str(e).splitlines()[0] if str(e) else type(e).__name__))
     if missing:
         raise EncoderError(_missing_message(missing))
-    return Encoders(loaded["subject_encoder"], loaded["prompt_encoder"], judge)  # type: ignore[arg-type]
+    counter = next((e for e in loaded.values() if hasattr(e, "subject_rate")), None)
+    return Encoders(loaded["subject_encoder"], loaded["prompt_encoder"], counter)  # type: ignore[arg-type]
 
 
 def _load_hf(name: str, kind: str, device: str):
@@ -192,5 +147,5 @@ def _missing_message(missing: list[tuple[str, str, str]]) -> str:
     )
     return (
         "; ".join(lines) + f". To fix: {get}or set the key to a local folder holding the model "
-        f"(save_pretrained output), or to {TOY_JUDGE} for builtin:toy-sd2"
+        f"(save_pretrained output), or to a registered encoder ({', '.join(names('encoder')) or 'none'})"
     )

@@ -28,7 +28,7 @@ finds the subject in none of their images, none is named (nor exported): scores 
 cannot rank checkpoints by it.
 
 The toy judge (``toy-judge``) knows only the toy world: before anything is loaded or drawn,
-:func:`check_judge_knows_photos` refuses photos its own subject detector does not recognise.
+:func:`check_encoders_know_photos` has it refuse photos its own subject detector does not recognise.
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from dreambooth_kit.config import AdapterConfig, EvaluateConfig
+from dreambooth_kit.config import AdapterConfig
 from dreambooth_kit.errors import UserError
 from dreambooth_kit.evaluation.prompt_sets import EvalPrompt
 from dreambooth_kit.evaluation.ranking import best_checkpoint
@@ -65,18 +65,26 @@ class EvaluateError(UserError, ValueError):
 
 
 class UnjudgeablePhotos(EvaluateError):
-    """The toy judge was asked to score photos that are not of its subject: it knows only the toy
-    world, so its numbers for them would mean nothing."""
+    """An encoder was asked to score photos it cannot judge (the toy judge knows only the toy world's
+    subject), so its numbers for them would mean nothing."""
 
 
-# The share of the subject's photos the toy judge's detector must call its subject before evaluate
-# lets the judge score against them. Measured with the shipped judge (probability > 0.5 counted):
-# the toy subject's photos 185 of 185 (write_subject_photos' 5 and 180 from other seeds; lowest
-# probability 0.999), 100 of 100 each after JPEG at quality 75, a 512 px upscale or a 1 px blur; the
-# demo subject's 5 photos (dreambooth_kit/demo_subject) 0 of 5; 200 noise images 0, 200 random
-# gradients 8 (4%), 200 flat colours 12 (6%), 400 toy-world objects and 400 toy-world balls 0.
-# 0.5 is far from both sides: a folder of the subject passes, one of anything else does not.
-MIN_SUBJECT_SHARE = 0.5
+def check_encoders_know_photos(
+    photos: Sequence, folder: Path, *, subject_encoder: str, prompt_encoder: str
+) -> list[float]:
+    """Before anything is loaded or drawn: each registered encoder that can check photos (a
+    ``check_photos`` method, as the toy judge has) checks the subject's ``photos`` and raises
+    :class:`UnjudgeablePhotos` for photos it cannot judge. Returns what each check measured (the
+    share recognised); empty for general encoders (DINO, CLIP: nothing to ask)."""
+    from dreambooth_kit.util.registry import lookup
+
+    roles = {"subject_encoder": subject_encoder, "prompt_encoder": prompt_encoder}
+    out = []
+    for name in dict.fromkeys(roles.values()):
+        plugin = lookup("encoder", name)
+        if plugin is not None and hasattr(plugin, "check_photos"):
+            out.append(plugin.check_photos(photos, folder, [k for k, v in roles.items() if v == name]))
+    return out
 
 
 # ------------------------------------------------------------------ what is generated
@@ -198,7 +206,6 @@ def score(plan: EvalPlan, encoders, photos: Sequence, images: Images) -> dict[st
     from dreambooth_kit.evaluation.metrics import (
         mean_cosine,
         mean_pairwise_distance,
-        rate,
         row_cosines,
         standard_error,
     )
@@ -222,41 +229,9 @@ def score(plan: EvalPlan, encoders, photos: Sequence, images: Images) -> dict[st
         "subject_fidelity_se": standard_error(fidelity),
         "pres_se": standard_error(drift),
     }
-    if encoders.judge is not None:
-        row["subject_rate"] = rate(encoders.judge.predict(flat)["subject_prob"])
+    if encoders.counter is not None:
+        row["subject_rate"] = encoders.counter.subject_rate(flat)
     return row
-
-
-def check_judge_knows_photos(
-    photos: Sequence, folder: Path, *, subject_encoder: str, prompt_encoder: str, judge=None
-) -> float | None:
-    """Refuse (:class:`UnjudgeablePhotos`) when an encoder is the toy judge and its own subject
-    detector calls fewer than :data:`MIN_SUBJECT_SHARE` of the subject's ``photos`` its subject:
-    a judge that does not recognise the reference photos cannot say how close images come to them
-    (a user's dog photos gave negative fidelity and subject rate 0). Returns the share recognised;
-    None for other encoders (DINO, CLIP: general encoders, with no detector to ask)."""
-    from dreambooth_kit.evaluation.encoders import TOY_JUDGE
-
-    roles = {"subject_encoder": subject_encoder, "prompt_encoder": prompt_encoder}
-    keys = [k for k, v in roles.items() if v == TOY_JUDGE]
-    if not keys:
-        return None
-    from dreambooth_kit.evaluation.metrics import rate
-    from dreambooth_kit.toy import world
-    from dreambooth_kit.toy.judge import Judge
-
-    share = rate((judge or Judge.load()).predict(list(photos))["subject_prob"])
-    if share >= MIN_SUBJECT_SHARE:
-        return share
-    general = " ".join(f"evaluate.{k}={getattr(EvaluateConfig(), k)}" for k in keys)
-    raise UnjudgeablePhotos(
-        f"{folder}: the toy judge ({', '.join(f'evaluate.{k}={TOY_JUDGE}' for k in keys)}) recognises "
-        f"its subject ({world.IDENTIFIER} {world.SUBJECT_CLASS}, builtin:toy-sd2's) in "
-        f"{round(share * len(photos))} of these {len(photos)} photos (it needs {MIN_SUBJECT_SHARE:.0%}): "
-        "it knows only the toy world, so its scores against them would mean nothing. To fix: score "
-        f"with general encoders, {general} (on the command line of `dreambooth-kit evaluate --run RUN` "
-        "or of `train` with validation.metrics; overrides=[...] in Python), or give evaluate --photos with the toy subject's photos"
-    )
 
 
 def load_photos(folder: Path) -> list:
@@ -485,7 +460,9 @@ def evaluate(
     refs = load_photos(folder)
     # First: a judge that cannot score these photos is refused before any model loads or image is drawn.
     s = cfg.evaluate
-    check_judge_knows_photos(refs, folder, subject_encoder=s.subject_encoder, prompt_encoder=s.prompt_encoder)
+    check_encoders_know_photos(
+        refs, folder, subject_encoder=s.subject_encoder, prompt_encoder=s.prompt_encoder
+    )
     source = Run.open(run).model_source()
     if source is None:
         raise EvaluateError(
@@ -680,7 +657,7 @@ def validation_scorer(spec: EvalSpec) -> ValidationScorer:
     photos = load_photos(spec.photos)
     # The same refusal as evaluate's, before training starts: scores logged every N steps from a
     # judge that cannot recognise these photos would mean nothing.
-    check_judge_knows_photos(
+    check_encoders_know_photos(
         photos, Path(spec.photos), subject_encoder=s.subject_encoder, prompt_encoder=s.prompt_encoder
     )
     encoders = load_encoders(s.subject_encoder, s.prompt_encoder, device=default_device())

@@ -69,14 +69,16 @@ def templates(spec: str, *, live: bool) -> list[str]:
     """The ``paper`` set for a live subject or an object, or the lines of the file ``spec``."""
     if spec == "paper":
         return [*PLACES, *(LIVE_ACCESSORIES if live else OBJECT_ACCESSORIES), *PROPERTIES]
-    if spec == "toy":
-        from dreambooth_kit.toy.world import BACKGROUNDS
+    from dreambooth_kit.util.registry import lookup, names
 
-        return ["a photo of {subject}", *(f"a photo of {{subject}} on a {b} background" for b in BACKGROUNDS)]
+    registered = lookup("prompt_set", spec)
+    if registered is not None:  # a plugin's set (the toy world's "toy")
+        return list(registered())
     path = Path(spec)
     if not path.is_file():
+        sets = ", ".join(repr(n) for n in ["paper", *names("prompt_set")])
         raise InvalidInput(
-            f"evaluate.prompts={spec!r}: no such file; use 'paper', 'toy' or a text file with one prompt per line"
+            f"evaluate.prompts={spec!r}: no such file; use {sets} or a text file with one prompt per line"
         )
     lines = [ln.strip() for ln in path.read_text(encoding="utf-8").splitlines()]
     found = [ln for ln in lines if ln and not ln.startswith("#")]

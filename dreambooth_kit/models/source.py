@@ -18,8 +18,9 @@ from typing import Any
 
 import torch
 
-from dreambooth_kit.config import TINY_MODEL, TOY_MODEL, ModelConfig
+from dreambooth_kit.config import TINY_MODEL, ModelConfig
 from dreambooth_kit.errors import MissingExtra, ModelLoadError
+from dreambooth_kit.util.registry import lookup, names, register
 
 PICKLE_SUFFIXES = (".ckpt", ".bin", ".pt", ".pth", ".pkl")
 
@@ -64,18 +65,8 @@ def resolve_model(
       cached diffusers folder (see :mod:`dreambooth_kit.models.singlefile`).
     * ``owner/name`` -> returned for the hub; offline misses are explained by :func:`load_components`.
     """
-    if pretrained == TINY_MODEL:
-        from dreambooth_kit.models.tiny import build_tiny_sd2, default_tiny_path
-
-        return str(_built_once(lambda: build_tiny_sd2(default_tiny_path())))
-    if pretrained == TOY_MODEL:
-        from dreambooth_kit.toy.model import build_toy_sd2
-
-        return str(_built_once(build_toy_sd2))
     if pretrained.startswith("builtin:"):
-        raise ModelLoadError(
-            f"model.pretrained: unknown built-in model {pretrained!r}; use {TINY_MODEL!r} or {TOY_MODEL!r}"
-        )
+        return str(_built_once(builtin_builder(pretrained)))
     p = Path(pretrained).expanduser()
     if p.suffix.lower() in PICKLE_SUFFIXES and not allow_pickle:
         raise ModelLoadError(
@@ -94,6 +85,31 @@ def resolve_model(
     if _looks_like_path(pretrained):
         raise ModelLoadError(f"model.pretrained: path not found: {p.resolve()}")
     return pretrained
+
+
+def _build_tiny() -> Path:
+    from dreambooth_kit.models.tiny import build_tiny_sd2, default_tiny_path
+
+    return build_tiny_sd2(default_tiny_path())
+
+
+register("model", TINY_MODEL.removeprefix("builtin:"), _build_tiny)
+
+
+def builtin_builder(pretrained: str):
+    """The builder of the built-in model ``builtin:NAME`` (it returns the built folder). Built-in
+    models register in :mod:`dreambooth_kit.util.registry`: the tiny model here, the toy world's
+    from its own package."""
+    builder = lookup("model", pretrained.removeprefix("builtin:"))
+    if builder is None:
+        known = ", ".join(f"builtin:{n}" for n in names("model"))
+        raise ModelLoadError(
+            f"model.pretrained: unknown built-in model {pretrained!r}; use one of {known}. Built-in models "
+            "other than tiny-sd2 come from plugins (the toy world's is registered by dreambooth_kit's own "
+            "entry point): if one is missing, reinstall the package (pip install -e .), and delete a "
+            "stale dreambooth_kit.egg-info in the current folder, which hides the installed entry points"
+        )
+    return builder
 
 
 def builtin_lock():

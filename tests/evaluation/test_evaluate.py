@@ -118,8 +118,8 @@ def test_prompt_file_is_read_and_a_prompt_without_the_subject_is_refused(tmp_pat
 
 
 def test_toy_prompts_name_each_background_and_the_judge_reads_them():
-    from dreambooth_kit.evaluation.encoders import toy_attributes
     from dreambooth_kit.toy import world
+    from dreambooth_kit.toy.plugin import toy_attributes
 
     toy = build("toy", identifier="zwx", class_noun="ball")
     assert [p.text for p in toy][0] == "a photo of zwx ball"
@@ -222,14 +222,14 @@ def test_the_toy_subjects_photos_pass_the_judge_check_and_general_encoders_have_
     world.write_subject_photos(tmp_path)
     toy = ev.load_photos(tmp_path)
     both = {"subject_encoder": "toy-judge", "prompt_encoder": "toy-judge"}
-    assert ev.check_judge_knows_photos(toy, tmp_path, **both) == 1.0  # 5 of 5
+    assert ev.check_encoders_know_photos(toy, tmp_path, **both) == [1.0]  # 5 of 5
     demo = ev.load_photos(DEMO_PHOTOS)
     dino, clip = "facebook/dino-vits16", "openai/clip-vit-base-patch32"
     with pytest.raises(ev.UnjudgeablePhotos, match=f"0 of these 5 photos.*prompt_encoder={clip}") as e:
-        ev.check_judge_knows_photos(demo, DEMO_PHOTOS, subject_encoder=dino, prompt_encoder="toy-judge")
+        ev.check_encoders_know_photos(demo, DEMO_PHOTOS, subject_encoder=dino, prompt_encoder="toy-judge")
     assert "subject_encoder" not in str(e.value)  # only the key that is the toy judge is named
     # DINO and CLIP are general encoders: no detector, no check (and nothing is loaded for it).
-    assert ev.check_judge_knows_photos(demo, DEMO_PHOTOS, subject_encoder=dino, prompt_encoder=clip) is None
+    assert ev.check_encoders_know_photos(demo, DEMO_PHOTOS, subject_encoder=dino, prompt_encoder=clip) == []
 
 
 # ------------------------------------------------------------------ encoders
