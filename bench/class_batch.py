@@ -33,7 +33,8 @@ def run_case(name: str, steps: int | None, workdir: Path) -> dict:
 
     from dreambooth_kit.config import ModelConfig
     from dreambooth_kit.data.batching import probe_for
-    from dreambooth_kit.inference.pipeline import generate, load_pipeline
+    from dreambooth_kit.inference.generate import generate
+    from dreambooth_kit.inference.pipeline import load_pipeline
     from dreambooth_kit.models.source import resolve_source
 
     model, size, default_steps, n, batches = CASES[name]

@@ -33,7 +33,8 @@ PROMPT, GUIDANCE, SEED = "a photo of a ball", 4.0, 50_000
 
 def draw(scheduler: str | None, steps: int, n: int) -> tuple[list, float]:
     from dreambooth_kit.config import ModelConfig
-    from dreambooth_kit.inference.pipeline import generate, load_pipeline
+    from dreambooth_kit.inference.generate import generate
+    from dreambooth_kit.inference.pipeline import load_pipeline
     from dreambooth_kit.models.source import resolve_source
 
     source = resolve_source(ModelConfig(pretrained="builtin:toy-sd2", native_resolution=32))

@@ -58,7 +58,8 @@ def main() -> None:
     import torch
     from diffusers import StableDiffusionPipeline
 
-    from dreambooth_kit.inference.pipeline import generate, load_pipeline
+    from dreambooth_kit.inference.generate import generate
+    from dreambooth_kit.inference.pipeline import load_pipeline
     from dreambooth_kit.models.tiny import build_tiny_sd2
 
     torch.set_num_threads(os.cpu_count() or 2)

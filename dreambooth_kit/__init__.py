@@ -25,12 +25,12 @@ _PUBLIC = {
     "check_images": "data.photos",
     "run_exports": "export.kohya",
     "push_to_hub": "export.hub",
-    "generate": "inference.pipeline",
+    "generate": "inference.generate",
     "load_pipeline": "inference.pipeline",
-    "make_grid": "inference.pipeline",
-    "read_metadata": "inference.pipeline",
-    "save_images": "inference.pipeline",
-    "save_png": "inference.pipeline",
+    "make_grid": "inference.images",
+    "read_metadata": "inference.pngmeta",
+    "save_images": "inference.images",
+    "save_png": "inference.pngmeta",
     "train": "training.train",
 }
 
@@ -39,14 +39,10 @@ if TYPE_CHECKING:  # for type checkers and IDEs: the same names, imported eagerl
     from dreambooth_kit.data.photos import check_images
     from dreambooth_kit.export.hub import push_to_hub
     from dreambooth_kit.export.kohya import run_exports
-    from dreambooth_kit.inference.pipeline import (
-        generate,
-        load_pipeline,
-        make_grid,
-        read_metadata,
-        save_images,
-        save_png,
-    )
+    from dreambooth_kit.inference.generate import generate
+    from dreambooth_kit.inference.images import make_grid, save_images
+    from dreambooth_kit.inference.pipeline import load_pipeline
+    from dreambooth_kit.inference.pngmeta import read_metadata, save_png
     from dreambooth_kit.training.train import train
 
 

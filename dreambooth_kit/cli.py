@@ -82,7 +82,9 @@ def _cmd_check_data(args) -> int:
 
 
 def _cmd_generate(args) -> int:
-    from dreambooth_kit.inference.pipeline import generate, load_pipeline, regenerate_from_png, save_images
+    from dreambooth_kit.inference.generate import generate, regenerate_from_png
+    from dreambooth_kit.inference.images import save_images
+    from dreambooth_kit.inference.pipeline import load_pipeline
 
     # One --lora-scale value applies to every LoRA; None (not given): 1, or with --from-png the PNG's.
     scale = args.lora_scale[0] if args.lora_scale and len(args.lora_scale) == 1 else args.lora_scale

@@ -25,8 +25,9 @@ def run_demo(
 ) -> list[str]:
     """Run the demo end to end into ``out``; returns the summary lines it prints."""
     from dreambooth_kit.config import TOY_MODEL, load_config
-    from dreambooth_kit.inference.images import make_grid
-    from dreambooth_kit.inference.pipeline import generate, load_pipeline, save_images
+    from dreambooth_kit.inference.generate import generate
+    from dreambooth_kit.inference.images import make_grid, save_images
+    from dreambooth_kit.inference.pipeline import load_pipeline
     from dreambooth_kit.toy import world
     from dreambooth_kit.toy.evaluate import CONTEXT_PROMPTS
     from dreambooth_kit.training.train import train

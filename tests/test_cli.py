@@ -113,7 +113,8 @@ def test_from_png_of_an_old_two_lora_image_loads_both_with_their_scales(
 
     import numpy as np
 
-    from dreambooth_kit.inference.pipeline import generate, load_pipeline
+    from dreambooth_kit.inference.generate import generate
+    from dreambooth_kit.inference.pipeline import load_pipeline
     from dreambooth_kit.inference.pngmeta import JSON_KEY, read_metadata
 
     a = trained_run["result"].lora_path
@@ -331,7 +332,7 @@ def test_manifest_that_is_a_json_list(tmp_path, tiny_model, photos, capsys):
 def test_ctrl_c_during_class_images_keeps_finished_ones_and_exits_130(
     tmp_path, tiny_model, photos, monkeypatch, capsys
 ):
-    import dreambooth_kit.inference.pipeline as inference
+    import dreambooth_kit.inference.pngmeta as inference
 
     real_save = inference.save_png
     calls = {"n": 0}

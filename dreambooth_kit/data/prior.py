@@ -360,7 +360,9 @@ def _generate(
     """Generate the ``missing`` indices in batches; the manifest is written after every batch (a kill
     loses one batch; ``recipe`` None: not by this process) and a Ctrl-C leaves every finished image
     and no partial file. ``keep(index, seed, path)``, if given, gets every image written (the store)."""
-    from dreambooth_kit.inference.pipeline import generate, load_pipeline, save_png
+    from dreambooth_kit.inference.generate import generate
+    from dreambooth_kit.inference.pipeline import load_pipeline
+    from dreambooth_kit.inference.pngmeta import save_png
 
     # already resolved (single files too); sampler None keeps the model's own scheduler
     pipe = load_pipeline(source, device=device, dtype=dtype, scheduler=spec.sampler)

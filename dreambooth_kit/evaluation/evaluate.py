@@ -153,7 +153,7 @@ def make_images(pipe, plan: EvalPlan, folder: Path | None = None, *, progress: s
     """Every image of ``plan`` from ``pipe``; with ``folder``, those already there are loaded and
     only the missing ones generated and written (PNG through a temp file: an interrupted run
     leaves no partial image). ``progress``: a label for a progress bar over the images."""
-    from dreambooth_kit.inference.pipeline import progress_bar
+    from dreambooth_kit.inference.generate import progress_bar
 
     out = Images([], [])
     jobs = [(p.text, plan.seeds) for p in plan.prompts] + [(plan.class_prompt, plan.class_seeds)]
@@ -175,7 +175,8 @@ def _prompt_images(pipe, plan: EvalPlan, prompt: str, seeds: list[int], folder: 
     a prompt whose images were all made in one call therefore gives the same pixels on a rerun."""
     from PIL import Image
 
-    from dreambooth_kit.inference.pipeline import generate, save_png
+    from dreambooth_kit.inference.generate import generate
+    from dreambooth_kit.inference.pngmeta import save_png
 
     paths = {s: folder / f"{plan.image_key(prompt, s)}.png" for s in seeds} if folder is not None else {}
     have = {}

@@ -394,7 +394,8 @@ def sample(
     lora=None,
 ) -> list:
     """``per_combo`` images per prompt (seeds seed..seed+per_combo-1), DPM-Solver++ 2M."""
-    from dreambooth_kit.inference.pipeline import generate, load_pipeline
+    from dreambooth_kit.inference.generate import generate
+    from dreambooth_kit.inference.pipeline import load_pipeline
 
     pipe = load_pipeline(str(model), lora=lora, scheduler="dpmpp_2m", dtype="fp32", device="cpu")
     images = []

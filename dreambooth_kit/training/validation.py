@@ -19,8 +19,10 @@ import numpy as np
 import torch
 from PIL import Image
 
+from dreambooth_kit.inference.generate import generate
 from dreambooth_kit.inference.images import make_grid
-from dreambooth_kit.inference.pipeline import generate, save_png
+from dreambooth_kit.inference.pipeline import Pipeline, PipelineInfo
+from dreambooth_kit.inference.pngmeta import save_png
 
 if TYPE_CHECKING:
     from dreambooth_kit.training.loop import LoopState, RunSettings
@@ -125,8 +127,7 @@ def training_pipeline(unet, text_encoder, vae, tokenizer, scheduler, model_name:
         requires_safety_checker=False,
     )
     pipe.set_progress_bar_config(disable=True)
-    pipe._dbk = {"model": model_name, "loras": []}  # PNG metadata; the LoRA is in training
-    return pipe
+    return Pipeline(pipe, PipelineInfo(model=model_name))  # PNG metadata; the LoRA is in training
 
 
 def score_during_training(run: LoopState, scheduler) -> dict:

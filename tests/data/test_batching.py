@@ -135,12 +135,13 @@ def test_linux_probe_sees_a_peak_that_is_already_freed():
 def test_generate_auto_encodes_the_prompt_once_and_matches_batch_one(tiny_model, monkeypatch):
     """The real pipeline on CPU: "auto" measures one image, then batches the rest; the frozen text
     encoder runs once per call (prompt + negative), not once per batch."""
-    from dreambooth_kit.inference.pipeline import generate, load_pipeline
+    from dreambooth_kit.inference.generate import generate
+    from dreambooth_kit.inference.pipeline import load_pipeline
 
     pipe = load_pipeline(str(tiny_model))
     calls = []
     pipe.text_encoder.register_forward_hook(lambda *a: calls.append(1))
-    monkeypatch.setattr("dreambooth_kit.inference.pipeline.probe_for", lambda device: FakeProbe(100, 600))
+    monkeypatch.setattr("dreambooth_kit.inference.generate.probe_for", lambda device: FakeProbe(100, 600))
     sizes: list[int] = []
     auto = generate(pipe, "a photo of a dog", seed=5, num_images=7, steps=2, batch_size="auto",
                     on_batch=lambda b: sizes.append(len(b)))  # fmt: skip
@@ -154,12 +155,13 @@ def test_generate_auto_encodes_the_prompt_once_and_matches_batch_one(tiny_model,
 def test_a_fixed_batch_size_measures_nothing(tiny_model, monkeypatch):
     """Measuring resets the process's peak counters (VmHWM, which ru_maxrss reports; torch.cuda's
     peak): only "auto" may do that."""
-    from dreambooth_kit.inference.pipeline import generate, load_pipeline
+    from dreambooth_kit.inference.generate import generate
+    from dreambooth_kit.inference.pipeline import load_pipeline
 
     def no_probe(device):
         raise AssertionError("a memory probe was made for a fixed batch size")
 
-    monkeypatch.setattr("dreambooth_kit.inference.pipeline.probe_for", no_probe)
+    monkeypatch.setattr("dreambooth_kit.inference.generate.probe_for", no_probe)
     monkeypatch.setattr(LinuxRamProbe, "reset", lambda self: no_probe(None))
     out = generate(
         load_pipeline(str(tiny_model)), "a photo of a dog", seed=1, num_images=3, steps=1, batch_size=2

@@ -88,7 +88,7 @@ def test_interrupted_generation_leaves_only_whole_images_in_the_store(
 ):
     """Ctrl-C in the second batch: the first batch's images are in the store, whole; no temporary
     file is left; the rerun takes them from the store and generates the rest."""
-    import dreambooth_kit.inference.pipeline as inference
+    import dreambooth_kit.inference.generate as inference
 
     real, calls = inference._run_batch, []
 

@@ -69,7 +69,7 @@ def test_rerun_generates_only_missing_and_same_seed_same_bytes(tmp_path, tiny_mo
 
 def test_interrupted_generation_leaves_no_partial_files(tmp_path, tiny_model, photos, monkeypatch):
     cfg = _cfg(tmp_path, tiny_model, photos, **{"prior.num_class_images": 4})
-    import dreambooth_kit.inference.pipeline as inference
+    import dreambooth_kit.inference.pngmeta as inference
 
     real_save = inference.save_png
     calls = {"n": 0}

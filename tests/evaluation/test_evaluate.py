@@ -293,7 +293,8 @@ def test_best_lora_loads_in_plain_diffusers_and_draws_the_checkpoints_images(
     from diffusers import StableDiffusionPipeline
     from PIL import Image
 
-    from dreambooth_kit.inference.pipeline import generate, set_scheduler
+    from dreambooth_kit.inference.generate import generate
+    from dreambooth_kit.inference.pipeline import set_scheduler
 
     run, prompts = run_with_checkpoints
     r = ev.evaluate(run, checkpoints="step-000001", overrides=eval_overrides(encoders_dir, prompts))
@@ -323,7 +324,7 @@ def test_an_interrupted_evaluation_resumes_with_only_the_missing_images(
     """Killed in the middle of a checkpoint's images, a rerun keeps the finished rows and images and
     generates only the rest; its table equals an uninterrupted evaluation's. A changed setting makes
     new images; the old rows stay."""
-    import dreambooth_kit.inference.pipeline as inference
+    import dreambooth_kit.inference.generate as inference
 
     run, prompts = run_with_checkpoints
     whole, resumed = tmp_path / "whole", tmp_path / "resumed"

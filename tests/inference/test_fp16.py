@@ -59,7 +59,8 @@ def test_isolated_inf_gradient_is_skipped_by_the_grad_scaler(tmp_path, tiny_mode
 
 
 def test_fp16_generation_on_cpu_is_half_precision_and_seeded(tiny_model):
-    from dreambooth_kit.inference.pipeline import generate, load_pipeline
+    from dreambooth_kit.inference.generate import generate
+    from dreambooth_kit.inference.pipeline import load_pipeline
 
     pipe = load_pipeline(str(tiny_model), dtype="fp16")
     assert pipe.unet.dtype == torch.float16 and pipe.vae.dtype == torch.float16
@@ -73,7 +74,8 @@ def test_fp16_vae_overflow_is_decoded_again_in_fp32(tiny_model, caplog):
     back in fp16 afterwards, and the retry is logged."""
     import numpy as np
 
-    from dreambooth_kit.inference.pipeline import generate, load_pipeline
+    from dreambooth_kit.inference.generate import generate
+    from dreambooth_kit.inference.pipeline import load_pipeline
 
     pipe = load_pipeline(str(tiny_model), dtype="fp16")
     real = pipe.vae.decode

@@ -26,7 +26,8 @@ def test_fp16_training_keeps_lora_fp32_and_finite(tmp_path, tiny_model, photos):
 
 
 def test_fp16_generation_on_cuda_is_finite_and_seeded(tiny_model):
-    from dreambooth_kit.inference.pipeline import generate, load_pipeline
+    from dreambooth_kit.inference.generate import generate
+    from dreambooth_kit.inference.pipeline import load_pipeline
 
     pipe = load_pipeline(str(tiny_model))
     assert pipe.unet.dtype == torch.float16
@@ -53,7 +54,8 @@ def test_auto_batch_size_measures_cuda_memory(tiny_model, caplog):
     model's image costs MBs, so the rest go at the cap, 16, seeded as at batch 1."""
     import numpy as np
 
-    from dreambooth_kit.inference.pipeline import generate, load_pipeline
+    from dreambooth_kit.inference.generate import generate
+    from dreambooth_kit.inference.pipeline import load_pipeline
 
     pipe = load_pipeline(str(tiny_model))
     sizes: list[int] = []

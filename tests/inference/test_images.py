@@ -4,8 +4,8 @@ import json
 
 from PIL import Image
 
+from dreambooth_kit.inference.generate import Generated
 from dreambooth_kit.inference.images import make_grid, save_images
-from dreambooth_kit.inference.pipeline import Generated
 from dreambooth_kit.inference.pngmeta import JSON_KEY, GenerationParams
 
 

@@ -9,7 +9,9 @@ import pytest
 from PIL import Image
 
 from dreambooth_kit.errors import InvalidInput
-from dreambooth_kit.inference.pipeline import Generated, generate, load_pipeline, save_png
+from dreambooth_kit.inference.generate import Generated, generate
+from dreambooth_kit.inference.pipeline import load_pipeline
+from dreambooth_kit.inference.pngmeta import save_png
 
 PROMPT = "a photo of zwx toy"
 
@@ -62,7 +64,7 @@ def test_explicit_seed_list(pipe):
     ],
 )
 def test_bad_arguments_rejected_before_the_model_runs(pipe, monkeypatch, kwargs, match):
-    monkeypatch.setattr(type(pipe), "__call__", lambda *a, **k: pytest.fail("model touched"))
+    monkeypatch.setattr(type(pipe.pipe), "__call__", lambda *a, **k: pytest.fail("model touched"))
     with pytest.raises(InvalidInput, match=match):  # a UserError: one line in the CLI
         generate(pipe, PROMPT, **kwargs)
 
@@ -142,7 +144,7 @@ def test_from_png_recreates_the_image_exactly(trained_run, tiny_model, tmp_path,
 
 @pytest.mark.parametrize("name", ["dpmpp_2m", "ddim", "euler_a", "euler", "ddpm", "pndm"])
 def test_every_scheduler_runs_and_is_named(tiny_model, name):
-    from dreambooth_kit.inference.pipeline import SCHEDULERS
+    from dreambooth_kit.models.schedulers import SCHEDULERS
 
     pipe = load_pipeline(str(tiny_model), scheduler=name)
     assert pipe.scheduler.config.prediction_type == "v_prediction"  # the model's, kept
@@ -202,7 +204,7 @@ def _sd15_shaped_lora(tmp_path, tiny_model):
 
 
 def test_lora_for_another_width_is_refused_and_pipeline_still_works(tiny_model, tmp_path):
-    from dreambooth_kit.inference.pipeline import LoraMismatchError, load_lora
+    from dreambooth_kit.training.adapters import LoraMismatchError, load_lora
 
     bad = _sd15_shaped_lora(tmp_path, tiny_model)
     with pytest.raises(LoraMismatchError, match="made for another model .cross-attention width 16.*width 32"):
@@ -249,7 +251,7 @@ def test_inpainting_keeps_unmasked_latents(pipe, monkeypatch):
     mixes all 8x8 latent positions, so pixel-space closeness would only measure the random VAE."""
     import torch
 
-    from dreambooth_kit.inference import pipeline as inference
+    from dreambooth_kit.inference import generate as inference
 
     src = Image.open(
         sorted((Path(__file__).parents[2] / "dreambooth_kit" / "demo_subject").glob("*.jpg"))[1]
@@ -315,7 +317,7 @@ def test_half_precision_nan_decode_is_retried_in_fp32(tiny_model, monkeypatch, c
 def test_needs_fp32_retry_decisions():
     import torch
 
-    from dreambooth_kit.inference.pipeline import needs_fp32_retry
+    from dreambooth_kit.inference.generate import needs_fp32_retry
 
     ok = torch.zeros(1, 3, 8, 8)
     black = torch.full((1, 3, 8, 8), -1.0)
@@ -328,14 +330,14 @@ def test_needs_fp32_retry_decisions():
 
 
 def test_non_finite_latents_are_an_error(pipe, monkeypatch):
-    real_call = type(pipe).__call__
+    real_call = type(pipe.pipe).__call__
 
     def nan_latents(self, *a, **k):
         out = real_call(self, *a, **k)
         out.images.fill_(float("nan"))
         return out
 
-    monkeypatch.setattr(type(pipe), "__call__", nan_latents)
+    monkeypatch.setattr(type(pipe.pipe), "__call__", nan_latents)
     with pytest.raises(FloatingPointError, match="non-finite latents"):
         generate(pipe, PROMPT, seed=1, steps=1)
 
@@ -355,7 +357,7 @@ def test_uncached_hub_model_offline_is_explained():
 def test_non_lora_file_and_lora_for_absent_layers_are_refused(tiny_model, tmp_path, trained_run):
     from safetensors.torch import load_file, save_file
 
-    from dreambooth_kit.inference.pipeline import LoraMismatchError
+    from dreambooth_kit.training.adapters import LoraMismatchError
 
     unet_weights = load_file(tiny_model / "unet" / "diffusion_pytorch_model.safetensors")
     save_file(dict(list(unet_weights.items())[:4]), tmp_path / "model.safetensors")
@@ -375,7 +377,7 @@ def test_non_lora_file_and_lora_for_absent_layers_are_refused(tiny_model, tmp_pa
 
 
 def test_duplicate_adapter_name_and_unknown_adapter(trained_run, tiny_model):
-    from dreambooth_kit.inference.pipeline import load_lora
+    from dreambooth_kit.training.adapters import load_lora
 
     pipe = load_pipeline(str(tiny_model), lora=trained_run["result"].lora_dir)
     with pytest.raises(ValueError, match="adapter name 'lora0' is already loaded"):
@@ -450,7 +452,7 @@ def _foreign(kind):
 )
 def test_sd1_and_sdxl_loras_get_the_architecture_message(pipe, tmp_path, kind, named):
     """Before: a raw peft "size mismatch for ...lora_A" (or "Target modules ... not found") error."""
-    from dreambooth_kit.inference.pipeline import LoraMismatchError, load_lora
+    from dreambooth_kit.training.adapters import LoraMismatchError, load_lora
 
     f = _write(tmp_path / f"{kind}.safetensors", _foreign(kind))
     with pytest.raises(LoraMismatchError, match=named) as e:
@@ -488,7 +490,7 @@ def test_extra_tensors_that_diffusers_would_drop_are_refused(trained_run, tiny_m
     from safetensors.torch import load_file
 
     from dreambooth_kit.export.kohya import export_kohya
-    from dreambooth_kit.inference.pipeline import LoraMismatchError
+    from dreambooth_kit.training.adapters import LoraMismatchError
 
     ours = load_file(trained_run["result"].lora_path)
     extra = _peft("text_encoder_2.text_model.encoder.layers.0.self_attn.q_proj", 1280, 1280)
@@ -533,7 +535,7 @@ def test_from_png_with_damaged_settings_is_one_clear_line(tmp_path, capsys):
     from PIL import PngImagePlugin
 
     from dreambooth_kit.cli import main
-    from dreambooth_kit.inference.pipeline import regenerate_from_png
+    from dreambooth_kit.inference.generate import regenerate_from_png
 
     info = PngImagePlugin.PngInfo()
     info.add_text("dreambooth_kit", '{"prompt": "a photo", "seed": "42"')  # cut short
@@ -551,7 +553,7 @@ def test_from_png_with_damaged_settings_is_one_clear_line(tmp_path, capsys):
 
 @pytest.mark.parametrize("which", ["init_image", "mask_image"])
 def test_init_or_mask_image_that_is_not_an_image_is_named(pipe, tmp_path, monkeypatch, which):
-    monkeypatch.setattr(type(pipe), "__call__", lambda *a, **k: pytest.fail("model touched"))
+    monkeypatch.setattr(type(pipe.pipe), "__call__", lambda *a, **k: pytest.fail("model touched"))
     bad = tmp_path / "photo.jpg"
     bad.write_text("<html>404</html>")
     good = Image.new("RGB", (64, 64), "gray")
@@ -608,7 +610,8 @@ def test_from_png_of_an_image_made_with_two_loras(trained_run, tiny_model, tmp_p
     """Before: the PNG recorded "a,b" as one LoRA path and --from-png failed with LoRA not found."""
     import shutil
 
-    from dreambooth_kit.inference.pipeline import regenerate_from_png, save_images
+    from dreambooth_kit.inference.generate import regenerate_from_png
+    from dreambooth_kit.inference.images import save_images
     from dreambooth_kit.inference.pngmeta import lora_hash
 
     a = trained_run["result"].lora_path
@@ -728,7 +731,8 @@ def test_from_png_refuses_a_lora_that_is_not_the_one_that_made_the_image(trained
     from safetensors.torch import load_file, save_file
 
     from dreambooth_kit.errors import InvalidInput
-    from dreambooth_kit.inference.pipeline import regenerate_from_png, save_images
+    from dreambooth_kit.inference.generate import regenerate_from_png
+    from dreambooth_kit.inference.images import save_images
 
     lora = shutil.copy(trained_run["result"].lora_path, tmp_path / "mine.safetensors")
     pipe = load_pipeline(str(tiny_model), lora=lora)

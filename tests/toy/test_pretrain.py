@@ -26,7 +26,8 @@ def test_stages_run_resume_and_ship_a_loadable_model(tmp_path, capsys):
 
     assert all(v.dtype == torch.float16 for v in load_file(weights / "unet.safetensors").values())
 
-    from dreambooth_kit.inference.pipeline import generate, load_pipeline
+    from dreambooth_kit.inference.generate import generate
+    from dreambooth_kit.inference.pipeline import load_pipeline
     from dreambooth_kit.toy.model import build_toy_sd2
 
     folder = build_toy_sd2(tmp_path / "toy-sd2", weights=weights)

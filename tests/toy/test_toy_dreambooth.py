@@ -181,7 +181,8 @@ def test_class_images_are_the_base_models_samples_of_the_class_prompt(scores):
 
     from dreambooth_kit.config import TOY_MODEL, load_config
     from dreambooth_kit.data.prior import read_manifest
-    from dreambooth_kit.inference.pipeline import generate, load_pipeline
+    from dreambooth_kit.inference.generate import generate
+    from dreambooth_kit.inference.pipeline import load_pipeline
 
     cfg = load_config("toy.yaml")
     folder = scores["runs"]["prior"].parent / "class_images"

@@ -9,7 +9,8 @@ import torch
 from conftest import tiny_cfg
 from safetensors.torch import load_file
 
-from dreambooth_kit.inference.pipeline import generate, load_pipeline
+from dreambooth_kit.inference.generate import generate
+from dreambooth_kit.inference.pipeline import load_pipeline
 from dreambooth_kit.training.train import train
 
 PROMPT = "a photo of zwx toy"
