@@ -44,6 +44,10 @@ class ModelLoadError(UserError, RuntimeError):
     calls singlefile.py."""
 
 
+class HubError(UserError, RuntimeError):
+    """Pushing failed or is impossible; the message names the repo and what to do."""
+
+
 class NonFiniteError(UserError, FloatingPointError):
     """NaN/inf in what would be written or shown (images, weights); the message says which setting
     to change (precision, learning rate). Also a FloatingPointError, for callers that catch that."""

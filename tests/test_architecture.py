@@ -1,5 +1,6 @@
 """The house rules a reader relies on, checked on the source (Python's ast): no import cycles, short
-functions, the whole config only where it is needed, comments that stand alone.
+functions and files, subpackages by layer, the whole config only in the recipe and the command line,
+a core that never imports the toy world, comments that stand alone.
 
 Imports inside functions count as edges too: they are how a lazy module still depends on another,
 and a cycle through them is the same tangle for a reader, only found later.
@@ -15,14 +16,20 @@ PACKAGE = Path(__file__).resolve().parent.parent / "dreambooth_kit"
 # train() is the table of contents of a run: one line per step, read top to bottom.
 LONG_ALLOWED = {("dreambooth_kit.training.train", "train")}
 MAX_LINES = 60
-# The modules that take the whole DreamBoothConfig: config builds it, train and the CLI run it, hub
-# writes a model card of all of it. Everything else takes its section or small typed values.
+# The modules that name the whole DreamBoothConfig: the config package defines it, the recipe
+# (train, plan: the config into each component's typed arguments; card: a run's settings on its model
+# card) and the command line read it. Every other component takes explicit, typed arguments.
 WHOLE_CONFIG_MODULES = {
-    "dreambooth_kit.config",
     "dreambooth_kit.training.train",
-    "dreambooth_kit.export.hub",
+    "dreambooth_kit.training.plan",
+    "dreambooth_kit.training.card",
     "dreambooth_kit.cli",
 }
+MAX_FILE_LINES = 500
+# The toy world is a support package (a plugin, registered through an entry point): only it and the
+# demo, an entry point like the CLI, may import it.
+TOY = "dreambooth_kit.toy"
+TOY_USERS = {"dreambooth_kit.demo"}
 
 
 def _modules() -> dict[str, tuple[Path, ast.Module]]:
@@ -109,14 +116,57 @@ def test_no_function_over_60_lines():
     assert long == []
 
 
-def test_only_config_train_hub_and_cli_take_the_whole_config():
+def test_only_the_recipe_and_the_cli_take_the_whole_config():
     users = sorted(
         name
         for name, (_, tree) in _modules().items()
         if name not in WHOLE_CONFIG_MODULES
+        and not name.startswith("dreambooth_kit.config")
         and any(isinstance(n, ast.Name) and n.id == "DreamBoothConfig" for n in ast.walk(tree))
     )
     assert users == []
+
+
+def _long_files(lengths: dict[str, int]) -> list[str]:
+    return sorted(f"{name} ({n} lines)" for name, n in lengths.items() if n > MAX_FILE_LINES)
+
+
+def test_no_file_over_500_lines():
+    lengths = {
+        name: len(path.read_text(encoding="utf-8").splitlines()) for name, (path, _) in _modules().items()
+    }
+    assert _long_files(lengths) == []
+    assert _long_files({"a": 501, "b": 500}) == ["a (501 lines)"]  # the check can fail
+
+
+def test_the_package_is_subpackages_by_layer():
+    """At least four subpackages, each saying in its __init__ what it holds; no flat module beside
+    them but the entry points and the two every layer imports (errors, _version)."""
+    subpackages = sorted(p.parent.name for p in PACKAGE.glob("*/__init__.py"))
+    assert len(subpackages) >= 4, subpackages
+    undocumented = [s for s in subpackages if not ast.get_docstring(_modules()[f"dreambooth_kit.{s}"][1])]
+    assert undocumented == []
+    flat = sorted(p.stem for p in PACKAGE.glob("*.py"))
+    assert flat == ["__init__", "__main__", "_version", "cli", "demo", "errors"]
+
+
+def _toy_importers(graph: dict[str, set[str]]) -> list[str]:
+    return sorted(
+        f"{name} -> {target}"
+        for name, targets in graph.items()
+        if not (name == TOY or name.startswith(TOY + ".")) and name not in TOY_USERS
+        for target in targets
+        if target == TOY or target.startswith(TOY + ".")
+    )
+
+
+def test_no_core_module_imports_the_toy_world():
+    mods = _modules()
+    graph = {n: _imports(n, p, t, set(mods)) for n, (p, t) in mods.items()}
+    assert _toy_importers(graph) == []
+    # The check can fail: a made-up core module importing the toy world is named.
+    fake = {"dreambooth_kit.models.source": {"dreambooth_kit.toy.model"}, "dreambooth_kit.toy.plugin": {TOY}}
+    assert _toy_importers(fake) == ["dreambooth_kit.models.source -> dreambooth_kit.toy.model"]
 
 
 # Markdown files the toolkit itself writes (a run's model card, bench/quality.py's table, evaluate's report): named in
@@ -129,7 +179,12 @@ MD_NAME = re.compile(r"[\w./-]*\w\.md\b")
 
 
 def _text_files(root: Path) -> list[Path]:
-    files = [*PACKAGE.rglob("*.py"), *root.glob("tests/*.py"), *root.glob("bench/*.py"), root / "README.md"]
+    files = [
+        *PACKAGE.rglob("*.py"),
+        *root.glob("tests/**/*.py"),
+        *root.glob("bench/*.py"),
+        root / "README.md",
+    ]
     files += [*root.glob("notebooks/*.ipynb"), *root.glob("docs/**/*.md"), *root.glob("docs/*.py")]
     files += [*PACKAGE.rglob("*.yaml")]
     return files

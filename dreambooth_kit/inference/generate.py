@@ -213,14 +213,22 @@ def generate(
         return _reconstruct(pipe, info, job, init_image, seed_list)
     runner, extra = _mode_pipeline(pipe, mode, init_image, mask_image, (width, height), strength)
     embeds = _encode_prompts(runner, job)
+
+    def batch(chunk: list[int]) -> list[Generated]:
+        return _run_batch(pipe, info, runner, extra, embeds, job, chunk)
+
+    return _in_batches(pipe, batch, seed_list, batch_size, on_batch, progress)
+
+
+def _in_batches(pipe, batch, seeds: list[int], batch_size, on_batch, progress) -> list[Generated]:
+    """``batch(chunk)`` over ``seeds`` in batches of ``batch_size`` (``"auto"``: measured, halved on
+    out-of-memory), with the progress bar and ``on_batch`` told of each batch."""
     size = check_batch_size(batch_size, "batch_size")
     sizer = BatchSizer(size, probe_for(pipe._execution_device) if size == "auto" else None)
     hint = "use a smaller height/width, dtype='fp16', or load_pipeline(..., offload='model')"
     out: list[Generated] = []
-    with progress_bar(progress, len(seed_list)) as bar:
-        for made in run_batches(
-            seed_list, lambda chunk: _run_batch(pipe, info, runner, extra, embeds, job, chunk), sizer, hint
-        ):
+    with progress_bar(progress, len(seeds)) as bar:
+        for made in run_batches(seeds, batch, sizer, hint):
             out += made
             bar.update(len(made))
             if on_batch is not None:

