@@ -22,8 +22,8 @@ _PUBLIC = {
     "DreamBoothConfig": "config",
     "load_config": "config",
     "save_config": "config",
-    "check_images": "data.photos",
-    "run_exports": "export.kohya",
+    "check_images": "data.photo_checks",
+    "run_exports": "export.run",
     "push_to_hub": "export.hub",
     "generate": "inference.generate",
     "load_pipeline": "inference.pipeline",
@@ -36,9 +36,9 @@ _PUBLIC = {
 
 if TYPE_CHECKING:  # for type checkers and IDEs: the same names, imported eagerly
     from dreambooth_kit.config import DreamBoothConfig, load_config, save_config
-    from dreambooth_kit.data.photos import check_images
+    from dreambooth_kit.data.photo_checks import check_images
     from dreambooth_kit.export.hub import push_to_hub
-    from dreambooth_kit.export.kohya import run_exports
+    from dreambooth_kit.export.run import run_exports
     from dreambooth_kit.inference.generate import generate
     from dreambooth_kit.inference.images import make_grid, save_images
     from dreambooth_kit.inference.pipeline import load_pipeline

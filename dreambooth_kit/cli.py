@@ -127,7 +127,7 @@ def _cmd_generate(args) -> int:
 
 
 def _cmd_export(args) -> int:
-    from dreambooth_kit.export.kohya import run_exports
+    from dreambooth_kit.export.run import run_exports
 
     for path in run_exports(Path(args.run), args.format, fp16=args.fp16, out_dir=args.out):
         print(path)
@@ -176,7 +176,8 @@ def _cmd_identifier(args) -> int:
 
 def _cmd_evaluate(args) -> int:
     """DreamBooth's metrics for each checkpoint of a run, and the best one."""
-    from dreambooth_kit.evaluation.evaluate import METRICS, evaluate
+    from dreambooth_kit.evaluation.evaluate import evaluate
+    from dreambooth_kit.evaluation.scoring import METRICS
 
     r = evaluate(
         args.run, checkpoints=args.checkpoints, prompts=args.prompts, seeds=args.seeds,

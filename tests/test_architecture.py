@@ -16,13 +16,16 @@ PACKAGE = Path(__file__).resolve().parent.parent / "dreambooth_kit"
 # train() is the table of contents of a run: one line per step, read top to bottom.
 LONG_ALLOWED = {("dreambooth_kit.training.train", "train")}
 MAX_LINES = 60
-# The modules that name the whole DreamBoothConfig: the config package defines it, the recipe
-# (train, plan: the config into each component's typed arguments; card: a run's settings on its model
-# card) and the command line read it. Every other component takes explicit, typed arguments.
+# The modules that name the whole DreamBoothConfig: the config package defines it; the recipe reads
+# it (train: the table of contents; launch: the accelerator and launch checks; build: models, data,
+# optimizer; plan: each component's typed arguments; announce: the plan and summary lines;
+# best_step: train.stop=auto's end; card: a run's settings on its model card); so does the command
+# line. Every other component takes explicit, typed arguments.
 WHOLE_CONFIG_MODULES = {
-    "dreambooth_kit.training.train",
-    "dreambooth_kit.training.plan",
-    "dreambooth_kit.training.card",
+    *(
+        f"dreambooth_kit.training.{m}"
+        for m in ("train", "launch", "build", "plan", "announce", "best_step", "card")
+    ),
     "dreambooth_kit.cli",
 }
 MAX_FILE_LINES = 500

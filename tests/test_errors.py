@@ -18,7 +18,7 @@ NOT_USER_ERRORS = {
     "dreambooth_kit.config.loading._DuplicateKey",
     # A checkpoint save that failed for a reason that is not the disk's: a bug, whose traceback (its
     # cause's) the CLI must show; it still says which earlier checkpoint is intact.
-    "dreambooth_kit.training.checkpoints.CheckpointSaveFailed",
+    "dreambooth_kit.training.checkpoint_index.CheckpointSaveFailed",
 }
 
 

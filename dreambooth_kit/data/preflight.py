@@ -14,7 +14,8 @@ from pathlib import Path
 
 from dreambooth_kit.config import ConceptConfig, DataConfig, PriorConfig, mentions_identifier
 from dreambooth_kit.data.identifier import COMMON_WORDS, KNOWN_MEANINGS
-from dreambooth_kit.data.photos import DataError, ImageIssue, ImageReport, caption_file, check_images
+from dreambooth_kit.data.photo_checks import check_images
+from dreambooth_kit.data.photos import DataError, ImageIssue, ImageReport, caption_file
 from dreambooth_kit.errors import UserError
 
 

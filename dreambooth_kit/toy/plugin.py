@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from dreambooth_kit.evaluation.evaluate import UnjudgeablePhotos
+from dreambooth_kit.evaluation.scoring import UnjudgeablePhotos
 from dreambooth_kit.util.registry import register
 
 TOY_JUDGE = "toy-judge"

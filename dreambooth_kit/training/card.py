@@ -234,7 +234,7 @@ def _settings(cfg: DreamBoothConfig, concepts) -> list[tuple[str, object]]:
 
 def _stop_rows(run_dir: Path) -> list[tuple[str, object]]:
     """train.stop=auto: where the run stopped, whose weights these are and why (eval/auto_stop.json)."""
-    from dreambooth_kit.evaluation.evaluate import EVAL
+    from dreambooth_kit.evaluation.scoring import EVAL
     from dreambooth_kit.training.stopping import STOP_FILE
 
     try:

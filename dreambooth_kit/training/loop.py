@@ -21,6 +21,12 @@ from dreambooth_kit.config import (
     TrainConfig,
     ValidationConfig,
 )
+from dreambooth_kit.training.collective import (
+    agreed_decision,
+    agreed_signal,
+    mean_over_processes,
+    under_deepspeed,
+)
 from dreambooth_kit.training.guards import NonFiniteGuard, NonFiniteLossError, TrainingInterrupted
 from dreambooth_kit.training.latent_cache import PromptEncoder, posterior_sample
 from dreambooth_kit.training.losses import diffusion_loss, diffusion_target, snr_weights, teacher_prior_loss
@@ -206,7 +212,7 @@ def run(
             decision = None
             if _due(ctx.settings.validation.every_steps, ctx.step):
                 validate(ctx)
-                decision = agreed_decision(ctx)
+                decision = agreed_decision(ctx.accelerator, ctx.auto_stop)
             ctx.epoch, ctx.batch_in_epoch = epoch, in_epoch
             _checkpoint_or_stop(ctx, result.outcome, signals, bar, checkpoint, scored=decision is not None)
             t_step = time.perf_counter()
@@ -280,32 +286,6 @@ def _checkpoint_or_stop(
         raise err
 
 
-def agreed_decision(ctx: LoopState) -> Decision | None:
-    """train.stop=auto: the main process's decision over the scores (only it scores), the same on
-    every process; None without auto stop."""
-    if ctx.auto_stop is None:
-        return None
-    acc = ctx.accelerator
-    decision = ctx.auto_stop.decide() if acc.is_main_process else None
-    if acc.num_processes > 1:
-        from accelerate.utils import broadcast_object_list
-
-        decision = broadcast_object_list([decision])[0]
-    return decision
-
-
-def agreed_signal(acc: Accelerator, signum: int | None) -> int | None:
-    """The stop decision of all processes, taken at the same step boundary: a signal that reached any
-    process stops every one (the first signal number seen, by rank). Each process reading only its own
-    flag let a signal that landed between two processes' checks send one into the checkpoint's
-    collectives and the other into the next step's: a hang, and the preemption checkpoint lost.
-    One process: its own flag, no collective."""
-    if acc.num_processes == 1:
-        return signum
-    seen = acc.gather(torch.tensor([signum or 0], device=acc.device)).tolist()
-    return next((int(s) for s in seen if s), None)
-
-
 def _due(every: int | None, step: int) -> bool:
     return every is not None and step % every == 0
 
@@ -323,7 +303,7 @@ def _step(ctx: LoopState, batch: dict, encode: PromptEncoder, latent_cache: Late
         ctx.micro_batch += 1
         if finite:
             acc.backward(loss)
-        elif _under_deepspeed(acc) and acc.gradient_accumulation_steps > 1:
+        elif under_deepspeed(acc) and acc.gradient_accumulation_steps > 1:
             _deepspeed_cannot_skip(ctx)
         else:
             ctx.nonfinite_micro_batches.append(ctx.micro_batch)
@@ -333,16 +313,8 @@ def _step(ctx: LoopState, batch: dict, encode: PromptEncoder, latent_cache: Late
     if outcome is not StepOutcome.ACCUMULATING:
         ctx.micro_batch, ctx.nonfinite_micro_batches = 0, []
     ok = finite and outcome is not StepOutcome.NONFINITE_LOSS
-    value, parts = _mean_over_processes(acc, loss, parts) if ok else (float("nan"), parts)
+    value, parts = mean_over_processes(acc, loss, parts) if ok else (float("nan"), parts)
     return StepResult(outcome, value, parts, *window)
-
-
-def _mean_over_processes(acc: Accelerator, loss: torch.Tensor, parts: dict[str, float]):
-    """The loss and its parts averaged over processes, in one all-gather: with equal rows in every
-    process this is the loss of the whole batch, as one process at the summed batch size logs it."""
-    local = torch.tensor([[loss.item(), *parts.values()]], device=loss.device)
-    mean = acc.gather(local).mean(0).tolist()
-    return mean[0], dict(zip(parts, mean[1:], strict=True))
 
 
 def _optimizer_step(ctx: LoopState) -> StepOutcome:
@@ -350,7 +322,7 @@ def _optimizer_step(ctx: LoopState) -> StepOutcome:
     acc = ctx.accelerator
     if ctx.nonfinite_micro_batches:
         return StepOutcome.NONFINITE_LOSS
-    if _under_deepspeed(acc):
+    if under_deepspeed(acc):
         # accelerate's backward() already ran DeepSpeed's step (it clips with the recipe's
         # gradient_clipping and, under fp16, skips overflowing steps itself): nothing to check here.
         return StepOutcome.SCALER_SKIP if acc.optimizer_step_was_skipped else _advance(ctx)
@@ -383,12 +355,6 @@ def _deepspeed_cannot_skip(ctx: LoopState) -> None:
         "last checkpoint (train.resume=latest), with a lower train.learning_rate or "
         "train.mixed_precision=bf16"
     )
-
-
-def _under_deepspeed(acc: Accelerator) -> bool:
-    from accelerate.utils import DistributedType
-
-    return acc.distributed_type == DistributedType.DEEPSPEED
 
 
 @dataclass(frozen=True)

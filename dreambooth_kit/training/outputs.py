@@ -43,7 +43,7 @@ def save_final(run: LoopState, source: ModelSource) -> Path:
     fine-tune's pipeline takes its frozen parts from it, at its revision and variant)."""
     s = run.settings
     final = run.out / ("pipeline" if s.adapter.type == "full" else "lora")
-    from dreambooth_kit.training.checkpoints import CheckpointError, CheckpointSaveFailed
+    from dreambooth_kit.training.checkpoint_index import CheckpointError, CheckpointSaveFailed
 
     try:
         checkpoint = _final_checkpoint(run)
@@ -92,7 +92,8 @@ def _write_final(run: LoopState, source: ModelSource, name: str) -> Path:
 
 def _final_checkpoint(run: LoopState) -> Path | None:
     """The complete checkpoint of the final step, written now if the loop did not write one."""
-    from dreambooth_kit.training.checkpoints import list_checkpoints, save_step_checkpoint
+    from dreambooth_kit.training.checkpoint_index import list_checkpoints
+    from dreambooth_kit.training.checkpoints import save_step_checkpoint
 
     done = dict(list_checkpoints(run.out))
     if run.step in done:
@@ -103,7 +104,7 @@ def _final_checkpoint(run: LoopState) -> Path | None:
 
 
 def _reason(error: BaseException, folder: Path) -> str | None:
-    from dreambooth_kit.training.checkpoints import disk_full_reason
+    from dreambooth_kit.util.disk_space import disk_full_reason
 
     reason = disk_full_reason(error, folder)
     if reason:
@@ -137,7 +138,7 @@ def _final_save_error(
 
 
 def _no_checkpoint_hint(run: LoopState) -> str:
-    from dreambooth_kit.training.checkpoints import list_checkpoints
+    from dreambooth_kit.training.checkpoint_index import list_checkpoints
 
     done = list_checkpoints(run.out)
     newest = (
@@ -235,7 +236,7 @@ def save_pipeline(
         pipe.to(dtype=dtype)
         pipe.save_pretrained(tmp, safe_serialization=True)
         # As the merged export: loadable by transformers 4.x stacks too (text_model. keys, vocab.json)
-        from dreambooth_kit.export.kohya import readable_by_transformers4
+        from dreambooth_kit.export.merged import readable_by_transformers4
 
         readable_by_transformers4(tmp, pipe.tokenizer)
         save_config_dict(config, tmp / "dreambooth_kit_config.yaml")

@@ -70,13 +70,13 @@ class Run:
 
     def checkpoints(self) -> list[tuple[int, Path]]:
         """This timeline's complete checkpoints, oldest first."""
-        from dreambooth_kit.training.checkpoints import list_checkpoints
+        from dreambooth_kit.training.checkpoint_index import list_checkpoints
 
         return list_checkpoints(self.root)
 
     def all_checkpoints(self) -> list[tuple[int, Path]]:
         """Every complete checkpoint in the folder, whatever timeline wrote it."""
-        from dreambooth_kit.training.checkpoints import all_checkpoints
+        from dreambooth_kit.training.checkpoint_index import all_checkpoints
 
         return all_checkpoints(self.root)
 
@@ -117,7 +117,7 @@ class Run:
     def begin(self, resume_from: Path | None) -> Lineage:
         """Decide the timeline of a training starting now (main process only, after every check
         passed) and move aside what is not part of it; returns it, written to lineage.json."""
-        from dreambooth_kit.training.checkpoints import checkpoint_lineage, read_state
+        from dreambooth_kit.training.checkpoint_index import checkpoint_lineage, read_state
 
         current = self.lineage or Lineage(Lineage.new_id())
         if resume_from is None:

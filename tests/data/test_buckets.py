@@ -232,7 +232,7 @@ def test_a_bucketed_run_resumes_bit_for_bit(tmp_path, tiny_model):
 
 
 def test_the_photo_check_shows_each_photos_bucket_before_any_model_loads(tmp_path):
-    from dreambooth_kit.data.photos import check_images
+    from dreambooth_kit.data.photo_checks import check_images
 
     photos = _framed_photos(tmp_path / "photos")
     wide = Image.open(DEMO_PHOTOS / "05.jpg").crop((0, 40, 128, 80))  # 128x40: 3.2:1

@@ -176,7 +176,8 @@ def test_a_resume_notices_a_mask_changed_since_the_checkpoint(tmp_path, tiny_mod
     Without masks the digest is what it was before masks were counted (old checkpoints still match)."""
     import hashlib
 
-    from dreambooth_kit.training.checkpoints import CheckpointError, photo_digest
+    from dreambooth_kit.training.checkpoint_index import CheckpointError
+    from dreambooth_kit.training.resume_checks import photo_digest
     from dreambooth_kit.training.train import train
 
     masks = tmp_path / "masks"

@@ -16,14 +16,8 @@ from PIL import Image, ImageFile
 
 from dreambooth_kit.data import dataset
 from dreambooth_kit.data.dataset import DreamBoothDataset, collate, pair_examples, preprocess
-from dreambooth_kit.data.photos import (
-    IMAGE_EXTENSIONS,
-    DataError,
-    ImageIssue,
-    check_images,
-    find_images,
-    load_image,
-)
+from dreambooth_kit.data.photo_checks import check_images
+from dreambooth_kit.data.photos import IMAGE_EXTENSIONS, DataError, ImageIssue, find_images, load_image
 
 DEMO = Path(__file__).resolve().parents[2] / "dreambooth_kit" / "demo_subject"
 RED, GREEN, BLUE, YELLOW = (255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 0)

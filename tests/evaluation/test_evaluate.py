@@ -12,6 +12,7 @@ import torch
 from conftest import tiny_cfg
 
 from dreambooth_kit.evaluation import evaluate as ev
+from dreambooth_kit.evaluation import scoring
 from dreambooth_kit.evaluation.prompt_sets import build, is_live
 
 # ------------------------------------------------------------------ tiny encoders built in code
@@ -204,7 +205,7 @@ def test_toy_judge_on_photos_not_of_the_toy_world_is_refused_before_anything_is_
     mine = tmp_path / "run"
     shutil.copytree(run, mine, ignore=shutil.ignore_patterns("eval"))
     over = [*eval_overrides(encoders_dir, prompts), *TOY_JUDGE]  # the later value of a key wins
-    with pytest.raises(ev.UnjudgeablePhotos) as e:
+    with pytest.raises(scoring.UnjudgeablePhotos) as e:
         ev.evaluate(mine, overrides=over)
     for needed in (f"{run.parent / 'photos'}: the toy judge", "evaluate.subject_encoder=toy-judge",
                    "0 of these 5 photos", GENERAL, "--photos"):  # fmt: skip
@@ -220,16 +221,20 @@ def test_the_toy_subjects_photos_pass_the_judge_check_and_general_encoders_have_
     from dreambooth_kit.toy import world
 
     world.write_subject_photos(tmp_path)
-    toy = ev.load_photos(tmp_path)
+    toy = scoring.load_photos(tmp_path)
     both = {"subject_encoder": "toy-judge", "prompt_encoder": "toy-judge"}
-    assert ev.check_encoders_know_photos(toy, tmp_path, **both) == [1.0]  # 5 of 5
-    demo = ev.load_photos(DEMO_PHOTOS)
+    assert scoring.check_encoders_know_photos(toy, tmp_path, **both) == [1.0]  # 5 of 5
+    demo = scoring.load_photos(DEMO_PHOTOS)
     dino, clip = "facebook/dino-vits16", "openai/clip-vit-base-patch32"
-    with pytest.raises(ev.UnjudgeablePhotos, match=f"0 of these 5 photos.*prompt_encoder={clip}") as e:
-        ev.check_encoders_know_photos(demo, DEMO_PHOTOS, subject_encoder=dino, prompt_encoder="toy-judge")
+    with pytest.raises(scoring.UnjudgeablePhotos, match=f"0 of these 5 photos.*prompt_encoder={clip}") as e:
+        scoring.check_encoders_know_photos(
+            demo, DEMO_PHOTOS, subject_encoder=dino, prompt_encoder="toy-judge"
+        )
     assert "subject_encoder" not in str(e.value)  # only the key that is the toy judge is named
     # DINO and CLIP are general encoders: no detector, no check (and nothing is loaded for it).
-    assert ev.check_encoders_know_photos(demo, DEMO_PHOTOS, subject_encoder=dino, prompt_encoder=clip) == []
+    assert (
+        scoring.check_encoders_know_photos(demo, DEMO_PHOTOS, subject_encoder=dino, prompt_encoder=clip) == []
+    )
 
 
 # ------------------------------------------------------------------ encoders
@@ -301,8 +306,8 @@ def test_best_lora_loads_in_plain_diffusers_and_draws_the_checkpoints_images(
     assert r.best["checkpoint"] == "step-000001" and r.made == 0  # rows from the first evaluation
     pipe = StableDiffusionPipeline.from_pretrained(str(tiny_model), safety_checker=None)
     pipe.load_lora_weights(str(r.files["best_lora"]))
-    set_scheduler(pipe, ev.SAMPLER)
-    plan = ev.plan_for(_spec(run, encoders_dir, prompts))
+    set_scheduler(pipe, scoring.SAMPLER)
+    plan = scoring.plan_for(_spec(run, encoders_dir, prompts))
     text = plan.prompts[0].text
     (img, _), *_ = generate(pipe, text, seed=plan.seeds[0], steps=plan.steps, guidance_scale=plan.guidance_scale,
                             height=plan.resolution, width=plan.resolution)  # fmt: skip
@@ -366,11 +371,11 @@ def test_an_interrupted_evaluation_resumes_with_only_the_missing_images(
 
 def test_evaluate_refuses_what_it_cannot_score(run_with_checkpoints, encoders_dir, tmp_path):
     run, prompts = run_with_checkpoints
-    with pytest.raises(ev.EvaluateError, match="not a training run"):
+    with pytest.raises(scoring.EvaluateError, match="not a training run"):
         ev.evaluate(tmp_path)
-    with pytest.raises(ev.EvaluateError, match="step-000009.*it has step-000001, step-000002"):
+    with pytest.raises(scoring.EvaluateError, match="step-000009.*it has step-000001, step-000002"):
         ev.evaluate(run, checkpoints="step-000009", overrides=eval_overrides(encoders_dir, prompts))
-    with pytest.raises(ev.EvaluateError, match="--photos"):
+    with pytest.raises(scoring.EvaluateError, match="--photos"):
         ev.evaluate(run, photos=tmp_path / "gone", overrides=eval_overrides(encoders_dir, prompts))
 
 
@@ -449,7 +454,7 @@ def test_full_fine_tune_checkpoints_are_scored_with_their_weights(tmp_path, tiny
     assert "best_lora" not in r.files  # a full fine-tune's result is its pipeline folder
     # A checkpoint without its weights file is refused, never scored as the base model.
     (run / "checkpoints" / "step-000002" / "model.safetensors").rename(tmp_path / "moved.safetensors")
-    with pytest.raises(ev.EvaluateError, match="step-000002 holds no model.safetensors"):
+    with pytest.raises(scoring.EvaluateError, match="step-000002 holds no model.safetensors"):
         ev.evaluate(run, overrides=eval_overrides(encoders_dir, prompts))
     shutil.rmtree(run / "checkpoints")
     (final,) = [
@@ -469,7 +474,7 @@ def test_training_with_toy_judge_metrics_on_other_photos_refuses_before_writing(
         **{"validation.metrics": True, "validation.every_steps": 1,
            "evaluate.subject_encoder": "toy-judge", "evaluate.prompt_encoder": "toy-judge"},
     )  # fmt: skip
-    with pytest.raises(ev.UnjudgeablePhotos, match=str(photos)):
+    with pytest.raises(scoring.UnjudgeablePhotos, match=str(photos)):
         train(cfg)
     assert not (tmp_path / "run" / "config.yaml").exists()
     assert not (tmp_path / "class_images").exists()

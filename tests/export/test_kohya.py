@@ -247,7 +247,7 @@ def test_merged_diffusers_equals_the_unfused_lora(trained_run, tiny_model, tmp_p
     import torch
     from diffusers import StableDiffusionPipeline
 
-    from dreambooth_kit.export.kohya import export_merged_diffusers
+    from dreambooth_kit.export.merged import export_merged_diffusers
 
     run = tmp_path / "run"
     shutil.copytree(trained_run["result"].output_dir, run, ignore=shutil.ignore_patterns("class_images"))
@@ -282,7 +282,7 @@ def test_merged_diffusers_is_laid_out_as_transformers4_reads_it(te_run, tiny_mod
 
     from transformers import CLIPTokenizer
 
-    from dreambooth_kit.export.kohya import export_merged_diffusers
+    from dreambooth_kit.export.merged import export_merged_diffusers
     from dreambooth_kit.inference.pipeline import load_pipeline
 
     run = tmp_path / "run"
@@ -422,7 +422,7 @@ def test_merged_exports_use_the_runs_prediction_type(trained_run, tmp_path):
     say epsilon (before: both copied the base's v_prediction)."""
     from diffusers import DDPMScheduler
 
-    from dreambooth_kit.export.kohya import run_exports
+    from dreambooth_kit.export.run import run_exports
 
     run = _run_copy(trained_run, tmp_path, prediction_type="epsilon")
     merged, single = run_exports(run, ["merged-diffusers", "single-file"])
@@ -435,7 +435,7 @@ def test_merged_export_of_a_run_trained_on_a_ckpt(trained_run, tiny_model, tmp_p
     import torch
     from safetensors.torch import load_file
 
-    from dreambooth_kit.export.kohya import run_exports
+    from dreambooth_kit.export.run import run_exports
     from dreambooth_kit.models.singlefile import save_single_file
 
     single = save_single_file(tiny_model, tmp_path / "base.safetensors", prediction_type="v_prediction")
@@ -515,7 +515,7 @@ def test_older_stacks_load_our_text_encoder_lora_and_merged_folder(pins, te_run,
 
     from transformers import CLIPTokenizer
 
-    from dreambooth_kit.export.kohya import export_merged_diffusers, readable_by_transformers4
+    from dreambooth_kit.export.merged import export_merged_diffusers, readable_by_transformers4
     from dreambooth_kit.inference.pipeline import load_pipeline
 
     env = tmp_path / "venv"

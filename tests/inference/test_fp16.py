@@ -102,8 +102,8 @@ def test_fp16_vae_overflow_is_decoded_again_in_fp32(tiny_model, caplog):
 def test_accelerator_on_cpu_gets_fp16_autocast_only_when_asked(
     tmp_path, tiny_model, photos, mixed_precision, amp
 ):
-    from dreambooth_kit.training.train import _make_accelerator
+    from dreambooth_kit.training.launch import make_accelerator
 
     cfg = tiny_cfg(tmp_path, tiny_model, photos, **{"train.mixed_precision": mixed_precision})
-    acc = _make_accelerator(cfg, tmp_path)
+    acc = make_accelerator(cfg, tmp_path)
     assert acc.native_amp is amp and (acc.scaler is not None) is amp

@@ -648,7 +648,7 @@ def test_png_names_the_runs_kohya_export_and_json_the_loaded_lora(trained_run, t
     from safetensors import safe_open
     from safetensors.torch import load_file, save_file
 
-    from dreambooth_kit.export.kohya import run_exports
+    from dreambooth_kit.export.run import run_exports
     from dreambooth_kit.inference.pngmeta import lora_hash, read_metadata
 
     run = tmp_path / "my_dog"

@@ -17,8 +17,8 @@ from dreambooth_kit.models.singlefile import (
     detect_architecture,
     ensure_diffusers_folder,
     save_single_file,
-    to_original_layout,
 )
+from dreambooth_kit.models.singlefile_keys import to_original_layout
 
 COMPONENTS = ("unet", "vae", "text_encoder")
 
@@ -181,7 +181,7 @@ def test_yaml_fp16_and_atomic(tiny_pipe, tmp_path):
 
 
 def test_merged_export_to_single_file(tiny_model, trained_run, tmp_path):
-    from dreambooth_kit.export.kohya import export_merged_diffusers
+    from dreambooth_kit.export.merged import export_merged_diffusers
 
     run = tmp_path / "run"
     shutil.copytree(trained_run["result"].lora_path.parent.parent, run)
@@ -287,7 +287,7 @@ def test_train_and_generate_from_a_single_file(tiny_model, photos, tmp_path, cap
 def test_single_file_export_of_a_run(trained_run, tmp_path):
     import shutil
 
-    from dreambooth_kit.export.kohya import run_exports
+    from dreambooth_kit.export.run import run_exports
 
     run = tmp_path / "run"
     shutil.copytree(trained_run["result"].output_dir, run, ignore=shutil.ignore_patterns("class_images"))
@@ -360,7 +360,7 @@ def test_text_tower_is_copied_from_a_single_file_base(tiny_pipe, tiny_file, trai
     import yaml
     from safetensors.torch import load_file, save_file
 
-    from dreambooth_kit.export.kohya import run_exports
+    from dreambooth_kit.export.run import run_exports
 
     sd = load_file(str(tiny_file))
     p = "cond_stage_model.model."

@@ -18,20 +18,17 @@ from conftest import E2E_TIMEOUT
 
 from dreambooth_kit.config import AdapterConfig, DreamBoothConfig
 from dreambooth_kit.errors import UserError
-from dreambooth_kit.training import checkpoints as ck
-from dreambooth_kit.training.checkpoints import (
+from dreambooth_kit.training import checkpoint_index
+from dreambooth_kit.training.checkpoint_index import (
     CheckpointError,
     CheckpointSaveFailed,
-    check_compatible,
-    clean_tmp,
     list_checkpoints,
-    load_checkpoint,
-    register_lora_hooks,
-    resolve_resume,
-    save_checkpoint,
     step_name,
 )
-from dreambooth_kit.util import atomic
+from dreambooth_kit.training.checkpoints import clean_tmp, load_checkpoint, resolve_resume, save_checkpoint
+from dreambooth_kit.training.lora_state import register_lora_hooks
+from dreambooth_kit.training.resume_checks import check_compatible
+from dreambooth_kit.util import atomic, disk_space
 
 LOG = "dreambooth_kit"
 
@@ -148,7 +145,7 @@ def _assert_same(a, b, where="") -> None:
 
 
 def _names(out: Path) -> list[str]:
-    return sorted(p.name for p in (out / ck.CHECKPOINTS).iterdir())
+    return sorted(p.name for p in (out / checkpoint_index.CHECKPOINTS).iterdir())
 
 
 # ------------------------------------------------------------------ save / load round trip
@@ -326,25 +323,25 @@ def test_file_size_limit_is_named_with_its_fix(env, monkeypatch):
 @pytest.mark.parametrize(
     "error, reason",
     [
-        (OSError(errno.ENOSPC, "No space left on device"), ck.NO_SPACE),
-        (OSError(errno.EDQUOT, "Disk quota exceeded"), ck.NO_SPACE),
-        (OSError(errno.EFBIG, "File too large"), ck.FILE_SIZE_LIMIT),
+        (OSError(errno.ENOSPC, "No space left on device"), disk_space.NO_SPACE),
+        (OSError(errno.EDQUOT, "Disk quota exceeded"), disk_space.NO_SPACE),
+        (OSError(errno.EFBIG, "File too large"), disk_space.FILE_SIZE_LIMIT),
         # safetensors' (Rust) wording for each; it is not an OSError
         (
             RuntimeError("Error while serializing: I/O error: No space left on device (os error 28)"),
-            ck.NO_SPACE,
+            disk_space.NO_SPACE,
         ),
         (
             RuntimeError("Error while serializing: I/O error: File too large (os error 27)"),
-            ck.FILE_SIZE_LIMIT,
+            disk_space.FILE_SIZE_LIMIT,
         ),
         (RuntimeError("injected failure"), None),
         (OSError(errno.EIO, "Input/output error"), None),
     ],
 )
 def test_disk_full_reason(tmp_path, error, reason):
-    assert ck.disk_full_reason(error, tmp_path) == reason
-    assert ck._is_no_space(error, tmp_path) is (reason is not None)  # kept for the final save
+    assert disk_space.disk_full_reason(error, tmp_path) == reason
+    assert disk_space._is_no_space(error, tmp_path) is (reason is not None)  # kept for the final save
 
 
 def test_disk_full_reason_follows_the_cause_chain(tmp_path):
@@ -356,13 +353,14 @@ def test_disk_full_reason_follows_the_cause_chain(tmp_path):
                 "[enforce fail at inline_container.cc:672] . unexpected pos 576 vs 534"
             ) from inner
     except RuntimeError as outer:
-        assert ck.disk_full_reason(outer, tmp_path) == ck.FILE_SIZE_LIMIT
+        assert disk_space.disk_full_reason(outer, tmp_path) == disk_space.FILE_SIZE_LIMIT
 
 
 _ULIMIT_SCRIPT = """
 import resource, sys, torch
 from accelerate import Accelerator
-from dreambooth_kit.training.checkpoints import CheckpointError, list_checkpoints, save_checkpoint
+from dreambooth_kit.training.checkpoints import save_checkpoint
+from dreambooth_kit.training.checkpoint_index import CheckpointError, list_checkpoints
 
 acc = Accelerator(cpu=True)
 model = torch.nn.Linear(256, 256)  # 263 KB of weights; AdamW's two moments make optimizer.bin ~526 KB
@@ -650,7 +648,8 @@ def test_a_state_json_that_disagrees_with_its_checkpoint_is_refused(env, state, 
 def test_resume_with_another_process_count_is_refused_with_the_fix(tmp_path, caplog):
     import json
 
-    from dreambooth_kit.training.checkpoints import CheckpointError, check_process_count
+    from dreambooth_kit.training.checkpoint_index import CheckpointError
+    from dreambooth_kit.training.resume_checks import check_process_count
 
     (tmp_path / "state.json").write_text(json.dumps({"step": 4, "processes": 2}))
     check_process_count(tmp_path, 2, force=False)  # the same count: fine

@@ -52,7 +52,7 @@ def ema_run(tmp_path_factory, tiny_model):
 def test_the_runs_average_is_saved_beside_the_lora_and_is_the_average_of_its_steps(ema_run):
     """Each step's raw LoRA is in its checkpoint: the average of those, by the rule above, is what
     lora_ema/ and the last checkpoint's ema/ hold; it differs from the raw LoRA."""
-    from dreambooth_kit.training.checkpoints import LORA_SUFFIX
+    from dreambooth_kit.training.checkpoint_index import LORA_SUFFIX
 
     tmp, _, cfg, result = ema_run
     steps = [
@@ -108,7 +108,7 @@ def test_a_resumed_run_has_the_same_average(ema_run):
 
 
 def test_turning_ema_off_on_resume_is_refused_naming_the_field(ema_run, tiny_model):
-    from dreambooth_kit.training.checkpoints import CheckpointError
+    from dreambooth_kit.training.checkpoint_index import CheckpointError
 
     tmp, photos, cfg, result = ema_run
     again = tiny_cfg(
@@ -160,7 +160,8 @@ def test_the_plot_draws_the_average_as_a_line_of_its_own(tmp_path, monkeypatch):
     """Rows of step-N and step-N-ema: two lines (raw and EMA), each from the base model at step 0."""
     import matplotlib.pyplot as plt
 
-    from dreambooth_kit.evaluation.evaluate import METRICS, plot
+    from dreambooth_kit.evaluation.evaluate import plot
+    from dreambooth_kit.evaluation.scoring import METRICS
 
     rows = [
         {"checkpoint": name, "step": step, **dict.fromkeys(METRICS), "subject_fidelity": v}

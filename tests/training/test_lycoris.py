@@ -108,7 +108,7 @@ def test_a_resumed_run_of_each_type_ends_with_the_uninterrupted_runs_tensors(
 ):
     """3 steps straight against the 2-step run's last checkpoint resumed to 3 steps (into another
     folder): the same adapter tensors, bit for bit."""
-    from dreambooth_kit.training.checkpoints import list_checkpoints
+    from dreambooth_kit.training.checkpoint_index import list_checkpoints
 
     first = runs[kind]
     photos = first.output_dir.parent / "photos"
@@ -149,7 +149,7 @@ def test_a_lokr_factor_stored_in_two_parts_is_exported_whole_with_its_scale():
 @pytest.mark.parametrize("kind", ["dora", "loha", "lokr"])
 def test_the_merged_export_draws_what_the_adapter_draws(runs, tiny_model, tmp_path, kind):
     """The way out for A1111 and ComfyUI users of any type: the base with the adapter fused in."""
-    from dreambooth_kit.export.kohya import export_merged_diffusers
+    from dreambooth_kit.export.merged import export_merged_diffusers
 
     merged = export_merged_diffusers(runs[kind].output_dir, tmp_path / "merged")
     with_adapter = _image(load_pipeline(str(tiny_model), lora=runs[kind].lora_dir, dtype="float32"))

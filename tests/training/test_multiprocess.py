@@ -378,7 +378,7 @@ def test_deepspeed_takes_a_bucketed_loader(tmp_path, tiny_model, photos):
 # Loaded into each trainer through PYTHONPATH: evaluate's scorer replaced by scripted scores (the
 # tiny model learns no subject to score), fidelity rising to step 4, then flat.
 SCRIPTED_SCORES = """
-import dreambooth_kit.evaluation.evaluate as _ev
+import dreambooth_kit.evaluation.scoring as _ev
 _SCRIPT = {0: 0.60, 2: 0.70, 4: 0.80, 6: 0.805, 8: 0.81, 10: 0.81, 12: 0.81}
 def _scripted(spec):
     def score(pipe, step, acc, out):

@@ -72,7 +72,7 @@ def test_a_textual_inversion_loader_reads_the_file_as_our_hook_applies_it(pivota
 def test_a_resumed_pivotal_run_ends_with_the_uninterrupted_runs_vectors_and_lora(
     pivotal_run, tiny_model, tmp_path
 ):
-    from dreambooth_kit.training.checkpoints import list_checkpoints
+    from dreambooth_kit.training.checkpoint_index import list_checkpoints
 
     tmp, overrides, result = pivotal_run
     short = train(tiny_cfg(tmp_path / "a", tiny_model, tmp / "photos", **{**overrides, "train.max_steps": 2}))
@@ -102,7 +102,7 @@ def test_pivotal_without_an_identifier_or_an_adapter_is_refused(overrides, expec
 def test_exports_carry_the_vectors_the_kohya_one_as_a_file_the_merged_one_in_its_token_table(
     pivotal_run, tiny_model, tmp_path
 ):
-    from dreambooth_kit.export.kohya import run_exports
+    from dreambooth_kit.export.run import run_exports
     from dreambooth_kit.inference.pipeline import load_pipeline
 
     _, _, result = pivotal_run
@@ -115,7 +115,7 @@ def test_exports_carry_the_vectors_the_kohya_one_as_a_file_the_merged_one_in_its
 
 
 def test_ema_keeps_an_average_of_the_vectors_too(tiny_model, tmp_path, photos):
-    from dreambooth_kit.training.checkpoints import list_checkpoints
+    from dreambooth_kit.training.checkpoint_index import list_checkpoints
 
     result = train(
         tiny_cfg(tmp_path, tiny_model, photos, **{"adapter.pivotal": True, "train.ema": True, "train.max_steps": 2,
@@ -131,7 +131,7 @@ def test_evaluate_scores_a_checkpoint_with_that_steps_vectors(pivotal_run, tiny_
     from dreambooth_kit.config import load_config
     from dreambooth_kit.evaluation.evaluate import RunWeights, Target, load_target
     from dreambooth_kit.inference.pipeline import load_pipeline
-    from dreambooth_kit.training.checkpoints import list_checkpoints
+    from dreambooth_kit.training.checkpoint_index import list_checkpoints
     from dreambooth_kit.training.runfolder import Run
 
     _, _, result = pivotal_run
@@ -145,7 +145,7 @@ def test_evaluate_scores_a_checkpoint_with_that_steps_vectors(pivotal_run, tiny_
 
 def test_an_identifier_of_several_tokens_trains_but_has_no_merged_export(tiny_model, tmp_path, photos):
     from dreambooth_kit.errors import InvalidInput
-    from dreambooth_kit.export.kohya import export_merged_diffusers
+    from dreambooth_kit.export.merged import export_merged_diffusers
     from dreambooth_kit.training.pivotal import token_ids
 
     result = train(

@@ -9,7 +9,8 @@ import torch
 from conftest import tiny_cfg
 from safetensors.torch import load_file
 
-from dreambooth_kit.training.checkpoints import CheckpointError, list_checkpoints, resolve_resume
+from dreambooth_kit.training.checkpoint_index import CheckpointError, list_checkpoints
+from dreambooth_kit.training.checkpoints import resolve_resume
 from dreambooth_kit.training.runfolder import ABANDONED, Run, RunFolderError
 from dreambooth_kit.training.train import train
 

@@ -293,7 +293,7 @@ def test_periodic_checkpoints_keep_last_two(tmp_path, tiny_model, photos):
 
 
 def test_resume_with_another_rank_is_refused_naming_the_field(tmp_path, tiny_model, photos):
-    from dreambooth_kit.training.checkpoints import CheckpointError
+    from dreambooth_kit.training.checkpoint_index import CheckpointError
 
     train(tiny_cfg(tmp_path, tiny_model, photos, **{"train.max_steps": 2, "checkpoint.every_steps": 2}))
     cfg = tiny_cfg(
@@ -361,14 +361,14 @@ def test_tensorboard_logs_loss_and_lr(tmp_path, tiny_model, photos):
 
 def test_text_encoder_gets_its_own_learning_rate():
     from dreambooth_kit.config import load_config
-    from dreambooth_kit.training.train import _optimizer
+    from dreambooth_kit.training.build import build_optimizer
 
     unet_p, te = torch.nn.Parameter(torch.zeros(2)), torch.nn.Linear(2, 2)
     cfg = load_config("tiny.yaml", {"train.learning_rate": 1e-4, "train.text_encoder_learning_rate": 5e-6})
-    opt = _optimizer(cfg, [unet_p, *te.parameters()], 1, te)
+    opt = build_optimizer(cfg, [unet_p, *te.parameters()], 1, te)
     assert [g["lr"] for g in opt.param_groups] == [1e-4, 5e-6]
     assert opt.param_groups[0]["params"] == [unet_p] and len(opt.param_groups[1]["params"]) == 2
-    assert len(_optimizer(cfg, [unet_p], 1, None).param_groups) == 1
+    assert len(build_optimizer(cfg, [unet_p], 1, None).param_groups) == 1
 
 
 # ------------------------------------------------------------------ reliability: folders, launches, records
