@@ -132,3 +132,22 @@ def patch_diffusion_loss(monkeypatch, transform) -> None:
         return transform(calls["n"], loss), parts
 
     monkeypatch.setattr(loop_mod, "diffusion_loss", wrapped)
+
+
+def with_variant_files(tiny_model: Path, dest: Path) -> Path:
+    """A copy of the tiny model whose text encoder, VAE and UNet also have "fp16"-variant files with other
+    weights (doubled), as a hub repo's variant files are other files than its default ones."""
+    import shutil
+
+    import torch
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    shutil.copytree(tiny_model, dest)
+    for sub, cls in (("text_encoder", CLIPTextModel), ("vae", AutoencoderKL), ("unet", UNet2DConditionModel)):
+        model = cls.from_pretrained(dest / sub)
+        with torch.no_grad():
+            for p in model.parameters():
+                p.mul_(2)
+        model.save_pretrained(dest / sub, variant="fp16")
+    return dest

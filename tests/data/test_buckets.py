@@ -189,7 +189,7 @@ def test_a_bucketed_run_trains_each_batch_at_one_of_the_photos_sizes(
     from dreambooth_kit.export.kohya import kohya_metadata, labels_for
 
     assert kohya_metadata(labels_for(r.lora_path), rank=4, alpha=8)["ss_enable_bucket"] == "True"
-    from dreambooth_kit.export.hub import model_card  # and the model card
+    from dreambooth_kit.training.card import model_card  # and the model card
 
     assert "| Resolution | 64 (aspect-ratio buckets, sides in steps of 16) |" in model_card(r.output_dir)
 

@@ -308,27 +308,11 @@ def test_a_configured_fact_overrides_the_model_and_says_so(tmp_path, caplog):
     assert "overrides" not in caplog.text
 
 
-def _with_variant_files(tiny_model: Path, dest: Path) -> Path:
-    """A copy of the tiny model whose text encoder, VAE and UNet also have "fp16"-variant files with other
-    weights (doubled), as a hub repo's variant files are other files than its default ones."""
-    import shutil
-
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextModel
-
-    shutil.copytree(tiny_model, dest)
-    for sub, cls in (("text_encoder", CLIPTextModel), ("vae", AutoencoderKL), ("unet", UNet2DConditionModel)):
-        model = cls.from_pretrained(dest / sub)
-        with torch.no_grad():
-            for p in model.parameters():
-                p.mul_(2)
-        model.save_pretrained(dest / sub, variant="fp16")
-    return dest
-
-
 def test_the_variant_applies_to_every_weight_file(tmp_path, tiny_model):
     """Before, model.variant reached the UNet only: the text encoder and VAE were the default files."""
-    folder = _with_variant_files(tiny_model, tmp_path / "m")
+    from conftest import with_variant_files
+
+    folder = with_variant_files(tiny_model, tmp_path / "m")
     plain = load_components(ModelConfig(pretrained=str(folder)))
     variant = load_components(ModelConfig(pretrained=str(folder), variant="fp16"))
     for name in ("text_encoder", "vae", "unet"):

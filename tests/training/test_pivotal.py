@@ -169,7 +169,7 @@ def test_several_processes_are_refused_before_training(tiny_model):
 
     from dreambooth_kit.config import load_config
     from dreambooth_kit.errors import UserError
-    from dreambooth_kit.training.train import check_pivotal_launch
+    from dreambooth_kit.training.launch import check_pivotal_launch
 
     cfg = load_config("tiny.yaml", {"adapter.pivotal": True})
     with pytest.raises(UserError, match="adapter.pivotal trains on one process for now"):

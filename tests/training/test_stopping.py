@@ -107,7 +107,7 @@ def test_auto_stop_keeps_the_best_steps_weights_says_why_and_resumes_to_the_same
 ):
     import dreambooth_kit.training.loop as loop_mod
     import dreambooth_kit.training.train as train_mod
-    from dreambooth_kit.export.hub import model_card
+    from dreambooth_kit.training.card import model_card
     from dreambooth_kit.training.guards import TrainingInterrupted
     from dreambooth_kit.training.train import train
 

@@ -420,7 +420,7 @@ class _Acc:
     ],
 )  # fmt: skip
 def test_launch_mismatch_is_refused_with_the_right_command(env, n, expect):
-    from dreambooth_kit.training.train import LaunchError, check_launch
+    from dreambooth_kit.training.launch import LaunchError, check_launch
 
     if expect is None:
         check_launch(_Acc(n), env)
@@ -432,7 +432,7 @@ def test_launch_mismatch_is_refused_with_the_right_command(env, n, expect):
 def test_several_deepspeed_processes_without_gpus_are_refused_with_the_reason():
     """accelerate joins a DeepSpeed process group through a GPU backend only: on CPU each of 2
     processes runs alone (measured with accelerate launch --num_processes 2 and the ZeRO-2 recipe)."""
-    from dreambooth_kit.training.train import LaunchError, check_launch
+    from dreambooth_kit.training.launch import LaunchError, check_launch
 
     with pytest.raises(LaunchError, match="DeepSpeed runs as one process: --num_processes 1"):
         check_launch(_Acc(1, deepspeed={}), {"WORLD_SIZE": "2", "RANK": "0"})
@@ -458,7 +458,7 @@ _ZERO2 = {
     ],
 )  # fmt: skip
 def test_deepspeed_launches_that_would_train_wrongly_are_refused(adapter, te, ds, accumulate, adam8, expect):
-    from dreambooth_kit.training.train import LaunchError, check_deepspeed
+    from dreambooth_kit.training.launch import LaunchError, check_deepspeed
 
     t = SimpleNamespace(gradient_accumulation_steps=accumulate, use_8bit_adam=adam8)
     check_deepspeed(_Acc(1), "lora", True, t)  # no DeepSpeed: nothing to check
@@ -599,10 +599,10 @@ def test_teacher_prior_with_a_text_encoder_lora_asks_the_base_text_encoder(
 def test_a_full_fine_tunes_pipeline_takes_its_frozen_parts_at_the_runs_variant(tmp_path, tiny_model, photos):
     """Before, the full fine-tune's pipeline reloaded its frozen parts (VAE, and the text encoder
     when not trained) without model.revision/variant: the default files, not the trained-on ones."""
+    from conftest import with_variant_files
     from diffusers import AutoencoderKL
-    from test_models import _with_variant_files
 
-    folder = _with_variant_files(tiny_model, tmp_path / "m")
+    folder = with_variant_files(tiny_model, tmp_path / "m")
     cfg = tiny_cfg(tmp_path, folder, photos, **{"adapter.type": "full", "model.variant": "fp16",
                                                 "train.max_steps": 1, "prior.with_prior_preservation": False})  # fmt: skip
     result = train(cfg)
