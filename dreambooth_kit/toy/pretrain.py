@@ -462,8 +462,20 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--ship-to", default=None, help="default: dreambooth_kit/toy/weights")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     args = ap.parse_args(argv)
+    # --threads holds for this run only: main() also runs in-process (the tests call it), where a
+    # thread count left behind changed every later computation's rounding (a resumed run then missed
+    # the bit-for-bit equality it is tested for).
+    before = torch.get_num_threads()
     if args.threads:
         torch.set_num_threads(args.threads)
+    try:
+        _run_stages(args)
+    finally:
+        torch.set_num_threads(before)
+    return 0
+
+
+def _run_stages(args: argparse.Namespace) -> None:
     out = Path(args.out)
     for stage in args.stage or STAGES:
         t0 = time.perf_counter()
@@ -493,7 +505,6 @@ def main(argv: list[str] | None = None) -> int:
 
             rec = {"shipped": str(ship(out, Path(args.ship_to) if args.ship_to else shipped_weights()))}
         _log(f"{stage}: {json.dumps(rec)[:300]} ({time.perf_counter() - t0:.0f} s)")
-    return 0
 
 
 if __name__ == "__main__":

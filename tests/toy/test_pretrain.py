@@ -13,7 +13,11 @@ from dreambooth_kit.toy import pretrain
 def test_stages_run_resume_and_ship_a_loadable_model(tmp_path, capsys):
     out, weights = tmp_path / "out", tmp_path / "weights"
     args = ["--out", str(out), "--steps", "2", "--images", "64", "--threads", "1"]
+    threads = torch.get_num_threads()
     assert pretrain.main([*args, "--stage", "vae", "--stage", "unet"]) == 0
+    # --threads is this run's: the process keeps its own count (a count left at 1 changed the
+    # rounding of every later test's training in this process).
+    assert torch.get_num_threads() == threads
     vae, unet = (json.loads((out / s / "done.json").read_text()) for s in ("vae", "unet"))
     assert vae["steps"] == 2 and vae["scaling_factor"] > 0 and unet["steps"] == 2
     stamp = (out / "unet" / "unet.safetensors").stat().st_mtime_ns
