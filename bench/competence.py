@@ -20,7 +20,7 @@ def accuracy(seed: int, per_combo: int, combos) -> dict[str, float]:
     from dreambooth_kit.evaluation.metrics import attribute_accuracy
     from dreambooth_kit.toy import world
     from dreambooth_kit.toy.judge import Judge
-    from dreambooth_kit.toy.pretrain import sample
+    from dreambooth_kit.toy.model import sample
 
     prompts = [world.caption(world.Scene(c, k, b, 0.25, 0.5, 0.5)) for c, k, b in combos]
     images = sample(TOY_MODEL, prompts, per_combo=per_combo, seed=seed)

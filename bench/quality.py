@@ -159,7 +159,7 @@ def grid(out: Path, rows: dict[str, Path | None], steps: int) -> Path:
 
     from dreambooth_kit.config import TOY_MODEL
     from dreambooth_kit.toy.evaluate import CLASS_PROMPT, CONTEXT_PROMPTS
-    from dreambooth_kit.toy.pretrain import sample
+    from dreambooth_kit.toy.model import sample
 
     cell, label = 96, 150
     n_cols = len(CONTEXT_PROMPTS) + 4

@@ -63,7 +63,7 @@ def score(
         subject_rate,
     )
     from dreambooth_kit.toy.judge import Judge
-    from dreambooth_kit.toy.pretrain import sample
+    from dreambooth_kit.toy.model import sample
     from dreambooth_kit.toy.rules import clutter_rate, strict_subject_rate
 
     judge = judge or Judge.load()

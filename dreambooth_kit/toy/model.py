@@ -119,3 +119,37 @@ def build_toy_sd2(path: str | Path | None = None, weights: str | Path | None = N
     components = (tokenizer, text_encoder, vae, unet, scheduler)
     write_pipeline_folder(path, components, stamp.name, record.read_text())
     return path
+
+
+def sample(
+    model: str | Path,
+    prompts: list[str],
+    *,
+    per_combo: int = 4,
+    seed: int = 0,
+    steps: int = 20,
+    guidance: float = 4.0,
+    lora=None,
+) -> list:
+    """``per_combo`` images per prompt (seeds seed..seed+per_combo-1), DPM-Solver++ 2M."""
+    from dreambooth_kit.inference.generate import generate
+    from dreambooth_kit.inference.pipeline import load_pipeline
+
+    pipe = load_pipeline(str(model), lora=lora, scheduler="dpmpp_2m", dtype="fp32", device="cpu")
+    images = []
+    for p in prompts:
+        images += [
+            r.image
+            for r in generate(
+                pipe,
+                p,
+                seed=seed,
+                num_images=per_combo,
+                steps=steps,
+                guidance_scale=guidance,
+                height=32,
+                width=32,
+                batch_size=per_combo,
+            )
+        ]
+    return images

@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from dreambooth_kit.toy import world
+from dreambooth_kit.toy.model import sample
 from dreambooth_kit.util.atomic import write_json, writing
 
 STAGES = ("vae", "decoder", "judge", "unet", "eval", "ship")
@@ -381,40 +382,6 @@ def _attribute_accuracy(judge, images, expected: list[dict]) -> dict:
     from dreambooth_kit.evaluation.metrics import attribute_accuracy
 
     return {k: round(float(v), 4) for k, v in attribute_accuracy(judge, images, expected).items()}
-
-
-def sample(
-    model: str | Path,
-    prompts: list[str],
-    *,
-    per_combo: int = 4,
-    seed: int = 0,
-    steps: int = 20,
-    guidance: float = 4.0,
-    lora=None,
-) -> list:
-    """``per_combo`` images per prompt (seeds seed..seed+per_combo-1), DPM-Solver++ 2M."""
-    from dreambooth_kit.inference.generate import generate
-    from dreambooth_kit.inference.pipeline import load_pipeline
-
-    pipe = load_pipeline(str(model), lora=lora, scheduler="dpmpp_2m", dtype="fp32", device="cpu")
-    images = []
-    for p in prompts:
-        images += [
-            r.image
-            for r in generate(
-                pipe,
-                p,
-                seed=seed,
-                num_images=per_combo,
-                steps=steps,
-                guidance_scale=guidance,
-                height=32,
-                width=32,
-                batch_size=per_combo,
-            )
-        ]
-    return images
 
 
 # ------------------------------------------------------------------ stage 5: ship

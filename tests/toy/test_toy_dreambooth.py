@@ -158,7 +158,7 @@ def test_guidance_reaches_the_sampler():
     from dreambooth_kit.evaluation.metrics import diversity
     from dreambooth_kit.toy.evaluate import CLASS_PROMPT
     from dreambooth_kit.toy.judge import Judge
-    from dreambooth_kit.toy.pretrain import sample
+    from dreambooth_kit.toy.model import sample
 
     judge = Judge.load()
     div = {
