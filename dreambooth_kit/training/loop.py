@@ -4,7 +4,9 @@
 
 from __future__ import annotations
 
+import json
 import logging
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -47,6 +49,11 @@ if TYPE_CHECKING:
     from dreambooth_kit.training.stopping import AutoStop, Decision
 
 log = logging.getLogger("dreambooth_kit")
+
+# <run>/progress.jsonl: one JSON line per optimizer step (main process), what a live view (the web UI)
+# reads instead of parsing log text: step, max_steps, loss (null when not finite), lr, the step's
+# seconds, the time, and the run's timeline id (a resume continues it; a fresh start begins another).
+PROGRESS_FILE = "progress.jsonl"
 
 
 class StepOutcome(Enum):
@@ -248,6 +255,24 @@ def _report(ctx: LoopState, result: StepResult, bar: tqdm) -> None:
     eta = eta_text(ctx.step_seconds, ctx.step, t.max_steps)
     if eta and acc.is_main_process:
         log.info("%s", eta)
+    if acc.is_main_process:
+        _record_progress(ctx, result.loss, lr)
+
+
+def _record_progress(ctx: LoopState, loss: float, lr: float) -> None:
+    """Append this step's line to :data:`PROGRESS_FILE` (one write: a reader sees whole lines, or a
+    last one cut short, which it skips)."""
+    line = {
+        "step": ctx.step,
+        "max_steps": ctx.settings.train.max_steps,
+        "loss": loss if math.isfinite(loss) else None,
+        "lr": lr,
+        "seconds": round(ctx.step_seconds[-1], 4),
+        "time": round(time.time(), 3),
+        "lineage": ctx.lineage,
+    }
+    with open(ctx.out / PROGRESS_FILE, "a", encoding="utf-8") as f:
+        f.write(json.dumps(line) + "\n")
 
 
 def _skip_reason(result: StepResult, accumulation_steps: int) -> str:

@@ -85,3 +85,19 @@ def test_batch_rows_place_each_process_in_the_one_process_batch():
     alone = BatchRows.of(3, 3, 0, 1).randint(1000, "cpu")
     torch.manual_seed(1)
     assert torch.equal(alone, torch.randint(0, 1000, (3,)))
+
+
+def test_every_step_is_one_line_of_progress_jsonl(trained_run):
+    """A live view (the web UI) reads the run's progress from <run>/progress.jsonl, not from log text:
+    one line per optimizer step with its loss, the step's seconds and the run's timeline id."""
+    import json
+
+    from dreambooth_kit.training.lineage import read_lineage
+    from dreambooth_kit.training.loop import PROGRESS_FILE
+
+    r = trained_run["result"]
+    lines = [json.loads(x) for x in (r.output_dir / PROGRESS_FILE).read_text().splitlines()]
+    assert [x["step"] for x in lines] == [1, 2, 3] and {x["max_steps"] for x in lines} == {3}
+    assert [x["loss"] for x in lines] == r.losses
+    assert all(x["seconds"] > 0 and x["time"] > 0 for x in lines)
+    assert {x["lineage"] for x in lines} == {read_lineage(r.output_dir).id}
