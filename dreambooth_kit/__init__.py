@@ -1,9 +1,10 @@
 """dreambooth_kit: DreamBooth (LoRA) fine-tuning and seeded inference for Stable Diffusion 2.1.
 
-The public API; everything else is internal. It is what the README and the Colab notebook use: one
-name for each step of the workflow (check the photos, configure, train, generate and save seeded
-images, read their settings back, export, push), the same steps the ``dreambooth-kit`` subcommands
-run. ``dreambooth_kit.toy.world`` (the toy subject's photos for the offline demo) is a public
+The public API; everything else is internal. It is what the README, the Colab notebook and the web UI
+(``dreambooth_kit.ui``) use: one name for each step of the workflow (check the photos, pick an
+identifier, configure, train, score the checkpoints, generate and save seeded images, read their
+settings back, export, push), the same steps the ``dreambooth-kit`` subcommands run.
+``dreambooth_kit.toy.world`` (the toy subject's photos for the offline demo) is a public
 submodule of its own.
 """
 
@@ -22,7 +23,10 @@ _PUBLIC = {
     "DreamBoothConfig": "config",
     "load_config": "config",
     "save_config": "config",
+    "packaged_configs": "config",
     "check_images": "data.photo_checks",
+    "find_identifiers": "data.identifier",
+    "evaluate": "evaluation.evaluate",
     "run_exports": "export.run",
     "push_to_hub": "export.hub",
     "generate": "inference.generate",
@@ -35,8 +39,10 @@ _PUBLIC = {
 }
 
 if TYPE_CHECKING:  # for type checkers and IDEs: the same names, imported eagerly
-    from dreambooth_kit.config import DreamBoothConfig, load_config, save_config
+    from dreambooth_kit.config import DreamBoothConfig, load_config, packaged_configs, save_config
+    from dreambooth_kit.data.identifier import find_identifiers
     from dreambooth_kit.data.photo_checks import check_images
+    from dreambooth_kit.evaluation.evaluate import evaluate
     from dreambooth_kit.export.hub import push_to_hub
     from dreambooth_kit.export.run import run_exports
     from dreambooth_kit.inference.generate import generate
@@ -64,10 +70,13 @@ __all__ = [  # a literal list, for linters and `from dreambooth_kit import *`; a
     "DreamBoothConfig",
     "__version__",
     "check_images",
+    "evaluate",
+    "find_identifiers",
     "generate",
     "load_config",
     "load_pipeline",
     "make_grid",
+    "packaged_configs",
     "push_to_hub",
     "read_metadata",
     "run_exports",
