@@ -238,6 +238,15 @@ def _cmd_demo(args) -> int:
     return 0
 
 
+def _cmd_ui(args) -> int:
+    """The web UI (the `ui` extra): every step of the workflow in a browser."""
+    from dreambooth_kit.ui.app import require_gradio, serve
+    from dreambooth_kit.ui.paths import Roots
+
+    require_gradio()  # before anything else: without the extra, one line naming it
+    return serve(Roots.of(args.root), host=args.host, port=args.port, share=args.share, config=args.config)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from dreambooth_kit._version import __version__
 
@@ -256,6 +265,7 @@ def build_parser() -> argparse.ArgumentParser:
         _add_evaluate,
         _add_class_images,
         _add_demo,
+        _add_ui,
         _add_build_tiny,
     ):
         add(sub)
@@ -415,6 +425,36 @@ def _add_demo(sub) -> None:
         "--steps", type=int, default=None, help="training steps (default: config/presets/toy.yaml's)"
     )
     d.set_defaults(func=_cmd_demo)
+
+
+def _add_ui(sub) -> None:
+    u = sub.add_parser(
+        "ui", help="the web UI: photos, training, metrics, images, exports (pip install 'dreambooth_kit[ui]')"
+    )
+    u.add_argument("--port", type=int, default=7860)
+    u.add_argument(
+        "--host",
+        default="127.0.0.1",
+        help="0.0.0.0 listens on every network (a warning says what that opens)",
+    )
+    u.add_argument(
+        "--share",
+        action="store_true",
+        help="a public gradio.live link (Colab); a warning says what that opens",
+    )
+    u.add_argument(
+        "--root",
+        action="append",
+        default=None,
+        help="a folder the UI may read and write (repeatable; default: the current folder); "
+        "every path typed in the UI must lie inside one",
+    )
+    u.add_argument(
+        "--config",
+        default="sd21_base_lora.yaml",
+        help="the Train tab's config at the start (packaged name or YAML)",
+    )
+    u.set_defaults(func=_cmd_ui)
 
 
 def _add_build_tiny(sub) -> None:
