@@ -16,7 +16,7 @@ LATEST := .venv-latest
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: demo test test-fast test-wheel test-latest lock lint format bench docs clean
+.PHONY: demo test test-fast test-wheel test-latest lock lint format bench docs browser ui clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -41,6 +41,22 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q
+
+# The browser the web UI's test drives (tests/ui/test_browser.py): Debian's chromium and its driver,
+# from apt (as root, or through sudo). Does nothing when both are there; CI runs it before the tests.
+# Without them the test is skipped locally, and fails in CI. Elsewhere: any Chromium with the
+# chromedriver of the same version on PATH.
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+browser:
+	@if command -v chromium >/dev/null 2>&1 && command -v chromedriver >/dev/null 2>&1; then \
+	  echo "browser: $$(chromium --version 2>/dev/null | head -1), $$(chromedriver --version | head -1)"; \
+	else \
+	  $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq chromium chromium-driver; \
+	fi
+
+# The web UI on http://127.0.0.1:7860 (dreambooth-kit ui), serving the current folder.
+ui: $(STAMP)
+	$(VENV)/bin/dreambooth-kit ui
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not slow and not gpu and not network"
