@@ -12,6 +12,7 @@ again.
 from __future__ import annotations
 
 import functools
+import logging
 import os
 import sys
 from types import SimpleNamespace
@@ -68,6 +69,7 @@ def serve(roots: Roots, *, host: str = "127.0.0.1", port: int = 7860, share: boo
     warning = exposure_warning(host, share, roots)
     if warning:
         print(warning, file=sys.stderr)
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # gradio's own startup requests, one INFO line each
     app = build_app(roots, config)
     app.queue().launch(server_name=host, server_port=port, share=share, **launch_options(roots))
     return 0
