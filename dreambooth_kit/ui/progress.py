@@ -15,6 +15,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from dreambooth_kit.training.runreport import duration
 from dreambooth_kit.ui.jobs import STOPPED, Job, jobs
 
 # As the training loop writes it (dreambooth_kit/training/loop.py; a test keeps the two the same).
@@ -67,15 +68,6 @@ def read_progress(run_dir: Path) -> Progress | None:
         pace=statistics.median(recent[1:] or recent) if recent else None,  # the first step pays warm-up
         last_time=float(last.get("time") or 0.0),
     )
-
-
-def duration(seconds: float) -> str:
-    if seconds < 60:
-        return f"{seconds:.0f} s"
-    minutes, sec = divmod(round(seconds), 60)
-    if minutes < 60:
-        return f"{minutes} min {sec} s"
-    return f"{minutes // 60} h {minutes % 60} min"
 
 
 def grids(run_dir: Path) -> list[tuple[Path, int]]:
